@@ -1,0 +1,64 @@
+# ascribe: `make run` starts everything, `make test` checks everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+SHARED_IPINTEL := $(abspath ../shared/data/ipintel)
+BENCH ?= quick
+PYTEST_ARGS ?=
+
+export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install proto run migrate test unit integration e2e lint typecheck bench ipintel clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+gen/.stamp: $(VENV)/.installed $(PROTOS)
+	rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	touch $@
+
+proto: $(VENV)/.installed
+	rm -f gen/.stamp
+	$(MAKE) gen/.stamp
+
+run: gen/.stamp
+	$(PY) -m tools.run
+
+migrate: gen/.stamp
+	$(PY) -m tools.run --migrate-only
+
+ipintel: $(VENV)/.installed
+	$(PY) -m tools.ipintel
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+typecheck: gen/.stamp
+	$(VENV)/bin/mypy services gateway tools
+
+unit: gen/.stamp
+	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+integration: gen/.stamp
+	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+e2e: gen/.stamp
+	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+test: gen/.stamp lint typecheck
+	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: gen/.stamp
+	ASCRIBE_IPINTEL_DIR=$${ASCRIBE_IPINTEL_DIR:-$(SHARED_IPINTEL)} $(PY) -m bench --mode $(BENCH)
+
+clean:
+	rm -rf gen $(VENV) .pytest_cache .mypy_cache .ruff_cache

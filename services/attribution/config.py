@@ -1,0 +1,70 @@
+"""Settings of the attribution service, from the environment (fails fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.env import (
+    ConfigError,
+    env_bool,
+    env_int,
+    env_optional,
+    env_str,
+    require_token_off_loopback,
+    split_host_port,
+)
+
+
+def database_url_from_env() -> str:
+    url = env_optional("ASCRIBE_DATABASE_URL")
+    if not url:
+        raise ConfigError(
+            "ASCRIBE_DATABASE_URL is unset (make run starts an embedded PostgreSQL and sets it)"
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    addr: str
+    fraud_addr: str
+    metrics_host: str
+    metrics_port: int
+    admin_token: str | None
+    internal_token: str | None
+    fraud_deadline_ms: int
+    db_pool_min: int
+    db_pool_max: int
+    db_statement_timeout_ms: int
+    background_jobs: bool
+    auto_hold_leaked_codes: bool
+
+    def __repr__(self) -> str:  # secrets never reach the logs
+        return f"Settings(addr={self.addr!r}, fraud_addr={self.fraud_addr!r}, metrics_port={self.metrics_port})"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        addr = env_str("ASCRIBE_ATTRIBUTION_ADDR", "127.0.0.1:50051")
+        host, _ = split_host_port(addr, "ASCRIBE_ATTRIBUTION_ADDR")
+        metrics_host = env_str("ASCRIBE_ATTRIBUTION_METRICS_HOST", host or "127.0.0.1")
+        admin_token = env_optional("ASCRIBE_ADMIN_TOKEN")
+        internal_token = env_optional("ASCRIBE_INTERNAL_TOKEN")
+        binds = {"ASCRIBE_ATTRIBUTION_ADDR": host, "ASCRIBE_ATTRIBUTION_METRICS_HOST": metrics_host}
+        require_token_off_loopback(admin_token, "ASCRIBE_ADMIN_TOKEN", binds)
+        require_token_off_loopback(internal_token, "ASCRIBE_INTERNAL_TOKEN", binds)
+        return cls(
+            database_url=database_url_from_env(),
+            addr=addr,
+            fraud_addr=env_str("ASCRIBE_FRAUD_ADDR", "127.0.0.1:50052"),
+            metrics_host=metrics_host,
+            metrics_port=env_int("ASCRIBE_ATTRIBUTION_METRICS_PORT", 9101),
+            admin_token=admin_token,
+            internal_token=internal_token,
+            fraud_deadline_ms=env_int("ASCRIBE_FRAUD_DEADLINE_MS", 50, minimum=1),
+            db_pool_min=env_int("ASCRIBE_DB_POOL_MIN", 4, minimum=1),
+            db_pool_max=env_int("ASCRIBE_DB_POOL_MAX", 20, minimum=1),
+            db_statement_timeout_ms=env_int("ASCRIBE_DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1),
+            background_jobs=env_bool("ASCRIBE_BACKGROUND_JOBS", True),
+            auto_hold_leaked_codes=env_bool("ASCRIBE_AUTO_HOLD_LEAKED_CODES", True),
+        )

@@ -1,0 +1,103 @@
+"""Builds and runs the attribution service: pool, fraud channel, servicers, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
+
+from services.attribution.catalog_servicer import CatalogServicer
+from services.attribution.config import Settings
+from services.attribution.migrate import migrate
+from services.attribution.tracking_servicer import TrackingServicer
+from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = attribution_pb2.DESCRIPTOR.package
+CATALOG_SERVICE = f"{_PACKAGE}.CatalogService"
+TRACKING_SERVICE = f"{_PACKAGE}.TrackingService"
+REPORT_SERVICE = f"{_PACKAGE}.ReportService"
+RECORDING_METHODS = (
+    "RecordClick",
+    "RecordClickBatch",
+    "RecordConversion",
+    "RecordConversionBatch",
+    "ReverseConversion",
+)
+ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
+
+
+def required_tokens(settings: Settings) -> dict[str, str | None]:
+    """Admin RPCs need the admin token; recording RPCs the internal token."""
+    tokens: dict[str, str | None] = {}
+    for service_name in (CATALOG_SERVICE, REPORT_SERVICE):
+        service = attribution_pb2.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
+        for method in service.methods:
+            tokens[f"/{service_name}/{method.name}"] = settings.admin_token
+    for name in ADMIN_TRACKING_METHODS:
+        tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.admin_token
+    for name in RECORDING_METHODS:
+        tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.internal_token
+    return tokens
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+@dataclass
+class AttributionService:
+    settings: Settings
+    pool: asyncpg.Pool
+    fraud_channel: grpc.aio.Channel
+    server: RunningServer
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_seconds: float = 4.0) -> None:
+        await self.server.stop(grace_seconds)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.fraud_channel.close()
+        await self.pool.close()
+
+
+async def start_attribution(settings: Settings) -> AttributionService:
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        init=_init_connection,
+        command_timeout=settings.db_statement_timeout_ms / 1000,
+        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
+    )
+    async with pool.acquire() as conn:
+        await migrate(conn)
+        await conn.execute("SELECT ascribe_ensure_click_partitions(1, 7)")
+    fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr)
+    catalog = CatalogServicer(pool)
+    tracking = TrackingServicer(pool)
+    report = attribution_pb2_grpc.ReportServiceServicer()
+
+    def register(server: grpc.aio.Server) -> None:
+        attribution_pb2_grpc.add_CatalogServiceServicer_to_server(catalog, server)
+        attribution_pb2_grpc.add_TrackingServiceServicer_to_server(tracking, server)
+        attribution_pb2_grpc.add_ReportServiceServicer_to_server(report, server)
+
+    running = await start_server(
+        name="attribution",
+        addr=settings.addr,
+        service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        register=register,
+        interceptor=ServerInterceptor(required_tokens(settings)),
+    )
+    return AttributionService(settings=settings, pool=pool, fraud_channel=fraud_channel, server=running)
