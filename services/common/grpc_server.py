@@ -68,7 +68,8 @@ def status_for(error: DomainError) -> grpc.Status:
     proto_status = status_pb2.Status(
         code=error.status.value[0], message=error.message, details=details
     )
-    return rpc_status.to_status(proto_status)
+    status: grpc.Status = rpc_status.to_status(proto_status)
+    return status
 
 
 def _split_method(full_method: str) -> tuple[str, str]:
@@ -88,9 +89,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

@@ -78,8 +78,11 @@ CREATE TABLE conversions (
     fraud_score       int NOT NULL DEFAULT 0,
     -- FLAGGED only because the fraud service was unavailable: re-score later.
     needs_rescore     boolean NOT NULL DEFAULT false,
-    -- Whether this conversion holds a code use / customer use / click slot.
-    holds_use         boolean NOT NULL DEFAULT false,
+    -- What this conversion holds and gives back when it is reversed or rejected:
+    -- a use of its code, a use of the code by its customer, a slot of its click.
+    holds_coupon_use    boolean NOT NULL DEFAULT false,
+    holds_customer_use  boolean NOT NULL DEFAULT false,
+    holds_click_slot    boolean NOT NULL DEFAULT false,
     received_at       timestamptz NOT NULL,
     occurred_at       timestamptz NOT NULL,
     updated_at        timestamptz NOT NULL DEFAULT now(),

@@ -1,0 +1,203 @@
+"""The gateway's calls to the attribution service (and a health probe of fraud).
+
+One channel per target, made at start-up; a deadline on every call. Clicks
+(and, by default, conversions) go through adaptive micro-batchers: a call goes
+out at once when none is in flight, and requests that arrive meanwhile share
+the next one. ARCHITECTURE.md section 8 shows why: per-call overhead, not the
+database, limits a Python service here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from ascribe.attribution.v1 import attribution_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from gateway.config import Settings
+from gateway.metrics import CLICK_BATCH_SIZE, CONVERSION_BATCH_SIZE, UPSTREAM_ERRORS_TOTAL
+from services.common.batcher import MicroBatcher
+from services.common.grpc_server import bearer_metadata
+
+logger = logging.getLogger(__name__)
+
+# Not imported from services.attribution: the gateway must not load the
+# attribution service (asyncpg and all) into its own process.
+TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
+
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Reconnect soon after the attribution service comes back, rather than
+    # answering 503 for up to two minutes of gRPC's default backoff.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+class BackendError(Exception):
+    """A failed attribution call, with what the HTTP answer needs."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def _field_from_details(error: grpc.aio.AioRpcError) -> str | None:
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for violation in bad_request.field_violations:
+                if violation.field:
+                    return str(violation.field)
+    return None
+
+
+def backend_error(error: grpc.aio.AioRpcError, method: str) -> BackendError:
+    code = error.code()
+    UPSTREAM_ERRORS_TOTAL.labels(method, code.name).inc()
+    field = _field_from_details(error) if code is grpc.StatusCode.INVALID_ARGUMENT else None
+    return BackendError(code, error.details() or code.name.lower(), field)
+
+
+def entry_error(error: pb.Error, method: str) -> BackendError:
+    code = _CODES_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
+    UPSTREAM_ERRORS_TOTAL.labels(method, code.name).inc()
+    return BackendError(code, error.message or code.name.lower(), error.field or None)
+
+
+class AttributionClient:
+    def __init__(
+        self,
+        settings: Settings,
+        channel: grpc.aio.Channel,
+        fraud_channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._deadline = settings.deadline_seconds
+        self._health_deadline = settings.health_deadline_seconds
+        self._metadata = bearer_metadata(settings.internal_token)
+        self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
+        self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
+            self._flush_clicks,
+            max_batch=settings.click_max_batch,
+            max_in_flight=settings.max_in_flight,
+            size_histogram=CLICK_BATCH_SIZE,
+            name="click",
+        )
+        self._conversions: MicroBatcher[pb.RecordConversionRequest, pb.Conversion] | None = None
+        if settings.batch_conversions:
+            self._conversions = MicroBatcher(
+                self._flush_conversions,
+                max_batch=settings.conversion_max_batch,
+                max_in_flight=settings.max_in_flight,
+                size_histogram=CONVERSION_BATCH_SIZE,
+                name="conversion",
+            )
+
+    # ------------------------------------------------------------ recording
+
+    async def record_click(self, request: pb.RecordClickRequest) -> pb.RecordClickResponse:
+        return await self._clicks.submit(request)
+
+    async def _flush_clicks(
+        self, requests: Sequence[pb.RecordClickRequest]
+    ) -> list[pb.RecordClickResponse | BaseException]:
+        try:
+            answer = await self._tracking.RecordClickBatch(
+                pb.RecordClickBatchRequest(requests=requests),
+                timeout=self._deadline,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "RecordClickBatch") from None
+        return [
+            result.response
+            if result.WhichOneof("result") == "response"
+            else entry_error(result.error, "RecordClickBatch")
+            for result in answer.responses
+        ]
+
+    async def record_conversion(self, request: pb.RecordConversionRequest) -> pb.Conversion:
+        if self._conversions is not None:
+            return await self._conversions.submit(request)
+        try:
+            return await self._tracking.RecordConversion(
+                request, timeout=self._deadline, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "RecordConversion") from None
+
+    async def _flush_conversions(
+        self, requests: Sequence[pb.RecordConversionRequest]
+    ) -> list[pb.Conversion | BaseException]:
+        try:
+            answer = await self._tracking.RecordConversionBatch(
+                pb.RecordConversionBatchRequest(requests=requests),
+                timeout=self._deadline,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "RecordConversionBatch") from None
+        return [
+            result.conversion
+            if result.WhichOneof("result") == "conversion"
+            else entry_error(result.error, "RecordConversionBatch")
+            for result in answer.responses
+        ]
+
+    async def reverse_conversion(self, request: pb.ReverseConversionRequest) -> pb.Conversion:
+        try:
+            return await self._tracking.ReverseConversion(
+                request, timeout=self._deadline, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "ReverseConversion") from None
+
+    # ------------------------------------------------------------ health
+
+    async def attribution_serving(self) -> bool:
+        return await self._serving(self._health, TRACKING_SERVICE)
+
+    async def fraud_serving(self) -> bool | None:
+        """None when no fraud address is configured."""
+        if self._fraud_health is None:
+            return None
+        return await self._serving(self._fraud_health, "")
+
+    async def _serving(self, stub: health_pb2_grpc.HealthStub, service: str) -> bool:
+        try:
+            answer = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._health_deadline
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        """Lets queued and in-flight calls finish (each is bounded by its deadline)."""
+        await self._clicks.close()
+        if self._conversions is not None:
+            await self._conversions.close()
+
+
+def open_channel(addr: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(addr, options=list(CHANNEL_OPTIONS))

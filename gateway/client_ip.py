@@ -1,0 +1,70 @@
+"""The visitor's address: the peer, or what a trusted proxy says in X-Forwarded-For.
+
+Only hops appended by proxies we trust are believed. Walking the header from
+the right, each trusted hop vouches for the one to its left; the first hop
+that is not a trusted proxy is the client. Anything left of it was written by
+the client itself and may be forged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from gateway.config import IPNetwork
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parse(text: str) -> IPAddress | None:
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("["):
+        # "[v6]:port", as some proxies write it
+        text = text[1 : text.find("]")] if "]" in text else text
+    elif text.count(":") == 1:
+        # "v4:port"
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class ClientIpResolver:
+    def __init__(self, trusted_proxies: Iterable[IPNetwork]) -> None:
+        self._trusted = tuple(trusted_proxies)
+        # Peers repeat (a load balancer, keep-alive clients): remember the verdict.
+        self._peer_trusted = lru_cache(maxsize=4096)(self._is_trusted_text)
+
+    def _is_trusted(self, address: IPAddress) -> bool:
+        return any(address.version == net.version and address in net for net in self._trusted)
+
+    def _is_trusted_text(self, text: str) -> bool:
+        address = _parse(text)
+        return address is not None and self._is_trusted(address)
+
+    def resolve(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> str:
+        """The client's address as text ("" when the peer is not an IP, e.g. a unix socket)."""
+        if not peer:
+            return ""
+        if not forwarded_for or not self._trusted or not self._peer_trusted(peer):
+            address = _parse(peer)
+            return str(address) if address is not None else ""
+        hops = ",".join(forwarded_for).split(",")
+        nearest = _parse(peer)
+        for hop in reversed(hops):
+            address = _parse(hop)
+            if address is None:
+                # A garbled hop breaks the chain of trust: the last proxy that
+                # spoke clearly is the best we can say.
+                break
+            nearest = address
+            if not self._is_trusted(address):
+                break
+        return str(nearest) if nearest is not None else ""

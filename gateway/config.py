@@ -1,0 +1,106 @@
+"""Settings of the HTTP gateway, from the environment (fails fast, never logs secrets)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from services.common.env import (
+    ConfigError,
+    env_bool,
+    env_int,
+    env_optional,
+    env_str,
+    is_loopback_host,
+    require_token_off_loopback,
+    split_host_port,
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TRUSTED_PROXIES = "127.0.0.1/32,::1/128"
+
+
+def parse_networks(raw: str, name: str) -> tuple[IPNetwork, ...]:
+    """A comma-separated list of IPs or CIDRs; ``none`` trusts nobody."""
+    networks: list[IPNetwork] = []
+    if raw.strip().lower() == "none":
+        return ()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    attribution_addr: str = "127.0.0.1:50051"
+    fraud_addr: str = "127.0.0.1:50052"
+    internal_token: str | None = field(default=None, repr=False)
+    trusted_proxies: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    debug_headers: bool = False
+    # Per attribution call; a click batch waits on the database commit and the fraud check.
+    deadline_ms: int = 2000
+    # Readiness probes must answer quickly even when a backend hangs.
+    health_deadline_ms: int = 500
+    access_log: bool = False
+    click_max_batch: int = 256
+    batch_conversions: bool = True
+    conversion_max_batch: int = 128
+    max_in_flight: int = 1
+    shutdown_grace_seconds: float = 4.0
+
+    @property
+    def deadline_seconds(self) -> float:
+        return self.deadline_ms / 1000
+
+    @property
+    def health_deadline_seconds(self) -> float:
+        return self.health_deadline_ms / 1000
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        host = env_str("ASCRIBE_GATEWAY_HOST", "127.0.0.1")
+        attribution_addr = env_str("ASCRIBE_ATTRIBUTION_ADDR", "127.0.0.1:50051")
+        attribution_host, _ = split_host_port(attribution_addr, "ASCRIBE_ATTRIBUTION_ADDR")
+        fraud_addr = env_str("ASCRIBE_FRAUD_ADDR", "127.0.0.1:50052")
+        split_host_port(fraud_addr, "ASCRIBE_FRAUD_ADDR")
+        internal_token = env_optional("ASCRIBE_INTERNAL_TOKEN")
+        require_token_off_loopback(internal_token, "ASCRIBE_INTERNAL_TOKEN", {"ASCRIBE_GATEWAY_HOST": host})
+        if not internal_token and not is_loopback_host(attribution_host):
+            # An attribution service off loopback refuses recording RPCs without the
+            # token; better to say so at start-up than to answer 401 to every postback.
+            raise ConfigError(
+                "ASCRIBE_INTERNAL_TOKEN is unset but ASCRIBE_ATTRIBUTION_ADDR is not on loopback"
+            )
+        port = env_int("ASCRIBE_GATEWAY_PORT", 8080)
+        if port > 65535:
+            raise ConfigError(f"ASCRIBE_GATEWAY_PORT must be a TCP port, got {port}")
+        return cls(
+            host=host,
+            port=port,
+            attribution_addr=attribution_addr,
+            fraud_addr=fraud_addr,
+            internal_token=internal_token,
+            trusted_proxies=parse_networks(
+                env_str("ASCRIBE_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), "ASCRIBE_TRUSTED_PROXIES"
+            ),
+            debug_headers=env_bool("ASCRIBE_DEBUG_HEADERS", False),
+            deadline_ms=env_int("ASCRIBE_GATEWAY_DEADLINE_MS", 2000, minimum=1),
+            health_deadline_ms=env_int("ASCRIBE_GATEWAY_HEALTH_DEADLINE_MS", 500, minimum=1),
+            access_log=env_bool("ASCRIBE_GATEWAY_ACCESS_LOG", False),
+            click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", 256, minimum=1),
+            batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", True),
+            conversion_max_batch=env_int("ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", 128, minimum=1),
+            max_in_flight=env_int("ASCRIBE_GATEWAY_MAX_IN_FLIGHT", 1, minimum=1),
+        )

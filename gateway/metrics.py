@@ -1,0 +1,65 @@
+"""The gateway's Prometheus metrics, served on its own port at /metrics.
+
+Labels stay low-cardinality: the route is one of the fixed paths (``other``
+for anything else) and the status an HTTP code.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
+
+ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/metrics"})
+
+HTTP_REQUESTS_TOTAL = Counter(
+    "ascribe_gateway_requests_total",
+    "HTTP requests answered, by route and status code.",
+    ["route", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "ascribe_gateway_request_duration_seconds",
+    "Time from a request's arrival at the handler to its answer.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+CLICKS_TOTAL = Counter(
+    "ascribe_gateway_clicks_total",
+    "Clicks redirected, by the attribution service's decision.",
+    ["decision"],
+)
+CONVERSIONS_TOTAL = Counter(
+    "ascribe_gateway_conversions_total",
+    "Postbacks answered with a conversion, by event and resulting status.",
+    ["event", "status"],
+)
+UPSTREAM_ERRORS_TOTAL = Counter(
+    "ascribe_gateway_upstream_errors_total",
+    "Attribution calls that failed, by RPC and gRPC status code.",
+    ["method", "code"],
+)
+BACKEND_UP = Gauge(
+    "ascribe_gateway_backend_up",
+    "1 when the backend answered SERVING to the last readiness probe.",
+    ["backend"],
+)
+
+CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels("attribution", "RecordClickBatch")
+CONVERSION_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels("attribution", "RecordConversionBatch")
+
+
+class RequestMetrics:
+    """Pre-bound label children: ``labels()`` on every request costs a lock and a dict build."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, int], Counter] = {}
+        self._histograms = {route: HTTP_REQUEST_SECONDS.labels(route) for route in (*ROUTES, "other")}
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in ROUTES else "other"
+        key = (route, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = HTTP_REQUESTS_TOTAL.labels(route, str(status))
+        counter.inc()
+        self._histograms[route].observe(seconds)

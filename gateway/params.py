@@ -1,0 +1,383 @@
+"""Parsing and validating tracking-link and postback parameters (pure, no I/O).
+
+Everything here is syntax: required parameters, sizes, encodings, money,
+currency and time formats. Whether a campaign, code or click exists, and what
+follows from it, is the attribution service's business.
+
+Field names in errors are the HTTP parameter names the caller sent (``aff_id``,
+``amount``), so a 400 points at something the caller can fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from urllib.parse import unquote_to_bytes
+
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+Params = dict[str, list[str]]
+
+# Byte limits (UTF-8). The contract fixes sub IDs and the user agent; the rest
+# are generous bounds so no field can carry an unbounded payload downstream.
+ID_MAX = 128
+ORDER_ID_MAX = 256
+SUB_MAX = 256
+AFF_CLICK_ID_MAX = 256
+USER_AGENT_MAX = 1024
+REFERER_MAX = 2048
+CUSTOMER_ID_MAX = 256
+COUPON_MAX = 64
+SKU_MAX = 128
+SKU_COUNT_MAX = 200
+REASON_MAX = 64
+TOKEN_MAX = 256
+MONEY_CHARS_MAX = 32
+TIME_CHARS_MAX = 40
+IP_CHARS_MAX = 64
+
+SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
+
+
+class ParamError(Exception):
+    """Bad input, answered with 400 (or ``status``) naming ``field``."""
+
+    def __init__(
+        self, field: str | None, message: str, *, code: str = "invalid_argument", status: int = 400
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+# ---------------------------------------------------------------- decoding
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _decode(component: str, field: str) -> str:
+    if "+" in component:
+        component = component.replace("+", " ")
+    if "%" not in component:
+        return component
+    if _BAD_PERCENT.search(component):
+        raise ParamError(field, f"{field} has malformed percent-encoding")
+    try:
+        return unquote_to_bytes(component).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParamError(field, f"{field} is not valid UTF-8") from None
+
+
+def _printable_key(raw: str) -> str:
+    # A key that cannot be decoded is still named in the error, but never as raw bytes.
+    return raw[:64].encode("ascii", "backslashreplace").decode("ascii")
+
+
+def parse_urlencoded(raw: str, into: Params | None = None) -> Params:
+    """Parses ``a=1&b=2`` strictly: bad percent-encoding or UTF-8 is a ParamError.
+
+    (aiohttp's own ``request.query`` silently turns bad UTF-8 into U+FFFD and
+    keeps a stray ``%``; a tracking system must not store a mangled value.)
+    """
+    params: Params = {} if into is None else into
+    if not raw:
+        return params
+    for pair in raw.split("&"):
+        if not pair:
+            continue
+        key, _, value = pair.partition("=")
+        try:
+            name = _decode(key, "")
+        except ParamError:
+            raise ParamError(
+                _printable_key(key), "a parameter name has malformed percent-encoding or is not UTF-8"
+            ) from None
+        decoded = _decode(value, name)
+        existing = params.get(name)
+        if existing is None:
+            params[name] = [decoded]
+        else:
+            existing.append(decoded)
+    return params
+
+
+def parse_body(body: bytes, into: Params) -> Params:
+    """A form body (``application/x-www-form-urlencoded``), decoded as strictly as the query."""
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        # Form bodies are percent-encoded; raw non-ASCII bytes mean a broken client.
+        raise ParamError(None, "form body must be percent-encoded ASCII") from None
+    return parse_urlencoded(text, into)
+
+
+# ---------------------------------------------------------------- field getters
+
+
+def _byte_len(value: str) -> int:
+    return len(value) if value.isascii() else len(value.encode("utf-8"))
+
+
+def get_one(params: Mapping[str, Sequence[str]], name: str, max_bytes: int, *, required: bool = False) -> str:
+    """One value; an empty value counts as absent; repeats must agree."""
+    values = params.get(name)
+    if not values:
+        value = ""
+    else:
+        value = values[0]
+        if len(values) > 1 and any(other != value for other in values[1:]):
+            raise ParamError(name, f"{name} is given more than once with different values")
+    if not value:
+        if required:
+            raise ParamError(name, f"{name} is required")
+        return ""
+    if _byte_len(value) > max_bytes:
+        raise ParamError(name, f"{name} is longer than {max_bytes} bytes")
+    if _CONTROL.search(value):
+        raise ParamError(name, f"{name} contains control characters")
+    return value
+
+
+def check_text(name: str, value: str, max_bytes: int) -> str:
+    """The same checks for a value taken from a header."""
+    if _byte_len(value) > max_bytes:
+        raise ParamError(name, f"{name} is longer than {max_bytes} bytes")
+    if _CONTROL.search(value):
+        raise ParamError(name, f"{name} contains control characters")
+    return value
+
+
+def truncate_utf8(value: str, max_bytes: int) -> str:
+    if _byte_len(value) <= max_bytes:
+        return value
+    return value.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+# ---------------------------------------------------------------- typed values
+
+_MONEY = re.compile(r"([0-9]{1,12})(?:\.([0-9]{1,6}))?")
+
+
+def parse_money(value: str, field: str) -> int:
+    """A decimal string to micros: ``"49.90"`` -> 49_900_000.
+
+    Plain decimals only: no sign, no exponent, no more than 6 decimals (a
+    micro), so the amount the shop sent is exactly the amount stored.
+    """
+    if len(value) <= MONEY_CHARS_MAX:
+        match = _MONEY.fullmatch(value)
+        if match is not None:
+            units, fraction = match.groups()
+            return int(units) * 1_000_000 + (int(fraction.ljust(6, "0")) if fraction else 0)
+    if value.startswith("-"):
+        raise ParamError(field, f"{field} must not be negative")
+    if "e" in value.lower():
+        raise ParamError(field, f"{field} must be a plain decimal like 49.90, not an exponent form")
+    units, dot, fraction = value.partition(".")
+    if dot and units.isdigit() and fraction.isdigit() and len(fraction) > 6:
+        raise ParamError(field, f"{field} has more than 6 decimal places")
+    raise ParamError(field, f"{field} must be a decimal amount like 49.90")
+
+
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
+_COUNTRY = re.compile(r"[A-Za-z]{2}")
+
+
+def parse_currency(value: str, field: str = "currency") -> str:
+    if not _CURRENCY.fullmatch(value):
+        raise ParamError(field, f"{field} must be an ISO 4217 code like EUR")
+    return value.upper()
+
+
+def parse_country(value: str, field: str = "country") -> str:
+    if not _COUNTRY.fullmatch(value):
+        raise ParamError(field, f"{field} must be an ISO 3166-1 alpha-2 code like DE")
+    return value.upper()
+
+
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+def parse_timestamp(value: str, field: str) -> Timestamp:
+    """RFC 3339 with a mandatory offset (``Z`` or ``+02:00``), to the nanosecond."""
+    match = _RFC3339.fullmatch(value) if len(value) <= TIME_CHARS_MAX else None
+    if match is None:
+        raise ParamError(field, f"{field} must be an RFC 3339 time like 2025-06-26T12:00:00Z")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    try:
+        if zulu:
+            tz: timezone = UTC
+        else:
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            if int(off_m) > 59:
+                raise ValueError("offset minutes")
+            tz = timezone(-offset if sign == "-" else offset)
+        moment = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz
+        )
+    except ValueError:
+        raise ParamError(field, f"{field} is not a valid date and time") from None
+    seconds = (moment - _EPOCH) // _SECOND
+    nanos = int(fraction.ljust(9, "0")) if fraction else 0
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+_DEVICES = {
+    "mobile": pb.DEVICE_TYPE_MOBILE,
+    "desktop": pb.DEVICE_TYPE_DESKTOP,
+    "tablet": pb.DEVICE_TYPE_TABLET,
+}
+
+
+def parse_device(value: str, field: str = "device") -> pb.DeviceType.ValueType:
+    device = _DEVICES.get(value.lower())
+    if device is None:
+        raise ParamError(field, f"{field} must be one of mobile, desktop, tablet")
+    return device
+
+
+def device_from_user_agent(user_agent: str) -> pb.DeviceType.ValueType:
+    """A coarse device class from a user agent, for a postback without ``device``."""
+    ua = user_agent.lower()
+    if "ipad" in ua or "tablet" in ua or "kindle" in ua or "silk/" in ua or ("android" in ua and "mobile" not in ua):
+        return pb.DEVICE_TYPE_TABLET
+    if "mobi" in ua or "iphone" in ua or "ipod" in ua or "android" in ua or "windows phone" in ua:
+        return pb.DEVICE_TYPE_MOBILE
+    return pb.DEVICE_TYPE_DESKTOP
+
+
+def parse_ip(value: str, field: str = "ip") -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ParamError(field, f"{field} must be an IPv4 or IPv6 address") from None
+
+
+def _coupon(params: Params) -> str:
+    # Longer than any legal code: a malformed parameter, not an unknown code.
+    return get_one(params, "coupon", COUPON_MAX)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def click_request(params: Params, *, ip: str, user_agent: str, referer: str) -> pb.RecordClickRequest:
+    """``GET /click`` parameters and headers to a RecordClickRequest."""
+    return pb.RecordClickRequest(
+        campaign_id=get_one(params, "campaign_id", ID_MAX, required=True),
+        affiliate_id=get_one(params, "aff_id", ID_MAX, required=True),
+        coupon_code=_coupon(params),
+        external_click_id=get_one(params, "aff_click_id", AFF_CLICK_ID_MAX),
+        sub1=get_one(params, "sub1", SUB_MAX),
+        sub2=get_one(params, "sub2", SUB_MAX),
+        sub3=get_one(params, "sub3", SUB_MAX),
+        sub4=get_one(params, "sub4", SUB_MAX),
+        sub5=get_one(params, "sub5", SUB_MAX),
+        ip=ip,
+        user_agent=check_text("user_agent", user_agent, USER_AGENT_MAX),
+        # The browser, not the visitor, chooses the Referer: an overlong one is
+        # cut rather than costing the click.
+        referer=_CONTROL.sub("", truncate_utf8(referer, REFERER_MAX)),
+    )
+
+
+def postback_event(params: Params) -> str:
+    """``conversion`` (the default) or ``refund``."""
+    event = get_one(params, "event", 32).lower()
+    if event in ("", "conversion"):
+        return "conversion"
+    if event == "refund":
+        return "refund"
+    raise ParamError("event", "event must be conversion or refund")
+
+
+def conversion_request(params: Params, token: str) -> pb.RecordConversionRequest:
+    """``/postback`` parameters to a RecordConversionRequest."""
+    request = pb.RecordConversionRequest(
+        campaign_id=get_one(params, "campaign_id", ID_MAX, required=True),
+        order_id=get_one(params, "order_id", ORDER_ID_MAX, required=True),
+        amount_micros=parse_money(get_one(params, "amount", MONEY_CHARS_MAX, required=True), "amount"),
+        click_id=get_one(params, "click_id", ID_MAX),
+        coupon_code=_coupon(params),
+        customer_id=get_one(params, "customer_id", CUSTOMER_ID_MAX),
+        postback_token=token,
+    )
+    discount = get_one(params, "discount", MONEY_CHARS_MAX)
+    if discount:
+        request.discount_micros = parse_money(discount, "discount")
+    currency = get_one(params, "currency", 8)
+    if currency:
+        request.currency = parse_currency(currency)
+    country = get_one(params, "country", 8)
+    if country:
+        request.country = parse_country(country)
+    ip = get_one(params, "ip", IP_CHARS_MAX)
+    if ip:
+        request.ip = parse_ip(ip)
+    user_agent = get_one(params, "ua", USER_AGENT_MAX)
+    request.user_agent = user_agent
+    device = get_one(params, "device", 16)
+    if device:
+        request.device_type = parse_device(device)
+    elif user_agent:
+        request.device_type = device_from_user_agent(user_agent)
+    skus = params.get("sku")
+    if skus:
+        request.skus.extend(_skus(skus))
+    occurred_at = get_one(params, "occurred_at", TIME_CHARS_MAX)
+    if occurred_at:
+        request.occurred_at.CopyFrom(parse_timestamp(occurred_at, "occurred_at"))
+    return request
+
+
+def _skus(values: list[str]) -> list[str]:
+    if len(values) > SKU_COUNT_MAX:
+        raise ParamError("sku", f"sku is given more than {SKU_COUNT_MAX} times")
+    skus = []
+    for value in values:
+        if not value:
+            continue
+        skus.append(check_text("sku", value, SKU_MAX))
+    return skus
+
+
+def reversal_request(params: Params, token: str) -> pb.ReverseConversionRequest:
+    """``POST /postback?event=refund`` parameters to a ReverseConversionRequest."""
+    request = pb.ReverseConversionRequest(
+        campaign_id=get_one(params, "campaign_id", ID_MAX, required=True),
+        order_id=get_one(params, "order_id", ORDER_ID_MAX, required=True),
+        refund_id=get_one(params, "refund_id", ID_MAX),
+        reason=get_one(params, "reason", REASON_MAX),
+        postback_token=token,
+    )
+    amount = get_one(params, "amount", MONEY_CHARS_MAX)
+    if amount:
+        request.amount_micros = parse_money(amount, "amount")
+    return request
+
+
+def postback_token(header: str | None, params: Params) -> str:
+    """The campaign's secret from ``X-Ascribe-Token`` or ``token``; missing is 401.
+
+    Messages never echo the value: it is a secret.
+    """
+    token = header.strip() if header else ""
+    if not token:
+        values = params.get("token")
+        token = values[0] if values else ""
+    if not token:
+        raise ParamError("token", "the postback token is required", code="unauthenticated", status=401)
+    if len(token) > TOKEN_MAX or not token.isascii() or _CONTROL.search(token):
+        raise ParamError("token", "the postback token is not valid", code="unauthenticated", status=401)
+    return token

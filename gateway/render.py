@@ -1,0 +1,91 @@
+"""A Conversion proto as the postback's JSON (ARCHITECTURE.md section 5).
+
+Proto field names; enums as the lowercase word after the type's prefix; money
+as decimal strings named without ``_micros``; counts as numbers; times RFC 3339
+with ``Z``. Unset optional values (``coupon_remaining``, ``hold_until``) are
+left out rather than sent as zero, which would mean something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def _enum_words(descriptor: EnumDescriptor, prefix: str) -> dict[int, str]:
+    return {value.number: value.name.removeprefix(prefix).lower() for value in descriptor.values}
+
+
+STATUS_WORDS = _enum_words(pb.ConversionStatus.DESCRIPTOR, "CONVERSION_STATUS_")
+SOURCE_WORDS = _enum_words(pb.AttributionSource.DESCRIPTOR, "ATTRIBUTION_SOURCE_")
+DECISION_WORDS = _enum_words(pb.ClickDecision.DESCRIPTOR, "CLICK_DECISION_")
+
+
+def money(micros: int) -> str:
+    """49_900_000 -> "49.90"; two decimals at least, more only when they carry value."""
+    sign = "-" if micros < 0 else ""
+    units, fraction = divmod(abs(micros), 1_000_000)
+    digits = f"{fraction:06d}".rstrip("0")
+    if len(digits) < 2:
+        digits = digits.ljust(2, "0")
+    return f"{sign}{units}.{digits}"
+
+
+def timestamp(value: Timestamp) -> str:
+    """RFC 3339 in UTC with ``Z`` (fractional seconds only when present)."""
+    return value.ToJsonString()
+
+
+def _enum_word(words: dict[int, str], number: int) -> str:
+    # A value newer than this gateway's stubs is still shown, never a crash.
+    return words.get(number) or str(number)
+
+
+def render_event(event: pb.ConversionEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "from_status": _enum_word(STATUS_WORDS, event.from_status),
+        "to_status": _enum_word(STATUS_WORDS, event.to_status),
+        "reason": event.reason,
+        "actor": event.actor,
+        "note": event.note,
+    }
+    if event.HasField("at"):
+        out["at"] = timestamp(event.at)
+    if event.amount_micros:
+        out["amount"] = money(event.amount_micros)
+    return out
+
+
+def render_conversion(conversion: pb.Conversion) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": conversion.id,
+        "campaign_id": conversion.campaign_id,
+        "order_id": conversion.order_id,
+        "status": _enum_word(STATUS_WORDS, conversion.status),
+        "reasons": list(conversion.reasons),
+        "affiliate_id": conversion.affiliate_id,
+        "source": _enum_word(SOURCE_WORDS, conversion.source),
+        "click_id": conversion.click_id,
+        "coupon_code": conversion.coupon_code,
+        "customer_id": conversion.customer_id,
+        "amount": money(conversion.amount_micros),
+        "discount": money(conversion.discount_micros),
+        "refunded": money(conversion.refunded_micros),
+        "currency": conversion.currency,
+        "payout": money(conversion.payout_micros),
+        "fraud_score": conversion.fraud_score,
+    }
+    if conversion.HasField("coupon_remaining"):
+        out["coupon_remaining"] = conversion.coupon_remaining
+    if conversion.HasField("hold_until"):
+        out["hold_until"] = timestamp(conversion.hold_until)
+    if conversion.HasField("received_at"):
+        out["received_at"] = timestamp(conversion.received_at)
+    if conversion.HasField("occurred_at"):
+        out["occurred_at"] = timestamp(conversion.occurred_at)
+    if conversion.history:
+        out["history"] = [render_event(event) for event in conversion.history]
+    return out

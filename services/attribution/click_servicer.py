@@ -1,0 +1,157 @@
+"""The click side of TrackingService: proto <-> domain translation only.
+
+The rules live in ``clicks``; this module turns requests into ClickInput,
+outcomes and stored clicks into protos, and domain errors of one entry of a
+RecordClickBatch into that entry's ``Error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import asyncpg
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.attribution.clicks import ClickInput, ClickOutcome, ClickRecorder, keep_partitions
+from services.attribution.config import Settings
+from services.attribution.fraud_client import FraudClient
+from services.attribution.models import Click
+from services.attribution.store.lookups import CatalogCache
+from services.common.errors import DomainError, InvalidArgument
+
+_DECISIONS = {
+    "accepted": pb.CLICK_DECISION_ACCEPTED,
+    "flagged": pb.CLICK_DECISION_FLAGGED,
+    "rejected": pb.CLICK_DECISION_REJECTED,
+}
+
+
+def _occurred_at(request: pb.RecordClickRequest) -> datetime | None:
+    if not request.HasField("occurred_at"):
+        return None
+    try:
+        return request.occurred_at.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument.one("occurred_at", "not a valid timestamp") from None
+
+
+def click_input(request: pb.RecordClickRequest) -> ClickInput:
+    return ClickInput(
+        campaign_id=request.campaign_id,
+        affiliate_id=request.affiliate_id,
+        coupon_code=request.coupon_code,
+        external_click_id=request.external_click_id,
+        subs=(request.sub1, request.sub2, request.sub3, request.sub4, request.sub5),
+        ip=request.ip,
+        user_agent=request.user_agent,
+        referer=request.referer,
+        country=request.country,
+        occurred_at=_occurred_at(request),
+    )
+
+
+def response_proto(outcome: ClickOutcome) -> pb.RecordClickResponse:
+    return pb.RecordClickResponse(
+        click_id=outcome.click_id,
+        decision=_DECISIONS[outcome.decision],
+        reasons=outcome.reasons,
+        redirect_url=outcome.redirect_url,
+    )
+
+
+def error_proto(error: DomainError) -> pb.Error:
+    return pb.Error(
+        code=error.status.value[0],
+        message=error.message,
+        field=error.field if isinstance(error, InvalidArgument) else "",
+    )
+
+
+def _timestamp(at: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def click_proto(click: Click) -> pb.Click:
+    sub1, sub2, sub3, sub4, sub5 = click.subs
+    return pb.Click(
+        click_id=click.click_id,
+        campaign_id=click.campaign_id,
+        affiliate_id=click.affiliate_id,
+        coupon_code=click.coupon_code or "",
+        requested_coupon_code=click.requested_coupon_code or "",
+        external_click_id=click.external_click_id or "",
+        sub1=sub1,
+        sub2=sub2,
+        sub3=sub3,
+        sub4=sub4,
+        sub5=sub5,
+        ip=click.ip or "",
+        user_agent=click.user_agent or "",
+        referer=click.referer or "",
+        country=click.country or "",
+        occurred_at=_timestamp(click.occurred_at),
+        # A click is received when its id is made: the id carries that time.
+        received_at=_timestamp(click.created_at),
+        decision=_DECISIONS[click.decision],
+        reasons=click.reasons,
+        fraud_score=click.fraud_score,
+        conversions=click.conversions,
+    )
+
+
+class ClickRpcs:
+    """Implements tracking_servicer.ClickSide."""
+
+    def __init__(self, recorder: ClickRecorder, background: list[asyncio.Task[None]] | None = None) -> None:
+        self._recorder = recorder
+        self._background = background or []
+
+    async def record_click(self, request: pb.RecordClickRequest) -> pb.RecordClickResponse:
+        return response_proto(await self._recorder.record(click_input(request)))
+
+    async def record_click_batch(self, request: pb.RecordClickBatchRequest) -> pb.RecordClickBatchResponse:
+        # Entries that fail translation keep their place in the answer.
+        inputs: list[ClickInput] = []
+        errors: dict[int, DomainError] = {}
+        for index, entry in enumerate(request.requests):
+            try:
+                inputs.append(click_input(entry))
+            except DomainError as error:
+                errors[index] = error
+        outcomes = iter(await self._recorder.record_many(inputs))
+        results: list[pb.RecordClickResult] = []
+        for index in range(len(request.requests)):
+            result = errors[index] if index in errors else next(outcomes)
+            if isinstance(result, DomainError):
+                results.append(pb.RecordClickResult(error=error_proto(result)))
+            else:
+                results.append(pb.RecordClickResult(response=response_proto(result)))
+        return pb.RecordClickBatchResponse(responses=results)
+
+    async def get_click(self, request: pb.GetClickRequest) -> pb.Click:
+        return click_proto(await self._recorder.get(request.click_id))
+
+    async def close(self) -> None:
+        """Stops background work and drains the group commits in flight."""
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._recorder.close()
+
+
+def build_click_rpcs(
+    pool: asyncpg.Pool, cache: CatalogCache, fraud: FraudClient, settings: Settings
+) -> ClickRpcs:
+    """The click side, wired; call from the running event loop (it starts a task)."""
+    recorder = ClickRecorder(pool, cache, fraud)
+    background: list[asyncio.Task[None]] = []
+    if settings.background_jobs:
+        background.append(asyncio.get_running_loop().create_task(keep_partitions(pool)))
+    return ClickRpcs(recorder, background)

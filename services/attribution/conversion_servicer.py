@@ -1,0 +1,282 @@
+"""The conversion side of TrackingService: proto <-> domain translation.
+
+Syntax checks of a postback live here, at the proto boundary (step 1 of the
+judgment); every business rule is in ``judgment``/``coupon_rules`` and every
+state change in ``conversions`` (recording) or ``lifecycle`` (after).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime
+
+import asyncpg
+from ascribe.attribution.v1 import attribution_pb2 as pb
+
+from services.attribution import coupon_rules
+from services.attribution.catalog_convert import (
+    decode_page_token,
+    device_type_from_proto,
+    encode_page_token,
+    from_timestamp,
+    to_timestamp,
+)
+from services.attribution.catalog_validation import page_size
+from services.attribution.conversions import ConversionRecorder
+from services.attribution.judgment import MAX_CLOCK_SKEW, ConversionInput
+from services.attribution.lifecycle import Lifecycle
+from services.attribution.models import Conversion, ConversionEvent
+from services.attribution.store import conversions as store
+from services.common.errors import DomainError, InvalidArgument, NotFound, Violations
+
+MAX_ORDER_ID = 128
+MAX_ID = 64
+MAX_CUSTOMER_ID = 256
+MAX_USER_AGENT = 1024
+MAX_SKUS = 100
+MAX_SKU = 128
+MAX_REASON = 256
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+
+def _enum_words(enum_name: str, prefix: str) -> tuple[dict[int, str], dict[str, int]]:
+    descriptor = pb.DESCRIPTOR.enum_types_by_name[enum_name]
+    to_word = {v.number: v.name.removeprefix(prefix).lower() for v in descriptor.values if v.number}
+    return to_word, {word: number for number, word in to_word.items()}
+
+
+_STATUS_WORD, _STATUS_NUMBER = _enum_words("ConversionStatus", "CONVERSION_STATUS_")
+_SOURCE_WORD, _SOURCE_NUMBER = _enum_words("AttributionSource", "ATTRIBUTION_SOURCE_")
+
+
+def _check_len(v: Violations, field: str, value: str, limit: int, *, required: bool = False) -> None:
+    if required and not value.strip():
+        v.add(field, "is required")
+    elif len(value.encode()) > limit:
+        v.add(field, f"must be at most {limit} bytes")
+
+
+def conversion_input(request: pb.RecordConversionRequest, received_at: datetime) -> ConversionInput:
+    """Step 1 (syntax) of the judgment: a clear error naming each bad field."""
+    v = Violations()
+    _check_len(v, "campaign_id", request.campaign_id, MAX_ID, required=True)
+    _check_len(v, "order_id", request.order_id, MAX_ORDER_ID, required=True)
+    _check_len(v, "click_id", request.click_id, MAX_ID)
+    _check_len(v, "customer_id", request.customer_id, MAX_CUSTOMER_ID)
+    _check_len(v, "user_agent", request.user_agent, MAX_USER_AGENT)
+    if request.amount_micros < 0:
+        v.add("amount_micros", "must not be negative")
+    if request.discount_micros < 0:
+        v.add("discount_micros", "must not be negative")
+    currency = request.currency.strip().upper()
+    if not _CURRENCY.fullmatch(currency):
+        v.add("currency", "must be a three-letter ISO 4217 code")
+    code = coupon_rules.normalize_code(request.coupon_code)
+    if code and not coupon_rules.is_valid_code(code):
+        v.add("coupon_code", "must be 3 to 64 characters of A-Z 0-9 - _")
+    country = request.country.strip().upper()
+    if country and not _COUNTRY.fullmatch(country):
+        v.add("country", "must be an ISO 3166-1 alpha-2 code")
+    ip = request.ip.strip()
+    if ip:
+        try:
+            ip = str(ipaddress.ip_address(ip))
+        except ValueError:
+            v.add("ip", "must be an IPv4 or IPv6 address")
+    if request.device_type not in pb.DeviceType.values():
+        v.add("device_type", "unknown device type")
+    if len(request.skus) > MAX_SKUS:
+        v.add("skus", f"at most {MAX_SKUS} SKUs")
+    elif any(not sku.strip() or len(sku.encode()) > MAX_SKU for sku in request.skus):
+        v.add("skus", f"each SKU must be 1 to {MAX_SKU} bytes")
+    occurred_at = received_at
+    sent = request.HasField("occurred_at")
+    if sent:
+        occurred_at = from_timestamp(request.occurred_at)
+        if occurred_at - received_at > MAX_CLOCK_SKEW:
+            v.add("occurred_at", "lies more than 5 minutes after the time it was received")
+    v.raise_if_any()
+    return ConversionInput(
+        campaign_id=request.campaign_id.strip(),
+        order_id=request.order_id.strip(),
+        amount_micros=request.amount_micros,
+        discount_micros=request.discount_micros,
+        currency=currency,
+        received_at=received_at,
+        occurred_at=occurred_at,
+        occurred_at_sent=sent,
+        click_id=request.click_id.strip(),
+        coupon_code=code,
+        customer_id=request.customer_id.strip(),
+        ip=ip,
+        user_agent=request.user_agent,
+        country=country,
+        device_type=device_type_from_proto(request.device_type),
+        skus=tuple(sku.strip() for sku in request.skus),
+    )
+
+
+def _status_number(status: str | None) -> pb.ConversionStatus.ValueType:
+    return pb.ConversionStatus.ValueType(_STATUS_NUMBER.get(status or "", 0))
+
+
+def event_to_proto(event: ConversionEvent) -> pb.ConversionEvent:
+    return pb.ConversionEvent(
+        from_status=_status_number(event.from_status),
+        to_status=_status_number(event.to_status),
+        at=to_timestamp(event.at),
+        reason=event.reason,
+        actor=event.actor,
+        note=event.note,
+        amount_micros=event.amount_micros,
+    )
+
+
+def conversion_to_proto(c: Conversion) -> pb.Conversion:
+    message = pb.Conversion(
+        id=c.id,
+        campaign_id=c.campaign_id,
+        order_id=c.order_id,
+        status=_status_number(c.status),
+        reasons=list(c.reasons),
+        affiliate_id=c.affiliate_id or "",
+        source=pb.AttributionSource.ValueType(_SOURCE_NUMBER[c.source]),
+        click_id=c.click_id or "",
+        coupon_code=c.coupon_code or "",
+        amount_micros=c.amount_micros,
+        refunded_micros=c.refunded_micros,
+        currency=c.currency,
+        payout_micros=c.payout_micros,
+        fraud_score=c.fraud_score,
+        received_at=to_timestamp(c.received_at),
+        occurred_at=to_timestamp(c.occurred_at),
+        history=[event_to_proto(e) for e in c.history],
+        discount_micros=c.discount_micros,
+        customer_id=c.customer_id or "",
+    )
+    if c.hold_until is not None:
+        message.hold_until.CopyFrom(to_timestamp(c.hold_until))
+    if c.coupon_remaining is not None:
+        message.coupon_remaining = c.coupon_remaining
+    return message
+
+
+def _error_entry(error: BaseException) -> pb.Error:
+    if isinstance(error, DomainError):
+        field = error.field if isinstance(error, InvalidArgument) else ""
+        return pb.Error(code=error.status.value[0], message=error.message, field=field)
+    return pb.Error(code=14, message="the conversion could not be recorded; retry")  # UNAVAILABLE
+
+
+def _order_key(campaign_id: str, order_id: str) -> tuple[str, str]:
+    v = Violations()
+    _check_len(v, "campaign_id", campaign_id, MAX_ID, required=True)
+    _check_len(v, "order_id", order_id, MAX_ORDER_ID, required=True)
+    v.raise_if_any()
+    return campaign_id.strip(), order_id.strip()
+
+
+class ConversionRpcs:
+    def __init__(self, pool: asyncpg.Pool, recorder: ConversionRecorder, lifecycle: Lifecycle) -> None:
+        self._pool = pool
+        self._recorder = recorder
+        self._lifecycle = lifecycle
+
+    async def _input(self, request: pb.RecordConversionRequest) -> ConversionInput:
+        item = conversion_input(request, self._recorder.clock())
+        await self._recorder.authorize(item.campaign_id, request.postback_token)
+        return item
+
+    async def record_conversion(self, request: pb.RecordConversionRequest) -> pb.Conversion:
+        item = await self._input(request)
+        return conversion_to_proto(await self._recorder.record(item))
+
+    async def record_conversion_batch(
+        self, request: pb.RecordConversionBatchRequest
+    ) -> pb.RecordConversionBatchResponse:
+        if len(request.requests) > 1000:
+            raise InvalidArgument.one("requests", "at most 1000 conversions per batch")
+        entries: list[pb.RecordConversionResult | None] = [None] * len(request.requests)
+        valid: list[tuple[int, ConversionInput]] = []
+        for index, item_request in enumerate(request.requests):
+            try:
+                valid.append((index, await self._input(item_request)))
+            except DomainError as error:
+                entries[index] = pb.RecordConversionResult(error=_error_entry(error))
+        results = await self._recorder.record_many([item for _, item in valid])
+        for (index, _), result in zip(valid, results, strict=True):
+            entries[index] = (
+                pb.RecordConversionResult(conversion=conversion_to_proto(result))
+                if isinstance(result, Conversion)
+                else pb.RecordConversionResult(error=_error_entry(result))
+            )
+        return pb.RecordConversionBatchResponse(responses=[e for e in entries if e is not None])
+
+    async def reverse_conversion(self, request: pb.ReverseConversionRequest) -> pb.Conversion:
+        campaign_id, order_id = _order_key(request.campaign_id, request.order_id)
+        v = Violations()
+        _check_len(v, "refund_id", request.refund_id, MAX_ORDER_ID)
+        _check_len(v, "reason", request.reason, MAX_REASON)
+        amount = request.amount_micros if request.HasField("amount_micros") else None
+        if amount is not None and amount <= 0:
+            v.add("amount_micros", "must be positive")
+        v.raise_if_any()
+        await self._recorder.authorize(campaign_id, request.postback_token)
+        conversion = await self._lifecycle.reverse(
+            campaign_id, order_id, refund_id=request.refund_id.strip(), amount_micros=amount,
+            reason=request.reason.strip() or "refund",
+        )
+        return conversion_to_proto(conversion)
+
+    async def review_conversion(self, request: pb.ReviewConversionRequest) -> pb.Conversion:
+        campaign_id, order_id = _order_key(request.campaign_id, request.order_id)
+        if len(request.note) > 2000:
+            raise InvalidArgument.one("note", "must be at most 2000 characters")
+        conversion = await self._lifecycle.review(campaign_id, order_id, approve=request.approve, note=request.note)
+        return conversion_to_proto(conversion)
+
+    async def get_conversion(self, request: pb.GetConversionRequest) -> pb.Conversion:
+        campaign_id, order_id = _order_key(request.campaign_id, request.order_id)
+        conversion = await store.get_by_order(self._pool, campaign_id, order_id)
+        if conversion is None:
+            raise NotFound(f"order {order_id!r} of campaign {campaign_id!r} not found")
+        events = await store.history(self._pool, conversion.id)
+        message = conversion_to_proto(conversion)
+        message.history.extend(event_to_proto(e) for e in events)
+        return message
+
+    async def list_conversions(self, request: pb.ListConversionsRequest) -> pb.ListConversionsResponse:
+        v = Violations()
+        _check_len(v, "campaign_id", request.campaign_id, MAX_ID, required=True)
+        if request.status and request.status not in _STATUS_WORD:
+            v.add("status", "unknown conversion status")
+        v.raise_if_any()
+        limit = page_size(request.page_size)
+        after: tuple[datetime, str] | None = None
+        last = decode_page_token(request.page_token, "conversions")
+        if last:
+            stamp, _, conversion_id = last.partition("|")
+            try:
+                after = (datetime.fromisoformat(stamp), conversion_id)
+            except ValueError:
+                raise InvalidArgument.one("page_token", "not a page token of this listing") from None
+        page = await store.list_conversions(
+            self._pool,
+            campaign_id=request.campaign_id.strip(),
+            status=_STATUS_WORD.get(request.status),
+            affiliate_id=request.affiliate_id.strip() or None,
+            received_from=from_timestamp(getattr(request, "from")) if request.HasField("from") else None,
+            received_to=from_timestamp(request.to) if request.HasField("to") else None,
+            after=after,
+            limit=limit + 1,
+        )
+        next_token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            tail = page[-1]
+            next_token = encode_page_token("conversions", f"{tail.received_at.isoformat()}|{tail.id}")
+        return pb.ListConversionsResponse(
+            conversions=[conversion_to_proto(c) for c in page], next_page_token=next_token
+        )

@@ -1,0 +1,490 @@
+"""Recording conversions: judged, fraud-checked and committed in batches.
+
+Concurrent postbacks are coalesced (``MicroBatcher``) into one transaction
+per batch. Inside it, in this order (a fixed lock order, so batches on any
+number of replicas never deadlock):
+
+1. advisory locks on every order of the batch: concurrent copies of one order
+   are serialized, so exactly one is judged, fraud-checked and can take a use;
+2. orders already stored are answered (same content), refused (other
+   content) or judged anew (rejected for a reason the shop can fix);
+3. static judgment (``judgment.judge_static``) from cached catalog records
+   and the named clicks;
+4. one batched fraud call for the conversions still standing;
+5. limits: customer uses, click slots, then each code's counter, locked once
+   per code per batch and moved by the uses granted (``store.redemptions``);
+6. every row (conversions, history, ledger) written by COPY, then commit.
+
+Nothing is acknowledged before the commit, and a failure rolls the whole
+batch back: a crash in the middle leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+import asyncpg
+from ascribe.fraud.v1 import fraud_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Histogram
+
+from services.attribution import coupon_rules, ids
+from services.attribution.fraud_client import FraudClient
+from services.attribution.judgment import (
+    ClickInfo,
+    ConversionInput,
+    StaticJudgment,
+    final_status,
+    hold_until,
+    is_fixable,
+    judge_static,
+)
+from services.attribution.models import Affiliate, Campaign, Conversion, ConversionEvent, Coupon
+from services.attribution.store import conversions as store
+from services.attribution.store import redemptions
+from services.attribution.store.lookups import CatalogCache
+from services.common.batcher import MicroBatcher
+from services.common.errors import AlreadyExists, NotFound, Unauthenticated, Unavailable
+
+logger = logging.getLogger(__name__)
+
+CONVERSIONS_TOTAL = Counter(
+    "ascribe_conversions_total", "Conversions judged, by resulting status.", ["status"]
+)
+CONVERSION_BATCH_SIZE = Histogram(
+    "ascribe_conversion_batch_size",
+    "Conversions judged and committed in one transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+CONVERSION_SECONDS = Histogram(
+    "ascribe_conversion_seconds",
+    "Time from a postback reaching the attribution service to its commit.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_ATTEMPTS = 3
+
+_FRAUD_KIND = {
+    "general": fraud_pb2.COUPON_KIND_GENERAL,
+    "exclusive": fraud_pb2.COUPON_KIND_EXCLUSIVE,
+    "unique": fraud_pb2.COUPON_KIND_UNIQUE,
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def token_matches(campaign: Campaign, token: str) -> bool:
+    """Constant-time check of a postback token against the stored SHA-256."""
+    if not token or not campaign.postback_token_sha256:
+        return False
+    return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), campaign.postback_token_sha256)
+
+
+def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
+    return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
+
+
+def to_timestamp(at: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+class _Rejudge(Exception):
+    """A copy of an order that met its own earlier copy in one batch and must be judged anew."""
+
+
+@dataclass
+class _Case:
+    """One order being judged in a batch."""
+
+    input: ConversionInput
+    campaign: Campaign
+    previous: Conversion | None
+    static: StaticJudgment | None = None
+    reasons: list[str] | None = None
+    fraud_rejected: bool = False
+    fraud_score: int = 0
+    needs_rescore: bool = False
+    customer_use: bool = False
+    click_slot: bool = False
+    coupon_use: bool = False
+    coupon_remaining: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.input.campaign_id, self.input.order_id)
+
+    def standing(self) -> bool:
+        assert self.reasons is not None
+        return final_status(self.reasons, 1, fraud_rejected=self.fraud_rejected) != "rejected"
+
+
+class ConversionRecorder:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        cache: CatalogCache,
+        fraud: FraudClient,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        max_batch: int = 128,
+        max_in_flight: int = 4,
+    ) -> None:
+        self._pool = pool
+        self._cache = cache
+        self._fraud = fraud
+        self.clock = clock
+        self._batcher: MicroBatcher[ConversionInput, Conversion] = MicroBatcher(
+            self._flush, max_batch=max_batch, max_in_flight=max_in_flight,
+            size_histogram=CONVERSION_BATCH_SIZE, name="conversions",
+        )
+
+    async def authorize(self, campaign_id: str, token: str) -> Campaign:
+        """Step 1's token and step 2: the campaign exists and the token is its own."""
+        campaign = await self._cache.campaign(campaign_id)
+        if campaign is None:
+            raise NotFound(f"campaign {campaign_id!r} not found")
+        if not token_matches(campaign, token):
+            raise Unauthenticated("missing or wrong postback token")
+        return campaign
+
+    async def record(self, input: ConversionInput) -> Conversion:
+        """Judges and commits one conversion (batched with concurrent ones)."""
+        with CONVERSION_SECONDS.time():
+            for _ in range(_ATTEMPTS):
+                try:
+                    return await self._batcher.submit(input)
+                except _Rejudge:
+                    continue
+            raise Unavailable("the order kept changing while it was judged; retry")
+
+    async def record_many(self, inputs: Sequence[ConversionInput]) -> list[Conversion | BaseException]:
+        results = await asyncio.gather(*(self.record(i) for i in inputs), return_exceptions=True)
+        return list(results)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    # ------------------------------------------------------------ the batch
+
+    async def _flush(self, inputs: Sequence[ConversionInput]) -> list[Conversion | BaseException]:
+        verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None] = {}
+        for attempt in range(_ATTEMPTS):
+            try:
+                return await self._flush_once(inputs, verdicts)
+            except _RETRYABLE as error:
+                logger.warning("conversion batch retried after %s (attempt %d)", type(error).__name__, attempt + 1)
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as error:
+                raise Unavailable("the database is unavailable; the conversion was not recorded") from error
+        raise Unavailable("the database kept aborting the batch; the conversions were not recorded")
+
+    async def _flush_once(
+        self,
+        inputs: Sequence[ConversionInput],
+        verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
+    ) -> list[Conversion | BaseException]:
+        results: list[Conversion | BaseException | None] = [None] * len(inputs)
+        leaders: dict[tuple[str, str], int] = {}
+        followers: list[int] = []
+        for index, item in enumerate(inputs):
+            key = (item.campaign_id, item.order_id)
+            if key in leaders:
+                followers.append(index)
+            else:
+                leaders[key] = index
+
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_orders(conn, list(leaders))
+            existing = await store.fetch_by_orders(conn, list(leaders))
+            cases: list[tuple[int, _Case]] = []
+            for key, index in leaders.items():
+                item = inputs[index]
+                previous = existing.get(key)
+                if previous is not None:
+                    if previous.fingerprint == item.fingerprint():
+                        results[index] = previous
+                        continue
+                    if not (previous.status == "rejected" and is_fixable(previous.reasons)):
+                        results[index] = _conflict(item)
+                        continue
+                campaign = await self._cache.campaign(item.campaign_id)
+                if campaign is None:
+                    results[index] = NotFound(f"campaign {item.campaign_id!r} not found")
+                    continue
+                cases.append((index, _Case(item, campaign, previous)))
+            if cases:
+                judged = await self._judge(conn, [case for _, case in cases], verdicts)
+                for (index, _), conversion in zip(cases, judged, strict=True):
+                    results[index] = conversion
+
+        for index in followers:
+            item = inputs[index]
+            leader = results[leaders[(item.campaign_id, item.order_id)]]
+            if not isinstance(leader, Conversion) or leader.fingerprint == item.fingerprint():
+                results[index] = leader
+            elif leader.status == "rejected" and is_fixable(leader.reasons):
+                results[index] = _Rejudge()
+            else:
+                results[index] = _conflict(item)
+        final = [r for r in results if r is not None]
+        assert len(final) == len(inputs)
+        return final
+
+    async def _judge(
+        self,
+        conn: asyncpg.Connection,
+        cases: list[_Case],
+        verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
+    ) -> list[Conversion]:
+        clicks = await self._load_clicks(conn, cases)
+        coupons = {
+            (c.input.campaign_id, c.input.coupon_code): await self._cache.coupon(
+                c.input.campaign_id, c.input.coupon_code
+            )
+            for c in cases
+            if c.input.coupon_code
+        }
+        for case in cases:
+            await self._judge_statically(case, clicks, coupons)
+
+        await self._check_fraud([c for c in cases if c.standing()], verdicts)
+        await self._take_limits(conn, [c for c in cases if c.standing()], clicks, coupons, verdicts)
+
+        conversions = [self._conversion(case) for case in cases]
+        new = [c for c, case in zip(conversions, cases, strict=True) if case.previous is None]
+        await store.insert_conversions(conn, new)
+        for conversion, case in zip(conversions, cases, strict=True):
+            if case.previous is not None:
+                await store.replace_conversion(conn, conversion)
+        await store.insert_events(conn, [
+            store.EventRow(conversion.id, ConversionEvent(
+                from_status=case.previous.status if case.previous else None,
+                to_status=conversion.status,
+                at=conversion.received_at,
+                reason="rejudged" if case.previous else "judged",
+                actor="shop",
+                note=",".join(conversion.reasons),
+            ))
+            for conversion, case in zip(conversions, cases, strict=True)
+        ])
+        await redemptions.insert_ledger(conn, [
+            redemptions.LedgerRow(c.campaign_id, c.coupon_code or "", c.id, c.customer_id or None, c.received_at)
+            for c in conversions
+            if c.holds_coupon_use
+        ])
+        for conversion in conversions:
+            CONVERSIONS_TOTAL.labels(conversion.status).inc()
+        return conversions
+
+    async def _load_clicks(self, conn: asyncpg.Connection, cases: list[_Case]) -> dict[str, ClickInfo]:
+        named: list[tuple[str, datetime]] = []
+        for case in cases:
+            if case.input.click_id:
+                try:
+                    named.append((case.input.click_id, ids.click_created_at(case.input.click_id)))
+                except ValueError:
+                    continue  # a malformed id names no click: unknown_click
+        return await store.fetch_clicks(conn, named)
+
+    async def _judge_statically(
+        self,
+        case: _Case,
+        clicks: dict[str, ClickInfo],
+        coupons: dict[tuple[str, str], Coupon | None],
+        *,
+        without_click: bool = False,
+    ) -> None:
+        item = case.input
+        click = None if without_click else clicks.get(item.click_id)
+        coupon = coupons.get((item.campaign_id, item.coupon_code)) if item.coupon_code else None
+        candidates = set(coupon.affiliate_ids if coupon else ())
+        if click is not None:
+            candidates.add(click.affiliate_id)
+        affiliates: dict[str, Affiliate | None] = {a: await self._cache.affiliate(a) for a in sorted(candidates)}
+        static = judge_static(item, case.campaign, click, coupon, affiliates)
+        if without_click:
+            static.reasons.insert(0, "click_already_converted")
+        case.static = static
+        case.reasons = list(static.reasons)
+
+    async def _check_fraud(
+        self, cases: list[_Case], verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None]
+    ) -> None:
+        unchecked = [c for c in cases if c.key not in verdicts]
+        if unchecked:
+            results = await self._fraud.check_conversions([self._fraud_request(c) for c in unchecked])
+            for case, verdict in zip(unchecked, results, strict=True):
+                verdicts[case.key] = verdict
+        for case in cases:
+            assert case.reasons is not None
+            verdict = verdicts[case.key]
+            if verdict is None:
+                case.reasons.append("fraud_unavailable")
+                case.needs_rescore = True
+                continue
+            case.fraud_score = verdict.score
+            if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
+                case.fraud_rejected = True
+                case.reasons.extend(fraud_reasons(verdict))
+            elif verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW:
+                case.reasons.extend(fraud_reasons(verdict))
+
+    def _fraud_request(self, case: _Case) -> fraud_pb2.CheckConversionRequest:
+        item, static = case.input, case.static
+        assert static is not None
+        request = fraud_pb2.CheckConversionRequest(
+            order_id=item.order_id,
+            campaign_id=item.campaign_id,
+            affiliate_id=static.affiliate_id or "",
+            click_id=static.click.click_id if static.click else "",
+            coupon_code=item.coupon_code,
+            coupon_kind=_FRAUD_KIND[static.coupon.kind] if static.coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
+            customer_id=item.customer_id,
+            ip=item.ip,
+            user_agent=item.user_agent,
+            occurred_at=to_timestamp(item.occurred_at),
+            received_at=to_timestamp(item.received_at),
+        )
+        if static.click is not None:
+            request.click_time.CopyFrom(to_timestamp(static.click.occurred_at))
+        return request
+
+    async def _take_limits(
+        self,
+        conn: asyncpg.Connection,
+        cases: list[_Case],
+        clicks: dict[str, ClickInfo],
+        coupons: dict[tuple[str, str], Coupon | None],
+        verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
+    ) -> None:
+        """Step 6, in lock order: customer uses, click slots, then code counters."""
+        for case in sorted(cases, key=lambda c: (c.key, c.input.customer_id)):
+            coupon = case.static.coupon if case.static else None
+            if coupon is not None and coupon.per_customer_limit:
+                key = (coupon.campaign_id, coupon.code)
+                if await redemptions.take_customer_use(conn, key, case.input.customer_id, coupon.per_customer_limit):
+                    case.customer_use = True
+                else:
+                    assert case.reasons is not None
+                    case.reasons.append("customer_limit_reached")
+
+        for case in sorted(cases, key=lambda c: c.input.click_id):
+            static = case.static
+            if not case.standing() or static is None or static.click is None:
+                continue
+            if await store.take_click_slot(conn, static.click, case.campaign.max_conversions_per_click):
+                case.click_slot = True
+            else:
+                # The click reached its limit since it was read: the sale goes
+                # on as if it had no click (credit, channel and access anew).
+                await self._judge_statically(case, clicks, coupons, without_click=True)
+                await self._check_fraud([case], verdicts)  # the verdict already given
+
+        wanting = [c for c in cases if c.standing() and c.static is not None and c.static.coupon is not None]
+        counters = await redemptions.lock_counters(
+            conn, [(c.static.coupon.campaign_id, c.static.coupon.code) for c in wanting if c.static and c.static.coupon]
+        )
+        used = {key: counter.used for key, counter in counters.items()}
+        for case in wanting:
+            assert case.static is not None and case.static.coupon is not None and case.reasons is not None
+            key = (case.static.coupon.campaign_id, case.static.coupon.code)
+            counter = counters.get(key)
+            if counter is None:  # deleted since it was cached
+                case.reasons.append("unknown_coupon")
+            elif redemptions.CouponCounter(used[key], counter.usage_limit).grantable(1):
+                used[key] += 1
+                case.coupon_use = True
+                case.coupon_remaining = None if counter.usage_limit == 0 else counter.usage_limit - used[key]
+            else:
+                case.reasons.append("usage_limit_reached")
+                case.coupon_remaining = 0
+        await redemptions.add_uses(conn, {key: used[key] - counters[key].used for key in counters})
+
+        # Whatever a conversion took before a later step rejected it goes back.
+        for case in cases:
+            if case.standing():
+                continue
+            coupon = case.static.coupon if case.static else None
+            if case.customer_use and coupon is not None:
+                await redemptions.release_customer_use(conn, (coupon.campaign_id, coupon.code), case.input.customer_id)
+                case.customer_use = False
+            if case.click_slot and case.static is not None and case.static.click is not None:
+                await store.release_click_slot(conn, case.static.click.click_id, case.static.click.created_at)
+                case.click_slot = False
+
+    def _conversion(self, case: _Case) -> Conversion:
+        item, static, campaign = case.input, case.static, case.campaign
+        assert static is not None and case.reasons is not None
+        status = final_status(case.reasons, campaign.hold_days, fraud_rejected=case.fraud_rejected)
+        accepted = status != "rejected"
+        coupon = static.coupon
+        remaining = case.coupon_remaining
+        if remaining is None and coupon is not None and coupon.usage_limit and not case.coupon_use:
+            remaining = coupon.remaining
+        return Conversion(
+            id=case.previous.id if case.previous else ids.new_conversion_id(item.received_at),
+            campaign_id=item.campaign_id,
+            order_id=item.order_id,
+            status=status,
+            source=static.source,
+            amount_micros=item.amount_micros,
+            currency=item.currency,
+            received_at=item.received_at,
+            occurred_at=item.occurred_at,
+            fingerprint=item.fingerprint(),
+            reasons=tuple(case.reasons),
+            affiliate_id=static.affiliate_id,
+            click_id=static.click.click_id if static.click else None,
+            click_created_at=static.click.created_at if static.click else None,
+            coupon_code=item.coupon_code or None,
+            customer_id=item.customer_id or None,
+            discount_micros=item.discount_micros,
+            payout_micros=(
+                coupon_rules.payout_micros(item.amount_micros, campaign.payout_micros, campaign.payout_percent_bp)
+                if accepted and static.affiliate_id else 0
+            ),
+            hold_until=hold_until(item, campaign.hold_days) if accepted else None,
+            coupon_remaining=remaining,
+            fraud_score=case.fraud_score,
+            needs_rescore=case.needs_rescore and accepted,
+            holds_coupon_use=case.coupon_use and accepted,
+            holds_customer_use=case.customer_use and accepted,
+            holds_click_slot=case.click_slot and accepted,
+            request=_request_json(item),
+        )
+
+
+def _conflict(item: ConversionInput) -> AlreadyExists:
+    return AlreadyExists(
+        f"order {item.order_id!r} was already recorded with other content; "
+        "use a new order id or send the same parameters"
+    )
+
+
+def _request_json(item: ConversionInput) -> dict[str, object]:
+    """The shop's parameters, kept to re-score the conversion and to explain it."""
+    return {
+        "click_id": item.click_id,
+        "coupon_code": item.coupon_code,
+        "customer_id": item.customer_id,
+        "ip": item.ip,
+        "user_agent": item.user_agent,
+        "country": item.country,
+        "device_type": item.device_type,
+        "skus": list(item.skus),
+        "occurred_at_sent": item.occurred_at_sent,
+    }
+
+
+def without_history(conversion: Conversion) -> Conversion:
+    return replace(conversion, history=())

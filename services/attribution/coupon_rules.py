@@ -1,0 +1,185 @@
+"""Every rule about coupon codes and credit, as pure functions.
+
+Clicks use ``click_tracking_reasons`` (does tracking of this code begin with
+this click?); conversions use ``credit`` (who earns the sale: the table in
+ARCHITECTURE.md section 6) and ``static_reasons`` (the code's own rules at the
+moment of the order). Nothing here does I/O, so every rule is unit-tested.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.attribution.models import (
+    DIRECT_CHANNEL,
+    AttributionPolicy,
+    AttributionSource,
+    Coupon,
+    DeviceType,
+)
+
+CODE_PATTERN = re.compile(r"^[A-Z0-9_-]{3,64}$")
+
+# Reasons of a code that a person must look at: the conversion is FLAGGED
+# (its use held), not rejected.
+FLAGGING_REASONS = frozenset({"coupon_on_hold"})
+
+
+def normalize_code(code: str) -> str:
+    """Codes are case-insensitive: stored and compared upper-case."""
+    return code.strip().upper()
+
+
+def is_valid_code(code: str) -> bool:
+    return CODE_PATTERN.fullmatch(code) is not None
+
+
+def status_reasons(coupon: Coupon) -> list[str]:
+    if coupon.status == "active":
+        return []
+    if coupon.status == "hold":
+        return ["coupon_on_hold"]
+    return ["coupon_inactive"]
+
+
+def validity_reasons(coupon: Coupon, at: datetime) -> list[str]:
+    """``valid_from <= at < valid_until``: the end instant is already expired."""
+    if coupon.valid_from is not None and at < coupon.valid_from:
+        return ["coupon_not_yet_valid"]
+    if coupon.valid_until is not None and at >= coupon.valid_until:
+        return ["coupon_expired"]
+    return []
+
+
+def owners(coupon: Coupon) -> tuple[str, ...]:
+    """The affiliates a code belongs to (EXCLUSIVE, or a UNIQUE code with an owner)."""
+    if coupon.kind == "general" or coupon.allow_all_affiliates:
+        return ()
+    return coupon.affiliate_ids
+
+
+def is_owned(coupon: Coupon) -> bool:
+    return coupon.kind in ("exclusive", "unique") and bool(owners(coupon))
+
+
+def affiliate_may_carry(coupon: Coupon, affiliate_id: str) -> bool:
+    """May this affiliate carry the code on its links and be credited through it?
+
+    Every affiliate may when the code allows all, or when it names nobody (a
+    public GENERAL code, a personal UNIQUE code sent by email); otherwise only
+    the selected affiliates may.
+    """
+    if coupon.allow_all_affiliates or not coupon.affiliate_ids:
+        return True
+    return affiliate_id in coupon.affiliate_ids
+
+
+def click_tracking_reasons(coupon: Coupon | None, affiliate_id: str, at: datetime) -> list[str]:
+    """Why coupon tracking does not begin with this click (empty: it does)."""
+    if coupon is None:
+        return ["unknown_coupon"]
+    reasons = status_reasons(coupon) + validity_reasons(coupon, at)
+    if not affiliate_may_carry(coupon, affiliate_id):
+        reasons.append("affiliate_not_allowed")
+    if coupon.remaining == 0:
+        reasons.append("usage_limit_reached")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Credit:
+    """Who earns a conversion, and through what."""
+
+    affiliate_id: str | None
+    source: AttributionSource
+    reasons: tuple[str, ...] = ()
+
+
+def credit(
+    policy: AttributionPolicy,
+    coupon: Coupon | None,
+    click_affiliate_id: str | None,
+) -> Credit:
+    """The credit table of ARCHITECTURE.md section 6.
+
+    ``coupon`` is the postback's code (None: no code, or an unknown one);
+    ``click_affiliate_id`` the affiliate of the eligible click (None: no
+    eligible click).
+    """
+    if coupon is None or not is_owned(coupon):
+        if click_affiliate_id is None:
+            return Credit(None, "none")
+        if coupon is not None and not affiliate_may_carry(coupon, click_affiliate_id):
+            return Credit(click_affiliate_id, "click", ("affiliate_not_allowed",))
+        return Credit(click_affiliate_id, "click")
+    code_owners = owners(coupon)
+    if click_affiliate_id is None:
+        return Credit(code_owners[0], "coupon")
+    if click_affiliate_id in code_owners:
+        return Credit(click_affiliate_id, "click")
+    if policy == "click_first":
+        return Credit(click_affiliate_id, "click")
+    return Credit(code_owners[0], "coupon")
+
+
+@dataclass(frozen=True)
+class Order:
+    """What the static rules look at in a conversion."""
+
+    occurred_at: datetime
+    amount_micros: int
+    discount_micros: int
+    currency: str
+    customer_id: str
+    country: str
+    device_type: DeviceType | None
+    skus: tuple[str, ...]
+
+
+def static_reasons(
+    coupon: Coupon,
+    order: Order,
+    *,
+    campaign_currency: str,
+    credited_channel: str | None,
+) -> list[str]:
+    """The code's own rules at the time of the order; every failure is listed.
+
+    ``credited_channel`` is the credited affiliate's channel, None when the
+    sale is credited to nobody (then the channel is ``direct``).
+    """
+    reasons = status_reasons(coupon) + validity_reasons(coupon, order.occurred_at)
+    if coupon.assigned_customer_id and order.customer_id != coupon.assigned_customer_id:
+        reasons.append("customer_not_assigned")
+    if coupon.countries and order.country.upper() not in coupon.countries:
+        reasons.append("restriction_country")
+    if coupon.device_types and order.device_type not in coupon.device_types:
+        reasons.append("restriction_device")
+    channel = credited_channel if credited_channel is not None else DIRECT_CHANNEL
+    if coupon.channels and channel not in coupon.channels:
+        reasons.append("restriction_channel")
+    if coupon.skus and not _intersects(coupon.skus, order.skus):
+        reasons.append("restriction_sku")
+    # The minimum applies to the order before its discount.
+    if coupon.min_order_micros and order.amount_micros + order.discount_micros < coupon.min_order_micros:
+        reasons.append("below_min_order")
+    if order.currency.upper() != campaign_currency.upper():
+        reasons.append("currency_mismatch")
+    if coupon.per_customer_limit and not order.customer_id:
+        reasons.append("customer_id_required")
+    return reasons
+
+
+def _intersects(allowed: Iterable[str], present: Iterable[str]) -> bool:
+    allowed_set = {sku.upper() for sku in allowed}
+    return any(sku.upper() in allowed_set for sku in present)
+
+
+def payout_micros(amount_micros: int, payout_fixed_micros: int, payout_percent_bp: int) -> int:
+    """The campaign's fixed payout, or its percentage of the (net) amount."""
+    if payout_percent_bp:
+        return amount_micros * payout_percent_bp // 10_000
+    return payout_fixed_micros

@@ -1,0 +1,153 @@
+"""The attribution service's client of the fraud sidecar, batched and fail-open.
+
+Every check is coalesced with the checks of concurrent requests into one
+``CheckClickBatch`` / ``CheckConversionBatch`` call (ARCHITECTURE.md section 8:
+per-call overhead, not Redis, limits us). A caller waits at most the fraud
+deadline in all, queueing included; past it, or when the fraud service fails,
+it gets None and records the event as FLAGGED with ``fraud_unavailable``.
+Fraud trouble never fails or loses an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+
+from services.attribution.click_metrics import FRAUD_AVAILABLE, FRAUD_UNAVAILABLE_TOTAL
+from services.common.batcher import MicroBatcher
+from services.common.grpc_server import bearer_metadata
+from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
+
+logger = logging.getLogger(__name__)
+
+# gRPC's default reconnect backoff grows to two minutes; a sidecar that comes
+# back should be used again within seconds.
+FRAUD_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+# Requests per outgoing call; one caller's group is never split across calls
+# unless it alone is larger than this.
+MAX_CALL_REQUESTS = 1000
+
+Verdicts = list[fraud_pb2.Verdict | None]
+
+
+class _BatchedCheck:
+    """One batched RPC: groups of requests in, verdicts (or None) out."""
+
+    def __init__(self, client: FraudClient, kind: str, method: str, call: Any, batch_type: Any) -> None:
+        self._client = client
+        self._method = method
+        self._call = call
+        self._batch_type = batch_type
+        self._size = GRPC_CLIENT_BATCH_SIZE.labels("fraud", method)
+        self._unavailable = FRAUD_UNAVAILABLE_TOTAL.labels(kind)
+        # A group (a list of requests) is one batcher item, so the checks of
+        # one caller's batch always travel together.
+        self.batcher: MicroBatcher[Sequence[Any], Verdicts] = MicroBatcher(
+            self._flush, max_batch=64, max_in_flight=2, name=f"fraud {method}"
+        )
+
+    async def check(self, requests: Sequence[Any]) -> Verdicts:
+        if not requests:
+            return []
+        verdicts: Verdicts
+        try:
+            async with asyncio.timeout(self._client.deadline_seconds):
+                if len(requests) <= MAX_CALL_REQUESTS:
+                    verdicts = await self.batcher.submit(requests)
+                else:
+                    chunks = [
+                        requests[i : i + MAX_CALL_REQUESTS]
+                        for i in range(0, len(requests), MAX_CALL_REQUESTS)
+                    ]
+                    parts = await asyncio.gather(*(self.batcher.submit(chunk) for chunk in chunks))
+                    verdicts = [verdict for part in parts for verdict in part]
+        except TimeoutError:
+            verdicts = [None] * len(requests)
+        missing = verdicts.count(None)
+        if missing:
+            self._unavailable.inc(missing)
+        return verdicts
+
+    async def _flush(self, groups: Sequence[Sequence[Any]]) -> list[Verdicts]:
+        requests = [request for group in groups for request in group]
+        self._size.observe(len(requests))
+        verdicts: Sequence[fraud_pb2.Verdict | None]
+        try:
+            response = await self._call(
+                self._batch_type(requests=requests),
+                timeout=self._client.deadline_seconds,
+                metadata=self._client.metadata,
+            )
+            verdicts = list(response.verdicts)
+            if len(verdicts) != len(requests):
+                raise ValueError(f"{len(verdicts)} verdicts for {len(requests)} requests")
+            FRAUD_AVAILABLE.set(1)
+            self._client.log_available(self._method)
+        except Exception as error:
+            FRAUD_AVAILABLE.set(0)
+            self._client.log_unavailable(self._method, error)
+            verdicts = [None] * len(requests)
+        results: list[Verdicts] = []
+        start = 0
+        for group in groups:
+            results.append(list(verdicts[start : start + len(group)]))
+            start += len(group)
+        return results
+
+
+class FraudClient:
+    """Batched, deadline-bound, fail-open checks against the fraud service."""
+
+    def __init__(self, channel: grpc.aio.Channel, deadline_ms: int, internal_token: str | None) -> None:
+        self.deadline_seconds = deadline_ms / 1000
+        self.metadata = bearer_metadata(internal_token)
+        stub = fraud_pb2_grpc.FraudServiceStub(channel)
+        self._clicks = _BatchedCheck(
+            self, "click", "CheckClickBatch", stub.CheckClickBatch, fraud_pb2.CheckClickBatchRequest
+        )
+        self._conversions = _BatchedCheck(
+            self, "conversion", "CheckConversionBatch", stub.CheckConversionBatch, fraud_pb2.CheckConversionBatchRequest
+        )
+        self._last_logged: dict[str, str] = {}
+
+    async def check_click(self, req: fraud_pb2.CheckClickRequest) -> fraud_pb2.Verdict | None:
+        """The click's verdict; None when the fraud service is down or late."""
+        return (await self._clicks.check((req,)))[0]
+
+    async def check_clicks(self, reqs: Sequence[fraud_pb2.CheckClickRequest]) -> Verdicts:
+        """Verdicts in request order (None for each one not judged in time); sent together."""
+        return await self._clicks.check(reqs)
+
+    async def check_conversion(self, req: fraud_pb2.CheckConversionRequest) -> fraud_pb2.Verdict | None:
+        """The conversion's verdict; None when the fraud service is down or late."""
+        return (await self._conversions.check((req,)))[0]
+
+    async def check_conversions(self, reqs: Sequence[fraud_pb2.CheckConversionRequest]) -> Verdicts:
+        """Verdicts in request order (None for each one not judged in time); sent together."""
+        return await self._conversions.check(reqs)
+
+    def log_unavailable(self, method: str, error: BaseException) -> None:
+        # One line per change of failure, not one per batch: an outage at
+        # thousands of clicks a second must not flood the log.
+        code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
+        if self._last_logged.get(method) != code:
+            self._last_logged[method] = code
+            logger.warning("fraud service unavailable for %s (%s); failing open", method, code)
+
+    def log_available(self, method: str) -> None:
+        if self._last_logged.pop(method, None) is not None:
+            logger.info("fraud service available again for %s", method)
+
+    async def close(self) -> None:
+        """Lets checks in flight finish (each is bounded by the deadline)."""
+        await asyncio.gather(self._clicks.batcher.close(), self._conversions.batcher.close())

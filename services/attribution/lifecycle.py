@@ -1,0 +1,338 @@
+"""What happens to a conversion after it is recorded.
+
+Refunds and chargebacks, a person's review, automatic approval when the hold
+passes, re-scoring of conversions the fraud service could not check, and the
+automatic HOLD of a UNIQUE code that leaks. Each change is one short
+transaction that takes its locks in the recording path's order (order lock,
+conversion row, customer use, click, code counter), and each is written to
+the conversion's (or the code's) append-only history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+
+import asyncpg
+import grpc
+from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from prometheus_client import Counter, Gauge
+
+from services.attribution import coupon_rules
+from services.attribution.conversions import fraud_reasons, to_timestamp, utcnow
+from services.attribution.fraud_client import FraudClient
+from services.attribution.judgment import FLAGGING_REASONS
+from services.attribution.models import Campaign, Conversion, ConversionEvent, ConversionStatus
+from services.attribution.store import conversions as store
+from services.attribution.store import lifecycle as lifecycle_store
+from services.attribution.store import redemptions
+from services.attribution.store.lookups import CatalogCache
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.grpc_server import bearer_metadata
+
+logger = logging.getLogger(__name__)
+
+APPROVED_TOTAL = Counter("ascribe_conversions_approved_total", "Conversions approved when their hold passed.")
+APPROVAL_LAG_SECONDS = Gauge(
+    "ascribe_approval_lag_seconds", "Age of the oldest PENDING conversion whose hold has passed."
+)
+RESCORED_TOTAL = Counter("ascribe_conversions_rescored_total", "Re-scored conversions, by outcome.", ["outcome"])
+REVERSED_TOTAL = Counter("ascribe_conversion_refunds_total", "Refunds applied, by kind.", ["kind"])
+LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD after a CODE_LEAK alert.")
+
+_FRAUD_KIND = {
+    "general": fraud_pb2.COUPON_KIND_GENERAL,
+    "exclusive": fraud_pb2.COUPON_KIND_EXCLUSIVE,
+    "unique": fraud_pb2.COUPON_KIND_UNIQUE,
+}
+ALERT_CURSOR = "leak_response"
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        cache: CatalogCache,
+        fraud: FraudClient,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._pool = pool
+        self._cache = cache
+        self._fraud = fraud
+        self.clock = clock
+
+    async def _campaign(self, campaign_id: str) -> Campaign:
+        campaign = await self._cache.campaign(campaign_id)
+        if campaign is None:
+            raise NotFound(f"campaign {campaign_id!r} not found")
+        return campaign
+
+    # ------------------------------------------------------------ refunds
+
+    async def reverse(
+        self,
+        campaign_id: str,
+        order_id: str,
+        *,
+        refund_id: str,
+        amount_micros: int | None,
+        reason: str,
+    ) -> Conversion:
+        """A refund or chargeback: full (no amount, or all that remains) or partial."""
+        campaign = await self._campaign(campaign_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_orders(conn, [(campaign_id, order_id)])
+            conversion = await store.get_by_order(conn, campaign_id, order_id, for_update=True)
+            if conversion is None:
+                raise NotFound(f"order {order_id!r} of campaign {campaign_id!r} not found")
+            if refund_id:
+                earlier = await store.refund_exists(conn, campaign_id, order_id, refund_id)
+                if earlier is not None:
+                    if amount_micros is not None and amount_micros != earlier:
+                        raise AlreadyExists(f"refund {refund_id!r} was already applied with another amount")
+                    return conversion
+            elif conversion.status == "reversed" and amount_micros is None:
+                return conversion  # a repeated full refund: idempotent by the state it leaves
+            if conversion.status in ("rejected", "reversed"):
+                raise FailedPrecondition(f"a {conversion.status} conversion cannot be refunded")
+            remaining = conversion.amount_micros - conversion.refunded_micros
+            amount = remaining if amount_micros is None else amount_micros
+            if amount > remaining:
+                raise InvalidArgument.one(
+                    "amount_micros", f"{amount} is more than the {remaining} that remains to refund"
+                )
+            refunded = conversion.refunded_micros + amount
+            full = amount == remaining
+            if refund_id:
+                await store.insert_refund(conn, campaign_id, order_id, refund_id, amount, reason)
+            if full:
+                await self._give_back(conn, conversion, campaign, reason=reason, consume_unique=True)
+                status: ConversionStatus = "reversed"
+                payout = 0
+            else:
+                status = conversion.status
+                payout = conversion.payout_micros
+                if campaign.payout_percent_bp:
+                    payout = coupon_rules.payout_micros(
+                        conversion.amount_micros - refunded, 0, campaign.payout_percent_bp
+                    )
+            await store.update_state(
+                conn, conversion.id, status=status, reasons=conversion.reasons, refunded_micros=refunded,
+                payout_micros=payout, released=full, needs_rescore=conversion.needs_rescore and not full,
+                fraud_score=conversion.fraud_score, hold_until=conversion.hold_until,
+            )
+            clawback = f"; payout {conversion.payout_micros} clawed back" if full and conversion.status == "approved" else ""
+            await store.insert_events(conn, [store.EventRow(conversion.id, ConversionEvent(
+                from_status=conversion.status, to_status=status, at=self.clock(), reason=reason,
+                actor="shop", note=f"refund {refund_id or '(full)'}{clawback}", amount_micros=amount,
+            ))])
+            REVERSED_TOTAL.labels("full" if full else "partial").inc()
+            return await self._reload(conn, conversion.id, campaign_id, order_id)
+
+    async def _give_back(
+        self, conn: asyncpg.Connection, conversion: Conversion, campaign: Campaign, *, reason: str,
+        consume_unique: bool,
+    ) -> None:
+        """Returns what the conversion holds, in lock order: customer use, click slot, code use.
+
+        A refunded UNIQUE code stays used unless the campaign reuses them
+        (``consume_unique``); a rejected sale always gives its use back.
+        """
+        coupon = (
+            await self._cache.coupon(conversion.campaign_id, conversion.coupon_code)
+            if conversion.coupon_code else None
+        )
+        key = (conversion.campaign_id, conversion.coupon_code or "")
+        if conversion.holds_customer_use and conversion.customer_id:
+            await redemptions.release_customer_use(conn, key, conversion.customer_id)
+        if conversion.holds_click_slot and conversion.click_id and conversion.click_created_at:
+            await store.release_click_slot(conn, conversion.click_id, conversion.click_created_at)
+        if conversion.holds_coupon_use:
+            keep = (
+                consume_unique and coupon is not None and coupon.kind == "unique"
+                and not campaign.reuse_unique_after_refund
+            )
+            if not keep:
+                await redemptions.lock_counters(conn, [key])
+                await redemptions.add_uses(conn, {key: -1})
+                await redemptions.release_ledger(conn, conversion.id, reason)
+
+    async def _reload(self, conn: asyncpg.Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:
+        conversion = await store.get_by_order(conn, campaign_id, order_id)
+        assert conversion is not None
+        return replace(conversion, history=tuple(await store.history(conn, conversion_id)))
+
+    # ------------------------------------------------------------ review
+
+    async def review(self, campaign_id: str, order_id: str, *, approve: bool, note: str) -> Conversion:
+        """A person's decision on a FLAGGED conversion."""
+        campaign = await self._campaign(campaign_id)
+        now = self.clock()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_orders(conn, [(campaign_id, order_id)])
+            conversion = await store.get_by_order(conn, campaign_id, order_id, for_update=True)
+            if conversion is None:
+                raise NotFound(f"order {order_id!r} of campaign {campaign_id!r} not found")
+            if conversion.status != "flagged":
+                raise FailedPrecondition(f"only a flagged conversion can be reviewed; this one is {conversion.status}")
+            if approve:
+                status: ConversionStatus = (
+                    "approved" if conversion.hold_until is None or conversion.hold_until <= now else "pending"
+                )
+                payout = conversion.payout_micros
+            else:
+                status = "rejected"
+                payout = 0
+                await self._give_back(conn, conversion, campaign, reason="review_rejected", consume_unique=False)
+            await store.update_state(
+                conn, conversion.id, status=status, reasons=conversion.reasons,
+                refunded_micros=conversion.refunded_micros, payout_micros=payout, released=not approve,
+                needs_rescore=False, fraud_score=conversion.fraud_score, hold_until=conversion.hold_until,
+            )
+            await store.insert_events(conn, [store.EventRow(conversion.id, ConversionEvent(
+                from_status="flagged", to_status=status, at=now,
+                reason="review_approved" if approve else "review_rejected", actor="reviewer", note=note,
+            ))])
+            return await self._reload(conn, conversion.id, campaign_id, order_id)
+
+    # ------------------------------------------------------------ approval
+
+    async def approve_due(self, limit: int = 500) -> int:
+        """Approves PENDING conversions whose hold has passed; safe on many replicas."""
+        now = self.clock()
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                due = await store.lock_due_pending(conn, now, limit)
+                if due:
+                    await lifecycle_store.set_status(conn, [c.id for c in due], "approved")
+                    await store.insert_events(conn, [
+                        store.EventRow(c.id, ConversionEvent(
+                            from_status="pending", to_status="approved", at=now, reason="hold_passed",
+                            actor="system",
+                        ))
+                        for c in due
+                    ])
+            oldest = await store.oldest_due_pending(conn, now)
+        APPROVED_TOTAL.inc(len(due))
+        APPROVAL_LAG_SECONDS.set((now - oldest).total_seconds() if oldest else 0.0)
+        return len(due)
+
+    # ------------------------------------------------------------ re-scoring
+
+    async def rescore(self, limit: int = 200) -> int:
+        """Checks again the conversions flagged only because fraud was unavailable."""
+        changed = 0
+        now = self.clock()
+        async with self._pool.acquire() as conn, conn.transaction():
+            candidates = await store.lock_rescore_candidates(conn, limit)
+            if not candidates:
+                return 0
+            requests = [await self._fraud_request(conn, c) for c in candidates]
+            verdicts = await self._fraud.check_conversions(requests)
+            for conversion, verdict in zip(candidates, verdicts, strict=True):
+                if verdict is None:
+                    RESCORED_TOTAL.labels("unavailable").inc()
+                    continue
+                changed += 1
+                reasons = [r for r in conversion.reasons if r != "fraud_unavailable"]
+                released = False
+                if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
+                    status: ConversionStatus = "rejected"
+                    reasons += fraud_reasons(verdict)
+                    campaign = await self._campaign(conversion.campaign_id)
+                    await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
+                    released = True
+                elif verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW or any(
+                    r in FLAGGING_REASONS for r in reasons
+                ):
+                    status = "flagged"
+                    reasons += fraud_reasons(verdict) if verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW else []
+                else:
+                    status = "approved" if conversion.hold_until and conversion.hold_until <= now else "pending"
+                RESCORED_TOTAL.labels(status).inc()
+                await store.update_state(
+                    conn, conversion.id, status=status, reasons=reasons,
+                    refunded_micros=conversion.refunded_micros,
+                    payout_micros=0 if released else conversion.payout_micros, released=released,
+                    needs_rescore=False, fraud_score=verdict.score, hold_until=conversion.hold_until,
+                )
+                await store.insert_events(conn, [store.EventRow(conversion.id, ConversionEvent(
+                    from_status="flagged", to_status=status, at=now, reason="rescored", actor="system",
+                    note=",".join(s.code for s in verdict.signals),
+                ))])
+        return changed
+
+    async def _fraud_request(self, conn: asyncpg.Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
+        request = c.request
+        coupon = await self._cache.coupon(c.campaign_id, c.coupon_code) if c.coupon_code else None
+        message = fraud_pb2.CheckConversionRequest(
+            order_id=c.order_id, campaign_id=c.campaign_id, affiliate_id=c.affiliate_id or "",
+            click_id=c.click_id or "", coupon_code=c.coupon_code or "",
+            coupon_kind=_FRAUD_KIND[coupon.kind] if coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
+            customer_id=c.customer_id or "", ip=str(request.get("ip") or ""),
+            user_agent=str(request.get("user_agent") or ""),
+            occurred_at=to_timestamp(c.occurred_at), received_at=to_timestamp(c.received_at),
+        )
+        if c.click_id and c.click_created_at:
+            clicks = await store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])
+            if c.click_id in clicks:
+                message.click_time.CopyFrom(to_timestamp(clicks[c.click_id].occurred_at))
+        return message
+
+    # ------------------------------------------------------------ leak response
+
+    async def hold_leaked_code(self, campaign_id: str, code: str, detail: str) -> bool:
+        """Puts an ACTIVE UNIQUE code on HOLD; True when it changed."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            changed = await lifecycle_store.hold_unique_code(conn, campaign_id, code, detail)
+        if changed:
+            LEAK_HOLDS_TOTAL.inc()
+            logger.warning("code %s of campaign %s put on HOLD after a leak alert", code, campaign_id)
+        return changed
+
+
+async def run_periodically(name: str, interval_seconds: float, step: Callable[[], Awaitable[object]]) -> None:
+    """Runs ``step`` every interval, forever, surviving its failures."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s failed; retrying in %.0fs", name, interval_seconds)
+        await asyncio.sleep(interval_seconds)
+
+
+async def follow_alerts(
+    lifecycle: Lifecycle,
+    pool: asyncpg.Pool,
+    channel: grpc.aio.Channel,
+    internal_token: str | None,
+    *,
+    reconnect_seconds: float = 2.0,
+) -> None:
+    """Follows the fraud service's alert stream, resuming after the stored cursor."""
+    stub = fraud_pb2_grpc.FraudServiceStub(channel)
+    while True:
+        try:
+            after_id = await lifecycle_store.get_alert_cursor(pool, ALERT_CURSOR)
+            stream = stub.WatchAlerts(
+                fraud_pb2.WatchAlertsRequest(after_id=after_id or ""), metadata=bearer_metadata(internal_token)
+            )
+            async for alert in stream:
+                if alert.kind == fraud_pb2.ALERT_KIND_CODE_LEAK and alert.coupon_code:
+                    await lifecycle.hold_leaked_code(
+                        alert.campaign_id, coupon_rules.normalize_code(alert.coupon_code), alert.detail
+                    )
+                # A CODE_SPIKE never freezes a code: the fraud service sends
+                # its conversions to review instead.
+                await lifecycle_store.set_alert_cursor(pool, ALERT_CURSOR, alert.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.info("alert stream interrupted (%s); reconnecting", type(error).__name__)
+        await asyncio.sleep(reconnect_seconds)

@@ -1,0 +1,284 @@
+"""SQL of conversions: order locks, reads, batched writes, history, queues."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.attribution.judgment import ClickInfo
+from services.attribution.models import Conversion, ConversionEvent
+
+OrderKey = tuple[str, str]  # (campaign_id, order_id)
+
+CONVERSION_COLUMNS = """id, campaign_id, order_id, fingerprint, status, reasons, affiliate_id, source,
+    click_id, click_created_at, coupon_code, customer_id, amount_micros, discount_micros,
+    refunded_micros, currency, payout_micros, hold_until, coupon_remaining, fraud_score,
+    needs_rescore, holds_coupon_use, holds_customer_use, holds_click_slot, received_at, occurred_at, request"""
+
+
+def conversion_from_row(row: asyncpg.Record, history: Sequence[ConversionEvent] = ()) -> Conversion:
+    values: dict[str, Any] = dict(row)
+    values["reasons"] = tuple(values["reasons"] or ())
+    values["fingerprint"] = bytes(values["fingerprint"])
+    request = values["request"]
+    values["request"] = json.loads(request) if isinstance(request, str) else dict(request or {})
+    return Conversion(**values, history=tuple(history))
+
+
+def _order_lock_keys(keys: Sequence[OrderKey]) -> list[str]:
+    return sorted({f"{campaign_id}\x1f{order_id}" for campaign_id, order_id in keys})
+
+
+async def lock_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> None:
+    """Serializes concurrent copies of the same orders, on every replica.
+
+    Transaction-scoped advisory locks, taken in a fixed order so two batches
+    that share orders cannot deadlock; they are released at commit.
+    """
+    await conn.execute(
+        """SELECT pg_advisory_xact_lock(h)
+             FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) s""",
+        _order_lock_keys(keys),
+    )
+
+
+async def fetch_by_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> dict[OrderKey, Conversion]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        f"""SELECT {CONVERSION_COLUMNS} FROM conversions c
+             JOIN unnest($1::text[], $2::text[]) AS k(campaign_id, order_id)
+               USING (campaign_id, order_id)""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(r["campaign_id"], r["order_id"]): conversion_from_row(r) for r in rows}
+
+
+async def get_by_order(
+    conn: asyncpg.Connection | asyncpg.Pool, campaign_id: str, order_id: str, *, for_update: bool = False
+) -> Conversion | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(
+        f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE campaign_id = $1 AND order_id = $2{lock}",
+        campaign_id,
+        order_id,
+    )
+    return conversion_from_row(row) if row else None
+
+
+async def fetch_clicks(
+    conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
+) -> dict[str, ClickInfo]:
+    """The clicks named by postbacks; the time in each id selects one partition."""
+    if not clicks:
+        return {}
+    rows = await conn.fetch(
+        """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
+                  c.decision, c.conversions
+             FROM clicks c
+             JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
+               ON c.click_id = k.click_id AND c.created_at = k.created_at""",
+        [c[0] for c in clicks],
+        [c[1] for c in clicks],
+    )
+    return {r["click_id"]: ClickInfo(**dict(r)) for r in rows}
+
+
+async def take_click_slot(conn: asyncpg.Connection, click: ClickInfo, max_per_click: int) -> bool:
+    """One more live conversion through the click, if under the campaign's limit (0: none)."""
+    status = await conn.execute(
+        """UPDATE clicks SET conversions = conversions + 1
+            WHERE click_id = $1 AND created_at = $2 AND ($3 = 0 OR conversions < $3)""",
+        click.click_id,
+        click.created_at,
+        max_per_click,
+    )
+    return bool(status == "UPDATE 1")
+
+
+async def release_click_slot(conn: asyncpg.Connection, click_id: str, created_at: datetime) -> None:
+    await conn.execute(
+        """UPDATE clicks SET conversions = conversions - 1
+            WHERE click_id = $1 AND created_at = $2 AND conversions > 0""",
+        click_id,
+        created_at,
+    )
+
+
+_INSERT_COLUMNS = [
+    "id", "campaign_id", "order_id", "fingerprint", "status", "reasons", "affiliate_id", "source",
+    "click_id", "click_created_at", "coupon_code", "customer_id", "amount_micros", "discount_micros",
+    "refunded_micros", "currency", "payout_micros", "hold_until", "coupon_remaining", "fraud_score",
+    "needs_rescore", "holds_coupon_use", "holds_customer_use", "holds_click_slot", "received_at", "occurred_at", "request",
+]
+
+
+def _record(c: Conversion) -> tuple[Any, ...]:
+    return (
+        c.id, c.campaign_id, c.order_id, c.fingerprint, c.status, list(c.reasons), c.affiliate_id,
+        c.source, c.click_id, c.click_created_at, c.coupon_code, c.customer_id, c.amount_micros,
+        c.discount_micros, c.refunded_micros, c.currency, c.payout_micros, c.hold_until,
+        c.coupon_remaining, c.fraud_score, c.needs_rescore, c.holds_coupon_use, c.holds_customer_use, c.holds_click_slot, c.received_at,
+        c.occurred_at, json.dumps(c.request),
+    )
+
+
+async def insert_conversions(conn: asyncpg.Connection, conversions: Sequence[Conversion]) -> None:
+    """Many new conversions in one COPY (their orders are locked and known to be new)."""
+    if conversions:
+        await conn.copy_records_to_table(
+            "conversions", records=[_record(c) for c in conversions], columns=_INSERT_COLUMNS
+        )
+
+
+async def replace_conversion(conn: asyncpg.Connection, c: Conversion) -> None:
+    """A re-judged order: the row takes the new outcome; its history keeps the old one."""
+    assignments = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(_INSERT_COLUMNS[3:]))
+    await conn.execute(
+        f"UPDATE conversions SET {assignments}, updated_at = now() WHERE id = $1",
+        c.id,
+        *_record(c)[3:],
+    )
+
+
+@dataclass(frozen=True)
+class EventRow:
+    conversion_id: str
+    event: ConversionEvent
+
+
+async def insert_events(conn: asyncpg.Connection, events: Sequence[EventRow]) -> None:
+    if events:
+        await conn.copy_records_to_table(
+            "conversion_events",
+            records=[
+                (e.conversion_id, e.event.at, e.event.from_status, e.event.to_status, e.event.reason,
+                 e.event.actor, e.event.note, e.event.amount_micros)
+                for e in events
+            ],
+            columns=["conversion_id", "at", "from_status", "to_status", "reason", "actor", "note",
+                     "amount_micros"],
+        )
+
+
+async def history(conn: asyncpg.Connection | asyncpg.Pool, conversion_id: str) -> list[ConversionEvent]:
+    rows = await conn.fetch(
+        """SELECT from_status, to_status, at, reason, actor, note, amount_micros
+             FROM conversion_events WHERE conversion_id = $1 ORDER BY id""",
+        conversion_id,
+    )
+    return [ConversionEvent(**dict(r)) for r in rows]
+
+
+async def update_state(
+    conn: asyncpg.Connection,
+    conversion_id: str,
+    *,
+    status: str,
+    reasons: Sequence[str],
+    refunded_micros: int,
+    payout_micros: int,
+    released: bool,
+    needs_rescore: bool,
+    fraud_score: int,
+    hold_until: datetime | None,
+) -> None:
+    await conn.execute(
+        """UPDATE conversions
+              SET status = $2, reasons = $3, refunded_micros = $4, payout_micros = $5,
+                  holds_coupon_use = holds_coupon_use AND NOT $6,
+                  holds_customer_use = holds_customer_use AND NOT $6,
+                  holds_click_slot = holds_click_slot AND NOT $6,
+                  needs_rescore = $7, fraud_score = $8, hold_until = $9,
+                  updated_at = now()
+            WHERE id = $1""",
+        conversion_id, status, list(reasons), refunded_micros, payout_micros, released,
+        needs_rescore, fraud_score, hold_until,
+    )
+
+
+async def list_conversions(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    campaign_id: str,
+    status: str | None,
+    affiliate_id: str | None,
+    received_from: datetime | None,
+    received_to: datetime | None,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[Conversion]:
+    """Newest first, keyset-paged on (received_at, id)."""
+    rows = await conn.fetch(
+        f"""SELECT {CONVERSION_COLUMNS} FROM conversions
+             WHERE campaign_id = $1
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::text IS NULL OR affiliate_id = $3)
+               AND ($4::timestamptz IS NULL OR received_at >= $4)
+               AND ($5::timestamptz IS NULL OR received_at < $5)
+               AND ($6::timestamptz IS NULL OR (received_at, id) < ($6, $7))
+             ORDER BY received_at DESC, id DESC
+             LIMIT $8""",
+        campaign_id, status, affiliate_id, received_from, received_to,
+        after[0] if after else None, after[1] if after else "", limit,
+    )
+    return [conversion_from_row(r) for r in rows]
+
+
+async def refund_exists(
+    conn: asyncpg.Connection, campaign_id: str, order_id: str, refund_id: str
+) -> int | None:
+    """The amount of an earlier refund with this id, or None."""
+    value = await conn.fetchval(
+        "SELECT amount_micros FROM refunds WHERE campaign_id = $1 AND order_id = $2 AND refund_id = $3",
+        campaign_id, order_id, refund_id,
+    )
+    return int(value) if value is not None else None
+
+
+async def insert_refund(
+    conn: asyncpg.Connection, campaign_id: str, order_id: str, refund_id: str, amount_micros: int, reason: str
+) -> None:
+    await conn.execute(
+        """INSERT INTO refunds (campaign_id, order_id, refund_id, amount_micros, reason)
+           VALUES ($1, $2, $3, $4, $5)""",
+        campaign_id, order_id, refund_id, amount_micros, reason,
+    )
+
+
+async def lock_due_pending(conn: asyncpg.Connection, now: datetime, limit: int) -> list[Conversion]:
+    """PENDING conversions whose hold has passed, locked so each is approved once across replicas."""
+    rows = await conn.fetch(
+        f"""SELECT {CONVERSION_COLUMNS} FROM conversions
+             WHERE status = 'pending' AND hold_until <= $1
+             ORDER BY hold_until
+             LIMIT $2
+               FOR UPDATE SKIP LOCKED""",
+        now, limit,
+    )
+    return [conversion_from_row(r) for r in rows]
+
+
+async def oldest_due_pending(conn: asyncpg.Connection | asyncpg.Pool, now: datetime) -> datetime | None:
+    value = await conn.fetchval(
+        "SELECT min(hold_until) FROM conversions WHERE status = 'pending' AND hold_until <= $1", now
+    )
+    return value if isinstance(value, datetime) else None
+
+
+async def lock_rescore_candidates(conn: asyncpg.Connection, limit: int) -> list[Conversion]:
+    rows = await conn.fetch(
+        f"""SELECT {CONVERSION_COLUMNS} FROM conversions
+             WHERE needs_rescore AND status = 'flagged'
+             ORDER BY received_at
+             LIMIT $1
+               FOR UPDATE SKIP LOCKED""",
+        limit,
+    )
+    return [conversion_from_row(r) for r in rows]

@@ -1,0 +1,122 @@
+"""One check, end to end: lists and user agent in memory, counters in Redis, rules in domain.
+
+The servicer translates protos into the domain's events and hands them here;
+a batch is one Redis round trip whatever its size. Alerts the counters raise
+are written to the stream after the verdicts are known; a failure to write
+one is logged and never fails the check that raised it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from services.common.errors import Unavailable
+from services.fraud import domain, metrics
+from services.fraud.bots import BotDetector
+from services.fraud.ipintel import NOT_LISTED, IpIntelHolder
+from services.fraud.store import Alert, FraudStore
+
+logger = logging.getLogger(__name__)
+
+_ACTION_LABELS = {action: action.name.lower() for action in domain.Action}
+_ALERT_LABELS = {1: "code_leak", 2: "code_spike", 3: "affiliate_burst", 4: "rule_surge"}
+
+
+class FraudEngine:
+    def __init__(
+        self,
+        rules: domain.Rules,
+        store: FraudStore,
+        intel: IpIntelHolder,
+        bots: BotDetector,
+    ) -> None:
+        self.rules = rules
+        self.store = store
+        self.intel = intel
+        self.bots = bots
+        self._signal_counts: Counter[str] = Counter()
+
+    async def check_clicks(self, events: Sequence[domain.ClickEvent], mode: str) -> list[domain.Verdict]:
+        with metrics.CHECK_SECONDS.labels("click", mode).time():
+            try:
+                counters, alerts = await self.store.count_clicks(events)
+            except Unavailable:
+                metrics.REDIS_ERRORS_TOTAL.inc()
+                raise
+            intel = self.intel.current
+            verdicts = []
+            for event, counted in zip(events, counters, strict=True):
+                ua = self.bots.classify(event.user_agent)
+                ip_info = intel.lookup(event.ip) if event.ip else NOT_LISTED
+                spoof = self.bots.is_spoof(ua, event.ip)
+                verdicts.append(domain.click_verdict(event, counted, ip_info, ua, spoof, self.rules))
+            self._record("click", verdicts)
+            await self._raise_alerts(alerts)
+        return verdicts
+
+    async def check_conversions(
+        self, events: Sequence[domain.ConversionEvent], mode: str
+    ) -> list[domain.Verdict]:
+        with metrics.CHECK_SECONDS.labels("conversion", mode).time():
+            try:
+                counters, alerts = await self.store.count_conversions(events)
+            except Unavailable:
+                metrics.REDIS_ERRORS_TOTAL.inc()
+                raise
+            intel = self.intel.current
+            verdicts = []
+            for event, counted in zip(events, counters, strict=True):
+                ua = self.bots.classify(event.user_agent)
+                ip_info = intel.lookup(event.ip) if event.ip else NOT_LISTED
+                spoof = self.bots.is_spoof(ua, event.ip)
+                verdicts.append(domain.conversion_verdict(event, counted, ip_info, ua, spoof, self.rules))
+            self._record("conversion", verdicts)
+            await self._raise_alerts(alerts)
+        return verdicts
+
+    def _record(self, event: str, verdicts: Sequence[domain.Verdict]) -> None:
+        actions = Counter(v.action for v in verdicts)
+        for action, count in actions.items():
+            metrics.VERDICTS_TOTAL.labels(event, _ACTION_LABELS[action]).inc(count)
+        codes = Counter(s.code for v in verdicts for s in v.signals)
+        for code, count in codes.items():
+            metrics.SIGNALS_TOTAL.labels(code).inc(count)
+        self._signal_counts.update(codes)
+
+    async def _raise_alerts(self, alerts: Sequence[Alert]) -> None:
+        if not alerts:
+            return
+        try:
+            await self.store.add_alerts(alerts)
+        except Unavailable:
+            logger.error("could not write %d fraud alerts to the stream", len(alerts))
+            return
+        for alert in alerts:
+            metrics.ALERTS_TOTAL.labels(_ALERT_LABELS.get(alert.kind, "unknown")).inc()
+            logger.warning("fraud alert: %s", alert.detail)
+
+    async def flush_signal_counts(self) -> None:
+        """Feeds the period's signal counts to the surge detector (RULE_SURGE alerts)."""
+        counts, self._signal_counts = dict(self._signal_counts), Counter()
+        if not counts:
+            return
+        try:
+            alerts = await self.store.count_signals(counts, datetime.now(UTC))
+        except Unavailable:
+            return
+        await self._raise_alerts(alerts)
+
+    async def run_surge_monitor(self, period_seconds: float) -> None:
+        # One small pipeline per period and replica, rather than per check:
+        # surges are judged over minutes, so batching costs no accuracy.
+        while True:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.flush_signal_counts()
+            await asyncio.sleep(max(0.0, period_seconds - (time.monotonic() - started)))

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the fraud service (module-level, low-cardinality labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SIGNALS_TOTAL = Counter(
+    "ascribe_fraud_signals_total",
+    "Fraud signals raised, by signal code.",
+    ["code"],
+)
+VERDICTS_TOTAL = Counter(
+    "ascribe_fraud_verdicts_total",
+    "Verdicts given, by event kind (click, conversion) and action.",
+    ["event", "action"],
+)
+CHECK_SECONDS = Histogram(
+    "ascribe_fraud_check_seconds",
+    "Time to check one call's events (a single check or a whole batch), Redis included.",
+    ["event", "mode"],
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+BATCH_SIZE = Histogram(
+    "ascribe_fraud_batch_size",
+    "Events per batch RPC.",
+    ["event"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+ALERTS_TOTAL = Counter(
+    "ascribe_fraud_alerts_total",
+    "Alerts written to the alert stream, by kind.",
+    ["kind"],
+)
+REDIS_ERRORS_TOTAL = Counter(
+    "ascribe_fraud_redis_errors_total",
+    "Checks that failed because Redis was unavailable.",
+)
+IPINTEL_ENTRIES = Gauge(
+    "ascribe_fraud_ipintel_entries",
+    "Entries loaded per IP list (0: the list is missing and its signal off).",
+    ["list"],
+)
+IPINTEL_RELOADS_TOTAL = Counter(
+    "ascribe_fraud_ipintel_reloads_total",
+    "Reloads of the IP lists (SIGHUP).",
+)

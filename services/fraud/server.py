@@ -1,0 +1,156 @@
+"""Builds and runs the fraud service: Redis clients, lists, engine, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import redis.asyncio as aioredis
+from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from services.common.errors import Unavailable
+from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
+from services.fraud import metrics
+from services.fraud.bots import BotDetector
+from services.fraud.config import Settings
+from services.fraud.engine import FraudEngine
+from services.fraud.ipintel import IpIntel, IpIntelHolder, IpList
+from services.fraud.servicer import FraudServicer
+from services.fraud.store import Alert, FraudStore
+
+logger = logging.getLogger(__name__)
+
+FRAUD_SERVICE = f"{fraud_pb2.DESCRIPTOR.package}.FraudService"
+
+
+def required_tokens(settings: Settings) -> dict[str, str | None]:
+    """Every FraudService RPC needs the internal token (when one is set)."""
+    service = fraud_pb2.DESCRIPTOR.services_by_name["FraudService"]
+    return {f"/{FRAUD_SERVICE}/{method.name}": settings.internal_token for method in service.methods}
+
+
+def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> aioredis.Redis:
+    """A client whose every call is bounded: a hung Redis costs a timeout, a dead one fails at once.
+
+    One retry without backoff lets a pooled connection that died with a
+    restarted Redis be replaced transparently, which is how the service
+    recovers by itself.
+    """
+    timeout = (settings.redis_timeout_ms + extra_timeout_ms) / 1000
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=settings.redis_timeout_ms / 1000,
+        retry=Retry(NoBackoff(), 1),
+        max_connections=settings.redis_max_connections,
+        health_check_interval=30,
+    )
+
+
+def _publish_intel_metrics(intel: IpIntel) -> None:
+    for kind in IpList:
+        metrics.IPINTEL_ENTRIES.labels(kind.value).set(intel.counts.get(kind, 0))
+
+
+@dataclass
+class FraudService:
+    settings: Settings
+    server: RunningServer
+    engine: FraudEngine
+    servicer: FraudServicer
+    redis: aioredis.Redis
+    watch_redis: aioredis.Redis
+    intel: IpIntelHolder
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _sighup_installed: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def reload_ipintel(self) -> None:
+        intel = await asyncio.to_thread(self.intel.reload)
+        metrics.IPINTEL_RELOADS_TOTAL.inc()
+        _publish_intel_metrics(intel)
+
+    async def stop(self, grace_seconds: float = 4.0) -> None:
+        if self._sighup_installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        self.servicer.stopping.set()
+        await self.server.stop(grace_seconds)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.engine.flush_signal_counts()
+        await self.redis.aclose()
+        await self.watch_redis.aclose()
+
+
+async def start_fraud(settings: Settings, *, handle_sighup: bool = True) -> FraudService:
+    """Starts the service; a Redis that is down at start-up is tolerated (checks answer UNAVAILABLE)."""
+    intel = await asyncio.to_thread(IpIntelHolder, settings.ipintel_dir)
+    _publish_intel_metrics(intel.current)
+    bots = await asyncio.to_thread(BotDetector)
+    client = redis_client(settings)
+    # WatchAlerts blocks on XREAD for up to watch_block_ms: its socket
+    # timeout must outlast the block, and it must not hold a checking
+    # connection while it waits.
+    watch_client = redis_client(settings, extra_timeout_ms=settings.watch_block_ms)
+    store = FraudStore(client, settings.store)
+    try:
+        await store.load_scripts()
+    except Unavailable:
+        logger.error("Redis at start-up is unavailable; checks answer UNAVAILABLE until it is back")
+    engine = FraudEngine(settings.rules, store, intel, bots)
+
+    async def read_alerts(after_id: str, block_ms: int) -> list[Alert]:
+        return await store.read_alerts(after_id, block_ms, client=watch_client)
+
+    async def watch_start() -> str:
+        return await store.last_alert_id(client=watch_client)
+
+    servicer = FraudServicer(
+        engine,
+        max_batch=settings.max_batch,
+        max_future_seconds=settings.max_future_seconds,
+        watch_block_ms=settings.watch_block_ms,
+        watch_reader=read_alerts,
+        watch_start=watch_start,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        fraud_pb2_grpc.add_FraudServiceServicer_to_server(servicer, server)
+
+    running = await start_server(
+        name="fraud",
+        addr=settings.addr,
+        service_names=[FRAUD_SERVICE],
+        register=register,
+        interceptor=ServerInterceptor(required_tokens(settings)),
+    )
+    service = FraudService(
+        settings=settings,
+        server=running,
+        engine=engine,
+        servicer=servicer,
+        redis=client,
+        watch_redis=watch_client,
+        intel=intel,
+    )
+    service.tasks.append(asyncio.create_task(engine.run_surge_monitor(settings.surge_flush_seconds)))
+    if handle_sighup:
+        try:
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: service.tasks.append(asyncio.create_task(service.reload_ipintel()))
+            )
+            service._sighup_installed = True
+        except (NotImplementedError, RuntimeError, ValueError):
+            logger.warning("SIGHUP reload of the IP lists is not available here")
+    return service

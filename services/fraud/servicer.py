@@ -1,0 +1,212 @@
+"""FraudService RPCs: proto <-> domain translation and input validation only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ascribe.fraud.v1 import fraud_pb2 as pb
+from ascribe.fraud.v1 import fraud_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.errors import InvalidArgument, Violations
+from services.fraud import domain
+from services.fraud.engine import FraudEngine
+from services.fraud.ipintel import normalize_ip
+from services.fraud.store import Alert, valid_stream_id
+
+Context = Any  # grpc.aio.ServicerContext; only WatchAlerts looks at it
+
+MAX_ID_LENGTH = 256
+MAX_CODE_LENGTH = 64
+MAX_USER_AGENT_LENGTH = 2048
+MAX_IP_LENGTH = 64
+_KIND_BY_NUMBER = {kind.value: kind for kind in domain.CouponKind}
+
+
+class _Reader:
+    """Validates one request's fields, naming them as ``requests[3].ip`` inside a batch."""
+
+    def __init__(self, violations: Violations, prefix: str, now: datetime, max_future: timedelta) -> None:
+        self.violations = violations
+        self.prefix = prefix
+        self.now = now
+        self.latest = now + max_future
+
+    def text(self, field: str, value: str, limit: int, *, required: bool = False) -> str:
+        if len(value) > limit:
+            self.violations.add(self.prefix + field, f"longer than {limit} characters")
+        elif required and not value:
+            self.violations.add(self.prefix + field, "is required")
+        elif any(ch < " " for ch in value):
+            self.violations.add(self.prefix + field, "contains control characters")
+        return value
+
+    def ip(self, field: str, value: str) -> str:
+        if not value:
+            return ""
+        if len(value) > MAX_IP_LENGTH:
+            self.violations.add(self.prefix + field, f"longer than {MAX_IP_LENGTH} characters")
+            return ""
+        canonical = normalize_ip(value.strip())
+        if canonical is None:
+            self.violations.add(self.prefix + field, f"not an IP address: {value[:MAX_IP_LENGTH]!r}")
+            return ""
+        return canonical
+
+    def time(self, field: str, message: Any, has: bool) -> datetime | None:
+        if not has:
+            return None
+        stamp: Timestamp = message
+        try:
+            value = stamp.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            self.violations.add(self.prefix + field, "not a valid timestamp")
+            return None
+        if value > self.latest:
+            self.violations.add(self.prefix + field, "is in the future")
+            return None
+        return value
+
+
+def _click_event(request: pb.CheckClickRequest, read: _Reader) -> domain.ClickEvent:
+    return domain.ClickEvent(
+        click_id=read.text("click_id", request.click_id, MAX_ID_LENGTH),
+        external_click_id=read.text("external_click_id", request.external_click_id, MAX_ID_LENGTH),
+        campaign_id=read.text("campaign_id", request.campaign_id, MAX_ID_LENGTH, required=True),
+        affiliate_id=read.text("affiliate_id", request.affiliate_id, MAX_ID_LENGTH),
+        coupon_code=read.text("coupon_code", request.coupon_code, MAX_CODE_LENGTH).upper(),
+        ip=read.ip("ip", request.ip),
+        user_agent=read.text("user_agent", request.user_agent, MAX_USER_AGENT_LENGTH),
+        occurred_at=read.time("occurred_at", request.occurred_at, request.HasField("occurred_at")) or read.now,
+    )
+
+
+def _conversion_event(request: pb.CheckConversionRequest, read: _Reader) -> domain.ConversionEvent:
+    kind = _KIND_BY_NUMBER.get(request.coupon_kind)
+    if kind is None:
+        read.violations.add(read.prefix + "coupon_kind", f"unknown coupon kind {request.coupon_kind}")
+        kind = domain.CouponKind.NONE
+    received_at = read.time("received_at", request.received_at, request.HasField("received_at")) or read.now
+    occurred_at = read.time("occurred_at", request.occurred_at, request.HasField("occurred_at")) or received_at
+    return domain.ConversionEvent(
+        order_id=read.text("order_id", request.order_id, MAX_ID_LENGTH),
+        campaign_id=read.text("campaign_id", request.campaign_id, MAX_ID_LENGTH, required=True),
+        affiliate_id=read.text("affiliate_id", request.affiliate_id, MAX_ID_LENGTH),
+        click_id=read.text("click_id", request.click_id, MAX_ID_LENGTH),
+        click_time=read.time("click_time", request.click_time, request.HasField("click_time")),
+        coupon_code=read.text("coupon_code", request.coupon_code, MAX_CODE_LENGTH).upper(),
+        coupon_kind=kind,
+        customer_id=read.text("customer_id", request.customer_id, MAX_ID_LENGTH),
+        ip=read.ip("ip", request.ip),
+        user_agent=read.text("user_agent", request.user_agent, MAX_USER_AGENT_LENGTH),
+        occurred_at=occurred_at,
+        received_at=received_at,
+    )
+
+
+def _verdict_proto(verdict: domain.Verdict) -> pb.Verdict:
+    return pb.Verdict(
+        action=pb.VerdictAction.ValueType(verdict.action.value),
+        score=verdict.score,
+        signals=[pb.Signal(code=s.code, detail=s.detail, weight=s.weight) for s in verdict.signals],
+    )
+
+
+def _alert_proto(alert: Alert) -> pb.Alert:
+    message = pb.Alert(
+        id=alert.id,
+        kind=pb.AlertKind.ValueType(alert.kind),
+        campaign_id=alert.campaign_id,
+        coupon_code=alert.coupon_code,
+        affiliate_id=alert.affiliate_id,
+        ip=alert.ip,
+        detail=alert.detail,
+    )
+    if alert.at is not None:
+        message.at.FromDatetime(alert.at)
+    return message
+
+
+class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
+    def __init__(
+        self,
+        engine: FraudEngine,
+        *,
+        max_batch: int,
+        max_future_seconds: int,
+        watch_block_ms: int,
+        watch_reader: Callable[[str, int], Any],
+        watch_start: Callable[[], Any],
+    ) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._max_future = timedelta(seconds=max_future_seconds)
+        self._watch_block_ms = watch_block_ms
+        self._watch_reader = watch_reader
+        self._watch_start = watch_start
+        self.stopping = asyncio.Event()
+
+    def _reader(self, violations: Violations, prefix: str = "") -> _Reader:
+        return _Reader(violations, prefix, datetime.now(UTC), self._max_future)
+
+    def _check_batch_size(self, size: int) -> None:
+        if size > self._max_batch:
+            raise InvalidArgument.one("requests", f"at most {self._max_batch} requests per batch, got {size}")
+
+    async def CheckClick(self, request: pb.CheckClickRequest, context: Context) -> pb.Verdict:
+        violations = Violations()
+        event = _click_event(request, self._reader(violations))
+        violations.raise_if_any()
+        (verdict,) = await self._engine.check_clicks([event], "single")
+        return _verdict_proto(verdict)
+
+    async def CheckClickBatch(self, request: pb.CheckClickBatchRequest, context: Context) -> pb.VerdictBatch:
+        self._check_batch_size(len(request.requests))
+        violations = Violations()
+        reader = self._reader(violations)
+        events = []
+        for index, item in enumerate(request.requests):
+            reader.prefix = f"requests[{index}]."
+            events.append(_click_event(item, reader))
+        violations.raise_if_any()
+        verdicts = await self._engine.check_clicks(events, "batch") if events else []
+        return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
+
+    async def CheckConversion(self, request: pb.CheckConversionRequest, context: Context) -> pb.Verdict:
+        violations = Violations()
+        event = _conversion_event(request, self._reader(violations))
+        violations.raise_if_any()
+        (verdict,) = await self._engine.check_conversions([event], "single")
+        return _verdict_proto(verdict)
+
+    async def CheckConversionBatch(
+        self, request: pb.CheckConversionBatchRequest, context: Context
+    ) -> pb.VerdictBatch:
+        self._check_batch_size(len(request.requests))
+        violations = Violations()
+        reader = self._reader(violations)
+        events = []
+        for index, item in enumerate(request.requests):
+            reader.prefix = f"requests[{index}]."
+            events.append(_conversion_event(item, reader))
+        violations.raise_if_any()
+        verdicts = await self._engine.check_conversions(events, "batch") if events else []
+        return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
+
+    async def WatchAlerts(self, request: pb.WatchAlertsRequest, context: Context) -> AsyncIterator[pb.Alert]:
+        after = request.after_id.strip()
+        if after and not valid_stream_id(after):
+            raise InvalidArgument.one("after_id", f"not an alert id: {after[:40]!r}")
+        # Empty means "only new alerts": pin the current end of the stream now,
+        # so nothing written between two reads is missed.
+        last = after or await self._watch_start()
+        while not self.stopping.is_set():
+            # The bounded block keeps shutdown prompt: the loop looks at
+            # ``stopping`` at least once per block.
+            alerts: list[Alert] = await self._watch_reader(last, self._watch_block_ms)
+            for alert in alerts:
+                last = alert.id
+                yield _alert_proto(alert)

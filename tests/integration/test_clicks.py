@@ -1,0 +1,533 @@
+"""Click tracking against the real attribution service, PostgreSQL and fraud service.
+
+Each test starts the attribution service in-process on port 0 over its own
+fresh database, seeds the catalog with SQL, and drives TrackingService over
+gRPC. The fraud service is the real one when it is importable; the cases
+about a fraud service that is down point the attribution service at a port
+nobody listens on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from ascribe.attribution.v1 import attribution_pb2_grpc
+from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from prometheus_client import REGISTRY
+
+from services.attribution.config import Settings
+from services.attribution.ids import click_created_at, new_click_id
+from services.attribution.server import AttributionService, start_attribution
+from services.attribution.store.clicks import release_click_slot, take_click_slot
+
+ACCEPTED = pb.CLICK_DECISION_ACCEPTED
+FLAGGED = pb.CLICK_DECISION_FLAGGED
+REJECTED = pb.CLICK_DECISION_REJECTED
+LANDING = "https://shop.example/summer?utm_source=affiliate&click_id=STALE&q=a%20b"
+DEADLINE_MS = 50
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def attribution_settings(database_url: str, fraud_addr: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        addr="127.0.0.1:0",
+        fraud_addr=fraud_addr,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        admin_token=None,
+        internal_token=None,
+        fraud_deadline_ms=DEADLINE_MS,
+        db_pool_min=2,
+        db_pool_max=10,
+        db_statement_timeout_ms=5000,
+        background_jobs=False,
+        auto_hold_leaked_codes=False,
+    )
+
+
+# ---------------------------------------------------------------- the fraud service
+
+
+@dataclass
+class RunningFraud:
+    addr: str
+    stop: Callable[[], Awaitable[None]]
+
+
+async def start_real_fraud(redis_url: str, redis_prefix: str, ipintel_dir: Path, port: int = 0) -> RunningFraud:
+    """The real fraud service, in-process; skips the test until it exists."""
+    try:
+        from services.fraud import config as fraud_config
+        from services.fraud.server import start_fraud
+    except ImportError:
+        pytest.skip("services/fraud is not there yet: the fraud-backed cases wait for it")
+    settings_type: Any = fraud_config.Settings
+    fields = set(getattr(settings_type, "__dataclass_fields__", {}))
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "addr": f"127.0.0.1:{port}",
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
+        "internal_token": None,
+        "key_prefix": redis_prefix,
+        "redis_prefix": redis_prefix,
+        "ipintel_dir": ipintel_dir,
+    }
+    settings = settings_type(**{k: v for k, v in values.items() if k in fields})
+    service = await start_fraud(settings)
+    return RunningFraud(addr=f"127.0.0.1:{service.port}", stop=service.stop)
+
+
+@pytest.fixture
+async def fraud(redis_server_url: str, redis_prefix: str, ipintel_dir: Path) -> AsyncIterator[RunningFraud]:
+    running = await start_real_fraud(redis_server_url, redis_prefix, ipintel_dir)
+    yield running
+    await running.stop()
+
+
+class SlowFraud(fraud_pb2_grpc.FraudServiceServicer):
+    """A fraud service that answers after the deadline (the real one is never that slow on demand)."""
+
+    async def CheckClickBatch(self, request: Any, context: Any) -> fraud_pb2.VerdictBatch:
+        await asyncio.sleep(1.0)
+        allow = fraud_pb2.Verdict(action=fraud_pb2.VERDICT_ACTION_ALLOW)
+        return fraud_pb2.VerdictBatch(verdicts=[allow for _ in request.requests])
+
+
+# ---------------------------------------------------------------- the attribution service
+
+
+@dataclass
+class Harness:
+    service: AttributionService
+    channel: grpc.aio.Channel
+    tracking: attribution_pb2_grpc.TrackingServiceStub
+    db: asyncpg.Connection
+
+    async def click(self, **fields: Any) -> pb.RecordClickResponse:
+        return await self.tracking.RecordClick(pb.RecordClickRequest(**fields), timeout=10)
+
+    async def get(self, click_id: str) -> pb.Click:
+        return await self.tracking.GetClick(pb.GetClickRequest(click_id=click_id), timeout=10)
+
+    async def rows(self, campaign_id: str = "cmp") -> int:
+        return int(await self.db.fetchval("SELECT count(*) FROM clicks WHERE campaign_id = $1", campaign_id))
+
+
+StartHarness = Callable[[str], Awaitable[Harness]]
+
+
+@pytest.fixture
+async def start_harness(database_url: str, db: asyncpg.Connection) -> AsyncIterator[StartHarness]:
+    """Starts the attribution service against a given fraud address (torn down after the test)."""
+    started: list[Harness] = []
+
+    async def start(fraud_addr: str) -> Harness:
+        service = await start_attribution(attribution_settings(database_url, fraud_addr))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+        harness = Harness(service, channel, attribution_pb2_grpc.TrackingServiceStub(channel), db)
+        started.append(harness)
+        return harness
+
+    await seed(db)
+    yield start
+    for harness in started:
+        await harness.channel.close()
+        await harness.service.stop(0.5)
+
+
+@pytest.fixture
+async def fraud_down(start_harness: StartHarness) -> Harness:
+    return await start_harness(f"127.0.0.1:{free_port()}")
+
+
+async def seed(db: asyncpg.Connection) -> None:
+    token_hash = hashlib.sha256(b"token").digest()
+    await db.executemany(
+        """INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256, status)
+           VALUES ($1, $2, $3, 'EUR', $4, $5)""",
+        [
+            ("cmp", "Summer sale", LANDING, token_hash, "active"),
+            ("ended", "Last year", "https://shop.example/old", token_hash, "ended"),
+        ],
+    )
+    await db.executemany(
+        "INSERT INTO affiliates (id, name, status) VALUES ($1, $2, $3)",
+        [("aff-a", "A", "active"), ("aff-b", "B", "active"), ("aff-paused", "P", "paused")],
+    )
+    # A code for the selected affiliate A only.
+    await db.execute(
+        """INSERT INTO coupons (campaign_id, code, kind, allow_all_affiliates, affiliate_ids)
+           VALUES ('cmp', 'SUMMER10', 'general', false, '{aff-a}')"""
+    )
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    fields: list[str] = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            fields.extend(violation.field for violation in bad_request.field_violations)
+    return fields
+
+
+def flush_stats() -> tuple[float, float]:
+    """(flushes, rows) of the click group commit so far."""
+    count = REGISTRY.get_sample_value("ascribe_click_flush_rows_count") or 0.0
+    total = REGISTRY.get_sample_value("ascribe_click_flush_rows_sum") or 0.0
+    return count, total
+
+
+# ---------------------------------------------------------------- cases with fraud down
+
+
+async def test_seed_flow_code_for_selected_affiliate_only(fraud_down: Harness) -> None:
+    a = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a", coupon_code="summer10")
+    b = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-b", coupon_code="SUMMER10")
+
+    stored_a = await fraud_down.get(a.click_id)
+    assert stored_a.coupon_code == "SUMMER10" and stored_a.requested_coupon_code == "SUMMER10"
+    assert "affiliate_not_allowed" not in stored_a.reasons
+
+    # B is redirected and recorded, without the code, the reason visible.
+    assert b.redirect_url.endswith(f"click_id={b.click_id}&coupon=SUMMER10")
+    assert "affiliate_not_allowed" in b.reasons
+    stored_b = await fraud_down.get(b.click_id)
+    assert stored_b.coupon_code == "" and stored_b.requested_coupon_code == "SUMMER10"
+    assert "affiliate_not_allowed" in stored_b.reasons
+    assert stored_b.affiliate_id == "aff-b" and stored_b.conversions == 0
+    # Fraud is down here: both stay creditable, flagged.
+    assert a.decision == b.decision == stored_b.decision == FLAGGED
+
+
+async def test_fraud_down_flags_fast_and_loses_nothing(fraud_down: Harness) -> None:
+    started = time.perf_counter()
+    responses = await asyncio.gather(
+        *(fraud_down.click(campaign_id="cmp", affiliate_id="aff-a", sub1=str(i)) for i in range(50))
+    )
+    assert time.perf_counter() - started < 5
+    assert {r.decision for r in responses} == {FLAGGED}
+    assert all("fraud_unavailable" in r.reasons for r in responses)
+    assert await fraud_down.rows() == 50
+    stored = await fraud_down.get(responses[0].click_id)
+    assert stored.decision == FLAGGED and list(stored.reasons) == ["fraud_unavailable"]
+
+
+async def test_unknown_campaign_is_not_found_and_stores_nothing(fraud_down: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fraud_down.click(campaign_id="nope", affiliate_id="aff-a")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await fraud_down.db.fetchval("SELECT count(*) FROM clicks") == 0
+
+
+async def test_paused_affiliate_is_rejected_but_redirected(fraud_down: Harness) -> None:
+    response = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-paused", coupon_code="SUMMER10")
+    assert response.decision == REJECTED
+    assert response.redirect_url.startswith("https://shop.example/summer?")
+    assert f"click_id={response.click_id}" in response.redirect_url
+    stored = await fraud_down.get(response.click_id)
+    assert stored.decision == REJECTED
+    # Rejected before any fraud check: no fraud_unavailable for it.
+    assert list(stored.reasons) == ["affiliate_inactive", "affiliate_not_allowed"]
+
+
+async def test_unknown_affiliate_and_inactive_campaign_reject(fraud_down: Harness) -> None:
+    unknown = await fraud_down.click(campaign_id="cmp", affiliate_id="ghost")
+    ended = await fraud_down.click(campaign_id="ended", affiliate_id="aff-a")
+    assert (unknown.decision, list(unknown.reasons)) == (REJECTED, ["unknown_affiliate"])
+    assert (ended.decision, list(ended.reasons)) == (REJECTED, ["campaign_inactive"])
+    assert ended.redirect_url == f"https://shop.example/old?click_id={ended.click_id}"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"campaign_id": ""}, "campaign_id"),
+        ({"affiliate_id": ""}, "affiliate_id"),
+        ({"sub2": "x" * 257}, "sub2"),
+        ({"user_agent": "u" * 1025}, "user_agent"),
+        ({"ip": "999.0.0.1"}, "ip"),
+        ({"coupon_code": "no spaces"}, "coupon_code"),
+        ({"occurred_at": {"seconds": int(time.time()) + 3600}}, "occurred_at"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    fraud_down: Harness, fields: dict[str, Any], field: str
+) -> None:
+    request: dict[str, Any] = {"campaign_id": "cmp", "affiliate_id": "aff-a", **fields}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fraud_down.click(**request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == [field]
+    assert await fraud_down.db.fetchval("SELECT count(*) FROM clicks") == 0
+
+
+async def test_redirect_keeps_the_landing_query_and_replaces_click_id(fraud_down: Harness) -> None:
+    response = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    assert response.redirect_url == (
+        f"https://shop.example/summer?utm_source=affiliate&q=a%20b&click_id={response.click_id}"
+    )
+    assert "STALE" not in response.redirect_url
+
+
+async def test_500_concurrent_clicks_are_all_committed_in_batches(fraud_down: Harness) -> None:
+    flushes_before, rows_before = flush_stats()
+    responses = await asyncio.gather(
+        *(
+            fraud_down.click(campaign_id="cmp", affiliate_id="aff-a", coupon_code="SUMMER10", sub1=str(i))
+            for i in range(500)
+        )
+    )
+    flushes_after, rows_after = flush_stats()
+    ids = {r.click_id for r in responses}
+    assert len(ids) == 500
+    assert await fraud_down.rows() == 500
+    stored = await fraud_down.db.fetch("SELECT click_id, sub1 FROM clicks WHERE campaign_id = 'cmp'")
+    assert {row["click_id"] for row in stored} == ids
+    assert sorted(int(row["sub1"]) for row in stored) == list(range(500))
+    assert rows_after - rows_before == 500
+    # Group commit: far fewer COPYs than clicks.
+    assert flushes_after - flushes_before < 250
+
+
+async def test_click_rows_go_to_the_partition_their_id_names(fraud_down: Harness) -> None:
+    response = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    row = await fraud_down.db.fetchrow(
+        "SELECT tableoid::regclass::text AS part, created_at FROM clicks WHERE click_id = $1", response.click_id
+    )
+    assert row["created_at"] == click_created_at(response.click_id)
+    assert row["part"] == "clicks_" + click_created_at(response.click_id).strftime("%Y%m%d")
+
+
+async def test_record_click_batch_fails_only_the_bad_entries(fraud_down: Harness) -> None:
+    requests = [
+        pb.RecordClickRequest(campaign_id="cmp", affiliate_id="aff-a", coupon_code="SUMMER10"),
+        pb.RecordClickRequest(campaign_id="cmp", affiliate_id="aff-a", sub4="x" * 300),
+        pb.RecordClickRequest(campaign_id="nope", affiliate_id="aff-a"),
+        pb.RecordClickRequest(campaign_id="cmp", affiliate_id="aff-paused"),
+    ]
+    answer = await fraud_down.tracking.RecordClickBatch(pb.RecordClickBatchRequest(requests=requests), timeout=10)
+    kinds = [result.WhichOneof("result") for result in answer.responses]
+    assert kinds == ["response", "error", "error", "response"]
+    assert answer.responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert answer.responses[1].error.field == "sub4"
+    assert answer.responses[2].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert answer.responses[0].response.decision == FLAGGED
+    assert answer.responses[3].response.decision == REJECTED
+    assert await fraud_down.rows() == 2
+    stored = await fraud_down.get(answer.responses[0].response.click_id)
+    assert stored.coupon_code == "SUMMER10"
+
+
+async def test_get_click_errors(fraud_down: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        await fraud_down.get("not-a-click-id")
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(malformed.value) == ["click_id"]
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await fraud_down.get(new_click_id(datetime.now(UTC)))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_get_click_returns_everything_recorded(fraud_down: Harness) -> None:
+    occurred = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
+    response = await fraud_down.click(
+        campaign_id="cmp",
+        affiliate_id="aff-a",
+        coupon_code="summer10",
+        external_click_id="aff-click-1",
+        sub1="s1",
+        sub5="s5",
+        ip="203.0.113.7",
+        user_agent="Mozilla/5.0",
+        referer="https://blog.example/post",
+        country="de",
+        occurred_at={"seconds": int(occurred.timestamp())},
+    )
+    stored = await fraud_down.get(response.click_id)
+    assert (stored.click_id, stored.campaign_id, stored.affiliate_id) == (response.click_id, "cmp", "aff-a")
+    assert (stored.external_click_id, stored.sub1, stored.sub2, stored.sub5) == ("aff-click-1", "s1", "", "s5")
+    assert (stored.ip, stored.user_agent, stored.referer, stored.country) == (
+        "203.0.113.7",
+        "Mozilla/5.0",
+        "https://blog.example/post",
+        "DE",
+    )
+    assert stored.occurred_at.ToDatetime(tzinfo=UTC) == occurred
+    assert stored.received_at.ToDatetime(tzinfo=UTC) == click_created_at(response.click_id)
+    assert list(stored.reasons) == list(response.reasons)
+
+
+async def test_a_failed_group_commit_fails_its_clicks_with_unavailable(fraud_down: Harness) -> None:
+    await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")  # warm: the table is known
+    await fraud_down.db.execute("ALTER TABLE clicks RENAME TO clicks_away")
+    try:
+        results = await asyncio.gather(
+            *(fraud_down.click(campaign_id="cmp", affiliate_id="aff-a") for _ in range(5)),
+            return_exceptions=True,
+        )
+    finally:
+        await fraud_down.db.execute("ALTER TABLE clicks_away RENAME TO clicks")
+    assert all(isinstance(r, grpc.aio.AioRpcError) for r in results)
+    assert {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)} == {grpc.StatusCode.UNAVAILABLE}
+    # The service recovers once PostgreSQL is usable again.
+    await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    assert await fraud_down.rows() == 2
+
+
+async def test_late_fraud_answers_flag_within_the_deadline(start_harness: StartHarness) -> None:
+    server = grpc.aio.server()
+    fraud_pb2_grpc.add_FraudServiceServicer_to_server(SlowFraud(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        harness = await start_harness(f"127.0.0.1:{port}")
+        started = time.perf_counter()
+        response = await harness.click(campaign_id="cmp", affiliate_id="aff-a")
+        elapsed = time.perf_counter() - started
+        assert response.decision == FLAGGED and list(response.reasons) == ["fraud_unavailable"]
+        assert elapsed < 0.5  # the deadline is 50 ms; the fraud service takes 1 s
+        assert await harness.rows() == 1
+    finally:
+        await server.stop(0)
+
+
+# ---------------------------------------------------------------- click slots (for conversions)
+
+
+async def test_click_slots_hold_the_limit_under_concurrency(fraud_down: Harness) -> None:
+    response = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    click_id = response.click_id
+    created_at = click_created_at(click_id)
+    pool = fraud_down.service.pool
+
+    async def take(limit: int) -> bool:
+        async with pool.acquire() as conn, conn.transaction():
+            return await take_click_slot(conn, click_id, created_at, limit)
+
+    taken = await asyncio.gather(*(take(2) for _ in range(8)))
+    assert sum(taken) == 2
+    assert (await fraud_down.get(click_id)).conversions == 2
+    async with pool.acquire() as conn:
+        assert await release_click_slot(conn, click_id, created_at)
+        assert await take_click_slot(conn, click_id, created_at, 2)
+        assert not await take_click_slot(conn, click_id, created_at, 2)
+        assert await take_click_slot(conn, click_id, created_at, 0)  # 0: no limit
+        for _ in range(3):
+            assert await release_click_slot(conn, click_id, created_at)
+        assert not await release_click_slot(conn, click_id, created_at)  # never below zero
+        assert not await take_click_slot(conn, new_click_id(datetime.now(UTC)), created_at, 1)
+
+
+async def test_a_rolled_back_transaction_gives_the_slot_back(fraud_down: Harness) -> None:
+    response = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    created_at = click_created_at(response.click_id)
+    async with fraud_down.service.pool.acquire() as conn:
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                assert await take_click_slot(conn, response.click_id, created_at, 1)
+                raise RuntimeError("the conversion failed later in its transaction")
+    assert (await fraud_down.get(response.click_id)).conversions == 0
+
+
+# ---------------------------------------------------------------- with the real fraud service
+
+
+async def test_seed_flow_with_fraud(start_harness: StartHarness, fraud: RunningFraud) -> None:
+    harness = await start_harness(fraud.addr)
+    ua = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+    a = await harness.click(
+        campaign_id="cmp", affiliate_id="aff-a", coupon_code="SUMMER10", ip="198.51.100.10", user_agent=ua
+    )
+    b = await harness.click(
+        campaign_id="cmp", affiliate_id="aff-b", coupon_code="SUMMER10", ip="198.51.100.11", user_agent=ua
+    )
+    assert a.decision == ACCEPTED and list(a.reasons) == []
+    assert b.decision == ACCEPTED and list(b.reasons) == ["affiliate_not_allowed"]
+    assert (await harness.get(a.click_id)).coupon_code == "SUMMER10"
+    stored_b = await harness.get(b.click_id)
+    assert stored_b.coupon_code == "" and list(stored_b.reasons) == ["affiliate_not_allowed"]
+
+
+async def test_duplicate_affiliate_click_id_is_a_fraud_signal(
+    start_harness: StartHarness, fraud: RunningFraud
+) -> None:
+    harness = await start_harness(fraud.addr)
+    ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+    first = await harness.click(
+        campaign_id="cmp", affiliate_id="aff-a", external_click_id="dup-1", ip="198.51.100.20", user_agent=ua
+    )
+    second = await harness.click(
+        campaign_id="cmp", affiliate_id="aff-a", external_click_id="dup-1", ip="198.51.100.20", user_agent=ua
+    )
+    assert first.decision == ACCEPTED
+    assert second.decision in (FLAGGED, REJECTED)
+    assert "fraud_duplicate_click_id" in second.reasons
+    assert await harness.rows() == 2
+
+
+async def test_crawler_click_is_not_accepted(start_harness: StartHarness, fraud: RunningFraud) -> None:
+    harness = await start_harness(fraud.addr)
+    response = await harness.click(
+        campaign_id="cmp",
+        affiliate_id="aff-a",
+        ip="198.51.100.30",
+        user_agent="Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    )
+    assert response.decision in (FLAGGED, REJECTED)
+    assert "fraud_bot_user_agent" in response.reasons
+
+
+async def test_fraud_stopped_mid_test_flags_clicks_and_loses_none(
+    start_harness: StartHarness, redis_server_url: str, redis_prefix: str, ipintel_dir: Path
+) -> None:
+    fraud_service = await start_real_fraud(redis_server_url, redis_prefix, ipintel_dir)
+    harness = await start_harness(fraud_service.addr)
+    ua = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15"
+
+    async def burst(tag: str, n: int) -> list[pb.RecordClickResponse]:
+        return list(
+            await asyncio.gather(
+                *(
+                    harness.click(
+                        campaign_id="cmp", affiliate_id="aff-a", sub1=f"{tag}{i}", ip=f"198.51.100.{i % 200 + 1}",
+                        user_agent=ua,
+                    )
+                    for i in range(n)
+                )
+            )
+        )
+
+    before = await burst("before", 20)
+    assert {r.decision for r in before} == {ACCEPTED}
+    await fraud_service.stop()
+    during = await burst("during", 40)
+    assert {r.decision for r in during} == {FLAGGED}
+    assert all("fraud_unavailable" in r.reasons for r in during)
+    assert await harness.rows() == 60
+    fraud_gauge = REGISTRY.get_sample_value("ascribe_fraud_available")
+    assert fraud_gauge == 0

@@ -1,0 +1,377 @@
+"""The fraud service in-process on port 0, over gRPC, on a real Redis key space of its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from ascribe.fraud.v1 import fraud_pb2 as pb
+from ascribe.fraud.v1 import fraud_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
+
+from services.common.grpc_server import bearer_metadata
+from services.fraud.config import Settings
+from services.fraud.server import FraudService, start_fraud
+from services.fraud.store import StoreConfig
+
+BROWSER = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36"
+)
+INSTAGRAM = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Mobile/15E148 Instagram 309.0.2.23.108 (iPhone14,2; iOS 17_1; en_US; en; scale=3.00; 1170x2532; 541597019)"
+)
+GPTBOT = "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; GPTBot/1.2; +https://openai.com/gptbot)"
+CLEAN_IP = "81.2.69.142"
+TOR_IP = "101.99.92.179"
+DATACENTER_IP = "8.8.8.8"
+TOKEN = "internal-test-token"
+
+ALLOW, REVIEW, REJECT = pb.VERDICT_ACTION_ALLOW, pb.VERDICT_ACTION_REVIEW, pb.VERDICT_ACTION_REJECT
+
+
+def ts(at: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def codes(verdict: pb.Verdict) -> set[str]:
+    return {s.code for s in verdict.signals}
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    return [v.field for v in bad.field_violations]
+    return []
+
+
+def settings_for(redis_url: str, prefix: str, ipintel_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "addr": "127.0.0.1:0",
+        "metrics_port": 0,
+        "ipintel_dir": ipintel_dir,
+        "watch_block_ms": 200,
+        "store": StoreConfig(prefix=prefix),
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fraud(
+    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, redis_client: aioredis.Redis
+) -> AsyncIterator[FraudService]:
+    service = await start_fraud(settings_for(redis_server_url, redis_prefix, ipintel_dir), handle_sighup=False)
+    yield service
+    await service.stop(grace_seconds=0.5)
+
+
+@pytest.fixture
+async def stub(fraud: FraudService) -> AsyncIterator[fraud_pb2_grpc.FraudServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
+        yield fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+
+
+def click(**fields: object) -> pb.CheckClickRequest:
+    values: dict[str, object] = {
+        "click_id": "c-1", "campaign_id": "camp", "affiliate_id": "aff", "ip": CLEAN_IP, "user_agent": BROWSER,
+    }
+    values.update(fields)
+    return pb.CheckClickRequest(**values)  # type: ignore[arg-type]
+
+
+def conversion(**fields: object) -> pb.CheckConversionRequest:
+    now = datetime.now(UTC)
+    values: dict[str, object] = {
+        "order_id": "o-1", "campaign_id": "camp", "affiliate_id": "aff", "click_id": "c-1",
+        "click_time": ts(now - timedelta(minutes=20)), "ip": CLEAN_IP, "user_agent": BROWSER,
+        "occurred_at": ts(now - timedelta(seconds=5)), "received_at": ts(now),
+    }
+    values.update(fields)
+    return pb.CheckConversionRequest(**values)  # type: ignore[arg-type]
+
+
+async def test_clean_click_and_conversion_are_allowed(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    verdict = await stub.CheckClick(click())
+    assert (verdict.action, verdict.score, list(verdict.signals)) == (ALLOW, 0, [])
+    verdict = await stub.CheckConversion(conversion())
+    assert (verdict.action, verdict.score, list(verdict.signals)) == (ALLOW, 0, [])
+
+
+async def test_duplicate_external_click_id_owner_retry_is_not_a_duplicate(
+    stub: fraud_pb2_grpc.FraudServiceAsyncStub,
+) -> None:
+    first = await stub.CheckClick(click(click_id="c-A", external_click_id="x-1"))
+    retry = await stub.CheckClick(click(click_id="c-A", external_click_id="x-1"))
+    other = await stub.CheckClick(click(click_id="c-B", external_click_id="x-1", ip="81.2.69.143"))
+    another_affiliate = await stub.CheckClick(click(click_id="c-C", external_click_id="x-1", affiliate_id="aff2"))
+    assert first.action == ALLOW and retry.action == ALLOW
+    assert other.action == REJECT and codes(other) == {"duplicate_click_id"}
+    assert "c-A" in other.signals[0].detail
+    assert another_affiliate.action == ALLOW
+
+
+async def test_anonymous_ips(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    tor = await stub.CheckClick(click(ip=TOR_IP))
+    assert tor.action == REJECT and "tor_exit" in codes(tor)
+    # The README's trap: Google DNS is in the datacenter list; a click is only scored.
+    datacenter_click = await stub.CheckClick(click(ip=DATACENTER_IP))
+    assert datacenter_click.action == ALLOW and codes(datacenter_click) == {"datacenter_ip"}
+    assert datacenter_click.score == 50
+    datacenter_conversion = await stub.CheckConversion(conversion(ip=DATACENTER_IP))
+    assert datacenter_conversion.action == REJECT and "datacenter_ip" in codes(datacenter_conversion)
+    mapped = await stub.CheckClick(click(ip=f"::ffff:{TOR_IP}"))
+    assert "tor_exit" in codes(mapped)
+
+
+async def test_vpn_only_adds_risk(stub: fraud_pb2_grpc.FraudServiceAsyncStub, ipintel_dir: Path) -> None:
+    prefix = next(
+        line.strip() for line in (ipintel_dir / "vpn-ipv4.txt").read_text().splitlines() if line.strip()
+    )
+    ip = prefix.split("/")[0]
+    verdict = await stub.CheckConversion(conversion(ip=ip))
+    assert verdict.action == ALLOW and "vpn_ip" in codes(verdict)
+
+
+async def test_bots_in_app_browsers_and_spoofed_crawlers(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    for index, ua in enumerate(["curl/8.4.0", "python-requests/2.31.0", "", "Java/17.0.9"]):
+        verdict = await stub.CheckClick(click(user_agent=ua, ip=f"81.2.70.{index + 1}"))
+        assert verdict.action == REJECT and codes(verdict) == {"bot_user_agent"}, ua
+    verdict = await stub.CheckClick(click(user_agent=INSTAGRAM))
+    assert verdict.action == ALLOW and not verdict.signals
+    spoof = await stub.CheckClick(click(user_agent=GPTBOT, ip="81.2.69.200"))
+    assert spoof.action == REJECT and codes(spoof) == {"crawler_spoof"}
+    real = await stub.CheckClick(click(user_agent=GPTBOT, ip="20.171.206.10"))
+    assert "crawler_spoof" not in codes(real) and "bot_user_agent" in codes(real)
+    # A shop that does not pass the customer's user agent is not a bot signal.
+    verdict = await stub.CheckConversion(conversion(user_agent=""))
+    assert verdict.action == ALLOW
+
+
+async def test_click_velocity_per_ip(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    batch = pb.CheckClickBatchRequest(requests=[click(click_id=f"c-{i}", ip="81.2.69.7") for i in range(12)])
+    verdicts = (await stub.CheckClickBatch(batch)).verdicts
+    assert [("click_velocity" in codes(v)) for v in verdicts] == [False] * 10 + [True] * 2
+    later = await stub.CheckClick(click(ip="81.2.69.7"))
+    assert "click_velocity" in codes(later)
+    other = await stub.CheckClick(click(ip="81.2.69.8"))
+    assert not other.signals
+
+
+async def test_conversion_velocity_rejects_the_excess(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    verdicts = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.9")) for i in range(5)]
+    assert [v.action for v in verdicts] == [ALLOW, ALLOW, ALLOW, REJECT, REJECT]
+    assert "conversion_velocity" in codes(verdicts[3])
+    other_campaign = await stub.CheckConversion(conversion(campaign_id="camp2", ip="81.2.69.9"))
+    assert other_campaign.action == ALLOW
+
+
+async def test_ctit_and_late_report(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    now = datetime.now(UTC)
+
+    async def with_ctit(seconds: float) -> pb.Verdict:
+        return await stub.CheckConversion(
+            conversion(click_time=ts(now - timedelta(seconds=seconds)), occurred_at=ts(now), ip="")
+        )
+
+    too_short, short, normal, long = (await with_ctit(s) for s in (5, 20, 600, 2 * 86400))
+    assert too_short.action == REJECT and codes(too_short) == {"ctit_too_short"}
+    assert short.action == ALLOW and codes(short) == {"ctit_short"}
+    assert not normal.signals
+    assert long.action == ALLOW and codes(long) == {"ctit_long"}
+    before_click = await stub.CheckConversion(
+        conversion(click_time=ts(now), occurred_at=ts(now - timedelta(minutes=5)), ip="")
+    )
+    assert before_click.action == REJECT and codes(before_click) == {"ctit_too_short"}
+    late = await stub.CheckConversion(
+        conversion(click_time=ts(now - timedelta(days=5, minutes=5)), occurred_at=ts(now - timedelta(days=5)), ip="")
+    )
+    assert codes(late) == {"late_report"} and late.action == ALLOW
+
+
+async def watch(stub: fraud_pb2_grpc.FraudServiceAsyncStub, after_id: str, count: int) -> list[pb.Alert]:
+    alerts: list[pb.Alert] = []
+    call = stub.WatchAlerts(pb.WatchAlertsRequest(after_id=after_id), timeout=5)
+    async for alert in call:
+        alerts.append(alert)
+        if len(alerts) == count:
+            call.cancel()
+            break
+    return alerts
+
+
+async def test_unique_code_leak_rejects_and_alerts_once(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    kind = pb.COUPON_KIND_UNIQUE
+    verdicts = [
+        await stub.CheckConversion(
+            conversion(order_id=f"o-{i}", coupon_code="solo-1", coupon_kind=kind, ip=f"81.2.71.{i + 1}")
+        )
+        for i in range(6)
+    ]
+    assert [v.action for v in verdicts] == [ALLOW] * 3 + [REJECT] * 3
+    assert all("code_sharing" in codes(v) for v in verdicts[3:])
+    alerts = await watch(stub, "0", 1)
+    assert alerts[0].kind == pb.ALERT_KIND_CODE_LEAK and alerts[0].coupon_code == "SOLO-1"
+    assert alerts[0].campaign_id == "camp"
+    more = stub.WatchAlerts(pb.WatchAlertsRequest(after_id=alerts[0].id), timeout=0.6)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for alert in more:
+            pytest.fail(f"a second leak alert for the same code: {alert}")
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_exclusive_spike_reviews_never_rejects(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    kind = pb.COUPON_KIND_EXCLUSIVE
+    requests = [
+        conversion(order_id=f"o-{i}", coupon_code="INFLUENCER", coupon_kind=kind, ip=f"81.2.72.{i + 1}")
+        for i in range(30)
+    ]
+    verdicts = (await stub.CheckConversionBatch(pb.CheckConversionBatchRequest(requests=requests))).verdicts
+    spiking = [v for v in verdicts if "code_spike" in codes(v)]
+    assert len(spiking) == len(verdicts)  # the batch is counted at once: 30 uses above the minimum of 20
+    assert all(v.action == REVIEW for v in spiking)
+    # Even with other risk stacked on top, a spike alone never turns into a rejection.
+    stacked = await stub.CheckConversion(
+        conversion(order_id="o-x", coupon_code="INFLUENCER", coupon_kind=kind, click_id="", ip="81.2.72.200",
+                   click_time=ts(datetime.now(UTC) - timedelta(seconds=20)))
+    )
+    assert stacked.action == REVIEW and {"code_spike", "exclusive_without_click", "ctit_short"} <= codes(stacked)
+    alerts = await watch(stub, "0", 1)
+    assert alerts[0].kind == pb.ALERT_KIND_CODE_SPIKE and alerts[0].coupon_code == "INFLUENCER"
+
+
+async def test_exclusive_code_without_click_adds_a_little(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    verdict = await stub.CheckConversion(
+        conversion(coupon_code="INFL", coupon_kind=pb.COUPON_KIND_EXCLUSIVE, click_id="", click_time=None)
+    )
+    assert verdict.action == ALLOW and codes(verdict) == {"exclusive_without_click"} and verdict.score == 10
+
+
+async def test_bad_input_names_the_field(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    future = ts(datetime.now(UTC) + timedelta(days=2))
+    cases: list[tuple[object, str]] = [
+        (stub.CheckClick(click(ip="999.1.1.1")), "ip"),
+        (stub.CheckClick(click(occurred_at=future)), "occurred_at"),
+        (stub.CheckClick(click(user_agent="x" * 5000)), "user_agent"),
+        (stub.CheckClick(click(campaign_id="")), "campaign_id"),
+        (stub.CheckConversion(conversion(received_at=future)), "received_at"),
+        (stub.CheckConversion(conversion(ip="not-an-ip")), "ip"),
+        (stub.CheckClickBatch(pb.CheckClickBatchRequest(requests=[click(), click(ip="1.2.3")])), "requests[1].ip"),
+    ]
+    for pending, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pending  # type: ignore[misc]
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(caught.value) == [field]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.WatchAlerts(pb.WatchAlertsRequest(after_id="nope")).read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_batches_keep_order_and_take_one_round_trip(
+    fraud: FraudService, stub: fraud_pb2_grpc.FraudServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    round_trips = 0
+    original = fraud.engine.store._pipeline
+
+    async def counting(calls: object) -> object:
+        nonlocal round_trips
+        round_trips += 1
+        return await original(calls)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fraud.engine.store, "_pipeline", counting)
+    requests = [click(click_id=f"c-{i}", external_click_id=f"x-{i}", ip=f"81.2.{i // 200}.{i % 200 + 1}")
+                for i in range(500)]
+    requests[7] = click(ip=TOR_IP)
+    requests[42] = click(user_agent="curl/8.0")
+    verdicts = (await stub.CheckClickBatch(pb.CheckClickBatchRequest(requests=requests))).verdicts
+    assert round_trips == 1
+    assert len(verdicts) == 500
+    rejected = [i for i, v in enumerate(verdicts) if v.action == REJECT]
+    assert rejected == [7, 42]
+    round_trips = 0
+    conversions = [conversion(order_id=f"o-{i}", ip=f"81.3.{i // 200}.{i % 200 + 1}", coupon_code=f"U{i}",
+                              coupon_kind=pb.COUPON_KIND_UNIQUE) for i in range(300)]
+    verdicts = (await stub.CheckConversionBatch(pb.CheckConversionBatchRequest(requests=conversions))).verdicts
+    assert round_trips == 1 and len(verdicts) == 300 and all(v.action == ALLOW for v in verdicts)
+    assert (await stub.CheckClickBatch(pb.CheckClickBatchRequest())).verdicts == []
+
+
+async def test_every_key_has_prefix_hash_tag_and_ttl(
+    stub: fraud_pb2_grpc.FraudServiceAsyncStub, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    await stub.CheckClick(click(external_click_id="x-9"))
+    await stub.CheckConversion(conversion(coupon_code="U1", coupon_kind=pb.COUPON_KIND_UNIQUE))
+    await stub.CheckConversion(conversion(coupon_code="E1", coupon_kind=pb.COUPON_KIND_EXCLUSIVE))
+    keys = [key.decode() async for key in redis_client.scan_iter(match=f"{redis_prefix}:*")]
+    assert len(keys) >= 6
+    for key in keys:
+        assert key.startswith(f"{redis_prefix}:fraud:{{") and "}" in key, key
+        assert await redis_client.pttl(key) > 0, key
+
+
+async def test_watch_alerts_resumes_after_id(fraud: FraudService, stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    from services.fraud.store import Alert, AlertKind
+
+    ids = await fraud.engine.store.add_alerts(
+        [Alert(kind=AlertKind.RULE_SURGE, detail=f"alert {i}") for i in range(3)]
+    )
+    everything = await watch(stub, "0", 3)
+    assert [a.id for a in everything] == ids
+    assert [a.detail for a in await watch(stub, ids[0], 2)] == ["alert 1", "alert 2"]
+
+    live = stub.WatchAlerts(pb.WatchAlertsRequest(), timeout=5)
+    reader = asyncio.ensure_future(live.read())
+    await asyncio.sleep(0.3)
+    await fraud.engine.store.add_alerts([Alert(kind=AlertKind.AFFILIATE_BURST, detail="new one", affiliate_id="a")])
+    first = await reader
+    assert first.detail == "new one" and first.kind == pb.ALERT_KIND_AFFILIATE_BURST  # type: ignore[union-attr]
+    live.cancel()
+
+
+async def test_internal_token_is_required_when_set(
+    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, redis_client: aioredis.Redis
+) -> None:
+    service = await start_fraud(
+        settings_for(redis_server_url, redis_prefix, ipintel_dir, internal_token=TOKEN), handle_sighup=False
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CheckClick(click())
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CheckClick(click(), metadata=bearer_metadata("wrong"))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            verdict = await stub.CheckClick(click(), metadata=bearer_metadata(TOKEN))
+            assert verdict.action == ALLOW
+    finally:
+        await service.stop(grace_seconds=0.5)
+
+
+async def test_stop_is_prompt_with_a_watcher_connected(
+    fraud: FraudService, stub: fraud_pb2_grpc.FraudServiceAsyncStub
+) -> None:
+    live = stub.WatchAlerts(pb.WatchAlertsRequest(), timeout=10)
+    reader = asyncio.ensure_future(live.read())
+    await asyncio.sleep(0.2)
+    started = asyncio.get_running_loop().time()
+    await fraud.stop(grace_seconds=1.0)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    with pytest.raises(grpc.aio.AioRpcError):
+        await reader

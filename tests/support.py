@@ -1,0 +1,84 @@
+"""Helpers the integration tests share: in-process services and error details."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.attribution.config import Settings
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def attribution_settings(database_url: str, fraud_addr: str, **overrides: Any) -> Settings:
+    settings = Settings(
+        database_url=database_url,
+        addr="127.0.0.1:0",
+        fraud_addr=fraud_addr,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        admin_token=None,
+        internal_token=None,
+        fraud_deadline_ms=200,
+        db_pool_min=2,
+        db_pool_max=20,
+        db_statement_timeout_ms=10000,
+        background_jobs=False,
+        auto_hold_leaked_codes=False,
+        catalog_cache_ms=0,
+    )
+    return replace(settings, **overrides)
+
+
+def fraud_settings(redis_url: str, redis_prefix: str, ipintel_dir: Path, port: int = 0) -> Any:
+    from services.fraud.config import Settings as FraudSettings
+    from services.fraud.store import StoreConfig
+
+    return FraudSettings(
+        redis_url=redis_url,
+        addr=f"127.0.0.1:{port}",
+        metrics_port=0,
+        ipintel_dir=ipintel_dir,
+        store=StoreConfig(prefix=redis_prefix),
+    )
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    fields: list[str] = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            fields.extend(violation.field for violation in bad_request.field_violations)
+    return fields
+
+
+@dataclass
+class Clock:
+    """An injectable clock: tests move time instead of sleeping."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+    @classmethod
+    def real(cls) -> Clock:
+        return cls(datetime.now(UTC))
