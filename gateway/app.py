@@ -124,7 +124,9 @@ class Gateway:
         self.client = client
         self._ips = ClientIpResolver(settings.trusted_proxies)
         self._debug_headers = settings.debug_headers
-        self._clicks_by_decision = {number: CLICKS_TOTAL.labels(word) for number, word in DECISION_WORDS.items()}
+        self._clicks_by_decision = {
+            number: CLICKS_TOTAL.labels(word) for number, word in DECISION_WORDS.items()
+        }
         self.metrics = RequestMetrics()
 
     def _client(self) -> AttributionClient:
@@ -303,4 +305,3 @@ def _backend_ctx(gateway: Gateway) -> Callable[[web.Application], AsyncIterator[
             await fraud_channel.close()
 
     return backend
-

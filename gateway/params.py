@@ -223,9 +223,7 @@ def parse_timestamp(value: str, field: str) -> Timestamp:
             if int(off_m) > 59:
                 raise ValueError("offset minutes")
             tz = timezone(-offset if sign == "-" else offset)
-        moment = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz
-        )
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz)
     except ValueError:
         raise ParamError(field, f"{field} is not a valid date and time") from None
     seconds = (moment - _EPOCH) // _SECOND
@@ -250,7 +248,13 @@ def parse_device(value: str, field: str = "device") -> pb.DeviceType.ValueType:
 def device_from_user_agent(user_agent: str) -> pb.DeviceType.ValueType:
     """A coarse device class from a user agent, for a postback without ``device``."""
     ua = user_agent.lower()
-    if "ipad" in ua or "tablet" in ua or "kindle" in ua or "silk/" in ua or ("android" in ua and "mobile" not in ua):
+    if (
+        "ipad" in ua
+        or "tablet" in ua
+        or "kindle" in ua
+        or "silk/" in ua
+        or ("android" in ua and "mobile" not in ua)
+    ):
         return pb.DEVICE_TYPE_TABLET
     if "mobi" in ua or "iphone" in ua or "ipod" in ua or "android" in ua or "windows phone" in ua:
         return pb.DEVICE_TYPE_MOBILE

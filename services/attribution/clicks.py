@@ -331,6 +331,9 @@ class ClickRecorder:
         self._pool = pool
         self._cache = cache
         self._fraud = fraud
+        # The writer keeps its connections: giving one back to the pool costs
+        # a reset round trip, once per flush otherwise.
+        self._writer_conns: list[asyncpg.Connection] = []
         # One item is the rows of one RPC, so a RecordClickBatch commits as a whole.
         self._writer: MicroBatcher[Sequence[Click], None] = MicroBatcher(
             self._flush,
@@ -400,6 +403,9 @@ class ClickRecorder:
     async def close(self) -> None:
         """Waits for the group commits in flight (their callers are still waiting)."""
         await self._writer.close()
+        conns, self._writer_conns = self._writer_conns, []
+        for conn in conns:
+            await self._pool.release(conn)
 
     async def _judge(self, inp: ClickInput, now: datetime) -> _Judged:
         click = validate_click(inp, now)
@@ -445,15 +451,28 @@ class ClickRecorder:
         rows = [row for group in groups for row in group]
         CLICK_FLUSH_ROWS.observe(len(rows))
         started = time.perf_counter()
+        conn: asyncpg.Connection | None = None
         try:
-            async with self._pool.acquire() as conn:
-                await store.insert_clicks(conn, rows)
-        except Exception as error:
+            conn = await self._writer_connection()
+            await store.insert_clicks(conn, rows)
+        except Exception as error:  # each waiting caller gets UNAVAILABLE
             CLICK_FLUSH_FAILURES_TOTAL.inc()
             logger.error("group commit of %d clicks failed: %r", len(rows), error)
+            if conn is not None:
+                # The pool replaces it if it is broken.
+                await self._pool.release(conn)
             return [Unavailable("the click could not be recorded; retry") for _ in groups]
+        self._writer_conns.append(conn)
         CLICK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         return [None] * len(groups)
+
+    async def _writer_connection(self) -> asyncpg.Connection:
+        while self._writer_conns:
+            conn = self._writer_conns.pop()
+            if not conn.is_closed():
+                return conn
+            await self._pool.release(conn)
+        return await self._pool.acquire()
 
 
 async def keep_partitions(pool: asyncpg.Pool, every_seconds: float = 6 * 3600) -> None:
@@ -467,7 +486,7 @@ async def keep_partitions(pool: asyncpg.Pool, every_seconds: float = 6 * 3600) -
         await asyncio.sleep(every_seconds)
         try:
             created = await store.ensure_click_partitions(pool, 1, 7)
-        except Exception as error:
+        except Exception as error:  # retried at the next run
             logger.warning("creating click partitions failed: %r", error)
         else:
             if created:

@@ -221,6 +221,15 @@ class Lifecycle:
         APPROVAL_LAG_SECONDS.set((now - oldest).total_seconds() if oldest else 0.0)
         return len(due)
 
+    async def approve_all_due(self, batch: int = 500) -> int:
+        """Catches up after downtime: approves batches until none is full."""
+        total = 0
+        while True:
+            approved = await self.approve_due(batch)
+            total += approved
+            if approved < batch:
+                return total
+
     # ------------------------------------------------------------ re-scoring
 
     async def rescore(self, limit: int = 200) -> int:

@@ -104,7 +104,7 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
         await service.pool.execute("SELECT ascribe_ensure_click_partitions(1, 7)")
 
     jobs = [
-        run_periodically("approval", settings.approval_interval_ms / 1000, lifecycle.approve_due),
+        run_periodically("approval", settings.approval_interval_ms / 1000, lifecycle.approve_all_due),
         run_periodically("rescore", settings.rescore_interval_ms / 1000, lifecycle.rescore),
         run_periodically("click partitions", 6 * 3600, ensure_partitions),
     ]

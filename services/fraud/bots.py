@@ -20,7 +20,7 @@ import re
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import ai_crawler_verify
@@ -207,3 +207,9 @@ class BotDetector:
         if ua_class.claimed_source is None or not ip:
             return False
         return not self.ranges.contains(ua_class.claimed_source, ip)
+
+
+@cache
+def shared_bot_detector() -> BotDetector:
+    """One detector per process: its data ships in installed packages and never changes while running."""
+    return BotDetector()

@@ -187,7 +187,10 @@ def ip_signals(info: IpInfo, rules: Rules, *, conversion: bool) -> list[Signal]:
     signals: list[Signal] = []
     if info.tor:
         signals.append(Signal(Code.TOR_EXIT, f"IP is a Tor exit node ({info.tor})", rules.weight(Code.TOR_EXIT)))
-    if info.datacenter:
+    # Most VPN ranges (and all of iCloud Private Relay's) sit inside hosting
+    # ranges too: an address the VPN list names is a VPN user, scored lightly,
+    # not a datacenter, which would reject their purchase.
+    if info.datacenter and not info.vpn:
         weight = HARD if conversion else rules.weight(Code.DATACENTER_IP)
         signals.append(
             Signal(Code.DATACENTER_IP, f"IP is in a datacenter range ({info.datacenter})", weight)

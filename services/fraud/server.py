@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from services.common.errors import Unavailable
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.fraud import metrics
-from services.fraud.bots import BotDetector
+from services.fraud.bots import shared_bot_detector
 from services.fraud.config import Settings
 from services.fraud.engine import FraudEngine
 from services.fraud.ipintel import IpIntel, IpIntelHolder, IpList
@@ -97,7 +97,7 @@ async def start_fraud(settings: Settings, *, handle_sighup: bool = True) -> Frau
     """Starts the service; a Redis that is down at start-up is tolerated (checks answer UNAVAILABLE)."""
     intel = await asyncio.to_thread(IpIntelHolder, settings.ipintel_dir)
     _publish_intel_metrics(intel.current)
-    bots = await asyncio.to_thread(BotDetector)
+    bots = await asyncio.to_thread(shared_bot_detector)
     client = redis_client(settings)
     # WatchAlerts blocks on XREAD for up to watch_block_ms: its socket
     # timeout must outlast the block, and it must not hold a checking

@@ -20,6 +20,10 @@ from services.attribution.server import AttributionService, start_attribution
 from tests.support import Clock, attribution_settings, fraud_settings, free_port
 
 _order_ids = itertools.count(1)
+BROWSER_UA = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)
 
 
 def ts(at: datetime) -> Timestamp:
@@ -94,6 +98,7 @@ class World:
 
     async def click(self, affiliate_id: str, campaign_id: str = "cmp", **fields: Any) -> str:
         fields.setdefault("occurred_at", ts(self.clock.now - timedelta(hours=1)))
+        fields.setdefault("user_agent", BROWSER_UA)
         response = await self.tracking.RecordClick(
             pb.RecordClickRequest(campaign_id=campaign_id, affiliate_id=affiliate_id, **fields), timeout=10
         )

@@ -78,7 +78,8 @@ def test_form_body_with_raw_non_ascii_bytes_is_rejected() -> None:
 
 def test_click_request_carries_every_parameter() -> None:
     request = click(
-        CLICK_BASE + "&coupon=summer10&aff_click_id=x-1&sub1=a&sub2=b&sub3=c&sub4=d&sub5=e&utm_source=ignored",
+        CLICK_BASE
+        + "&coupon=summer10&aff_click_id=x-1&sub1=a&sub2=b&sub3=c&sub4=d&sub5=e&utm_source=ignored",
         referer="https://blog.example/post",
     )
     assert request.campaign_id == "c1"
@@ -329,7 +330,9 @@ def test_postback_token_from_header_or_parameter() -> None:
     assert postback_token(None, {"token": ["from-param"]}) == "from-param"
 
 
-@pytest.mark.parametrize(("header", "params"), [(None, {}), ("", {"token": [""]}), (None, {"token": ["x" * 257]})])
+@pytest.mark.parametrize(
+    ("header", "params"), [(None, {}), ("", {"token": [""]}), (None, {"token": ["x" * 257]})]
+)
 def test_missing_or_invalid_token_is_401_and_never_echoed(header: str | None, params: Params) -> None:
     with pytest.raises(ParamError) as caught:
         postback_token(header, params)

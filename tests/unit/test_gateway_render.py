@@ -104,7 +104,11 @@ def test_zero_remaining_is_shown_not_dropped() -> None:
 
 
 def test_every_status_and_source_word() -> None:
-    words = {render_conversion(pb.Conversion(status=status))["status"] for status in STATUS_WORDS}
+    words = {
+        render_conversion(pb.Conversion(status=number))["status"]
+        for _, number in pb.ConversionStatus.items()
+    }
+    assert len(words) == len(STATUS_WORDS)
     assert words == {"unspecified", "pending", "approved", "rejected", "reversed", "flagged"}
     assert render_conversion(pb.Conversion(source=pb.ATTRIBUTION_SOURCE_CLICK))["source"] == "click"
 
@@ -116,7 +120,10 @@ def test_refund_and_history() -> None:
         refunded_micros=10_000_000,
         history=[
             pb.ConversionEvent(
-                to_status=pb.CONVERSION_STATUS_PENDING, at=ts("2025-09-26T12:00:00Z"), reason="judged", actor="system"
+                to_status=pb.CONVERSION_STATUS_PENDING,
+                at=ts("2025-09-26T12:00:00Z"),
+                reason="judged",
+                actor="system",
             ),
             pb.ConversionEvent(
                 from_status=pb.CONVERSION_STATUS_PENDING,

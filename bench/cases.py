@@ -1,0 +1,899 @@
+"""The benchmark cases, the servers they run on, and the goals of issue 6.
+
+Every case returns a `CaseResult`; a capability that has not landed yet
+(an RPC answering UNIMPLEMENTED, a service that does not start, a store
+module that is absent) makes its case "not available", never the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+
+from bench import naive_store
+from bench.procstats import CpuMeter, RssSampler
+from services.attribution.migrate import migrate_url
+from services.common import embedded
+from tools.stack import REPO, SERVICES, Stack, StackError, free_port, port_open
+
+AVAILABLE = "ok"
+NOT_AVAILABLE = "not available"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    duration: float          # measured seconds of each load case
+    warmup: float
+    store_duration: float
+    codes: int               # distinct codes of the "many codes" conversion case
+    generate: int            # unique codes of the bulk generation case
+    concurrency: int = 64
+    open_rate: float = 1000.0
+    batch_size: int = 100
+    # The naive store takes tens of seconds for 10,000 attempts: too slow for quick mode.
+    naive_burst: bool = True
+
+
+MODES = {
+    "quick": Mode(
+        "quick", duration=3.0, warmup=0.5, store_duration=2.0, codes=100, generate=50_000, naive_burst=False
+    ),
+    "full": Mode("full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000),
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One line of issue 6's goal table, checked against a metric of the result."""
+
+    text: str
+    metric: str              # throughput | p99_ms | cpu_us_per_event | ratio | exact
+    op: str                  # >= or <=
+    value: float
+
+    def met(self, result: CaseResult) -> bool | None:
+        actual: float | bool | None = result.exact if self.metric == "exact" else getattr(result, self.metric)
+        if actual is None:
+            return None
+        if isinstance(actual, bool):
+            return actual
+        return actual >= self.value if self.op == ">=" else actual <= self.value
+
+
+@dataclass
+class CaseResult:
+    key: str
+    title: str
+    status: str = AVAILABLE
+    note: str = ""
+    unit: str = "req/s"
+    throughput: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    events: int = 0
+    errors: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    cpu_us_per_event: float | None = None
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    loadgen_cpu_seconds: float | None = None
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
+    ratio: float | None = None
+    ratio_of: str = ""
+    exact: bool | None = None
+    goals: list[Goal] = field(default_factory=list)
+    goals_met: list[bool | None] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def judge(self) -> None:
+        self.goals_met = [goal.met(self) for goal in self.goals] if self.status == AVAILABLE else []
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["goals"] = [
+            {"goal": goal.text, "met": met}
+            for goal, met in zip(self.goals, self.goals_met or [None] * len(self.goals), strict=True)
+        ]
+        del data["goals_met"]
+        return data
+
+
+def unavailable(key: str, title: str, reason: str, goals: Sequence[Goal] = ()) -> CaseResult:
+    return CaseResult(key, title, status=NOT_AVAILABLE, note=reason, goals=list(goals))
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return float(sorted_values[index])
+
+
+# ---------------------------------------------------------------- servers
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None  # a server on another machine: its CPU cannot be read
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+class BenchEnv:
+    """PostgreSQL, Redis and the three services, all the bench's own.
+
+    Embedded servers live in a temporary folder; configured ones
+    (ASCRIBE_DATABASE_URL / ASCRIBE_REDIS_URL) get a temporary database and a
+    fraud key prefix of the run's own (every fraud key has a TTL), so `make
+    run`'s data is never touched.
+    """
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="ascribe-bench-"))
+        self._embedded: list[embedded.EmbeddedServer] = []
+        self.server_url = ""
+        self.database = f"ascribe_bench_{secrets.token_hex(4)}"
+        self.database_url = ""
+        self.redis_url = ""
+        self.postgres_pid: int | None = None
+        self.redis_pid: int | None = None
+        self.versions: dict[str, str] = {}
+        self.stack: Stack | None = None
+        self.service_errors: dict[str, str] = {}
+        self.backends = "embedded"
+        self.redis_key_prefix = ""
+
+    def start(self) -> None:
+        configured_pg = os.environ.get("ASCRIBE_DATABASE_URL")
+        configured_redis = os.environ.get("ASCRIBE_REDIS_URL")
+        if configured_pg:
+            self.server_url = configured_pg
+            self.backends = "configured"
+        else:
+            server = embedded.start_postgres(self.tmp / "pg")
+            self._embedded.append(server)
+            self.server_url = server.url
+        if configured_redis:
+            self.redis_url = configured_redis
+            self.redis_key_prefix = f"bench-{secrets.token_hex(4)}:"
+        else:
+            redis_server = embedded.start_redis(self.tmp / "redis")
+            self._embedded.append(redis_server)
+            self.redis_url = redis_server.url
+        asyncio.run(self._create_database())
+        self.database_url = with_database(self.server_url, self.database)
+        asyncio.run(migrate_url(self.database_url))
+        self._find_server_pids()
+
+    async def _create_database(self) -> None:
+        conn = await asyncpg.connect(self.server_url, timeout=10)
+        try:
+            await conn.execute(f'CREATE DATABASE "{self.database}"')
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            self.versions["postgresql"] = str(await conn.fetchval("SHOW server_version"))
+        finally:
+            await conn.close()
+        # The postmaster is the backend's parent; its tree is every PostgreSQL process.
+        self.postgres_pid = parent_pid(int(backend))
+
+    def _find_server_pids(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            info = client.info("server")
+            self.redis_pid = int(info["process_id"])
+            self.versions["redis"] = str(info["redis_version"])
+        finally:
+            client.close()
+        if self.redis_pid and not Path(f"/proc/{self.redis_pid}").exists():
+            self.redis_pid = None  # another machine or namespace: its CPU cannot be read
+
+    def start_services(self) -> Stack:
+        env = {"ASCRIBE_LOG_FORMAT": "json"}
+        if self.redis_key_prefix:
+            env["ASCRIBE_FRAUD_KEY_PREFIX"] = self.redis_key_prefix
+        if not os.environ.get("ASCRIBE_IPINTEL_DIR"):
+            shared = REPO.parent / "shared" / "data" / "ipintel"
+            if shared.exists():
+                env["ASCRIBE_IPINTEL_DIR"] = str(shared)
+        self.stack = Stack(
+            database_url=self.database_url, redis_url=self.redis_url, log_dir=self.tmp / "logs", env=env
+        )
+        for name in SERVICES:
+            if name == "gateway" and "attribution" in self.service_errors:
+                self.service_errors[name] = "needs the attribution service"
+                continue
+            try:
+                self.stack.start_service(name)
+            except StackError as error:
+                self.service_errors[name] = _first_line(error)
+                print(f"bench: {error}", file=sys.stderr)
+        return self.stack
+
+    def cpu_groups(self, services: bool = True) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        if services and self.stack:
+            groups.update({name: [pid] for name, pid in self.stack.pids().items()})
+        if self.postgres_pid:
+            groups["postgresql"] = [self.postgres_pid]
+        if self.redis_pid:
+            groups["redis"] = [self.redis_pid]
+        return groups
+
+    def stop(self) -> None:
+        if self.stack:
+            self.stack.stop()
+        if self.server_url:
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                asyncio.run(self._drop_database())
+        for server in reversed(self._embedded):
+            server.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def _drop_database(self) -> None:
+        conn = await asyncpg.connect(self.server_url, timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+# ---------------------------------------------------------------- load runs
+
+
+@dataclass
+class LoadRun:
+    events: int
+    ok_events: int
+    errors: int
+    outcomes: dict[str, int]
+    elapsed: float
+    latencies_us: list[int]
+    cpu: dict[str, float]
+    loadgen_cpu: float
+    peak_rss_mb: dict[str, float]
+
+
+def run_load(
+    spec: Mapping[str, Any],
+    *,
+    processes: int,
+    ok: Callable[[str], bool],
+    cpu_groups: Mapping[str, Sequence[int]],
+    rss_pids: Mapping[str, int],
+) -> LoadRun:
+    """Runs ``processes`` load generators together; CPU is measured over their measured phase only."""
+    run_id = secrets.token_hex(4)
+    children = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")]))
+    for worker in range(processes):
+        worker_spec = dict(spec, run_id=run_id, worker=worker)
+        if spec.get("mode") == "open":
+            worker_spec["rate"] = float(spec["rate"]) / processes
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", json.dumps(worker_spec)],
+            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        ))
+    try:
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline().strip()
+            if line != "READY":
+                raise RuntimeError(f"load generator did not warm up (said {line!r}, code {child.poll()})")
+        meter = CpuMeter(cpu_groups)
+        with RssSampler(rss_pids) as rss:
+            before = meter.snapshot()
+            for child in children:
+                assert child.stdin is not None
+                child.stdin.write("GO\n")
+                child.stdin.flush()
+            results = []
+            for child in children:
+                out, _ = child.communicate(timeout=float(spec["duration"]) + 60)
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            after = meter.snapshot()
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    outcomes: dict[str, int] = {}
+    latencies: list[int] = []
+    events = ok_events = errors = 0
+    for result in results:
+        per_call = int(result["events_per_call"])
+        for outcome, count in result["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+            events += count * per_call
+            if ok(outcome):
+                ok_events += count * per_call
+            else:
+                errors += count * per_call
+        errors += int(result["dropped"]) * per_call
+        latencies.extend(result["latencies_us"])
+    latencies.sort()
+    return LoadRun(
+        events=events, ok_events=ok_events, errors=errors, outcomes=outcomes,
+        elapsed=max(float(result["elapsed"]) for result in results),
+        latencies_us=latencies, cpu=CpuMeter.delta(before, after),
+        loadgen_cpu=sum(float(result["cpu_seconds"]) for result in results),
+        peak_rss_mb=rss.peak_mb(),
+    )
+
+
+def fill_from_load(result: CaseResult, run: LoadRun, mode: str) -> CaseResult:
+    result.events = run.ok_events
+    result.errors = run.errors
+    result.outcomes = run.outcomes
+    result.throughput = run.ok_events / run.elapsed if run.elapsed else None
+    if mode == "open":
+        result.extra["offered_per_s"] = run.events / run.elapsed if run.elapsed else None
+    lat = run.latencies_us
+    result.p50_ms, result.p95_ms, result.p99_ms = (percentile(lat, q) / 1000 for q in (0.5, 0.95, 0.99))
+    result.cpu_seconds = {name: round(value, 3) for name, value in run.cpu.items()}
+    total = sum(run.cpu.values())
+    result.cpu_us_per_event = total / run.ok_events * 1e6 if run.ok_events else None
+    result.loadgen_cpu_seconds = round(run.loadgen_cpu, 3)
+    result.peak_rss_mb = run.peak_rss_mb
+    return result
+
+
+# ---------------------------------------------------------------- catalog setup
+
+
+@dataclass
+class Catalog:
+    campaign_id: str
+    affiliate_id: str
+    token: str
+    codes: list[str]
+    hot_code: str
+
+
+def create_catalog(addr: str, codes: int) -> Catalog:
+    """A campaign, an affiliate and GENERAL unlimited codes, through CatalogService like a marketer."""
+    from ascribe.attribution.v1 import attribution_pb2 as pb
+    from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        catalog = pb_grpc.CatalogServiceStub(channel)
+        affiliate = catalog.CreateAffiliate(
+            pb.CreateAffiliateRequest(affiliate=pb.Affiliate(name="bench affiliate", channel="social")),
+            timeout=10,
+        )
+        campaign = catalog.CreateCampaign(
+            pb.CreateCampaignRequest(campaign=pb.Campaign(
+                name="bench campaign", landing_url="https://shop.example/landing", currency="EUR",
+                payout_percent_bp=1000,
+            )),
+            timeout=10,
+        )
+        names = [f"BENCH{i:05d}" for i in range(codes)] + ["HOTCODE"]
+        for code in names:
+            catalog.CreateCoupon(
+                pb.CreateCouponRequest(coupon=pb.Coupon(
+                    code=code, campaign_id=campaign.id, kind=pb.COUPON_KIND_GENERAL,
+                    allow_all_affiliates=True, usage_limit=0,
+                )),
+                timeout=10,
+            )
+    return Catalog(campaign.id, affiliate.id, campaign.postback_token, names[:-1], names[-1])
+
+
+def rpc_reason(error: grpc.RpcError, what: str) -> str:
+    code = error.code() if isinstance(error, grpc.Call) else None
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"{what} answers UNIMPLEMENTED"
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    return f"{what} failed: {code.name if code else '?'} {details}"
+
+
+# ---------------------------------------------------------------- goals
+
+CLICK_PEAK_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
+CLICK_P99_GOAL = Goal("p99 <= 25 ms at 1,000/s", "p99_ms", "<=", 25)
+CLICK_CPU_GOAL = Goal("<= 700 µs CPU/click", "cpu_us_per_event", "<=", 700)
+CONV_MANY_GOAL = Goal(">= 1,500/s", "throughput", ">=", 1500)
+CONV_HOT_GOAL = Goal(">= 1,000/s", "throughput", ">=", 1000)
+STORE_GOAL = Goal(">= 10x naive", "ratio", ">=", 10)
+EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
+FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
+FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
+FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+
+
+# ---------------------------------------------------------------- cases
+
+
+class Runner:
+    """Runs the cases in order; later cases read earlier results for their ratios."""
+
+    def __init__(self, env: BenchEnv, mode: Mode, only: set[str] | None = None) -> None:
+        self.env = env
+        self.mode = mode
+        self.only = only
+        self.results: dict[str, CaseResult] = {}
+        self.catalog: Catalog | None = None
+        self.catalog_error = ""
+
+    def wanted(self, key: str) -> bool:
+        return self.only is None or any(key.startswith(prefix) for prefix in self.only)
+
+    def add(self, result: CaseResult) -> None:
+        result.judge()
+        self.results[result.key] = result
+        shown = (
+            f"{result.throughput:,.0f} {result.unit}" if result.throughput is not None else result.status
+        )
+        print(f"bench: {result.key:<22} {shown}  {result.note}", file=sys.stderr, flush=True)
+
+    def ratio(self, result: CaseResult, reference: str, of: str = "throughput") -> None:
+        ref = self.results.get(reference)
+        result.reference = reference
+        result.ratio_of = of
+        if ref is None or ref.status != AVAILABLE:
+            return
+        mine, theirs = getattr(result, of), getattr(ref, of)
+        if mine and theirs:
+            result.ratio = round(mine / theirs, 3)
+
+    def service_missing(self, *names: str) -> str | None:
+        for name in names:
+            if name in self.env.service_errors:
+                return f"{name} service: {self.env.service_errors[name]}"
+        return None
+
+    def load_case(
+        self,
+        key: str,
+        title: str,
+        spec: dict[str, Any],
+        *,
+        ok: Callable[[str], bool],
+        goals: Sequence[Goal] = (),
+        processes: int = 1,
+        unit: str = "req/s",
+        services: bool = True,
+    ) -> CaseResult:
+        stack = self.env.stack
+        spec = {"warmup": self.mode.warmup, "duration": self.mode.duration, **spec}
+        cpu_groups = spec.pop("cpu_groups_override", None) or self.env.cpu_groups()
+        try:
+            run = run_load(
+                spec, processes=processes, ok=ok, cpu_groups=cpu_groups,
+                rss_pids=stack.pids() if stack and services else {},
+            )
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
+            return CaseResult(key, title, status=FAILED, note=_first_line(error), goals=list(goals))
+        result = fill_from_load(CaseResult(key, title, unit=unit, goals=list(goals)), run, spec["mode"])
+        if spec["mode"] == "open":
+            result.note = f"open loop at {spec['rate']:,.0f}/s offered"
+        else:
+            result.note = f"closed loop, {spec['concurrency'] * processes} in flight"
+        return result
+
+    # (a) --------------------------------------------------------------
+    def reference_redirect(self) -> None:
+        key, title = "a.reference_302", "bare aiohttp+uvloop 302 handler (Python floor)"
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "bench.refserver", str(port)], cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")])),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while not port_open(port) and time.monotonic() < deadline and server.poll() is None:
+                time.sleep(0.05)
+            spec = {
+                "kind": "click", "mode": "closed", "concurrency": self.mode.concurrency,
+                "target": f"http://127.0.0.1:{port}", "cpu_groups_override": {"reference": [server.pid]},
+            }
+            result = self.load_case(key, title, spec, ok=lambda o: o == "302", processes=2, services=False)
+        finally:
+            server.terminate()
+            server.wait(10)
+        self.add(result)
+
+    # (b) --------------------------------------------------------------
+    def ensure_catalog(self) -> str | None:
+        if self.catalog is None and not self.catalog_error:
+            missing = self.service_missing("attribution")
+            if missing:
+                self.catalog_error = missing
+            else:
+                assert self.env.stack is not None
+                try:
+                    self.catalog = create_catalog(self.env.stack.addr("attribution"), self.mode.codes)
+                except grpc.RpcError as error:
+                    self.catalog_error = rpc_reason(error, "CatalogService")
+        return self.catalog_error or None
+
+    def clicks(self) -> None:
+        peak_title = "clicks through the gateway, peak"
+        open_title = "clicks through the gateway at 1,000/s"
+        reason = self.service_missing("fraud", "attribution", "gateway") or self.ensure_catalog()
+        if reason:
+            self.add(unavailable("b.clicks_peak", peak_title, reason, [CLICK_PEAK_GOAL]))
+            self.add(unavailable("b.clicks_1000", open_title, reason, [CLICK_P99_GOAL, CLICK_CPU_GOAL]))
+            return
+        assert self.env.stack is not None and self.catalog is not None
+        params = {"campaign_id": self.catalog.campaign_id, "affiliate_id": self.catalog.affiliate_id}
+        base = {"kind": "click", "target": self.env.stack.gateway_url, "params": params}
+        peak = self.load_case(
+            "b.clicks_peak", peak_title,
+            {**base, "mode": "closed", "concurrency": self.mode.concurrency},
+            ok=lambda o: o == "302", goals=[CLICK_PEAK_GOAL], unit="clicks/s",
+        )
+        self.ratio(peak, "a.reference_302")
+        self.add(peak)
+        steady = self.load_case(
+            "b.clicks_1000", open_title, {**base, "mode": "open", "rate": self.mode.open_rate},
+            ok=lambda o: o == "302", goals=[CLICK_P99_GOAL, CLICK_CPU_GOAL], unit="clicks/s",
+        )
+        self.ratio(steady, "a.reference_302", of="cpu_us_per_event")
+        self.add(steady)
+
+    # (c) --------------------------------------------------------------
+    def conversions(self) -> None:
+        cases = [
+            ("c.conversions_many", f"conversions through the gateway, {self.mode.codes} codes", CONV_MANY_GOAL),
+            ("c.conversions_hot", "conversions through the gateway, one hot unlimited code", CONV_HOT_GOAL),
+        ]
+        reason = self.service_missing("attribution", "gateway") or self.ensure_catalog()
+        for key, title, goal in cases:
+            if reason:
+                self.add(unavailable(key, title, reason, [goal]))
+                continue
+            assert self.env.stack is not None and self.catalog is not None
+            codes = self.catalog.codes if key.endswith("many") else [self.catalog.hot_code]
+            spec = {
+                "kind": "postback", "mode": "closed", "concurrency": self.mode.concurrency,
+                "target": self.env.stack.gateway_url,
+                "params": {"campaign_id": self.catalog.campaign_id, "token": self.catalog.token, "codes": codes},
+            }
+            result = self.load_case(
+                key, title, spec, ok=lambda o: o.startswith("200:"), goals=[goal], unit="conv/s"
+            )
+            rejected = sum(n for outcome, n in result.outcomes.items() if outcome == "200:rejected")
+            if rejected:
+                result.note += f"; {rejected} answered rejected"
+            self.add(result)
+
+    # (d) --------------------------------------------------------------
+    def fraud(self) -> None:
+        titles = {
+            "d.fraud_check_1000": "fraud CheckClick at 1,000/s",
+            "d.fraud_check_peak": "fraud CheckClick, peak",
+            "d.fraud_batch": f"fraud CheckClickBatch ({self.mode.batch_size}/call)",
+        }
+        goals = {
+            "d.fraud_check_1000": [FRAUD_P99_GOAL],
+            "d.fraud_check_peak": [FRAUD_PEAK_GOAL],
+            "d.fraud_batch": [FRAUD_BATCH_GOAL],
+        }
+        reason = self.service_missing("fraud")
+        if reason:
+            for key, title in titles.items():
+                self.add(unavailable(key, title, reason, goals[key]))
+            return
+        assert self.env.stack is not None
+        target = self.env.stack.addr("fraud")
+        specs = {
+            "d.fraud_check_1000": {"kind": "check_click", "mode": "open", "rate": self.mode.open_rate},
+            "d.fraud_check_peak": {"kind": "check_click", "mode": "closed", "concurrency": self.mode.concurrency},
+            "d.fraud_batch": {
+                "kind": "check_click_batch", "mode": "closed", "concurrency": 8,
+                "params": {"batch_size": self.mode.batch_size},
+            },
+        }
+        for key, spec in specs.items():
+            result = self.load_case(
+                key, titles[key], {**spec, "target": target}, ok=lambda o: o == "OK",
+                goals=goals[key], unit="checks/s",
+            )
+            if key == "d.fraud_batch":
+                self.ratio(result, "d.fraud_check_peak")
+            if result.status == AVAILABLE and result.events == 0 and result.outcomes:
+                result.status = FAILED
+                result.note = f"every call failed: {result.outcomes}"
+            self.add(result)
+
+    # (e) --------------------------------------------------------------
+    def store(self) -> None:
+        real, why = find_real_store()
+        results = asyncio.run(store_cases(self.env, self.mode, real, why))
+        for result in results:
+            if result.key == "e.store_hot":
+                self.ratio(result, "e.store_hot_naive")
+            if result.key == "e.limit_10000_on_150":
+                self.ratio(result, "e.limit_10000_on_150_naive", of="throughput")
+            self.add(result)
+
+    # (f) --------------------------------------------------------------
+    def generate(self) -> None:
+        key, title = "f.generate_codes", f"{self.mode.generate:,} unique codes via GenerateCodes"
+        reason = self.ensure_catalog()
+        if reason:
+            self.add(unavailable(key, title, reason))
+            return
+        assert self.env.stack is not None and self.catalog is not None
+        from ascribe.attribution.v1 import attribution_pb2 as pb
+        from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
+
+        meter = CpuMeter(self.env.cpu_groups())
+        with grpc.insecure_channel(self.env.stack.addr("attribution")) as channel, \
+                RssSampler(self.env.stack.pids()) as rss:
+            before = meter.snapshot()
+            started = time.perf_counter()
+            try:
+                reply = pb_grpc.CatalogServiceStub(channel).GenerateCodes(
+                    pb.GenerateCodesRequest(
+                        template=pb.Coupon(
+                            campaign_id=self.catalog.campaign_id, kind=pb.COUPON_KIND_UNIQUE,
+                            usage_limit=1, allow_all_affiliates=True,
+                        ),
+                        count=self.mode.generate, prefix="G", length=12,
+                    ),
+                    timeout=900,
+                )
+            except grpc.RpcError as error:
+                self.add(unavailable(key, title, rpc_reason(error, "GenerateCodes")))
+                return
+            elapsed = time.perf_counter() - started
+            cpu = CpuMeter.delta(before, meter.snapshot())
+        stored = asyncio.run(_count_batch(self.env.database_url, reply.batch_id))
+        result = CaseResult(key, title, unit="codes/s", throughput=reply.generated / elapsed, events=stored)
+        result.exact = stored == self.mode.generate == reply.generated
+        result.goals = [Goal(f"all {self.mode.generate:,} stored", "exact", ">=", 1)]
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, stored) * 1e6
+        result.peak_rss_mb = rss.peak_mb()
+        result.note = f"{elapsed:.1f} s, {stored:,} rows stored"
+        result.extra["seconds"] = round(elapsed, 2)
+        self.add(result)
+
+    def run(self) -> dict[str, CaseResult]:
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
+            ("d", self.fraud), ("e", self.store), ("f", self.generate),
+        ]
+        for prefix, step in steps:
+            if self.wanted(prefix):
+                step()
+        return self.results
+
+
+async def _count_batch(database_url: str, batch_id: str) -> int:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM coupons WHERE batch_id = $1", batch_id))
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------- redemption store
+
+TakeFn = Callable[[str, str], Awaitable[bool]]
+StoreFactory = Callable[[asyncpg.Pool], tuple[TakeFn, Callable[[], Awaitable[None]]]]
+
+
+def find_real_store() -> tuple[StoreFactory | None, str]:
+    """The lead's store, adapted to ``take(campaign_id, code) -> granted``.
+
+    Accepts either a class ``RedemptionStore(pool)`` with ``take(campaign_id,
+    code)`` answering None when refused, or a module-level async function
+    taking ``(pool, campaign_id, code)`` and answering whether it granted.
+    """
+    try:
+        module = importlib.import_module("services.attribution.store.redemptions")
+    except ImportError as error:
+        return None, f"services/attribution/store/redemptions.py: {_first_line(error)}"
+    store_class = getattr(module, "RedemptionStore", None)
+    if store_class is not None and hasattr(store_class, "take"):
+
+        def from_class(pool: asyncpg.Pool) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
+            store = store_class(pool)
+
+            async def take(campaign_id: str, code: str) -> bool:
+                granted = await store.take(campaign_id, code)
+                return bool(granted) if isinstance(granted, bool) else granted is not None
+
+            async def close() -> None:
+                closer = getattr(store, "close", None)
+                if closer is not None:
+                    await closer()
+
+            return take, close
+
+        return from_class, "RedemptionStore.take"
+    for name, function in inspect.getmembers(module, inspect.iscoroutinefunction):
+        params = list(inspect.signature(function).parameters)
+        if params[:3] == ["pool", "campaign_id", "code"]:
+
+            def from_function(
+                pool: asyncpg.Pool, function: Any = function
+            ) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
+                async def take(campaign_id: str, code: str) -> bool:
+                    return bool(await function(pool, campaign_id, code))
+
+                async def close() -> None:
+                    return None
+
+                return take, close
+
+            return from_function, name
+    return None, "no take-one-use function in services/attribution/store/redemptions.py yet"
+
+
+STORE_CAMPAIGN = "bench-store"
+
+
+async def _store_setup(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        """INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)
+           VALUES ($1, 'bench store', 'https://shop.example/landing', 'EUR', '\\x00'::bytea)
+           ON CONFLICT (id) DO NOTHING""",
+        STORE_CAMPAIGN,
+    )
+    await conn.executemany(
+        """INSERT INTO coupons (campaign_id, code, kind, usage_limit, allow_all_affiliates)
+           VALUES ($1, $2, 'general', $3, true)""",
+        [
+            (STORE_CAMPAIGN, "HOT-NAIVE", 0), (STORE_CAMPAIGN, "HOT-REAL", 0),
+            (STORE_CAMPAIGN, "LIMIT150-NAIVE", 150), (STORE_CAMPAIGN, "LIMIT150-REAL", 150),
+        ],
+    )
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def _measured(env: BenchEnv) -> Iterator[dict[str, float]]:
+    """CPU of this process (the store's callers run here) and of PostgreSQL."""
+    meter = CpuMeter(env.cpu_groups(services=False))
+    out: dict[str, float] = {}
+    before, self_before = meter.snapshot(), _cpu_self()
+    yield out
+    out.update(CpuMeter.delta(before, meter.snapshot()))
+    out["bench process (callers + store)"] = _cpu_self() - self_before
+
+
+async def _hot_code(take: TakeFn, code: str, callers: int, duration: float) -> tuple[int, int, list[int], float]:
+    granted = errors = 0
+    latencies: list[int] = []
+    started = time.perf_counter()
+    end = started + duration
+
+    async def caller() -> None:
+        nonlocal granted, errors
+        for _ in range(10_000_000):
+            sent = time.perf_counter()
+            if sent >= end:
+                return
+            try:
+                if await take(STORE_CAMPAIGN, code):
+                    granted += 1
+            except (asyncpg.PostgresError, OSError):
+                errors += 1
+            latencies.append(int((time.perf_counter() - sent) * 1e6))
+
+    await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(callers))), duration + 30)
+    return granted, errors, sorted(latencies), time.perf_counter() - started
+
+
+async def _burst(take: TakeFn, code: str, attempts: int) -> tuple[int, int, float]:
+    started = time.perf_counter()
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(take(STORE_CAMPAIGN, code) for _ in range(attempts)), return_exceptions=True), 120
+    )
+    settle = time.perf_counter() - started
+    granted = sum(1 for answer in answers if answer is True)
+    errors = sum(1 for answer in answers if isinstance(answer, BaseException))
+    return granted, errors, settle
+
+
+async def store_cases(env: BenchEnv, mode: Mode, real: StoreFactory | None, real_name: str) -> list[CaseResult]:
+    callers = 64
+    pool = await asyncpg.create_pool(env.database_url, min_size=callers, max_size=callers)
+    results: list[CaseResult] = []
+    try:
+        async with pool.acquire() as conn:
+            await _store_setup(conn)
+        stores: list[tuple[str, StoreFactory | None, str]] = [
+            ("_naive", lambda p: (lambda c, k: naive_store.take_use(p, c, k), _noop), "naive"),
+            ("", real, "real"),
+        ]
+        for suffix, factory, flavor in stores:
+            hot_key, burst_key = f"e.store_hot{suffix}", f"e.limit_10000_on_150{suffix}"
+            hot_title = f"redemption store, {callers} callers on one hot code" + (
+                " (naive SELECT FOR UPDATE + UPDATE)" if flavor == "naive" else f" ({real_name})"
+            )
+            burst_title = "10,000 concurrent attempts on a 150-use code" + (" (naive)" if flavor == "naive" else "")
+            goals_hot = [STORE_GOAL] if flavor == "real" else []
+            goals_burst = [EXACT_GOAL] if flavor == "real" else []
+            if factory is None:
+                results.append(unavailable(hot_key, hot_title, real_name, goals_hot))
+                results.append(unavailable(burst_key, burst_title, real_name, goals_burst))
+                continue
+            take, close = factory(pool)
+            code = "HOT-NAIVE" if flavor == "naive" else "HOT-REAL"
+            try:
+                with _measured(env) as cpu:
+                    granted, errors, latencies, elapsed = await _hot_code(take, code, callers, mode.store_duration)
+                hot = CaseResult(hot_key, hot_title, unit="uses/s", goals=goals_hot)
+                hot.throughput, hot.events, hot.errors = granted / elapsed, granted, errors
+                hot.p50_ms, hot.p95_ms, hot.p99_ms = (percentile(latencies, q) / 1000 for q in (0.5, 0.95, 0.99))
+                hot.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+                hot.cpu_us_per_event = sum(cpu.values()) / max(1, granted) * 1e6
+                used = await pool.fetchval(
+                    "SELECT used FROM coupons WHERE campaign_id = $1 AND code = $2", STORE_CAMPAIGN, code
+                )
+                hot.exact = used == granted
+                hot.note = f"used = {used} after {granted} grants"
+                results.append(hot)
+
+                if flavor == "naive" and not mode.naive_burst:
+                    results.append(unavailable(burst_key, burst_title, "full mode only"))
+                    continue
+                limited = "LIMIT150-NAIVE" if flavor == "naive" else "LIMIT150-REAL"
+                with _measured(env) as cpu:
+                    granted, errors, settle = await _burst(take, limited, 10_000)
+                used = await pool.fetchval(
+                    "SELECT used FROM coupons WHERE campaign_id = $1 AND code = $2", STORE_CAMPAIGN, limited
+                )
+                burst = CaseResult(burst_key, burst_title, unit="attempts/s", goals=goals_burst)
+                burst.throughput = 10_000 / settle
+                burst.events, burst.errors = granted, errors
+                burst.exact = granted == used == 150 and errors == 0
+                burst.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+                burst.note = f"{granted} taken, used = {used}, {errors} errors, settled in {settle * 1000:.0f} ms"
+                burst.extra.update(taken=granted, used=used, settle_ms=round(settle * 1000, 1))
+                results.append(burst)
+            except (asyncpg.PostgresError, OSError, TimeoutError) as error:
+                results.append(CaseResult(hot_key, hot_title, status=FAILED, note=_first_line(error)))
+            finally:
+                await close()
+    finally:
+        await pool.close()
+    return results
+
+
+async def _noop() -> None:
+    return None

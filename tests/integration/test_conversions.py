@@ -1,0 +1,277 @@
+"""Conversions against real PostgreSQL, Redis, fraud and attribution services.
+
+Races are real: many concurrent gRPC clients, and several attribution
+replicas sharing one database where the claim is about replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from prometheus_client import REGISTRY
+
+from tests.integration.conversion_env import World, start_fraud_service, ts
+from tests.support import bad_request_fields
+
+PENDING = pb.CONVERSION_STATUS_PENDING
+APPROVED = pb.CONVERSION_STATUS_APPROVED
+REJECTED = pb.CONVERSION_STATUS_REJECTED
+FLAGGED = pb.CONVERSION_STATUS_FLAGGED
+CLICK = pb.ATTRIBUTION_SOURCE_CLICK
+COUPON = pb.ATTRIBUTION_SOURCE_COUPON
+NONE = pb.ATTRIBUTION_SOURCE_NONE
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def fraud_checks() -> float:
+    total = 0.0
+    for metric in REGISTRY.collect():
+        if metric.name == "ascribe_fraud_verdicts":
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return total
+
+
+async def test_seed_coupon_accepts_the_last_second_and_rejects_the_end_instant(world: World) -> None:
+    world.clock.now = utc("2025-09-25T00:00:30Z")
+    await world.campaign()
+    await world.affiliate("aff-a")
+    await world.coupon(
+        "SUMMER150", usage_limit=150, affiliate_ids=["aff-a"],
+        valid_from=ts(utc("2025-06-26T00:00:00Z")), valid_until=ts(utc("2025-09-25T00:00:00Z")),
+    )
+    inside = await world.convert(coupon_code="summer150", occurred_at=ts(utc("2025-09-24T23:59:59Z")))
+    assert inside.status == PENDING, inside.reasons
+    assert inside.coupon_remaining == 149
+    assert inside.source == NONE and inside.affiliate_id == ""  # a selected-affiliates code with no click
+    outside = await world.convert(coupon_code="SUMMER150", occurred_at=ts(utc("2025-09-25T00:00:00Z")))
+    assert outside.status == REJECTED
+    assert "coupon_expired" in outside.reasons
+    assert (await world.get_coupon("SUMMER150")).remaining == 149
+
+
+async def test_one_order_posted_20_times_at_once_is_one_conversion_one_use_one_check(world: World) -> None:
+    await world.campaign()
+    await world.coupon("HOT", usage_limit=10, allow_all_affiliates=True)
+    request = world.request(order_id="o-1", coupon_code="HOT", customer_id="c1")
+    checks_before = fraud_checks()
+    results = await asyncio.gather(
+        *(world.tracking.RecordConversion(request, timeout=20) for _ in range(20))
+    )
+    assert {r.id for r in results} == {results[0].id}
+    assert results[0].status == PENDING
+    assert await world.used("HOT") == 1
+    assert await world.live_ledger("HOT") == 1
+    assert await world.db.fetchval("SELECT count(*) FROM conversions") == 1
+    assert await world.db.fetchval("SELECT count(*) FROM conversion_events") == 1
+    assert fraud_checks() - checks_before == 1
+
+    again = await world.tracking.RecordConversion(request, timeout=10)
+    assert again.id == results[0].id
+    with pytest.raises(grpc.aio.AioRpcError) as conflict:
+        await world.convert(order_id="o-1", coupon_code="HOT", customer_id="c1", amount_micros=1)
+    assert conflict.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert await world.used("HOT") == 1
+
+
+async def test_an_order_rejected_for_a_fixable_reason_is_judged_anew(world: World) -> None:
+    await world.campaign()
+    await world.coupon("ONCE", per_customer_limit=1, allow_all_affiliates=True)
+    first = await world.convert(order_id="o-7", coupon_code="ONCE")
+    assert first.status == REJECTED and "customer_id_required" in first.reasons
+    fixed = await world.convert(order_id="o-7", coupon_code="ONCE", customer_id="c-7")
+    assert fixed.status == PENDING and fixed.id == first.id
+    history = (await world.get("o-7")).history
+    assert [(e.from_status, e.to_status) for e in history] == [
+        (pb.CONVERSION_STATUS_UNSPECIFIED, REJECTED), (REJECTED, PENDING)
+    ]
+    assert "customer_id_required" in history[0].note
+
+
+async def test_per_customer_limit_holds_under_a_race(world: World) -> None:
+    await world.campaign()
+    await world.coupon("WELCOME", per_customer_limit=1, allow_all_affiliates=True)
+    results = await asyncio.gather(
+        *(world.convert(coupon_code="WELCOME", customer_id="same") for _ in range(20))
+    )
+    accepted = [r for r in results if r.status != REJECTED]
+    assert len(accepted) == 1
+    assert all("customer_limit_reached" in r.reasons for r in results if r.status == REJECTED)
+    assert await world.used("WELCOME") == 1
+
+
+async def test_usage_limit_is_exact_across_three_replicas(world: World) -> None:
+    await world.add_replica()
+    await world.add_replica()
+    await world.campaign()
+    await world.coupon("LIMITED", usage_limit=150, allow_all_affiliates=True)
+    results = await asyncio.gather(*(
+        world.convert(replica=world.replicas[i % 3], coupon_code="LIMITED", customer_id=f"c{i}")
+        for i in range(450)
+    ))
+    accepted = [r for r in results if r.status != REJECTED]
+    assert len(accepted) == 150
+    assert sorted(r.coupon_remaining for r in accepted) == list(range(150))
+    assert all(r.reasons == ["usage_limit_reached"] for r in results if r.status == REJECTED)
+    assert await world.used("LIMITED") == 150
+    assert await world.live_ledger("LIMITED") == 150
+
+
+async def test_credit_table(world: World) -> None:
+    await world.campaign("cmp")
+    await world.campaign("cf", attribution_policy=pb.ATTRIBUTION_POLICY_CLICK_FIRST)
+    await world.affiliate("A", channel="social")
+    await world.affiliate("B", channel="influencer")
+    for campaign in ("cmp", "cf"):
+        await world.coupon("GEN", campaign, allow_all_affiliates=True)
+        await world.coupon("GENSEL", campaign, affiliate_ids=["A"])
+        await world.coupon("EXCL", campaign, kind=pb.COUPON_KIND_EXCLUSIVE, affiliate_ids=["B"])
+        for n in range(3):
+            await world.coupon(f"UNIQB{n}", campaign, kind=pb.COUPON_KIND_UNIQUE, affiliate_ids=["B"])
+        await world.coupon("UNIQFREE", campaign, kind=pb.COUPON_KIND_UNIQUE)
+
+    async def outcome(campaign: str, code: str, clicker: str | None) -> tuple[str, int, list[str]]:
+        click_id = await world.click(clicker, campaign) if clicker else ""
+        conversion = await world.convert(campaign_id=campaign, coupon_code=code, click_id=click_id)
+        if conversion.status == REJECTED:
+            return ("rejected", NONE, list(conversion.reasons))
+        return (conversion.affiliate_id, conversion.source, [])
+
+    for campaign in ("cmp", "cf"):
+        assert await outcome(campaign, "", "A") == ("A", CLICK, [])
+        assert await outcome(campaign, "", None) == ("", NONE, [])
+        assert await outcome(campaign, "GEN", "A") == ("A", CLICK, [])
+        assert await outcome(campaign, "GENSEL", "A") == ("A", CLICK, [])
+        rejected = await outcome(campaign, "GENSEL", "B")
+        assert rejected[0] == "rejected" and "affiliate_not_allowed" in rejected[2]
+        assert await outcome(campaign, "GEN", None) == ("", NONE, [])
+        assert await outcome(campaign, "EXCL", "B") == ("B", CLICK, [])
+        assert await outcome(campaign, "EXCL", None) == ("B", COUPON, [])
+        assert await outcome(campaign, "UNIQB0", None) == ("B", COUPON, [])
+        assert await outcome(campaign, "UNIQFREE", "A") == ("A", CLICK, [])
+    # Where a click and a code disagree, the policy decides.
+    assert await outcome("cmp", "EXCL", "A") == ("B", COUPON, [])
+    assert await outcome("cf", "EXCL", "A") == ("A", CLICK, [])
+    assert await outcome("cmp", "UNIQB1", "A") == ("B", COUPON, [])
+    assert await outcome("cf", "UNIQB1", "A") == ("A", CLICK, [])
+    assert (await world.get_coupon("UNIQB1", "cf")).remaining == 0  # the code is still used
+
+
+async def test_a_click_earns_one_conversion_by_default(world: World) -> None:
+    await world.campaign()
+    await world.affiliate("A")
+    click_id = await world.click("A")
+    first = await world.convert(click_id=click_id)
+    second = await world.convert(click_id=click_id)
+    assert (first.affiliate_id, first.source) == ("A", CLICK)
+    assert second.status == PENDING and second.source == NONE
+    assert "click_already_converted" in second.reasons
+    unknown = await world.convert(click_id="not-a-click-id")
+    assert unknown.status == PENDING and "unknown_click" in unknown.reasons
+
+
+async def test_hold_runs_from_the_later_time_and_zero_days_approve_at_once(world: World) -> None:
+    await world.campaign("held", hold_days=30, payout_percent_bp=1000, payout_micros=0)
+    await world.campaign("instant", hold_days=0)
+    await world.affiliate("A")
+    backdated = world.clock.now - timedelta(days=3)
+    click_id = await world.click("A", "held", occurred_at=ts(backdated - timedelta(hours=1)))
+    held = await world.convert(campaign_id="held", click_id=click_id, occurred_at=ts(backdated))
+    assert held.status == PENDING
+    assert held.hold_until.ToDatetime(tzinfo=UTC) == world.clock.now + timedelta(days=30)
+    assert held.payout_micros == 5_000_000  # 10 % of 50.00
+    instant = await world.convert(campaign_id="instant")
+    assert instant.status == APPROVED
+
+
+async def test_restrictions_and_static_rules_are_all_listed(world: World) -> None:
+    await world.campaign()
+    await world.affiliate("A", channel="email")
+    await world.coupon(
+        "RULES", allow_all_affiliates=True, countries=["DE"], device_types=[pb.DEVICE_TYPE_MOBILE],
+        channels=["social"], skus=["SKU-1"], min_order_micros=100_000_000,
+    )
+    click_id = await world.click("A")
+    conversion = await world.convert(
+        coupon_code="RULES", click_id=click_id, country="FR", device_type=pb.DEVICE_TYPE_DESKTOP,
+        skus=["SKU-2"], amount_micros=10_000_000, currency="USD",
+    )
+    assert conversion.status == REJECTED
+    for reason in ("restriction_country", "restriction_device", "restriction_channel", "restriction_sku",
+                   "below_min_order", "currency_mismatch"):
+        assert reason in conversion.reasons
+    good = await world.convert(
+        coupon_code="RULES", country="DE", device_type=pb.DEVICE_TYPE_MOBILE, skus=["sku-1", "x"],
+        amount_micros=90_000_000, discount_micros=10_000_000,
+    )
+    assert "restriction_channel" in good.reasons  # no click: the channel is "direct"
+
+
+async def test_bad_postbacks_get_clear_errors(world: World) -> None:
+    await world.campaign()
+    cases = {
+        "amount_micros": {"amount_micros": -1},
+        "currency": {"currency": "EURO"},
+        "order_id": {"order_id": ""},
+        "coupon_code": {"coupon_code": "no spaces!"},
+        "ip": {"ip": "999.1.1.1"},
+        "occurred_at": {"occurred_at": ts(world.clock.now + timedelta(minutes=6))},
+    }
+    for field, fields in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await world.convert(**fields)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in bad_request_fields(error.value)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await world.convert(postback_token="wrong")
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await world.convert(campaign_id="nope")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await world.db.fetchval("SELECT count(*) FROM conversions") == 0
+
+
+async def test_batch_judges_each_conversion_alone(world: World) -> None:
+    await world.campaign()
+    await world.coupon("TWO", usage_limit=2, allow_all_affiliates=True)
+    requests = [world.request(coupon_code="TWO") for _ in range(3)] + [world.request(amount_micros=-5)]
+    answer = await world.tracking.RecordConversionBatch(
+        pb.RecordConversionBatchRequest(requests=requests), timeout=20
+    )
+    statuses = [r.conversion.status for r in answer.responses[:3]]
+    assert statuses.count(PENDING) == 2 and statuses.count(REJECTED) == 1
+    assert answer.responses[3].WhichOneof("result") == "error"
+    assert answer.responses[3].error.field == "amount_micros"
+
+
+async def test_fraud_down_flags_then_rescoring_clears(world_without_fraud: World, redis_server_url: str,
+                                                      redis_prefix: str, ipintel_dir: object) -> None:
+    world = world_without_fraud
+    await world.campaign()
+    await world.coupon("SAFE", usage_limit=5, allow_all_affiliates=True)
+    flagged = await world.convert(coupon_code="SAFE")
+    assert flagged.status == FLAGGED and "fraud_unavailable" in flagged.reasons
+    assert (await world.get_coupon("SAFE")).used == 1  # the use is held, never lost
+    port = int(world.fraud_addr.rsplit(":", 1)[1])
+    from pathlib import Path
+    fraud = await start_fraud_service(redis_server_url, redis_prefix, Path(str(ipintel_dir)), port)
+    try:
+        changed = 0
+        for _ in range(50):  # the channel reconnects with a short backoff
+            changed = await world.replicas[0].service.lifecycle.rescore()
+            if changed:
+                break
+            await asyncio.sleep(0.1)
+        assert changed == 1
+        after = await world.get(flagged.order_id)
+        assert after.status == PENDING
+        assert "fraud_unavailable" not in after.reasons
+        assert after.history[-1].reason == "rescored"
+    finally:
+        await fraud.stop()

@@ -1,0 +1,84 @@
+"""Gateway settings from the environment: defaults, fail-fast errors, the loopback rule."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from gateway.config import Settings
+from services.common.env import ConfigError
+
+VARIABLES = (
+    "ASCRIBE_GATEWAY_HOST",
+    "ASCRIBE_GATEWAY_PORT",
+    "ASCRIBE_ATTRIBUTION_ADDR",
+    "ASCRIBE_FRAUD_ADDR",
+    "ASCRIBE_INTERNAL_TOKEN",
+    "ASCRIBE_TRUSTED_PROXIES",
+    "ASCRIBE_DEBUG_HEADERS",
+    "ASCRIBE_GATEWAY_DEADLINE_MS",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env()
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.attribution_addr == "127.0.0.1:50051"
+    assert settings.internal_token is None
+    assert settings.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    assert settings.debug_headers is False
+    assert settings.deadline_ms == 2000
+
+
+def test_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCRIBE_GATEWAY_HOST", "0.0.0.0")
+    monkeypatch.setenv("ASCRIBE_GATEWAY_PORT", "9000")
+    monkeypatch.setenv("ASCRIBE_INTERNAL_TOKEN", "tok")
+    monkeypatch.setenv("ASCRIBE_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1")
+    monkeypatch.setenv("ASCRIBE_DEBUG_HEADERS", "1")
+    monkeypatch.setenv("ASCRIBE_GATEWAY_DEADLINE_MS", "750")
+    settings = Settings.from_env()
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert settings.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.0.2.1/32"),
+    )
+    assert settings.debug_headers is True
+    assert settings.deadline_seconds == 0.75
+    assert "tok" not in repr(settings)
+
+
+def test_public_bind_without_internal_token_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCRIBE_GATEWAY_HOST", "0.0.0.0")
+    with pytest.raises(ConfigError, match="ASCRIBE_INTERNAL_TOKEN"):
+        Settings.from_env()
+
+
+def test_remote_attribution_without_internal_token_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCRIBE_ATTRIBUTION_ADDR", "attribution:50051")
+    with pytest.raises(ConfigError, match="ASCRIBE_INTERNAL_TOKEN"):
+        Settings.from_env()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ASCRIBE_TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip"),
+        ("ASCRIBE_GATEWAY_PORT", "http"),
+        ("ASCRIBE_GATEWAY_PORT", "70000"),
+        ("ASCRIBE_GATEWAY_DEADLINE_MS", "0"),
+        ("ASCRIBE_DEBUG_HEADERS", "maybe"),
+        ("ASCRIBE_ATTRIBUTION_ADDR", "no-port"),
+    ],
+)
+def test_malformed_values_fail_fast(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env()
