@@ -32,7 +32,7 @@ def attribution_settings(database_url: str, fraud_addr: str, **overrides: Any) -
         metrics_port=0,
         admin_token=None,
         internal_token=None,
-        fraud_deadline_ms=200,
+        fraud_deadline_ms=2000,  # in-process services share one event loop with the test
         db_pool_min=2,
         db_pool_max=20,
         db_statement_timeout_ms=10000,

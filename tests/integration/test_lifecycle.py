@@ -45,7 +45,7 @@ async def test_concurrent_refunds_and_orders_keep_the_ledger_and_counter_equal(w
     refunds = [world.refund(c.order_id) for c in taken[:50]]
     orders = [world.convert(replica=world.replicas[1], coupon_code="BUSY") for _ in range(50)]
     results = await asyncio.gather(*refunds, *orders)
-    new_accepted = sum(1 for r in results[50:] if r.status == PENDING)
+    new_accepted = sum(1 for r in results[50:] if r.status != REJECTED)
     used = await world.used("BUSY")
     assert used == await world.live_ledger("BUSY")
     assert used == 50 + new_accepted
