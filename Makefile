@@ -43,7 +43,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 typecheck: gen/.stamp
-	$(VENV)/bin/mypy services gateway tools
+	$(VENV)/bin/mypy services gateway tools bench
 
 unit: gen/.stamp
 	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -354,13 +354,14 @@ def run_load(
     )
 
 
-def fill_from_load(result: CaseResult, run: LoadRun, mode: str) -> CaseResult:
+def fill_from_load(result: CaseResult, run: LoadRun, spec: Mapping[str, Any]) -> CaseResult:
     result.events = run.ok_events
     result.errors = run.errors
     result.outcomes = run.outcomes
     result.throughput = run.ok_events / run.elapsed if run.elapsed else None
-    if mode == "open":
-        result.extra["offered_per_s"] = run.events / run.elapsed if run.elapsed else None
+    if spec["mode"] == "open":
+        result.extra["offered_per_s"] = float(spec["rate"])
+    result.extra["elapsed_s"] = round(run.elapsed, 2)
     lat = run.latencies_us
     result.p50_ms, result.p95_ms, result.p99_ms = (percentile(lat, q) / 1000 for q in (0.5, 0.95, 0.99))
     result.cpu_seconds = {name: round(value, 3) for name, value in run.cpu.items()}
@@ -498,7 +499,7 @@ class Runner:
             )
         except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
             return CaseResult(key, title, status=FAILED, note=_first_line(error), goals=list(goals))
-        result = fill_from_load(CaseResult(key, title, unit=unit, goals=list(goals)), run, spec["mode"])
+        result = fill_from_load(CaseResult(key, title, unit=unit, goals=list(goals)), run, spec)
         if spec["mode"] == "open":
             result.note = f"open loop at {spec['rate']:,.0f}/s offered"
         else:

@@ -17,6 +17,9 @@ from gateway.config import IPNetwork
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Peers and forwarded hops repeat (a load balancer, keep-alive clients,
+# returning visitors); parsing an address costs more than the rest of the lookup.
+@lru_cache(maxsize=65536)
 def _parse(text: str) -> IPAddress | None:
     text = text.strip()
     if not text:
@@ -39,32 +42,37 @@ def _parse(text: str) -> IPAddress | None:
 class ClientIpResolver:
     def __init__(self, trusted_proxies: Iterable[IPNetwork]) -> None:
         self._trusted = tuple(trusted_proxies)
-        # Peers repeat (a load balancer, keep-alive clients): remember the verdict.
-        self._peer_trusted = lru_cache(maxsize=4096)(self._is_trusted_text)
+        self._is_trusted = lru_cache(maxsize=65536)(self._check_trusted)
+        self._normalized = lru_cache(maxsize=65536)(self._normalize)
 
-    def _is_trusted(self, address: IPAddress) -> bool:
+    def _check_trusted(self, address: IPAddress) -> bool:
         return any(address.version == net.version and address in net for net in self._trusted)
 
-    def _is_trusted_text(self, text: str) -> bool:
+    def _peer_trusted(self, text: str) -> bool:
         address = _parse(text)
         return address is not None and self._is_trusted(address)
+
+    @staticmethod
+    def _normalize(text: str) -> str:
+        address = _parse(text)
+        return str(address) if address is not None else ""
 
     def resolve(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> str:
         """The client's address as text ("" when the peer is not an IP, e.g. a unix socket)."""
         if not peer:
             return ""
         if not forwarded_for or not self._trusted or not self._peer_trusted(peer):
-            address = _parse(peer)
-            return str(address) if address is not None else ""
+            return self._normalized(peer)
         hops = ",".join(forwarded_for).split(",")
-        nearest = _parse(peer)
+        nearest = peer
         for hop in reversed(hops):
+            hop = hop.strip()
             address = _parse(hop)
             if address is None:
                 # A garbled hop breaks the chain of trust: the last proxy that
                 # spoke clearly is the best we can say.
                 break
-            nearest = address
+            nearest = hop
             if not self._is_trusted(address):
                 break
-        return str(nearest) if nearest is not None else ""
+        return self._normalized(nearest)

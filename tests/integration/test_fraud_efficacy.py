@@ -231,20 +231,22 @@ class Generator:
                 self.conversion(at, "ctit", click_time=ts(at - timedelta(seconds=rng.uniform(0, 9.5))))
             )
         for _ in range(30):  # a UNIQUE code posted on a coupon site, tried from 6 to 10 places
-            code, at = self.next_id("LEAK"), self.when()
+            code, moment, campaign = self.next_id("LEAK"), self.when(), f"camp{rng.randrange(3)}"
             for index in range(rng.randrange(6, 11)):
-                moment = at + timedelta(minutes=index * rng.uniform(1, 20))
+                moment += timedelta(minutes=rng.uniform(1, 10))
+                # The first three places are within the limit by definition.
                 out.conversions.append(
-                    self.conversion(moment, "code_fanout" if index >= 3 else "code_lead",
-                                    coupon_code=code, coupon_kind=pb.COUPON_KIND_UNIQUE)
+                    self.conversion(moment, "code_fanout" if index >= 3 else "code_lead", campaign_id=campaign,
+                                    coupon_code=code, coupon_kind=pb.COUPON_KIND_UNIQUE,
+                                    received_at=ts(moment + timedelta(seconds=5)))
                 )
         for _ in range(30):  # one IP converting again and again in one campaign
-            ip, at, campaign = self.clean_ip(), self.when(), f"camp{rng.randrange(3)}"
+            ip, moment, campaign = self.clean_ip(), self.when(), f"camp{rng.randrange(3)}"
             for index in range(rng.randrange(5, 9)):
-                moment = at + timedelta(minutes=index * rng.uniform(1, 30))
+                moment += timedelta(minutes=rng.uniform(1, 10))
                 out.conversions.append(
                     self.conversion(moment, "conversion_flood" if index >= 3 else "flood_lead",
-                                    ip=ip, campaign_id=campaign)
+                                    ip=ip, campaign_id=campaign, received_at=ts(moment + timedelta(seconds=5)))
                 )
         for _ in range(100):  # reported days after the sale
             at = self.when()
@@ -279,10 +281,20 @@ async def fraud(
     service = await start_fraud(settings, handle_sighup=False)
     yield service
     await service.stop(grace_seconds=0.5)
+    # Tens of thousands of keys: drop them in pipelined batches rather than
+    # one round trip per key in the shared fixture's cleanup.
+    batch: list[bytes] = []
+    async for key in redis_client.scan_iter(match=f"{redis_prefix}:*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            await redis_client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis_client.unlink(*batch)
 
 
 async def test_efficacy_on_synthetic_traffic(fraud: FraudService, ipintel_dir: Path) -> None:
-    traffic = Generator(ipintel_dir, datetime.now(UTC) - timedelta(hours=7)).traffic()
+    traffic = Generator(ipintel_dir, datetime.now(UTC) - timedelta(hours=8)).traffic()
     results: list[tuple[str, pb.Verdict, str]] = []  # (label, verdict, event)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
         stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
