@@ -16,6 +16,7 @@ Markdown table (the README's) to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import warnings
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = MODES[args.mode]
     only = {part.strip() for part in args.only.split(",") if part.strip()} or None
 
+    # SIGTERM unwinds like Ctrl-C, so the servers and services we started are stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     started = time.monotonic()
     env = BenchEnv()
     try:
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     print(f"\nwritten to {latest}", file=sys.stderr)
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

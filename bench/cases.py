@@ -239,7 +239,8 @@ class BenchEnv:
             try:
                 self.stack.start_service(name)
             except StackError as error:
-                self.service_errors[name] = _first_line(error)
+                lines = [line for line in str(error).splitlines() if line.strip()]
+                self.service_errors[name] = f"{lines[0].split(';')[0]}: {lines[-1].strip()[:160]}"
                 print(f"bench: {error}", file=sys.stderr)
         return self.stack
 
@@ -299,8 +300,10 @@ def run_load(
     run_id = secrets.token_hex(4)
     children = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")]))
+    out_dir = Path(tempfile.mkdtemp(prefix="ascribe-loadgen-"))
+    paths = [out_dir / f"{worker}.json" for worker in range(processes)]
     for worker in range(processes):
-        worker_spec = dict(spec, run_id=run_id, worker=worker)
+        worker_spec = dict(spec, run_id=run_id, worker=worker, result_path=str(paths[worker]))
         if spec.get("mode") == "open":
             worker_spec["rate"] = float(spec["rate"]) / processes
         children.append(subprocess.Popen(
@@ -320,16 +323,22 @@ def run_load(
                 assert child.stdin is not None
                 child.stdin.write("GO\n")
                 child.stdin.flush()
-            results = []
             for child in children:
-                out, _ = child.communicate(timeout=float(spec["duration"]) + 60)
-                results.append(json.loads(out.strip().splitlines()[-1]))
+                child.wait(timeout=float(spec["duration"]) + 60)
             after = meter.snapshot()
+        for child, path in zip(children, paths, strict=True):
+            if child.returncode != 0 or not path.exists():
+                raise RuntimeError(f"load generator failed with code {child.returncode}")
+        results = [json.loads(path.read_text()) for path in paths]
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    stream.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
     outcomes: dict[str, int] = {}
     latencies: list[int] = []
     events = ok_events = errors = 0

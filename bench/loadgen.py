@@ -3,8 +3,8 @@
     python -m bench.loadgen '<json spec>'
 
 Protocol with the harness (stdout lines, stdin lines): it warms up, prints
-``READY``, waits for a line on stdin, runs the measured phase, and prints one
-JSON line with the result. Two modes:
+``READY``, waits for a line on stdin, runs the measured phase, and writes the
+result as JSON to the spec's ``result_path``. Two modes:
 
 - closed: ``concurrency`` workers, each sending its next request when the
   last one answers (peak throughput);
@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
@@ -84,7 +85,8 @@ class HttpTarget:
         self.params = dict(self.spec.get("params", {}))
         self.codes = list(self.params.get("codes", []))
         self.prefix = f"{self.spec['run_id']}-{self.spec['worker']}"
-        self.ips = client_ips(int(self.params.get("ip_count", 20000)), int(self.spec["worker"]))
+        # Seeded by the run, so one case's visitors are not the next case's repeat customers.
+        self.ips = client_ips(int(self.params.get("ip_count", 20000)), hash(self.prefix))
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=False)
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=10), auto_decompress=False
@@ -151,7 +153,7 @@ class FraudTarget:
         self.batch = self.spec["kind"] == "check_click_batch"
         self.events_per_call = int(self.spec.get("params", {}).get("batch_size", 100)) if self.batch else 1
         self.prefix = f"{self.spec['run_id']}-{self.spec['worker']}"
-        self.ips = client_ips(20000, 1000 + int(self.spec["worker"]))
+        self.ips = client_ips(20000, hash(self.prefix))
 
     def _request(self, n: int) -> Any:
         request = self.pb.CheckClickRequest(
@@ -299,7 +301,8 @@ async def main_async(spec: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     result = uvloop.run(main_async(spec))
-    print(json.dumps(result), flush=True)
+    # A file, not stdout: the latencies run to megabytes, past what a pipe holds.
+    Path(spec["result_path"]).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -128,8 +128,9 @@ def redis_prefix() -> str:
 async def redis_client(redis_server_url: str, redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_server_url)
     yield client
-    async for key in client.scan_iter(match=f"{redis_prefix}*", count=1000):
-        await client.delete(key)
+    keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        await client.unlink(*keys[start : start + 1000])
     await client.aclose()
 
 

@@ -53,16 +53,41 @@ async def ensure_database(server_url: str, database: str) -> None:
         await conn.close()
 
 
-def _process_cmdlines() -> dict[int, list[str]]:
+def create_configured_database(url: str, say: Callable[[str], None]) -> None:
+    """Creates the configured URL's database when the server lacks it and we may."""
+    database = urlsplit(url).path.lstrip("/")
+    if not database or database == "postgres":
+        return
+    try:
+        asyncio.run(ensure_database(with_database(url, "postgres"), database))
+    except (OSError, asyncpg.PostgresError) as error:
+        say(f"could not check or create database {database!r} ({error}); migrating anyway")
+
+
+def _servers_on(target: str) -> dict[int, list[str]]:
+    """Processes started on ``target``: named in their arguments, or working in it.
+
+    redis-server rewrites its title (its arguments vanish) but works in its --dir.
+    """
     found: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                raw = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            found[int(entry.name)] = raw.decode(errors="replace").split("\0")
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if target in argv or cwd == target:
+            found[int(entry.name)] = argv
     return found
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def stop_leftover_servers(data_dir: Path, say: Callable[[str], None]) -> None:
@@ -72,11 +97,12 @@ def stop_leftover_servers(data_dir: Path, say: Callable[[str], None]) -> None:
     and a second Redis would append to the same file.
     """
     target = str(data_dir.resolve())
-    for pid, argv in _process_cmdlines().items():
-        if pid == os.getpid() or target not in argv:
-            continue
+    servers = _servers_on(target)
+    # PostgreSQL's backends and helpers go with their postmaster.
+    roots = {pid: argv for pid, argv in servers.items() if _parent(pid) not in servers}
+    for pid, argv in roots.items():
         is_postgres = Path(argv[0]).name == "postgres"
-        say(f"stopping a leftover {'PostgreSQL' if is_postgres else 'server'} (pid {pid}) on {target}")
+        say(f"stopping a leftover {Path(argv[0].split()[0]).name} (pid {pid}) on {target}")
         try:
             # SIGINT is PostgreSQL's fast shutdown: clients are cut off, data stays consistent.
             os.kill(pid, signal.SIGINT if is_postgres else signal.SIGTERM)
@@ -121,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as cleanup:
         try:
             database_url = os.environ.get("ASCRIBE_DATABASE_URL") or ""
-            if not database_url:
+            if database_url:
+                create_configured_database(database_url, say)
+            else:
                 stop_leftover_servers(data_dir / "pg", say)
                 say(f"starting embedded PostgreSQL (data in {data_dir / 'pg'})")
                 pg = embedded.start_postgres(data_dir / "pg")

@@ -8,8 +8,10 @@
     stack.stop()                      # reverse order, SIGTERM then SIGKILL
 
 Each child gets its own session (so a Ctrl-C in the terminal reaches only our
-launcher, which then stops the children in order) and PR_SET_PDEATHSIG (so a
-launcher that is itself killed still leaves no orphan behind).
+launcher, which then stops the children in order) and, when started from the
+main thread, PR_SET_PDEATHSIG (so a launcher that is itself killed still
+leaves no orphan behind). Methods block; from asyncio, call them through
+asyncio.to_thread.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -240,7 +243,9 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            # The kernel ties PDEATHSIG to the creating *thread*: from a worker
+            # thread (asyncio.to_thread) the child would die with that thread.
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         self._children[name] = _Child(process, log)
         if wait:

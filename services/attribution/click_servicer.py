@@ -7,15 +7,13 @@ RecordClickBatch into that entry's ``Error``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from datetime import UTC, datetime
 
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.attribution.clicks import ClickInput, ClickOutcome, ClickRecorder, keep_partitions
+from services.attribution.clicks import ClickInput, ClickOutcome, ClickRecorder
 from services.attribution.config import Settings
 from services.attribution.fraud_client import FraudClient
 from services.attribution.models import Click
@@ -107,9 +105,8 @@ def click_proto(click: Click) -> pb.Click:
 class ClickRpcs:
     """Implements tracking_servicer.ClickSide."""
 
-    def __init__(self, recorder: ClickRecorder, background: list[asyncio.Task[None]] | None = None) -> None:
+    def __init__(self, recorder: ClickRecorder) -> None:
         self._recorder = recorder
-        self._background = background or []
 
     async def record_click(self, request: pb.RecordClickRequest) -> pb.RecordClickResponse:
         return response_proto(await self._recorder.record(click_input(request)))
@@ -137,21 +134,12 @@ class ClickRpcs:
         return click_proto(await self._recorder.get(request.click_id))
 
     async def close(self) -> None:
-        """Stops background work and drains the group commits in flight."""
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Drains the group commits in flight (their callers are waiting for them)."""
         await self._recorder.close()
 
 
 def build_click_rpcs(
     pool: asyncpg.Pool, cache: CatalogCache, fraud: FraudClient, settings: Settings
 ) -> ClickRpcs:
-    """The click side, wired; call from the running event loop (it starts a task)."""
-    recorder = ClickRecorder(pool, cache, fraud)
-    background: list[asyncio.Task[None]] = []
-    if settings.background_jobs:
-        background.append(asyncio.get_running_loop().create_task(keep_partitions(pool)))
-    return ClickRpcs(recorder, background)
+    """The click side, wired. (The daily click-partition job runs with the service's other jobs.)"""
+    return ClickRpcs(ClickRecorder(pool, cache, fraud))

@@ -19,7 +19,6 @@ a few hundred microseconds of CPU across all processes.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import socket
@@ -339,7 +338,7 @@ class ClickRecorder:
         fraud: FraudClient,
         *,
         max_rpcs_per_flush: int = 256,
-        flushes_in_flight: int = 2,
+        flushes_in_flight: int = 1,
     ) -> None:
         self._pool = pool
         self._cache = cache
@@ -472,8 +471,7 @@ class ClickRecorder:
             CLICK_FLUSH_FAILURES_TOTAL.inc()
             logger.error("group commit of %d clicks failed: %r", len(rows), error)
             if conn is not None:
-                # The pool replaces it if it is broken.
-                await self._pool.release(conn)
+                await self._give_back(conn)
             return [Unavailable("the click could not be recorded; retry") for _ in groups]
         self._writer_conns.append(conn)
         CLICK_FLUSH_SECONDS.observe(time.perf_counter() - started)
@@ -484,23 +482,13 @@ class ClickRecorder:
             conn = self._writer_conns.pop()
             if not conn.is_closed():
                 return conn
-            await self._pool.release(conn)
+            await self._give_back(conn)
         return await self._pool.acquire()
 
-
-async def keep_partitions(pool: asyncpg.Pool, every_seconds: float = 6 * 3600) -> None:
-    """Creates upcoming daily partitions of ``clicks`` for as long as the service runs.
-
-    More often than daily, so a failed run (PostgreSQL briefly down) is
-    retried well before the partitions it should have made are needed; the
-    default partition catches any click in the meantime.
-    """
-    while True:
-        await asyncio.sleep(every_seconds)
+    async def _give_back(self, conn: asyncpg.Connection) -> None:
+        # The pool replaces a broken connection; failing to hand one back
+        # must not turn a failed flush into an unhandled error.
         try:
-            created = await store.ensure_click_partitions(pool, 1, 7)
-        except Exception as error:  # retried at the next run
-            logger.warning("creating click partitions failed: %r", error)
-        else:
-            if created:
-                logger.info("created %d click partitions", created)
+            await self._pool.release(conn)
+        except Exception as error:
+            logger.warning("releasing a click writer connection failed: %r", error)

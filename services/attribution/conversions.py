@@ -46,6 +46,7 @@ from services.attribution.judgment import (
     judge_static,
 )
 from services.attribution.models import Affiliate, Campaign, Conversion, ConversionEvent, Coupon
+from services.attribution.store import clicks as click_store
 from services.attribution.store import conversions as store
 from services.attribution.store import redemptions
 from services.attribution.store.lookups import CatalogCache
@@ -217,7 +218,7 @@ class ConversionRecorder:
                     if not (previous.status == "rejected" and is_fixable(previous.reasons)):
                         results[index] = _conflict(item)
                         continue
-                campaign = await self._cache.campaign(item.campaign_id)
+                campaign = await self._cache.campaign(item.campaign_id, conn)
                 if campaign is None:
                     results[index] = NotFound(f"campaign {item.campaign_id!r} not found")
                     continue
@@ -249,13 +250,13 @@ class ConversionRecorder:
         clicks = await self._load_clicks(conn, cases)
         coupons = {
             (c.input.campaign_id, c.input.coupon_code): await self._cache.coupon(
-                c.input.campaign_id, c.input.coupon_code
+                c.input.campaign_id, c.input.coupon_code, conn
             )
             for c in cases
             if c.input.coupon_code
         }
         for case in cases:
-            await self._judge_statically(case, clicks, coupons)
+            await self._judge_statically(conn, case, clicks, coupons)
 
         await self._check_fraud([c for c in cases if c.standing()], verdicts)
         await self._take_limits(conn, [c for c in cases if c.standing()], clicks, coupons, verdicts)
@@ -294,10 +295,11 @@ class ConversionRecorder:
                     named.append((case.input.click_id, ids.click_created_at(case.input.click_id)))
                 except ValueError:
                     continue  # a malformed id names no click: unknown_click
-        return await store.fetch_clicks(conn, named)
+        return await click_store.fetch_clicks(conn, named)
 
     async def _judge_statically(
         self,
+        conn: asyncpg.Connection,
         case: _Case,
         clicks: dict[str, ClickInfo],
         coupons: dict[tuple[str, str], Coupon | None],
@@ -310,7 +312,9 @@ class ConversionRecorder:
         candidates = set(coupon.affiliate_ids if coupon else ())
         if click is not None:
             candidates.add(click.affiliate_id)
-        affiliates: dict[str, Affiliate | None] = {a: await self._cache.affiliate(a) for a in sorted(candidates)}
+        affiliates: dict[str, Affiliate | None] = {
+            a: await self._cache.affiliate(a, conn) for a in sorted(candidates)
+        }
         static = judge_static(item, case.campaign, click, coupon, affiliates)
         if without_click:
             static.reasons.insert(0, "click_already_converted")
@@ -382,12 +386,14 @@ class ConversionRecorder:
             static = case.static
             if not case.standing() or static is None or static.click is None:
                 continue
-            if await store.take_click_slot(conn, static.click, case.campaign.max_conversions_per_click):
+            if await click_store.take_click_slot(
+                conn, static.click.click_id, static.click.created_at, case.campaign.max_conversions_per_click
+            ):
                 case.click_slot = True
             else:
                 # The click reached its limit since it was read: the sale goes
                 # on as if it had no click (credit, channel and access anew).
-                await self._judge_statically(case, clicks, coupons, without_click=True)
+                await self._judge_statically(conn, case, clicks, coupons, without_click=True)
                 await self._check_fraud([case], verdicts)  # the verdict already given
 
         wanting = [c for c in cases if c.standing() and c.static is not None and c.static.coupon is not None]
@@ -419,7 +425,7 @@ class ConversionRecorder:
                 await redemptions.release_customer_use(conn, (coupon.campaign_id, coupon.code), case.input.customer_id)
                 case.customer_use = False
             if case.click_slot and case.static is not None and case.static.click is not None:
-                await store.release_click_slot(conn, case.static.click.click_id, case.static.click.created_at)
+                await click_store.release_click_slot(conn, case.static.click.click_id, case.static.click.created_at)
                 case.click_slot = False
 
     def _conversion(self, case: _Case) -> Conversion:

@@ -53,7 +53,7 @@ class _BatchedCheck:
         # A group (a list of requests) is one batcher item, so the checks of
         # one caller's batch always travel together.
         self.batcher: MicroBatcher[Sequence[Any], Verdicts] = MicroBatcher(
-            self._flush, max_batch=64, max_in_flight=2, name=f"fraud {method}"
+            self._flush, max_batch=64, max_in_flight=1, name=f"fraud {method}"
         )
 
     async def check(self, requests: Sequence[Any]) -> Verdicts:

@@ -26,6 +26,7 @@ from services.attribution.conversions import fraud_reasons, to_timestamp, utcnow
 from services.attribution.fraud_client import FraudClient
 from services.attribution.judgment import FLAGGING_REASONS
 from services.attribution.models import Campaign, Conversion, ConversionEvent, ConversionStatus
+from services.attribution.store import clicks as click_store
 from services.attribution.store import conversions as store
 from services.attribution.store import lifecycle as lifecycle_store
 from services.attribution.store import redemptions
@@ -65,8 +66,8 @@ class Lifecycle:
         self._fraud = fraud
         self.clock = clock
 
-    async def _campaign(self, campaign_id: str) -> Campaign:
-        campaign = await self._cache.campaign(campaign_id)
+    async def _campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign:
+        campaign = await self._cache.campaign(campaign_id, conn)
         if campaign is None:
             raise NotFound(f"campaign {campaign_id!r} not found")
         return campaign
@@ -143,14 +144,14 @@ class Lifecycle:
         (``consume_unique``); a rejected sale always gives its use back.
         """
         coupon = (
-            await self._cache.coupon(conversion.campaign_id, conversion.coupon_code)
+            await self._cache.coupon(conversion.campaign_id, conversion.coupon_code, conn)
             if conversion.coupon_code else None
         )
         key = (conversion.campaign_id, conversion.coupon_code or "")
         if conversion.holds_customer_use and conversion.customer_id:
             await redemptions.release_customer_use(conn, key, conversion.customer_id)
         if conversion.holds_click_slot and conversion.click_id and conversion.click_created_at:
-            await store.release_click_slot(conn, conversion.click_id, conversion.click_created_at)
+            await click_store.release_click_slot(conn, conversion.click_id, conversion.click_created_at)
         if conversion.holds_coupon_use:
             keep = (
                 consume_unique and coupon is not None and coupon.kind == "unique"
@@ -252,7 +253,7 @@ class Lifecycle:
                 if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
                     status: ConversionStatus = "rejected"
                     reasons += fraud_reasons(verdict)
-                    campaign = await self._campaign(conversion.campaign_id)
+                    campaign = await self._campaign(conversion.campaign_id, conn)
                     await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
                     released = True
                 elif verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW or any(
@@ -277,7 +278,7 @@ class Lifecycle:
 
     async def _fraud_request(self, conn: asyncpg.Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
         request = c.request
-        coupon = await self._cache.coupon(c.campaign_id, c.coupon_code) if c.coupon_code else None
+        coupon = await self._cache.coupon(c.campaign_id, c.coupon_code, conn) if c.coupon_code else None
         message = fraud_pb2.CheckConversionRequest(
             order_id=c.order_id, campaign_id=c.campaign_id, affiliate_id=c.affiliate_id or "",
             click_id=c.click_id or "", coupon_code=c.coupon_code or "",
@@ -287,7 +288,7 @@ class Lifecycle:
             occurred_at=to_timestamp(c.occurred_at), received_at=to_timestamp(c.received_at),
         )
         if c.click_id and c.click_created_at:
-            clicks = await store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])
+            clicks = await click_store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])
             if c.click_id in clicks:
                 message.click_time.CopyFrom(to_timestamp(clicks[c.click_id].occurred_at))
         return message

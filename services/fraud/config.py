@@ -95,6 +95,7 @@ class Settings:
             surge_min_volume=env_int("ASCRIBE_FRAUD_SURGE_MIN_VOLUME", 100, minimum=1),
             surge_factor=env_float("ASCRIBE_FRAUD_SURGE_FACTOR", 5.0, minimum=1.0),
             alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", 100_000, minimum=100),
+            key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", 16, minimum=1),
         )
         if store.spike_baseline_seconds <= store.spike_window_seconds:
             raise ConfigError("ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS must be longer than the spike window")

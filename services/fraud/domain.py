@@ -12,7 +12,7 @@ rejection: a viral influencer code must never be frozen for its success.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import IntEnum
@@ -187,10 +187,10 @@ def ip_signals(info: IpInfo, rules: Rules, *, conversion: bool) -> list[Signal]:
     signals: list[Signal] = []
     if info.tor:
         signals.append(Signal(Code.TOR_EXIT, f"IP is a Tor exit node ({info.tor})", rules.weight(Code.TOR_EXIT)))
-    # Most VPN ranges (and all of iCloud Private Relay's) sit inside hosting
-    # ranges too: an address the VPN list names is a VPN user, scored lightly,
-    # not a datacenter, which would reject their purchase.
-    if info.datacenter and not info.vpn:
+    # Most VPN ranges (and all of iCloud Private Relay's) and many Tor exits
+    # sit inside hosting ranges too. The more specific list says what the
+    # address is: a VPN user is scored lightly, not rejected as a datacenter.
+    if info.datacenter and not info.vpn and not info.tor:
         weight = HARD if conversion else rules.weight(Code.DATACENTER_IP)
         signals.append(
             Signal(Code.DATACENTER_IP, f"IP is in a datacenter range ({info.datacenter})", weight)
@@ -388,6 +388,3 @@ def parse_weight_overrides(text: str) -> dict[str, int]:
         overrides[code] = weight
     return overrides
 
-
-def signal_codes(verdicts: Sequence[Verdict]) -> list[str]:
-    return [s.code for v in verdicts for s in v.signals]

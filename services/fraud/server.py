@@ -84,6 +84,7 @@ class FraudService:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self.servicer.stopping.set()
         await self.server.stop(grace_seconds)
+        await self.engine.close()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -93,9 +94,15 @@ class FraudService:
         await self.watch_redis.aclose()
 
 
-async def start_fraud(settings: Settings, *, handle_sighup: bool = True) -> FraudService:
-    """Starts the service; a Redis that is down at start-up is tolerated (checks answer UNAVAILABLE)."""
-    intel = await asyncio.to_thread(IpIntelHolder, settings.ipintel_dir)
+async def start_fraud(
+    settings: Settings, *, handle_sighup: bool = True, intel: IpIntelHolder | None = None
+) -> FraudService:
+    """Starts the service; a Redis that is down at start-up is tolerated (checks answer UNAVAILABLE).
+
+    ``intel`` lets tests share one loaded copy of the lists between services.
+    """
+    if intel is None:
+        intel = await asyncio.to_thread(IpIntelHolder, settings.ipintel_dir)
     _publish_intel_metrics(intel.current)
     bots = await asyncio.to_thread(shared_bot_detector)
     client = redis_client(settings)

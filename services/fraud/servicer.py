@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -138,8 +138,8 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         max_batch: int,
         max_future_seconds: int,
         watch_block_ms: int,
-        watch_reader: Callable[[str, int], Any],
-        watch_start: Callable[[], Any],
+        watch_reader: Callable[[str, int], Awaitable[list[Alert]]],
+        watch_start: Callable[[], Awaitable[str]],
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch
@@ -160,7 +160,7 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         violations = Violations()
         event = _click_event(request, self._reader(violations))
         violations.raise_if_any()
-        (verdict,) = await self._engine.check_clicks([event], "single")
+        verdict = await self._engine.check_click(event)
         return _verdict_proto(verdict)
 
     async def CheckClickBatch(self, request: pb.CheckClickBatchRequest, context: Context) -> pb.VerdictBatch:
@@ -172,14 +172,14 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
             reader.prefix = f"requests[{index}]."
             events.append(_click_event(item, reader))
         violations.raise_if_any()
-        verdicts = await self._engine.check_clicks(events, "batch") if events else []
+        verdicts = await self._engine.check_clicks(events) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
 
     async def CheckConversion(self, request: pb.CheckConversionRequest, context: Context) -> pb.Verdict:
         violations = Violations()
         event = _conversion_event(request, self._reader(violations))
         violations.raise_if_any()
-        (verdict,) = await self._engine.check_conversions([event], "single")
+        verdict = await self._engine.check_conversion(event)
         return _verdict_proto(verdict)
 
     async def CheckConversionBatch(
@@ -193,7 +193,7 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
             reader.prefix = f"requests[{index}]."
             events.append(_conversion_event(item, reader))
         violations.raise_if_any()
-        verdicts = await self._engine.check_conversions(events, "batch") if events else []
+        verdicts = await self._engine.check_conversions(events) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
 
     async def WatchAlerts(self, request: pb.WatchAlertsRequest, context: Context) -> AsyncIterator[pb.Alert]:
@@ -206,7 +206,7 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         while not self.stopping.is_set():
             # The bounded block keeps shutdown prompt: the loop looks at
             # ``stopping`` at least once per block.
-            alerts: list[Alert] = await self._watch_reader(last, self._watch_block_ms)
+            alerts = await self._watch_reader(last, self._watch_block_ms)
             for alert in alerts:
                 last = alert.id
                 yield _alert_proto(alert)

@@ -1,21 +1,30 @@
 """Every Redis access of the fraud service.
 
-Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``; the ``{...}`` part is the Redis
-Cluster hash tag, so the keys one script touches share a slot):
+Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
 
-    P:fraud:{xc:<affiliate>:<external click id>}        dedup, value = owning click id
-    P:fraud:{ip:<ip>}:clicks                            click velocity windows of an IP
-    P:fraud:{cip:<campaign>:<ip>}:conversions           conversions of an IP in a campaign
-    P:fraud:{aff:<campaign>:<affiliate>}:rate|:alerted  affiliate click rate (AFFILIATE_BURST)
-    P:fraud:{code:<campaign>:<code>}:ips|:devices|:leaked   UNIQUE code spread (HyperLogLog)
-    P:fraud:{code:<campaign>:<code>}:rate|:alerted      EXCLUSIVE code rate (CODE_SPIKE)
-    P:fraud:{rule:<signal>}:rate|:alerted               signal rate (RULE_SURGE)
-    P:fraud:{alerts}                                    the alert stream (XADD MAXLEN ~)
+    P:fraud:{bNN}:xc:<affiliate>:<external click id>   dedup, value = owning click id
+    P:fraud:{bNN}:ip:<ip>                              click velocity windows of an IP
+    P:fraud:{bNN}:cip:<campaign>:<ip>                  conversions of an IP in a campaign
+    P:fraud:{bNN}:aff:<campaign>:<affiliate>:rate|:alerted      affiliate click rate (AFFILIATE_BURST)
+    P:fraud:{bNN}:code:<campaign>:<code>:ips|:devices|:leaked  UNIQUE code spread (HyperLogLog)
+    P:fraud:{bNN}:code:<campaign>:<code>:rate|:alerted         EXCLUSIVE code rate (CODE_SPIKE)
+    P:fraud:{bNN}:rule:<signal>:rate|:alerted          signal rate (RULE_SURGE)
+    P:fraud:{alerts}                                   the alert stream (XADD MAXLEN ~)
 
-Every key has a TTL. A batch of checks is one pipeline of EVALSHA calls
-(one round trip; redis-py's cluster pipeline makes that one per shard), and
-events of the batch that share a counter (the same IP, the same code) share
-one call that counts them all at once.
+Every key has a TTL. Per-command cost, not Redis, limits a Python client
+(redis-py spends ~200 µs of CPU per pipelined command here), so a batch of
+checks is not one command per counter: each subject hashes to one of
+``key_buckets`` buckets, the ``{bNN}`` hash tag puts a bucket on one Redis
+Cluster slot, and a batch runs one script call per bucket it touches, all in
+one pipeline (one round trip; redis-py's cluster pipeline makes that one per
+shard). The operations travel as one tab-separated text argument and the
+answers come back as one string, so encoding and parsing cost a few
+microseconds per event. A script declares its bucket's tag key and only
+touches keys of that tag, which is what Redis Cluster routes on.
+
+Events of a batch that share a counter (the same IP, the same code) share
+one operation that counts them all at once; the k-th of them is told the
+count as it was after the k-th.
 
 Velocity windows are "sliding window counters": per window length, the
 current and the previous fixed bucket, and the estimate
@@ -30,6 +39,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,95 +61,119 @@ from services.fraud.domain import (
 
 logger = logging.getLogger(__name__)
 
-_WINDOW_FN = """
-local function hit(key, now, inc, w, n)
-  local f = 'w' .. n
-  local b = math.floor(now / w)
-  local st = redis.call('HMGET', key, f .. 'b', f .. 'c', f .. 'p')
-  local sb = tonumber(st[1])
-  local c = tonumber(st[2]) or 0
-  local p = tonumber(st[3]) or 0
-  if sb == nil or b > sb + 1 then
-    sb = b; p = 0; c = inc
-  elseif b == sb + 1 then
-    sb = b; p = c; c = inc
-  elseif b == sb then
-    c = c + inc
-  elseif b == sb - 1 then
-    p = p + inc
+# KEYS[1] the bucket's tag key (routing only); ARGV[1] the bucket's key
+# prefix; ARGV[2] operations, one a line, fields tab-separated:
+#   D subject owner ttl_ms                      dedup -> '' if ours now, else the owner
+#   W subject now_ms inc ttl_ms window_ms...    windows -> each estimate x1000
+#   S subject now_ms inc ttl_ms short_ms long_ms min_volume factor flag_ttl_ms
+#                                               spike -> short x1000, baseline x1000, state
+#   H subject ip device ttl_ms max flag_ttl_ms  spread -> ips, devices, newly leaked
+# Answers: one line per operation, fields tab-separated.
+# Spike state: 0 calm, 1 spiking, 2 spiking and this call is the first to
+# notice (raise the alert; the flag keeps it to one alert per episode).
+BATCH_LUA = r"""
+local prefix = ARGV[1]
+
+local function split(text, sep)
+  local out, from = {}, 1
+  while true do
+    local at = string.find(text, sep, from, true)
+    if not at then out[#out + 1] = string.sub(text, from); return out end
+    out[#out + 1] = string.sub(text, from, at - 1)
+    from = at + 1
   end
-  redis.call('HSET', key, f .. 'b', sb, f .. 'c', c, f .. 'p', p)
-  local frac = (now - sb * w) / w
-  if frac < 0 then frac = 0 elseif frac > 1 then frac = 1 end
-  return p * (1 - frac) + c
 end
-"""
 
-# KEYS[1] window state; ARGV now_ms, inc, ttl_ms, window_ms...
-# Returns each window's estimate after counting, in thousandths.
-WINDOW_LUA = (
-    _WINDOW_FN
-    + """
-local now = tonumber(ARGV[1]); local inc = tonumber(ARGV[2])
-local out = {}
-for i = 4, #ARGV do
-  out[#out + 1] = math.floor(hit(KEYS[1], now, inc, tonumber(ARGV[i]), i - 3) * 1000)
+-- Counts inc events at now (ms) into each window of the state hash at key
+-- (one HMGET and one HSET whatever the number of windows) and returns the
+-- estimates: previous bucket * (1 - elapsed fraction) + current bucket.
+local function hit(key, now, inc, windows)
+  local fields = {}
+  for n = 1, #windows do
+    fields[#fields + 1] = n .. 'b'; fields[#fields + 1] = n .. 'c'; fields[#fields + 1] = n .. 'p'
+  end
+  local st = redis.call('HMGET', key, unpack(fields))
+  local out, set = {}, {}
+  for n, w in ipairs(windows) do
+    local b = math.floor(now / w)
+    local sb = tonumber(st[3 * n - 2])
+    local c = tonumber(st[3 * n - 1]) or 0
+    local p = tonumber(st[3 * n]) or 0
+    if sb == nil or b > sb + 1 then
+      sb = b; p = 0; c = inc
+    elseif b == sb + 1 then
+      sb = b; p = c; c = inc
+    elseif b == sb then
+      c = c + inc
+    elseif b == sb - 1 then
+      p = p + inc
+    end
+    set[#set + 1] = fields[3 * n - 2]; set[#set + 1] = sb
+    set[#set + 1] = fields[3 * n - 1]; set[#set + 1] = c
+    set[#set + 1] = fields[3 * n]; set[#set + 1] = p
+    local frac = (now - sb * w) / w
+    if frac < 0 then frac = 0 elseif frac > 1 then frac = 1 end
+    out[n] = p * (1 - frac) + c
+  end
+  redis.call('HSET', key, unpack(set))
+  return out
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return out
-"""
-)
 
-# KEYS[1] rate state, KEYS[2] alert-once flag; ARGV now_ms, inc, ttl_ms,
-# short_ms, long_ms, min_volume, factor, flag_ttl_ms.
-# The baseline is the long window without the short one, per short window.
-# Returns {short, baseline} in thousandths and 0 (calm), 1 (spiking) or 2
-# (spiking, and this call is the first to notice: raise the alert).
-SPIKE_LUA = (
-    _WINDOW_FN
-    + """
-local now = tonumber(ARGV[1]); local inc = tonumber(ARGV[2])
-local short_ms = tonumber(ARGV[4]); local long_ms = tonumber(ARGV[5])
-local short = hit(KEYS[1], now, inc, short_ms, 1)
-local long = hit(KEYS[1], now, inc, long_ms, 2)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local periods = long_ms / short_ms - 1
-if periods < 1 then periods = 1 end
-local baseline = (long - short) / periods
-if baseline < 0 then baseline = 0 end
-local state = 0
-if short >= tonumber(ARGV[6]) and short >= tonumber(ARGV[7]) * math.max(baseline, 1) then
-  state = 1
-  if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[8]) then state = 2 end
+local function milli(x) return string.format('%d', math.floor(x * 1000)) end
+
+local answers = {}
+for _, line in ipairs(split(ARGV[2], '\n')) do
+  local f = split(line, '\t')
+  local op, key = f[1], prefix .. f[2]
+  if op == 'D' then
+    if redis.call('SET', key, f[3], 'NX', 'PX', f[4]) then
+      answers[#answers + 1] = ''
+    else
+      answers[#answers + 1] = redis.call('GET', key) or ''
+    end
+  elseif op == 'W' then
+    local windows = {}
+    for i = 6, #f do windows[#windows + 1] = tonumber(f[i]) end
+    local estimates = hit(key, tonumber(f[3]), tonumber(f[4]), windows)
+    redis.call('PEXPIRE', key, f[5])
+    for i, e in ipairs(estimates) do estimates[i] = milli(e) end
+    answers[#answers + 1] = table.concat(estimates, '\t')
+  elseif op == 'S' then
+    local now, inc = tonumber(f[3]), tonumber(f[4])
+    local short_ms, long_ms = tonumber(f[6]), tonumber(f[7])
+    local rate = key .. ':rate'
+    local estimates = hit(rate, now, inc, {short_ms, long_ms})
+    local short, long = estimates[1], estimates[2]
+    redis.call('PEXPIRE', rate, f[5])
+    local periods = long_ms / short_ms - 1
+    if periods < 1 then periods = 1 end
+    local baseline = (long - short) / periods
+    if baseline < 0 then baseline = 0 end
+    local state = 0
+    if short >= tonumber(f[8]) and short >= tonumber(f[9]) * math.max(baseline, 1) then
+      state = 1
+      if redis.call('SET', key .. ':alerted', '1', 'NX', 'PX', f[10]) then state = 2 end
+    end
+    answers[#answers + 1] = milli(short) .. '\t' .. milli(baseline) .. '\t' .. state
+  elseif op == 'H' then
+    local ips_key, devices_key = key .. ':ips', key .. ':devices'
+    if f[3] ~= '' then redis.call('PFADD', ips_key, f[3]) end
+    if f[4] ~= '' then redis.call('PFADD', devices_key, f[4]) end
+    local ips = redis.call('PFCOUNT', ips_key)
+    local devices = redis.call('PFCOUNT', devices_key)
+    redis.call('PEXPIRE', ips_key, f[5])
+    redis.call('PEXPIRE', devices_key, f[5])
+    local newly = 0
+    if ips > tonumber(f[6]) or devices > tonumber(f[6]) then
+      if redis.call('SET', key .. ':leaked', '1', 'NX', 'PX', f[7]) then newly = 1 end
+    end
+    answers[#answers + 1] = ips .. '\t' .. devices .. '\t' .. newly
+  else
+    return redis.error_reply('unknown fraud operation ' .. tostring(op))
+  end
 end
-return {math.floor(short * 1000), math.floor(baseline * 1000), state}
+return table.concat(answers, '\n')
 """
-)
-
-# KEYS[1] HLL of IPs, KEYS[2] HLL of devices, KEYS[3] alert-once flag;
-# ARGV ip, device, ttl_ms, max_distinct, flag_ttl_ms -> {ips, devices, newly_leaked}
-SPREAD_LUA = """
-if ARGV[1] ~= '' then redis.call('PFADD', KEYS[1], ARGV[1]) end
-if ARGV[2] ~= '' then redis.call('PFADD', KEYS[2], ARGV[2]) end
-local ips = redis.call('PFCOUNT', KEYS[1])
-local devices = redis.call('PFCOUNT', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-local max = tonumber(ARGV[4])
-local newly = 0
-if ips > max or devices > max then
-  if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[5]) then newly = 1 end
-end
-return {ips, devices, newly}
-"""
-
-# KEYS[1] dedup key; ARGV owner, ttl_ms -> '' when this call set it, else the owner.
-DEDUP_LUA = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return '' end
-return redis.call('GET', KEYS[1]) or ''
-"""
-
-_SCRIPTS = {"window": WINDOW_LUA, "spike": SPIKE_LUA, "spread": SPREAD_LUA, "dedup": DEDUP_LUA}
 
 _STREAM_ID = re.compile(r"^\d+(?:-\d+)?$")
 
@@ -184,6 +218,7 @@ class StoreConfig:
     surge_min_volume: int = 100
     surge_factor: float = 5.0
     alerts_maxlen: int = 100_000
+    key_buckets: int = 16
 
 
 def valid_stream_id(value: str) -> bool:
@@ -199,11 +234,20 @@ def _redis_unavailable(error: Exception) -> Unavailable:
     return Unavailable("fraud state store (Redis) is unavailable")
 
 
-@dataclass
-class _Call:
-    script: str
-    keys: tuple[str, ...]
-    args: tuple[Any, ...]
+class _Batch:
+    """Operations grouped by bucket, answered by one script call per bucket in one pipeline."""
+
+    def __init__(self, buckets: int) -> None:
+        self.buckets = buckets
+        self.lines: dict[int, list[str]] = {}
+        self.handles: list[tuple[int, int]] = []
+
+    def add(self, op: str, subject: str, *fields: object) -> int:
+        bucket = zlib.crc32(subject.encode()) % self.buckets
+        lines = self.lines.setdefault(bucket, [])
+        self.handles.append((bucket, len(lines)))
+        lines.append("\t".join((op, subject, *map(str, fields))))
+        return len(self.handles) - 1
 
 
 class FraudStore:
@@ -214,54 +258,55 @@ class FraudStore:
         self.config = config
         self.prefix = f"{config.prefix}:fraud"
         self.alerts_key = f"{self.prefix}:{{alerts}}"
-        self._shas: dict[str, str] = {}
+        self._sha: str | None = None
 
-    # -- keys ------------------------------------------------------------------
-
-    def _key(self, tag: str, suffix: str = "") -> str:
-        return f"{self.prefix}:{{{tag}}}{':' + suffix if suffix else ''}"
+    def bucket_tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{b{bucket:02d}}}"
 
     # -- plumbing --------------------------------------------------------------
 
     async def load_scripts(self) -> None:
         try:
-            for name, body in _SCRIPTS.items():
-                self._shas[name] = str(await self.client.script_load(body))
+            self._sha = str(await self.client.script_load(BATCH_LUA))
         except (RedisConnectionError, RedisTimeoutError) as error:
             raise _redis_unavailable(error) from error
 
-    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[tuple[int, list[str]]]) -> list[Any]:
         try:
-            if not self._shas:
+            if self._sha is None:
                 await self.load_scripts()
             async with self.client.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    pipe.evalsha(self._shas[call.script], len(call.keys), *call.keys, *call.args)
+                for bucket, lines in calls:
+                    tag = self.bucket_tag(bucket)
+                    pipe.evalsha(self._sha, 1, tag, f"{tag}:", "\n".join(lines))  # type: ignore[arg-type]
                 results: list[Any] = await pipe.execute(raise_on_error=False)
         except (RedisConnectionError, RedisTimeoutError) as error:
             raise _redis_unavailable(error) from error
         return results
 
-    async def _run(self, calls: Sequence[_Call]) -> list[Any]:
-        """Runs every call in one pipelined round trip."""
+    async def _run(self, batch: _Batch) -> list[list[str]]:
+        """Runs a batch in one round trip; answers by handle, each a list of fields."""
+        calls = list(batch.lines.items())
         if not calls:
             return []
         results = await self._pipeline(calls)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
-            # A restarted or flushed Redis forgot the scripts. Only the calls
+            # A restarted or flushed Redis forgot the script. Only the calls
             # that failed run again, so nothing is counted twice.
             await self.load_scripts()
             retried = await self._pipeline([calls[i] for i in missing])
             for i, result in zip(missing, retried, strict=True):
                 results[i] = result
-        for result in results:
+        answers: dict[int, list[str]] = {}
+        for (bucket, _lines), result in zip(calls, results, strict=True):
             if isinstance(result, (RedisConnectionError, RedisTimeoutError)):
                 raise _redis_unavailable(result)
-            if isinstance(result, RedisError):
+            if isinstance(result, Exception):
                 logger.error("redis error in fraud check: %s", result)
                 raise Unavailable("fraud state store (Redis) failed")
-        return results
+            answers[bucket] = _text(result).split("\n")
+        return [answers[bucket][line].split("\t") for bucket, line in batch.handles]
 
     async def ping(self) -> bool:
         try:
@@ -269,74 +314,66 @@ class FraudStore:
         except RedisError:
             return False
 
+    def _spike(
+        self, batch: _Batch, subject: str, now_ms: int, inc: int, window: int, baseline: int,
+        min_volume: int, factor: float,
+    ) -> int:
+        # One alert per episode: the flag outlives a few windows of the spike.
+        return batch.add("S", subject, now_ms, inc, 2 * baseline * 1000, window * 1000, baseline * 1000,
+                         min_volume, factor, window * 1000 * 6)
+
     # -- clicks ----------------------------------------------------------------
 
     async def count_clicks(self, events: Sequence[ClickEvent]) -> tuple[list[ClickCounters], list[Alert]]:
         cfg = self.config
-        calls: list[_Call] = []
+        batch = _Batch(cfg.key_buckets)
         dedup_at: dict[int, int] = {}
+        by_ip: dict[str, list[int]] = {}
+        by_affiliate: dict[tuple[str, str], list[int]] = {}
         for index, event in enumerate(events):
             if event.external_click_id and event.affiliate_id:
-                dedup_at[index] = len(calls)
                 # A click without our id cannot be recognised as a retry, so
                 # it gets a random owner: any earlier use makes it a duplicate.
                 owner = event.click_id or f"anonymous:{secrets.token_hex(8)}"
-                calls.append(
-                    _Call(
-                        "dedup",
-                        (self._key(f"xc:{event.affiliate_id}:{event.external_click_id}"),),
-                        (owner, cfg.dedup_ttl_seconds * 1000),
-                    )
+                dedup_at[index] = batch.add(
+                    "D", f"xc:{event.affiliate_id}:{event.external_click_id}", owner, cfg.dedup_ttl_seconds * 1000
                 )
-        # Events sharing an IP share one call that counts them all; the k-th
-        # of them sees the count as it was after the k-th.
-        by_ip: dict[str, list[int]] = {}
-        for index, event in enumerate(events):
             if event.ip:
                 by_ip.setdefault(event.ip, []).append(index)
-        ip_at: dict[str, int] = {}
-        for ip, members in by_ip.items():
-            ip_at[ip] = len(calls)
-            now = max(_ms(events[i].occurred_at) for i in members)
-            calls.append(_Call("window", (self._key(f"ip:{ip}", "clicks"),), (now, len(members), 2 * 3600 * 1000, 60_000, 3_600_000)))
-        by_affiliate: dict[tuple[str, str], list[int]] = {}
-        for index, event in enumerate(events):
             if event.affiliate_id:
                 by_affiliate.setdefault((event.campaign_id, event.affiliate_id), []).append(index)
-        burst_at: dict[tuple[str, str], int] = {}
-        for subject, members in by_affiliate.items():
-            burst_at[subject] = len(calls)
+        ip_at: dict[str, int] = {}
+        for ip, members in by_ip.items():
             now = max(_ms(events[i].occurred_at) for i in members)
-            tag = f"aff:{subject[0]}:{subject[1]}"
-            calls.append(
-                _Call(
-                    "spike",
-                    (self._key(tag, "rate"), self._key(tag, "alerted")),
-                    self._spike_args(now, len(members), cfg.burst_window_seconds, cfg.burst_baseline_seconds,
-                                     cfg.burst_min_volume, cfg.burst_factor),
-                )
+            ip_at[ip] = batch.add("W", f"ip:{ip}", now, len(members), 2 * 3600 * 1000, 60_000, 3_600_000)
+        burst_at: dict[tuple[str, str], int] = {}
+        for (campaign_id, affiliate_id), members in by_affiliate.items():
+            now = max(_ms(events[i].occurred_at) for i in members)
+            burst_at[(campaign_id, affiliate_id)] = self._spike(
+                batch, f"aff:{campaign_id}:{affiliate_id}", now, len(members), cfg.burst_window_seconds,
+                cfg.burst_baseline_seconds, cfg.burst_min_volume, cfg.burst_factor,
             )
-        results = await self._run(calls)
+        answers = await self._run(batch)
         ip_behind = _positions(by_ip)
 
         counters: list[ClickCounters] = []
         for index, event in enumerate(events):
             duplicate_of: str | None = None
             if index in dedup_at:
-                owner = _text(results[dedup_at[index]])
+                owner = answers[dedup_at[index]][0]
                 if owner and owner != event.click_id:
                     duplicate_of = owner
             minute = hour = 0.0
             if event.ip:
                 behind = ip_behind[index]
-                estimates = results[ip_at[event.ip]]
-                minute = max(0.0, estimates[0] / 1000 - behind)
-                hour = max(0.0, estimates[1] / 1000 - behind)
+                estimates = answers[ip_at[event.ip]]
+                minute = max(0.0, int(estimates[0]) / 1000 - behind)
+                hour = max(0.0, int(estimates[1]) / 1000 - behind)
             counters.append(ClickCounters(duplicate_of=duplicate_of, ip_last_minute=minute, ip_last_hour=hour))
 
         alerts: list[Alert] = []
-        for (campaign_id, affiliate_id), at in burst_at.items():
-            short, baseline, state = results[at]
+        for (campaign_id, affiliate_id), handle in burst_at.items():
+            short, baseline, state = (int(x) for x in answers[handle])
             if state == 2:
                 alerts.append(
                     Alert(
@@ -355,7 +392,7 @@ class FraudStore:
         self, events: Sequence[ConversionEvent]
     ) -> tuple[list[ConversionCounters], list[Alert]]:
         cfg = self.config
-        calls: list[_Call] = []
+        batch = _Batch(cfg.key_buckets)
         by_ip: dict[tuple[str, str], list[int]] = {}
         by_code: dict[tuple[str, str], list[int]] = {}
         spread_at: dict[int, int] = {}
@@ -365,38 +402,25 @@ class FraudStore:
             if event.coupon_code and event.coupon_kind is CouponKind.EXCLUSIVE:
                 by_code.setdefault((event.campaign_id, event.coupon_code), []).append(index)
             if event.coupon_code and event.coupon_kind is CouponKind.UNIQUE:
-                spread_at[index] = len(calls)
-                tag = f"code:{event.campaign_id}:{event.coupon_code}"
-                calls.append(
-                    _Call(
-                        "spread",
-                        (self._key(tag, "ips"), self._key(tag, "devices"), self._key(tag, "leaked")),
-                        (event.ip, event.user_agent.strip(), cfg.code_spread_ttl_seconds * 1000,
-                         cfg.code_max_distinct, cfg.code_spread_ttl_seconds * 1000),
-                    )
+                ttl = cfg.code_spread_ttl_seconds * 1000
+                spread_at[index] = batch.add(
+                    "H", f"code:{event.campaign_id}:{event.coupon_code}", event.ip, event.user_agent.strip(),
+                    ttl, cfg.code_max_distinct, ttl,
                 )
         ip_at: dict[tuple[str, str], int] = {}
-        for subject, members in by_ip.items():
-            ip_at[subject] = len(calls)
+        for (campaign_id, ip), members in by_ip.items():
             now = max(_ms(events[i].received_at) for i in members)
-            calls.append(
-                _Call("window", (self._key(f"cip:{subject[0]}:{subject[1]}", "conversions"),),
-                      (now, len(members), 2 * 86400 * 1000, 86_400_000))
+            ip_at[(campaign_id, ip)] = batch.add(
+                "W", f"cip:{campaign_id}:{ip}", now, len(members), 2 * 86400 * 1000, 86_400_000
             )
         code_at: dict[tuple[str, str], int] = {}
-        for subject, members in by_code.items():
-            code_at[subject] = len(calls)
+        for (campaign_id, code), members in by_code.items():
             now = max(_ms(events[i].received_at) for i in members)
-            tag = f"code:{subject[0]}:{subject[1]}"
-            calls.append(
-                _Call(
-                    "spike",
-                    (self._key(tag, "rate"), self._key(tag, "alerted")),
-                    self._spike_args(now, len(members), cfg.spike_window_seconds, cfg.spike_baseline_seconds,
-                                     cfg.spike_min_volume, cfg.spike_factor),
-                )
+            code_at[(campaign_id, code)] = self._spike(
+                batch, f"code:{campaign_id}:{code}", now, len(members), cfg.spike_window_seconds,
+                cfg.spike_baseline_seconds, cfg.spike_min_volume, cfg.spike_factor,
             )
-        results = await self._run(calls)
+        answers = await self._run(batch)
         ip_behind = _positions(by_ip)
 
         counters: list[ConversionCounters] = []
@@ -404,11 +428,11 @@ class FraudStore:
         for index, event in enumerate(events):
             per_ip = 0.0
             if event.ip:
-                estimate = results[ip_at[(event.campaign_id, event.ip)]][0] / 1000
+                estimate = int(answers[ip_at[(event.campaign_id, event.ip)]][0]) / 1000
                 per_ip = max(0.0, estimate - ip_behind[index])
             ips = devices = 0
             if index in spread_at:
-                ips, devices, newly = (int(x) for x in results[spread_at[index]])
+                ips, devices, newly = (int(x) for x in answers[spread_at[index]])
                 if newly:
                     alerts.append(
                         Alert(
@@ -423,9 +447,9 @@ class FraudStore:
                     )
             spiking = False
             rate = baseline = 0.0
-            subject = (event.campaign_id, event.coupon_code)
-            if subject in code_at and event.coupon_kind is CouponKind.EXCLUSIVE:
-                short, base, state = results[code_at[subject]]
+            handle = code_at.get((event.campaign_id, event.coupon_code))
+            if handle is not None and event.coupon_kind is CouponKind.EXCLUSIVE:
+                short, base, state = (int(x) for x in answers[handle])
                 spiking, rate, baseline = state > 0, short / 1000, base / 1000
             counters.append(
                 ConversionCounters(
@@ -437,8 +461,8 @@ class FraudStore:
                     code_baseline=baseline,
                 )
             )
-        for (campaign_id, code), at in code_at.items():
-            short, base, state = results[at]
+        for (campaign_id, code), handle in code_at.items():
+            short, base, state = (int(x) for x in answers[handle])
             if state == 2:
                 alerts.append(
                     Alert(
@@ -456,33 +480,25 @@ class FraudStore:
     async def count_signals(self, counts: dict[str, int], now: datetime) -> list[Alert]:
         """Adds a period's signal counts; alerts on a signal firing far above its usual rate."""
         cfg = self.config
-        codes = sorted(counts)
-        calls = [
-            _Call(
-                "spike",
-                (self._key(f"rule:{code}", "rate"), self._key(f"rule:{code}", "alerted")),
-                self._spike_args(_ms(now), counts[code], cfg.surge_window_seconds, cfg.surge_baseline_seconds,
-                                 cfg.surge_min_volume, cfg.surge_factor),
-            )
-            for code in codes
-        ]
-        results = await self._run(calls)
-        return [
-            Alert(
-                kind=AlertKind.RULE_SURGE,
-                detail=f"signal {code} fired {short / 1000:.0f} times in {cfg.surge_window_seconds}s "
-                f"against {base / 1000:.1f} usually",
-            )
-            for code, (short, base, state) in zip(codes, results, strict=True)
-            if state == 2
-        ]
-
-    def _spike_args(
-        self, now_ms: int, inc: int, window: int, baseline: int, min_volume: int, factor: float
-    ) -> tuple[Any, ...]:
-        flag_ttl_ms = window * 1000 * 6
-        return (now_ms, inc, 2 * baseline * 1000, window * 1000, baseline * 1000, min_volume,
-                factor, flag_ttl_ms)
+        batch = _Batch(cfg.key_buckets)
+        handles = {
+            code: self._spike(batch, f"rule:{code}", _ms(now), count, cfg.surge_window_seconds,
+                              cfg.surge_baseline_seconds, cfg.surge_min_volume, cfg.surge_factor)
+            for code, count in sorted(counts.items())
+        }
+        answers = await self._run(batch)
+        alerts = []
+        for code, handle in handles.items():
+            short, base, state = (int(x) for x in answers[handle])
+            if state == 2:
+                alerts.append(
+                    Alert(
+                        kind=AlertKind.RULE_SURGE,
+                        detail=f"signal {code} fired {short / 1000:.0f} times in {cfg.surge_window_seconds}s "
+                        f"against {base / 1000:.1f} usually",
+                    )
+                )
+        return alerts
 
     # -- alerts ----------------------------------------------------------------
 

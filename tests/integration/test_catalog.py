@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import grpc
@@ -47,11 +48,11 @@ def _settings(database_url: str, admin_token: str | None) -> Settings:
 
 @dataclass
 class Client:
-    stub: attribution_pb2_grpc.CatalogServiceStub
+    stub: attribution_pb2_grpc.CatalogServiceAsyncStub
     service: AttributionService
 
-    async def campaign(self, **fields: object) -> pb.Campaign:
-        values: dict[str, object] = {
+    async def campaign(self, **fields: Any) -> pb.Campaign:
+        values: dict[str, Any] = {
             "name": "Summer sale",
             "landing_url": "https://shop.example/summer",
             "currency": "USD",
@@ -62,13 +63,13 @@ class Client:
             pb.CreateCampaignRequest(campaign=pb.Campaign(**values)), metadata=AUTH
         )
 
-    async def affiliate(self, name: str = "Ann", channel: str = "influencer", **fields: object) -> pb.Affiliate:
+    async def affiliate(self, name: str = "Ann", channel: str = "influencer", **fields: Any) -> pb.Affiliate:
         return await self.stub.CreateAffiliate(
             pb.CreateAffiliateRequest(affiliate=pb.Affiliate(name=name, channel=channel, **fields)),
             metadata=AUTH,
         )
 
-    async def coupon(self, campaign_id: str, code: str, **fields: object) -> pb.Coupon:
+    async def coupon(self, campaign_id: str, code: str, **fields: Any) -> pb.Coupon:
         return await self.stub.CreateCoupon(
             pb.CreateCouponRequest(coupon=pb.Coupon(campaign_id=campaign_id, code=code, **fields)),
             metadata=AUTH,
@@ -342,8 +343,8 @@ async def test_list_campaigns_pages(client: Client) -> None:
 
 
 def _bad_coupons(campaign_id: str, affiliate_id: str) -> list[tuple[str, pb.Coupon]]:
-    def coupon(**fields: object) -> pb.Coupon:
-        values: dict[str, object] = {"campaign_id": campaign_id, "code": "GOOD-CODE"}
+    def coupon(**fields: Any) -> pb.Coupon:
+        values: dict[str, Any] = {"campaign_id": campaign_id, "code": "GOOD-CODE"}
         values.update(fields)
         return pb.Coupon(**values)
 
@@ -395,7 +396,7 @@ async def test_bad_coupons_name_their_field(client: Client) -> None:
         ("campaign.id", {"id": "has space"}),
     ],
 )
-async def test_bad_campaigns_name_their_field(client: Client, field: str, fields: dict[str, object]) -> None:
+async def test_bad_campaigns_name_their_field(client: Client, field: str, fields: dict[str, Any]) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.campaign(**fields)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -300,12 +300,12 @@ async def test_efficacy_on_synthetic_traffic(fraud: FraudService, ipintel_dir: P
         stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
         for chunk in batches(traffic.clicks):  # type: ignore[arg-type]
             answer = await stub.CheckClickBatch(pb.CheckClickBatchRequest(requests=[r for _, r, _ in chunk]))
-            results.extend((label, verdict, "click") for (_, _, label), verdict in zip(chunk, answer.verdicts))
+            results.extend((label, verdict, "click") for (_, _, label), verdict in zip(chunk, answer.verdicts, strict=True))
         for chunk in batches(traffic.conversions):  # type: ignore[arg-type]
             answer = await stub.CheckConversionBatch(
                 pb.CheckConversionBatchRequest(requests=[r for _, r, _ in chunk])
             )
-            results.extend((label, verdict, "conversion") for (_, _, label), verdict in zip(chunk, answer.verdicts))
+            results.extend((label, verdict, "conversion") for (_, _, label), verdict in zip(chunk, answer.verdicts, strict=True))
 
     fired: dict[str, int] = defaultdict(int)
     fired_right: dict[str, int] = defaultdict(int)

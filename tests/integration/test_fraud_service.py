@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.common.grpc_server import bearer_metadata
 from services.fraud.config import Settings
+from services.fraud.ipintel import IpIntelHolder
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import StoreConfig
 
@@ -72,13 +75,38 @@ def settings_for(redis_url: str, prefix: str, ipintel_dir: Path, **overrides: ob
     return Settings(**values)  # type: ignore[arg-type]
 
 
+async def drop_keys(client: aioredis.Redis, prefix: str) -> None:
+    """Pipelined cleanup: the shared fixture's one-round-trip-per-key cleanup is slow for thousands."""
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=f"{prefix}:*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+
+
+@pytest.fixture(scope="module")
+def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
+    """The lists loaded once for the module's services (a load takes about half a second)."""
+    return IpIntelHolder(ipintel_dir)
+
+
 @pytest.fixture
 async def fraud(
-    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, redis_client: aioredis.Redis
+    redis_server_url: str,
+    redis_prefix: str,
+    ipintel_dir: Path,
+    redis_client: aioredis.Redis,
+    shared_intel: IpIntelHolder,
 ) -> AsyncIterator[FraudService]:
-    service = await start_fraud(settings_for(redis_server_url, redis_prefix, ipintel_dir), handle_sighup=False)
+    service = await start_fraud(
+        settings_for(redis_server_url, redis_prefix, ipintel_dir), handle_sighup=False, intel=shared_intel
+    )
     yield service
     await service.stop(grace_seconds=0.5)
+    await drop_keys(redis_client, redis_prefix)
 
 
 @pytest.fixture
@@ -345,10 +373,16 @@ async def test_watch_alerts_resumes_after_id(fraud: FraudService, stub: fraud_pb
 
 
 async def test_internal_token_is_required_when_set(
-    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, redis_client: aioredis.Redis
+    redis_server_url: str,
+    redis_prefix: str,
+    ipintel_dir: Path,
+    redis_client: aioredis.Redis,
+    shared_intel: IpIntelHolder,
 ) -> None:
     service = await start_fraud(
-        settings_for(redis_server_url, redis_prefix, ipintel_dir, internal_token=TOKEN), handle_sighup=False
+        settings_for(redis_server_url, redis_prefix, ipintel_dir, internal_token=TOKEN),
+        handle_sighup=False,
+        intel=shared_intel,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
@@ -377,3 +411,24 @@ async def test_stop_is_prompt_with_a_watcher_connected(
     with contextlib.suppress(grpc.aio.AioRpcError):
         await asyncio.wait_for(reader, 1.0)
     assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def test_sighup_reloads_the_ip_lists(
+    tmp_path: Path, redis_server_url: str, redis_prefix: str, redis_client: aioredis.Redis
+) -> None:
+    (tmp_path / "tor-exit-nodes.txt").write_text("185.220.101.1\n")
+    service = await start_fraud(settings_for(redis_server_url, redis_prefix, tmp_path))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            assert not (await stub.CheckClick(click(ip="185.220.101.2"))).signals
+            (tmp_path / "tor-exit-nodes.txt").write_text("185.220.101.1\n185.220.101.2\n")
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(50):
+                await asyncio.sleep(0.05)
+                if service.intel.current.lookup("185.220.101.2").tor:
+                    break
+            verdict = await stub.CheckClick(click(click_id="c-2", ip="185.220.101.2"))
+            assert codes(verdict) == {"tor_exit"}
+    finally:
+        await service.stop(grace_seconds=0.5)

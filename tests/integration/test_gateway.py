@@ -10,12 +10,18 @@ attribution service still answers it UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp import ClientResponse
@@ -30,6 +36,7 @@ from gateway.config import Settings as GatewaySettings
 from services.attribution.config import Settings as AttributionSettings
 from services.attribution.server import AttributionService, start_attribution
 
+REPO = Path(__file__).resolve().parents[2]
 LANDING = "https://shop.example/summer?utm_source=affiliate&click_id=STALE"
 SECRET_MARK = "s3cr3t-postback-token-do-not-log"
 
@@ -451,8 +458,6 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(
 async def test_many_concurrent_clicks_each_get_their_own_redirect(
     channel: grpc.aio.Channel, gateway: TestClient[Any, Any]
 ) -> None:
-    import asyncio
-
     campaign, affiliate = await click_setup(channel)
 
     async def one(n: int) -> str:
@@ -582,3 +587,63 @@ async def test_refund_through_the_gateway(channel: grpc.aio.Channel, gateway: Te
     )
     assert full.status == 200
     assert (await full.json())["status"] == "reversed"
+
+
+# ---------------------------------------------------------------- the real process
+
+
+async def _wait_healthy(port: int, process: asyncio.subprocess.Process) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            if process.returncode is not None:
+                break
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("the gateway did not come up")
+
+
+def _gateway_env(**values: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ASCRIBE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "gen")])
+    env.update(values)
+    return env
+
+
+async def test_sigterm_stops_the_gateway_cleanly() -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        cwd=REPO,
+        env=_gateway_env(ASCRIBE_GATEWAY_PORT=str(port), ASCRIBE_ATTRIBUTION_ADDR=f"127.0.0.1:{free_port()}"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await _wait_healthy(port, process)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), timeout=5)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0
+
+
+async def test_bad_configuration_refuses_to_start() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        cwd=REPO,
+        env=_gateway_env(ASCRIBE_GATEWAY_HOST="0.0.0.0", ASCRIBE_GATEWAY_PORT=str(free_port())),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
+    assert process.returncode == 2
+    assert b"ASCRIBE_INTERNAL_TOKEN" in stderr

@@ -105,8 +105,7 @@ def test_zero_remaining_is_shown_not_dropped() -> None:
 
 def test_every_status_and_source_word() -> None:
     words = {
-        render_conversion(pb.Conversion(status=number))["status"]
-        for _, number in pb.ConversionStatus.items()
+        render_conversion(pb.Conversion(status=number))["status"] for _, number in pb.ConversionStatus.items()
     }
     assert len(words) == len(STATUS_WORDS)
     assert words == {"unspecified", "pending", "approved", "rejected", "reversed", "flagged"}

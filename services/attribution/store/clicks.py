@@ -13,6 +13,7 @@ from typing import TypeAlias
 
 import asyncpg
 
+from services.attribution.judgment import ClickInfo
 from services.attribution.models import Click
 
 _INSERT_COLUMNS = (
@@ -174,3 +175,21 @@ async def ensure_click_partitions(conn: Executor, days_back: int, days_ahead: in
 async def count_clicks(conn: Executor, campaign_id: str) -> int:
     """Clicks of a campaign (all time); for tests and audits, not a hot path."""
     return int(await conn.fetchval("SELECT count(*) FROM clicks WHERE campaign_id = $1", campaign_id))
+
+
+async def fetch_clicks(
+    conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
+) -> dict[str, ClickInfo]:
+    """The clicks named by postbacks; the time in each id selects one partition."""
+    if not clicks:
+        return {}
+    rows = await conn.fetch(
+        """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
+                  c.decision, c.conversions
+             FROM clicks c
+             JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
+               ON c.click_id = k.click_id AND c.created_at = k.created_at""",
+        [c[0] for c in clicks],
+        [c[1] for c in clicks],
+    )
+    return {r["click_id"]: ClickInfo(**dict(r)) for r in rows}

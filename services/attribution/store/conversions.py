@@ -10,7 +10,6 @@ from typing import Any
 
 import asyncpg
 
-from services.attribution.judgment import ClickInfo
 from services.attribution.models import Conversion, ConversionEvent
 
 OrderKey = tuple[str, str]  # (campaign_id, order_id)
@@ -70,45 +69,6 @@ async def get_by_order(
         order_id,
     )
     return conversion_from_row(row) if row else None
-
-
-async def fetch_clicks(
-    conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
-) -> dict[str, ClickInfo]:
-    """The clicks named by postbacks; the time in each id selects one partition."""
-    if not clicks:
-        return {}
-    rows = await conn.fetch(
-        """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
-                  c.decision, c.conversions
-             FROM clicks c
-             JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
-               ON c.click_id = k.click_id AND c.created_at = k.created_at""",
-        [c[0] for c in clicks],
-        [c[1] for c in clicks],
-    )
-    return {r["click_id"]: ClickInfo(**dict(r)) for r in rows}
-
-
-async def take_click_slot(conn: asyncpg.Connection, click: ClickInfo, max_per_click: int) -> bool:
-    """One more live conversion through the click, if under the campaign's limit (0: none)."""
-    status = await conn.execute(
-        """UPDATE clicks SET conversions = conversions + 1
-            WHERE click_id = $1 AND created_at = $2 AND ($3 = 0 OR conversions < $3)""",
-        click.click_id,
-        click.created_at,
-        max_per_click,
-    )
-    return bool(status == "UPDATE 1")
-
-
-async def release_click_slot(conn: asyncpg.Connection, click_id: str, created_at: datetime) -> None:
-    await conn.execute(
-        """UPDATE clicks SET conversions = conversions - 1
-            WHERE click_id = $1 AND created_at = $2 AND conversions > 0""",
-        click_id,
-        created_at,
-    )
 
 
 _INSERT_COLUMNS = [

@@ -6,8 +6,10 @@ build the same records from the same columns.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar, cast
 
 import asyncpg
 
@@ -60,13 +62,25 @@ async def get_coupon(
     return coupon_from_row(row) if row else None
 
 
+Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
+T = TypeVar("T")
+
+
 class CatalogCache:
     """A short-lived cache of campaigns, affiliates and coupons for hot paths.
 
     Several replicas cannot invalidate each other's caches, so entries simply
-    expire after ``ttl_seconds`` (0 disables caching): a status change made by
-    a person takes effect everywhere within that time. Usage counters are
+    expire after ``ttl_seconds`` (0 disables caching): a change made by a
+    person takes effect everywhere within about that time. Usage counters are
     never taken from here; the conditional UPDATE reads them.
+
+    On a hot path an expiring entry must not send every concurrent request to
+    PostgreSQL at once: one lookup per key is in flight at a time, and while
+    it runs the others keep the value that just expired.
+
+    Code inside a transaction passes its own connection (``conn``): taking a
+    second connection from the pool while holding one could exhaust the pool
+    and deadlock it under load.
     """
 
     def __init__(self, pool: asyncpg.Pool, ttl_seconds: float = 1.0, max_entries: int = 100_000) -> None:
@@ -74,40 +88,55 @@ class CatalogCache:
         self._ttl = ttl_seconds
         self._max = max_entries
         self._entries: dict[tuple[str, ...], tuple[float, object]] = {}
+        self._loading: dict[tuple[str, ...], asyncio.Future[object]] = {}
 
-    def _get(self, key: tuple[str, ...]) -> tuple[bool, object]:
+    async def _lookup(
+        self,
+        key: tuple[str, ...],
+        load: Callable[[Executor], Awaitable[T | None]],
+        conn: asyncpg.Connection | None,
+    ) -> T | None:
+        if self._ttl <= 0:
+            return await load(conn or self._pool)
         entry = self._entries.get(key)
-        if entry is not None and entry[0] > time.monotonic():
-            return True, entry[1]
-        return False, None
+        if entry is not None and (entry[0] > time.monotonic() or key in self._loading):
+            return cast(T | None, entry[1])
+        if conn is not None:
+            value = await load(conn)
+            self._put(key, value)
+            return value
+        pending = self._loading.get(key)
+        if pending is not None:
+            return cast(T | None, await asyncio.shield(pending))
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            value = await load(self._pool)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        else:
+            self._put(key, value)
+            future.set_result(value)
+            return value
+        finally:
+            del self._loading[key]
 
     def _put(self, key: tuple[str, ...], value: object) -> None:
-        if self._ttl <= 0:
-            return
         if len(self._entries) >= self._max:
             self._entries.clear()
         self._entries[key] = (time.monotonic() + self._ttl, value)
 
-    async def campaign(self, campaign_id: str) -> Campaign | None:
-        hit, value = self._get(("campaign", campaign_id))
-        if hit:
-            return cast(Campaign | None, value)
-        campaign = await get_campaign(self._pool, campaign_id)
-        self._put(("campaign", campaign_id), campaign)
-        return campaign
+    async def campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign | None:
+        return await self._lookup(("campaign", campaign_id), lambda c: get_campaign(c, campaign_id), conn)
 
-    async def affiliate(self, affiliate_id: str) -> Affiliate | None:
-        hit, value = self._get(("affiliate", affiliate_id))
-        if hit:
-            return cast(Affiliate | None, value)
-        affiliate = await get_affiliate(self._pool, affiliate_id)
-        self._put(("affiliate", affiliate_id), affiliate)
-        return affiliate
+    async def affiliate(self, affiliate_id: str, conn: asyncpg.Connection | None = None) -> Affiliate | None:
+        return await self._lookup(("affiliate", affiliate_id), lambda c: get_affiliate(c, affiliate_id), conn)
 
-    async def coupon(self, campaign_id: str, code: str) -> Coupon | None:
-        hit, value = self._get(("coupon", campaign_id, code))
-        if hit:
-            return cast(Coupon | None, value)
-        coupon = await get_coupon(self._pool, campaign_id, code)
-        self._put(("coupon", campaign_id, code), coupon)
-        return coupon
+    async def coupon(
+        self, campaign_id: str, code: str, conn: asyncpg.Connection | None = None
+    ) -> Coupon | None:
+        return await self._lookup(
+            ("coupon", campaign_id, code), lambda c: get_coupon(c, campaign_id, code), conn
+        )

@@ -1,0 +1,3 @@
+from tests.e2e.world import live
+
+__all__ = ["live"]

@@ -1,0 +1,56 @@
+"""Fraud service settings from the environment: defaults, overrides, fail-fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common.env import ConfigError
+from services.fraud.config import Settings
+from services.fraud.server import FRAUD_SERVICE, required_tokens
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ASCRIBE_FRAUD_ADDR", "ASCRIBE_INTERNAL_TOKEN", "ASCRIBE_IPINTEL_DIR", "ASCRIBE_FRAUD_KEY_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ASCRIBE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    settings = Settings.from_env()
+    assert settings.addr == "127.0.0.1:50052"
+    assert settings.metrics_port == 9102
+    assert settings.ipintel_dir == Path(".data/ipintel")
+    assert settings.store.prefix == "ascribe"
+    assert settings.rules.clicks_per_ip_minute == 10 and settings.rules.ctit_reject_seconds == 10
+
+
+def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCRIBE_REDIS_URL", "redis://:secret-pw@127.0.0.1:6379/0")
+    monkeypatch.setenv("ASCRIBE_INTERNAL_TOKEN", "secret-token")
+    monkeypatch.setenv("ASCRIBE_FRAUD_KEY_PREFIX", "t1")
+    monkeypatch.setenv("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", "20")
+    monkeypatch.setenv("ASCRIBE_FRAUD_WEIGHTS", "vpn_ip=30")
+    settings = Settings.from_env()
+    assert settings.store.prefix == "t1" and settings.rules.clicks_per_ip_minute == 20
+    assert settings.rules.weight("vpn_ip") == 30
+    assert "secret" not in repr(settings)
+    assert set(required_tokens(settings).values()) == {"secret-token"}
+    assert f"/{FRAUD_SERVICE}/CheckClickBatch" in required_tokens(settings)
+    assert len(required_tokens(settings)) == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ASCRIBE_REDIS_URL", ""),
+        ("ASCRIBE_FRAUD_ADDR", "0.0.0.0:50052"),  # off loopback without a token
+        ("ASCRIBE_FRAUD_WEIGHTS", "made_up=3"),
+        ("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", "ten"),
+        ("ASCRIBE_FRAUD_REVIEW_SCORE", "95"),
+    ],
+)
+def test_bad_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv("ASCRIBE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.delenv("ASCRIBE_INTERNAL_TOKEN", raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError):
+        Settings.from_env()
