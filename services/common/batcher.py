@@ -79,7 +79,7 @@ class MicroBatcher(Generic[T, R]):
                     raise RuntimeError(
                         f"{self._name} flush returned {len(results)} results for {len(batch)} items"
                     )
-            except BaseException as error:  # noqa: BLE001 - handed to each waiting caller
+            except BaseException as error:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)

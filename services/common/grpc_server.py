@@ -135,7 +135,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as error:  # noqa: BLE001 - the boundary of the RPC
+            except Exception as error:
                 if _is_abort(error, context):
                     code = context.code() or code
                     raise
@@ -168,7 +168,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as error:  # noqa: BLE001 - the boundary of the RPC
+            except Exception as error:
                 if _is_abort(error, context):
                     code = context.code() or code
                     raise
