@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -732,22 +731,18 @@ async def test_generation_tops_up_collisions(client: Client, db: asyncpg.Connect
 
 
 @pytest.mark.slow
-async def test_a_million_codes(client: Client) -> None:
+async def test_a_large_batch_is_stored_whole_and_exported_whole(client: Client) -> None:
+    # The million-code timing is a `make bench` case; here the claim is completeness.
     campaign = await client.campaign()
-    started = time.perf_counter()
     generated = await client.stub.GenerateCodes(
-        pb.GenerateCodesRequest(template=pb.Coupon(campaign_id=campaign.id), count=1_000_000),
+        pb.GenerateCodesRequest(template=pb.Coupon(campaign_id=campaign.id), count=100_000),
         metadata=AUTH,
         timeout=300,
     )
-    elapsed = time.perf_counter() - started
-    assert generated.generated == 1_000_000
-    print(f"\n1,000,000 codes generated and stored in {elapsed:.1f} s")
-    started = time.perf_counter()
-    count = 0
-    async for _ in client.stub.ExportCodes(
+    assert generated.generated == 100_000
+    codes = set()
+    async for coupon in client.stub.ExportCodes(
         pb.ExportCodesRequest(batch_id=generated.batch_id), metadata=AUTH, timeout=600
     ):
-        count += 1
-    print(f"1,000,000 codes exported in {time.perf_counter() - started:.1f} s")
-    assert count == 1_000_000
+        codes.add(coupon.code)
+    assert len(codes) == 100_000
