@@ -203,10 +203,11 @@ class BenchEnv:
             await conn.execute(f'CREATE DATABASE "{self.database}"')
             backend = await conn.fetchval("SELECT pg_backend_pid()")
             self.versions["postgresql"] = str(await conn.fetchval("SHOW server_version"))
+            # The postmaster is the backend's parent; its tree is every PostgreSQL
+            # process. Read it while the backend lives: it exits when we close.
+            self.postgres_pid = parent_pid(int(backend))
         finally:
             await conn.close()
-        # The postmaster is the backend's parent; its tree is every PostgreSQL process.
-        self.postgres_pid = parent_pid(int(backend))
 
     def _find_server_pids(self) -> None:
         import redis

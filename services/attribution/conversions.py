@@ -263,11 +263,7 @@ class ConversionRecorder:
 
         conversions = [self._conversion(case) for case in cases]
         new = [c for c, case in zip(conversions, cases, strict=True) if case.previous is None]
-        await store.insert_conversions(conn, new)
-        for conversion, case in zip(conversions, cases, strict=True):
-            if case.previous is not None:
-                await store.replace_conversion(conn, conversion)
-        await store.insert_events(conn, [
+        events = [
             store.EventRow(conversion.id, ConversionEvent(
                 from_status=case.previous.status if case.previous else None,
                 to_status=conversion.status,
@@ -277,12 +273,16 @@ class ConversionRecorder:
                 note=",".join(conversion.reasons),
             ))
             for conversion, case in zip(conversions, cases, strict=True)
-        ])
-        await redemptions.insert_ledger(conn, [
+        ]
+        ledger = [
             redemptions.LedgerRow(c.campaign_id, c.coupon_code or "", c.id, c.customer_id or None, c.received_at)
             for c in conversions
             if c.holds_coupon_use
-        ])
+        ]
+        for conversion, case in zip(conversions, cases, strict=True):
+            if case.previous is not None:
+                await store.replace_conversion(conn, conversion)
+        await store.insert_judged(conn, new, events, ledger)
         for conversion in conversions:
             CONVERSIONS_TOTAL.labels(conversion.status).inc()
         return conversions

@@ -1,7 +1,9 @@
 """Adaptive micro-batching: many concurrent callers, few round trips.
 
-A submitted item goes out at once when no flush is in flight; items that
-arrive while one is in flight wait and go together in the next flush (up to
+A submitted item goes out at the end of the current event-loop iteration
+when no flush is in flight (so the items that concurrent coroutines submit in
+one iteration travel together); items that arrive while a flush is in
+flight wait and go together in the next flush (up to
 ``max_batch`` per flush, ``max_in_flight`` flushes at a time). At low load this
 adds no latency; under load the per-call overhead (a gRPC call, a commit) is
 shared by the whole batch. Each caller awaits the result of its own item, and
@@ -45,6 +47,7 @@ class MicroBatcher(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._closed = False
+        self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
@@ -52,7 +55,9 @@ class MicroBatcher(Generic[T, R]):
             raise RuntimeError(f"{self._name} batcher is closed")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        self._maybe_flush()
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._maybe_flush)
         return await future
 
     async def submit_many(self, items: Sequence[T]) -> list[R | BaseException]:
@@ -61,6 +66,7 @@ class MicroBatcher(Generic[T, R]):
         return list(results)
 
     def _maybe_flush(self) -> None:
+        self._scheduled = False
         while self._pending and self._in_flight < self._max_in_flight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]

@@ -78,10 +78,11 @@ async def add_uses(conn: asyncpg.Connection, deltas: dict[CouponKey, int]) -> No
 async def insert_ledger(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
     if not rows:
         return
-    await conn.copy_records_to_table(
-        "redemptions",
-        records=[(r.campaign_id, r.code, r.conversion_id, r.customer_id, r.taken_at) for r in rows],
-        columns=["campaign_id", "code", "conversion_id", "customer_id", "taken_at"],
+    await conn.execute(
+        """INSERT INTO redemptions (campaign_id, code, conversion_id, customer_id, taken_at)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])""",
+        [r.campaign_id for r in rows], [r.code for r in rows], [r.conversion_id for r in rows],
+        [r.customer_id for r in rows], [r.taken_at for r in rows],
     )
 
 
