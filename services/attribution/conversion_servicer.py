@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import datetime
+from typing import cast
 
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
@@ -119,7 +120,7 @@ def conversion_input(request: pb.RecordConversionRequest, received_at: datetime)
 
 
 def _status_number(status: str | None) -> pb.ConversionStatus.ValueType:
-    return pb.ConversionStatus.ValueType(_STATUS_NUMBER.get(status or "", 0))
+    return cast(pb.ConversionStatus.ValueType, _STATUS_NUMBER.get(status or "", 0))
 
 
 def event_to_proto(event: ConversionEvent) -> pb.ConversionEvent:
@@ -142,7 +143,7 @@ def conversion_to_proto(c: Conversion) -> pb.Conversion:
         status=_status_number(c.status),
         reasons=list(c.reasons),
         affiliate_id=c.affiliate_id or "",
-        source=pb.AttributionSource.ValueType(_SOURCE_NUMBER[c.source]),
+        source=cast(pb.AttributionSource.ValueType, _SOURCE_NUMBER[c.source]),
         click_id=c.click_id or "",
         coupon_code=c.coupon_code or "",
         amount_micros=c.amount_micros,

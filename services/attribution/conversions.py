@@ -31,10 +31,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
 from services.attribution import coupon_rules, ids
+from services.attribution.catalog_convert import to_timestamp
 from services.attribution.fraud_client import FraudClient
 from services.attribution.judgment import (
     ClickInfo,
@@ -92,12 +92,6 @@ def token_matches(campaign: Campaign, token: str) -> bool:
 
 def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
     return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
-
-
-def to_timestamp(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
 
 
 class _Rejudge(Exception):
@@ -212,7 +206,7 @@ class ConversionRecorder:
                 item = inputs[index]
                 previous = existing.get(key)
                 if previous is not None:
-                    if previous.fingerprint == item.fingerprint():
+                    if previous.fingerprint == item.fingerprint:
                         results[index] = previous
                         continue
                     if not (previous.status == "rejected" and is_fixable(previous.reasons)):
@@ -231,7 +225,7 @@ class ConversionRecorder:
         for index in followers:
             item = inputs[index]
             leader = results[leaders[(item.campaign_id, item.order_id)]]
-            if not isinstance(leader, Conversion) or leader.fingerprint == item.fingerprint():
+            if not isinstance(leader, Conversion) or leader.fingerprint == item.fingerprint:
                 results[index] = leader
             elif leader.status == "rejected" and is_fixable(leader.reasons):
                 results[index] = _Rejudge()
@@ -447,7 +441,7 @@ class ConversionRecorder:
             currency=item.currency,
             received_at=item.received_at,
             occurred_at=item.occurred_at,
-            fingerprint=item.fingerprint(),
+            fingerprint=item.fingerprint,
             reasons=tuple(case.reasons),
             affiliate_id=static.affiliate_id,
             click_id=static.click.click_id if static.click else None,

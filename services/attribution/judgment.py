@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from services.attribution import coupon_rules
 from services.attribution.models import (
@@ -81,6 +82,7 @@ class ConversionInput:
     device_type: DeviceType | None = None
     skus: tuple[str, ...] = ()
 
+    @cached_property
     def fingerprint(self) -> bytes:
         """The content of the order as the shop sent it, for comparing re-posts."""
         content = {

@@ -22,7 +22,8 @@ from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from services.attribution import coupon_rules
-from services.attribution.conversions import fraud_reasons, to_timestamp, utcnow
+from services.attribution.catalog_convert import to_timestamp
+from services.attribution.conversions import fraud_reasons, utcnow
 from services.attribution.fraud_client import FraudClient
 from services.attribution.judgment import FLAGGING_REASONS
 from services.attribution.models import Campaign, Conversion, ConversionEvent, ConversionStatus

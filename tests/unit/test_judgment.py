@@ -38,10 +38,10 @@ def click(**fields: object) -> ClickInfo:
 
 
 def test_fingerprint_ignores_a_default_time_but_not_a_sent_one() -> None:
-    assert conversion().fingerprint() == conversion(occurred_at=NOW - timedelta(seconds=5)).fingerprint()
-    assert conversion(occurred_at_sent=True).fingerprint() != conversion().fingerprint()
-    assert conversion(skus=("a", "b")).fingerprint() == conversion(skus=("b", "a")).fingerprint()
-    assert conversion(amount_micros=1).fingerprint() != conversion().fingerprint()
+    assert conversion().fingerprint == conversion(occurred_at=NOW - timedelta(seconds=5)).fingerprint
+    assert conversion(occurred_at_sent=True).fingerprint != conversion().fingerprint
+    assert conversion(skus=("a", "b")).fingerprint == conversion(skus=("b", "a")).fingerprint
+    assert conversion(amount_micros=1).fingerprint != conversion().fingerprint
 
 
 def test_ineligible_clicks_are_recorded_and_the_sale_goes_on_without_them() -> None:
