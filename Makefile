@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto run migrate test unit integration e2e lint typecheck bench ipintel clean
+.PHONY: install proto run demo migrate test unit integration e2e lint typecheck bench ipintel clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ proto: $(VENV)/.installed
 
 run: gen/.stamp
 	$(PY) -m tools.run
+
+demo: gen/.stamp
+	$(PY) -m tools.demo
 
 migrate: gen/.stamp
 	$(PY) -m tools.run --migrate-only

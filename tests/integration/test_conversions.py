@@ -275,3 +275,22 @@ async def test_fraud_down_flags_then_rescoring_clears(world_without_fraud: World
         assert after.history[-1].reason == "rescored"
     finally:
         await fraud.stop()
+
+
+async def test_recording_needs_the_internal_token_and_reading_the_admin_token(world: World) -> None:
+    await world.campaign()
+    guarded = await world.add_replica(internal_token="internal-secret", admin_token="admin-secret")
+    request = world.request(order_id="guarded-1")
+    for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", "Bearer admin-secret"),)]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await guarded.tracking.RecordConversion(request, metadata=metadata, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    recorded = await guarded.tracking.RecordConversion(
+        request, metadata=(("authorization", "Bearer internal-secret"),), timeout=10
+    )
+    read = pb.GetConversionRequest(campaign_id="cmp", order_id="guarded-1")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await guarded.tracking.GetConversion(read, metadata=(("authorization", "Bearer internal-secret"),))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    got = await guarded.tracking.GetConversion(read, metadata=(("authorization", "Bearer admin-secret"),))
+    assert got.id == recorded.id
