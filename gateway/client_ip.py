@@ -9,8 +9,10 @@ the client itself and may be forged.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from socket import inet_aton
 
 from gateway.config import IPNetwork
 
@@ -39,14 +41,27 @@ def _parse(text: str) -> IPAddress | None:
     return address
 
 
+# A dotted quad without leading zeros: its own normal form, checked against the
+# trusted networks as an integer (the common hop; ``ipaddress`` costs ~10 µs a hop).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
 class ClientIpResolver:
     def __init__(self, trusted_proxies: Iterable[IPNetwork]) -> None:
         self._trusted = tuple(trusted_proxies)
+        self._trusted_v4 = tuple(
+            (int(net.network_address), int(net.netmask)) for net in self._trusted if net.version == 4
+        )
         self._is_trusted = lru_cache(maxsize=65536)(self._check_trusted)
         self._normalized = lru_cache(maxsize=65536)(self._normalize)
 
     def _check_trusted(self, address: IPAddress) -> bool:
         return any(address.version == net.version and address in net for net in self._trusted)
+
+    def _v4_trusted(self, canonical: str) -> bool:
+        value = int.from_bytes(inet_aton(canonical), "big")
+        return any(value & mask == network for network, mask in self._trusted_v4)
 
     def _peer_trusted(self, text: str) -> bool:
         address = _parse(text)
@@ -63,10 +78,15 @@ class ClientIpResolver:
             return ""
         if not forwarded_for or not self._trusted or not self._peer_trusted(peer):
             return self._normalized(peer)
-        hops = ",".join(forwarded_for).split(",")
+        hops = (forwarded_for[0] if len(forwarded_for) == 1 else ",".join(forwarded_for)).split(",")
         nearest = peer
         for hop in reversed(hops):
             hop = hop.strip()
+            if _CANONICAL_IPV4.fullmatch(hop):
+                if not self._v4_trusted(hop):
+                    return hop
+                nearest = hop
+                continue
             address = _parse(hop)
             if address is None:
                 # A garbled hop breaks the chain of trust: the last proxy that

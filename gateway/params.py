@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
@@ -87,6 +88,18 @@ def parse_urlencoded(raw: str, into: Params | None = None) -> Params:
     """
     params: Params = {} if into is None else into
     if not raw:
+        return params
+    if "%" not in raw and "+" not in raw:
+        # The common case (plain tokens and IDs): nothing to decode, so nothing can be malformed.
+        for pair in raw.split("&"):
+            if not pair:
+                continue
+            key, _, value = pair.partition("=")
+            existing = params.get(key)
+            if existing is None:
+                params[key] = [value]
+            else:
+                existing.append(value)
         return params
     for pair in raw.split("&"):
         if not pair:
@@ -245,6 +258,7 @@ def parse_device(value: str, field: str = "device") -> pb.DeviceType.ValueType:
     return device
 
 
+@lru_cache(maxsize=4096)
 def device_from_user_agent(user_agent: str) -> pb.DeviceType.ValueType:
     """A coarse device class from a user agent, for a postback without ``device``."""
     ua = user_agent.lower()
@@ -261,7 +275,15 @@ def device_from_user_agent(user_agent: str) -> pb.DeviceType.ValueType:
     return pb.DEVICE_TYPE_DESKTOP
 
 
+# A dotted quad in canonical form (no leading zeros) is already what
+# ``str(ip_address(...))`` would give back; parsing it costs more than the postback's rest.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CANONICAL_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
 def parse_ip(value: str, field: str = "ip") -> str:
+    if CANONICAL_IPV4.fullmatch(value):
+        return value
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:

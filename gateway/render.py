@@ -8,7 +8,10 @@ left out rather than sent as zero, which would mean something else.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
+
+import orjson
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.descriptor import EnumDescriptor
@@ -34,9 +37,46 @@ def money(micros: int) -> str:
     return f"{sign}{units}.{digits}"
 
 
+# Seconds of 0001-01-01 and 10000-01-01 relative to the epoch: the range
+# ToJsonString formats; anything outside goes to it (and its error).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_800
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_day_prefixes: dict[int, str] = {}
+
+
+def _day_prefix(days: int) -> str:
+    prefix = _day_prefixes.get(days)
+    if prefix is None:
+        if len(_day_prefixes) > 4096:
+            _day_prefixes.clear()
+        prefix = _day_prefixes[days] = date.fromordinal(_EPOCH_ORDINAL + days).isoformat() + "T"
+    return prefix
+
+
+def format_timestamp(seconds: int, nanos: int) -> str:
+    """What ``Timestamp.ToJsonString`` gives, several times faster (it is pure Python).
+
+    RFC 3339 in UTC with ``Z``; 3, 6 or 9 fractional digits, only when present.
+    """
+    if not (0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds < _MAX_SECONDS):
+        return Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
+    days, second_of_day = divmod(seconds, 86_400)
+    hour, rest = divmod(second_of_day, 3600)
+    minute, second = divmod(rest, 60)
+    text = f"{_day_prefix(days)}{hour:02d}:{minute:02d}:{second:02d}"
+    if not nanos:
+        return text + "Z"
+    if not nanos % 1_000_000:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if not nanos % 1000:
+        return f"{text}.{nanos // 1000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
+
+
 def timestamp(value: Timestamp) -> str:
     """RFC 3339 in UTC with ``Z`` (fractional seconds only when present)."""
-    return value.ToJsonString()
+    return format_timestamp(value.seconds, value.nanos)
 
 
 def _enum_word(words: dict[int, str], number: int) -> str:
@@ -89,3 +129,8 @@ def render_conversion(conversion: pb.Conversion) -> dict[str, Any]:
     if conversion.history:
         out["history"] = [render_event(event) for event in conversion.history]
     return out
+
+
+def render_conversion_json(conversion: pb.Conversion) -> bytes:
+    """``render_conversion`` as the response body (UTF-8 JSON)."""
+    return orjson.dumps(render_conversion(conversion))

@@ -37,7 +37,6 @@ from services.attribution import coupon_rules, ids
 from services.attribution.catalog_convert import to_timestamp
 from services.attribution.fraud_client import FraudClient
 from services.attribution.judgment import (
-    ClickInfo,
     ConversionInput,
     StaticJudgment,
     final_status,
@@ -45,7 +44,7 @@ from services.attribution.judgment import (
     is_fixable,
     judge_static,
 )
-from services.attribution.models import Affiliate, Campaign, Conversion, ConversionEvent, Coupon
+from services.attribution.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
 from services.attribution.store import clicks as click_store
 from services.attribution.store import conversions as store
 from services.attribution.store import redemptions
@@ -72,7 +71,7 @@ CONVERSION_SECONDS = Histogram(
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS = 3
 
-_FRAUD_KIND = {
+FRAUD_COUPON_KIND = {
     "general": fraud_pb2.COUPON_KIND_GENERAL,
     "exclusive": fraud_pb2.COUPON_KIND_EXCLUSIVE,
     "unique": fraud_pb2.COUPON_KIND_UNIQUE,
@@ -281,7 +280,7 @@ class ConversionRecorder:
             CONVERSIONS_TOTAL.labels(conversion.status).inc()
         return conversions
 
-    async def _load_clicks(self, conn: asyncpg.Connection, cases: list[_Case]) -> dict[str, ClickInfo]:
+    async def _load_clicks(self, conn: asyncpg.Connection, cases: list[_Case]) -> dict[str, Click]:
         named: list[tuple[str, datetime]] = []
         for case in cases:
             if case.input.click_id:
@@ -295,7 +294,7 @@ class ConversionRecorder:
         self,
         conn: asyncpg.Connection,
         case: _Case,
-        clicks: dict[str, ClickInfo],
+        clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],
         *,
         without_click: bool = False,
@@ -346,7 +345,7 @@ class ConversionRecorder:
             affiliate_id=static.affiliate_id or "",
             click_id=static.click.click_id if static.click else "",
             coupon_code=item.coupon_code,
-            coupon_kind=_FRAUD_KIND[static.coupon.kind] if static.coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
+            coupon_kind=FRAUD_COUPON_KIND[static.coupon.kind] if static.coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
             customer_id=item.customer_id,
             ip=item.ip,
             user_agent=item.user_agent,
@@ -361,7 +360,7 @@ class ConversionRecorder:
         self,
         conn: asyncpg.Connection,
         cases: list[_Case],
-        clicks: dict[str, ClickInfo],
+        clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],
         verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
     ) -> None:

@@ -21,7 +21,7 @@ from services.attribution.models import (
     Affiliate,
     AttributionSource,
     Campaign,
-    ClickDecision,
+    Click,
     ConversionStatus,
     Coupon,
     DeviceType,
@@ -100,19 +100,6 @@ class ConversionInput:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).digest()
 
 
-@dataclass(frozen=True)
-class ClickInfo:
-    """What judgment needs of the click named by a postback."""
-
-    click_id: str
-    created_at: datetime
-    campaign_id: str
-    affiliate_id: str
-    occurred_at: datetime
-    decision: ClickDecision
-    conversions: int
-
-
 @dataclass
 class StaticJudgment:
     """The outcome of steps 3 and 4."""
@@ -120,7 +107,7 @@ class StaticJudgment:
     reasons: list[str]
     affiliate_id: str | None
     source: AttributionSource
-    click: ClickInfo | None  # the eligible click, if any
+    click: Click | None  # the eligible click, if any
     coupon: Coupon | None
     channel: str | None = None
 
@@ -130,8 +117,8 @@ class StaticJudgment:
 
 
 def click_eligibility(
-    click: ClickInfo | None, input: ConversionInput, campaign: Campaign
-) -> tuple[ClickInfo | None, list[str]]:
+    click: Click | None, input: ConversionInput, campaign: Campaign
+) -> tuple[Click | None, list[str]]:
     """Step 4's first part: is the named click eligible for credit?"""
     if not input.click_id:
         return None, []
@@ -150,7 +137,7 @@ def click_eligibility(
 def judge_static(
     input: ConversionInput,
     campaign: Campaign,
-    click: ClickInfo | None,
+    click: Click | None,
     coupon: Coupon | None,
     affiliates: Mapping[str, Affiliate | None],
 ) -> StaticJudgment:

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from services.attribution import coupon_rules
 from services.attribution.catalog_convert import to_timestamp
-from services.attribution.conversions import fraud_reasons, utcnow
+from services.attribution.conversions import FRAUD_COUPON_KIND, fraud_reasons, utcnow
 from services.attribution.fraud_client import FraudClient
 from services.attribution.judgment import FLAGGING_REASONS
 from services.attribution.models import Campaign, Conversion, ConversionEvent, ConversionStatus
@@ -45,11 +45,6 @@ RESCORED_TOTAL = Counter("ascribe_conversions_rescored_total", "Re-scored conver
 REVERSED_TOTAL = Counter("ascribe_conversion_refunds_total", "Refunds applied, by kind.", ["kind"])
 LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD after a CODE_LEAK alert.")
 
-_FRAUD_KIND = {
-    "general": fraud_pb2.COUPON_KIND_GENERAL,
-    "exclusive": fraud_pb2.COUPON_KIND_EXCLUSIVE,
-    "unique": fraud_pb2.COUPON_KIND_UNIQUE,
-}
 ALERT_CURSOR = "leak_response"
 
 
@@ -283,7 +278,7 @@ class Lifecycle:
         message = fraud_pb2.CheckConversionRequest(
             order_id=c.order_id, campaign_id=c.campaign_id, affiliate_id=c.affiliate_id or "",
             click_id=c.click_id or "", coupon_code=c.coupon_code or "",
-            coupon_kind=_FRAUD_KIND[coupon.kind] if coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
+            coupon_kind=FRAUD_COUPON_KIND[coupon.kind] if coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
             customer_id=c.customer_id or "", ip=str(request.get("ip") or ""),
             user_agent=str(request.get("user_agent") or ""),
             occurred_at=to_timestamp(c.occurred_at), received_at=to_timestamp(c.received_at),

@@ -5,14 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from services.attribution.judgment import (
-    ClickInfo,
     ConversionInput,
     final_status,
     hold_until,
     is_fixable,
     judge_static,
 )
-from services.attribution.models import Affiliate, Campaign, Coupon
+from services.attribution.models import Affiliate, Campaign, Click, Coupon
 
 NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)
 CAMPAIGN = Campaign(id="cmp", name="c", landing_url="https://x", currency="EUR")
@@ -28,13 +27,13 @@ def conversion(**fields: object) -> ConversionInput:
     return ConversionInput(**values)  # type: ignore[arg-type]
 
 
-def click(**fields: object) -> ClickInfo:
+def click(**fields: object) -> Click:
     values: dict[str, object] = {
         "click_id": "k1", "created_at": NOW - timedelta(hours=1), "campaign_id": "cmp", "affiliate_id": "A",
         "occurred_at": NOW - timedelta(hours=1), "decision": "accepted", "conversions": 0,
     }
     values.update(fields)
-    return ClickInfo(**values)  # type: ignore[arg-type]
+    return Click(**values)  # type: ignore[arg-type]
 
 
 def test_fingerprint_ignores_a_default_time_but_not_a_sent_one() -> None:

@@ -13,7 +13,6 @@ from typing import TypeAlias
 
 import asyncpg
 
-from services.attribution.judgment import ClickInfo
 from services.attribution.models import Click
 
 _INSERT_COLUMNS = (
@@ -179,7 +178,7 @@ async def count_clicks(conn: Executor, campaign_id: str) -> int:
 
 async def fetch_clicks(
     conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
-) -> dict[str, ClickInfo]:
+) -> dict[str, Click]:
     """The clicks named by postbacks; the time in each id selects one partition."""
     if not clicks:
         return {}
@@ -192,4 +191,4 @@ async def fetch_clicks(
         [c[0] for c in clicks],
         [c[1] for c in clicks],
     )
-    return {r["click_id"]: ClickInfo(**dict(r)) for r in rows}
+    return {r["click_id"]: Click(**dict(r)) for r in rows}
