@@ -41,6 +41,17 @@ RECORDING_METHODS = (
 ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
 
 
+# PostgreSQL down, restarting, or too slow for the statement timeout.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.QueryCanceledError,
+)
+
+
 def required_tokens(settings: Settings) -> dict[str, str | None]:
     """Admin RPCs need the admin token; recording RPCs the internal token."""
     tokens: dict[str, str | None] = {}
@@ -146,7 +157,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         addr=settings.addr,
         service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
         register=register,
-        interceptor=ServerInterceptor(required_tokens(settings)),
+        interceptor=ServerInterceptor(required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE),
     )
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,

@@ -84,8 +84,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     the token it needs; a method absent from it, or mapped to None, is open.
     """
 
-    def __init__(self, required_tokens: Mapping[str, str | None]) -> None:
+    def __init__(
+        self,
+        required_tokens: Mapping[str, str | None],
+        unavailable_errors: tuple[type[BaseException], ...] = (),
+    ) -> None:
         self._required_tokens = dict(required_tokens)
+        # Errors that mean a dependency is down or too slow (a database that
+        # refuses connections, a query past its timeout): UNAVAILABLE, so the
+        # caller retries, rather than INTERNAL.
+        self._unavailable_errors = unavailable_errors
 
     async def intercept_service(
         self,
@@ -139,6 +147,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 if _is_abort(error, context):
                     code = context.code() or code
                     raise
+                if isinstance(error, self._unavailable_errors):
+                    code = grpc.StatusCode.UNAVAILABLE
+                    logger.warning("%s/%s: a dependency is unavailable: %r", service, method, error)
+                    await context.abort(code, "a backend is unavailable; retry")
                 code = grpc.StatusCode.INTERNAL
                 logger.exception("unhandled error in %s/%s", service, method)
                 await context.abort(code, "internal error")
@@ -172,6 +184,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 if _is_abort(error, context):
                     code = context.code() or code
                     raise
+                if isinstance(error, self._unavailable_errors):
+                    code = grpc.StatusCode.UNAVAILABLE
+                    logger.warning("%s/%s: a dependency is unavailable: %r", service, method, error)
+                    await context.abort(code, "a backend is unavailable; retry")
                 code = grpc.StatusCode.INTERNAL
                 logger.exception("unhandled error in %s/%s", service, method)
                 await context.abort(code, "internal error")

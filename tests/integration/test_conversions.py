@@ -7,15 +7,20 @@ replicas sharing one database where the claim is about replicas.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from prometheus_client import REGISTRY
 
-from tests.integration.conversion_env import World, start_fraud_service, ts
-from tests.support import bad_request_fields
+from services.attribution.migrate import migrate_url
+from services.common import embedded
+from tests.integration.conversion_env import FraudHandle, World, start_fraud_service, ts
+from tests.support import Clock, bad_request_fields
 
 PENDING = pb.CONVERSION_STATUS_PENDING
 APPROVED = pb.CONVERSION_STATUS_APPROVED
@@ -259,7 +264,6 @@ async def test_fraud_down_flags_then_rescoring_clears(world_without_fraud: World
     assert flagged.status == FLAGGED and "fraud_unavailable" in flagged.reasons
     assert (await world.get_coupon("SAFE")).used == 1  # the use is held, never lost
     port = int(world.fraud_addr.rsplit(":", 1)[1])
-    from pathlib import Path
     fraud = await start_fraud_service(redis_server_url, redis_prefix, Path(str(ipintel_dir)), port)
     try:
         changed = 0
@@ -294,3 +298,44 @@ async def test_recording_needs_the_internal_token_and_reading_the_admin_token(wo
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     got = await guarded.tracking.GetConversion(read, metadata=(("authorization", "Bearer admin-secret"),))
     assert got.id == recorded.id
+
+
+async def test_postgres_down_answers_unavailable_and_writes_nothing_half(
+    tmp_path: Path, fraud_service: FraudHandle
+) -> None:
+    """A database that goes away: a bounded wait, UNAVAILABLE, and a clean recovery."""
+    server = embedded.start_postgres(tmp_path / "pg")
+    try:
+        await migrate_url(server.url)
+        conn = await asyncpg.connect(server.url)
+        world = World(server.url, conn, Clock(datetime.now(UTC)), fraud_service.addr)
+        await world.add_replica(db_statement_timeout_ms=2000)
+        try:
+            await world.campaign()
+            await world.coupon("DOWN", usage_limit=10, allow_all_affiliates=True)
+            assert (await world.convert(coupon_code="DOWN")).status == PENDING
+            await conn.close()
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await world.convert(order_id="while-down", coupon_code="DOWN")
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 15
+            server = embedded.start_postgres(tmp_path / "pg", port=server.port)
+            world.db = conn = await asyncpg.connect(server.url)
+            recovered = None
+            for _ in range(50):
+                try:
+                    recovered = await world.convert(order_id="after", coupon_code="DOWN")
+                    break
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE
+                    await asyncio.sleep(0.2)
+            assert recovered is not None and recovered.status == PENDING
+            assert await world.used("DOWN") == 2 == await world.live_ledger("DOWN")
+            assert await conn.fetchval("SELECT count(*) FROM conversions WHERE order_id = 'while-down'") == 0
+        finally:
+            await world.close()
+            await conn.close()
+    finally:
+        server.stop()
