@@ -121,6 +121,10 @@ class Verdict:
     signals: tuple[Signal, ...] = ()
 
 
+# The verdict of an event without signals (most traffic): one shared instance.
+CLEAN = Verdict(action=Action.ALLOW, score=0, signals=())
+
+
 @dataclass(frozen=True)
 class ClickEvent:
     click_id: str
@@ -170,6 +174,8 @@ class ConversionCounters:
 
 def decide(signals: Iterable[Signal], rules: Rules) -> Verdict:
     """Any hard rule rejects; otherwise the capped sum of weights decides."""
+    if not signals and rules.reject_score > 0 and rules.review_score > 0:
+        return CLEAN
     ordered = tuple(sorted(signals, key=lambda s: -s.weight))
     total = sum(s.weight for s in ordered)
     rejecting = sum(s.weight for s in ordered if not s.review_only)

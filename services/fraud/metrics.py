@@ -26,6 +26,11 @@ BATCH_SIZE = Histogram(
     ["event"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
 )
+COALESCED_CHECKS = Histogram(
+    "ascribe_fraud_coalesced_checks",
+    "Single checks (CheckClick, CheckConversion) that shared one Redis round trip.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 ALERTS_TOTAL = Counter(
     "ascribe_fraud_alerts_total",
     "Alerts written to the alert stream, by kind.",

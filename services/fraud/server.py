@@ -90,6 +90,7 @@ class FraudService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.engine.flush_signal_counts()
+        await self.engine.store.aclose()
         await self.redis.aclose()
         await self.watch_redis.aclose()
 

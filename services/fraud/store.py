@@ -58,6 +58,7 @@ from services.fraud.domain import (
     ConversionEvent,
     CouponKind,
 )
+from services.fraud.resp import RespClient, RespConnectionError, RespError, RespTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -243,44 +244,75 @@ class _Batch:
         self.handles: list[tuple[int, int]] = []
 
     def add(self, op: str, subject: str, *fields: object) -> int:
+        return self.add_line(subject, "\t".join((op, subject, *map(str, fields))))
+
+    def add_line(self, subject: str, line: str) -> int:
+        """``line`` is the operation already formatted (the hot paths build it in one f-string)."""
         bucket = zlib.crc32(subject.encode()) % self.buckets
-        lines = self.lines.setdefault(bucket, [])
+        lines = self.lines.get(bucket)
+        if lines is None:
+            lines = self.lines[bucket] = []
         self.handles.append((bucket, len(lines)))
-        lines.append("\t".join((op, subject, *map(str, fields))))
+        lines.append(line)
         return len(self.handles) - 1
 
 
 class FraudStore:
     """Counters, dedup and alerts in Redis; methods raise ``Unavailable`` when it is down."""
 
-    def __init__(self, client: aioredis.Redis, config: StoreConfig) -> None:
+    def __init__(self, client: aioredis.Redis, config: StoreConfig, fast: RespClient | None = None) -> None:
         self.client = client
+        # The check pipeline (the hot path) goes through the minimal RESP
+        # client when it speaks the connection's protocol; redis-py does the rest.
+        self.fast = fast if fast is not None else RespClient.like(client)
         self.config = config
         self.prefix = f"{config.prefix}:fraud"
         self.alerts_key = f"{self.prefix}:{{alerts}}"
         self._sha: str | None = None
+        self._tags = [self.bucket_tag(bucket).encode() for bucket in range(config.key_buckets)]
+        self._tag_prefixes = [tag + b":" for tag in self._tags]
 
     def bucket_tag(self, bucket: int) -> str:
         return f"{self.prefix}:{{b{bucket:02d}}}"
+
+    async def aclose(self) -> None:
+        if self.fast is not None:
+            await self.fast.aclose()
 
     # -- plumbing --------------------------------------------------------------
 
     async def load_scripts(self) -> None:
         try:
-            self._sha = str(await self.client.script_load(BATCH_LUA))
-        except (RedisConnectionError, RedisTimeoutError) as error:
+            if self.fast is not None:
+                (sha,) = await self.fast.execute([("SCRIPT", "LOAD", BATCH_LUA)])
+                if isinstance(sha, RespError):
+                    logger.error("redis refused the fraud script: %s", sha.message)
+                    raise Unavailable("fraud state store (Redis) failed")
+                self._sha = _text(sha)
+            else:
+                self._sha = str(await self.client.script_load(BATCH_LUA))
+        except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
             raise _redis_unavailable(error) from error
 
     async def _pipeline(self, calls: Sequence[tuple[int, list[str]]]) -> list[Any]:
+        """One round trip: one script call per bucket; answers (or error values) in call order."""
         try:
             if self._sha is None:
                 await self.load_scripts()
+            sha = self._sha
+            assert sha is not None
+            if self.fast is not None:
+                tags, tag_prefixes = self._tags, self._tag_prefixes
+                return await self.fast.execute(
+                    [("EVALSHA", sha, b"1", tags[bucket], tag_prefixes[bucket], "\n".join(lines))
+                     for bucket, lines in calls]
+                )
             async with self.client.pipeline(transaction=False) as pipe:
                 for bucket, lines in calls:
                     tag = self.bucket_tag(bucket)
-                    pipe.evalsha(self._sha, 1, tag, f"{tag}:", "\n".join(lines))  # type: ignore[arg-type]
+                    pipe.evalsha(sha, 1, tag, f"{tag}:", "\n".join(lines))
                 results: list[Any] = await pipe.execute(raise_on_error=False)
-        except (RedisConnectionError, RedisTimeoutError) as error:
+        except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
             raise _redis_unavailable(error) from error
         return results
 
@@ -290,7 +322,7 @@ class FraudStore:
         if not calls:
             return []
         results = await self._pipeline(calls)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        missing = [i for i, result in enumerate(results) if _is_noscript(result)]
         if missing:
             # A restarted or flushed Redis forgot the script. Only the calls
             # that failed run again, so nothing is counted twice.
@@ -343,9 +375,15 @@ class FraudStore:
             if event.affiliate_id:
                 by_affiliate.setdefault((event.campaign_id, event.affiliate_id), []).append(index)
         ip_at: dict[str, int] = {}
+        # W ip:<ip> now inc ttl_ms 1-minute and 1-hour windows
+        window_fields = f"\t{2 * 3600 * 1000}\t{60_000}\t{3_600_000}"
         for ip, members in by_ip.items():
-            now = max(_ms(events[i].occurred_at) for i in members)
-            ip_at[ip] = batch.add("W", f"ip:{ip}", now, len(members), 2 * 3600 * 1000, 60_000, 3_600_000)
+            if len(members) == 1:
+                now = _ms(events[members[0]].occurred_at)
+            else:
+                now = max(_ms(events[i].occurred_at) for i in members)
+            subject = f"ip:{ip}"
+            ip_at[ip] = batch.add_line(subject, f"W\t{subject}\t{now}\t{len(members)}{window_fields}")
         burst_at: dict[tuple[str, str], int] = {}
         for (campaign_id, affiliate_id), members in by_affiliate.items():
             now = max(_ms(events[i].occurred_at) for i in members)
@@ -566,6 +604,10 @@ class FraudStore:
                     )
                 )
         return alerts
+
+
+def _is_noscript(result: Any) -> bool:
+    return isinstance(result, NoScriptError) or (isinstance(result, RespError) and result.code == "NOSCRIPT")
 
 
 def _text(value: Any) -> str:
