@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
-import orjson
-
 import grpc
+import orjson
 from aiohttp import web
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest

@@ -8,10 +8,8 @@ left out rather than sent as zero, which would mean something else.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import datetime, timedelta
 from typing import Any
-
-import orjson
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.descriptor import EnumDescriptor
@@ -41,17 +39,18 @@ def money(micros: int) -> str:
 # ToJsonString formats; anything outside goes to it (and its error).
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_800
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-_day_prefixes: dict[int, str] = {}
+_EPOCH = datetime(1970, 1, 1)
+# Whole seconds as text: a conversion's times, and those of conversions
+# answered together, mostly share their seconds.
+_SECOND_TEXTS: dict[int, str] = {}
+_SECOND_TEXTS_MAX = 4096
 
 
-def _day_prefix(days: int) -> str:
-    prefix = _day_prefixes.get(days)
-    if prefix is None:
-        if len(_day_prefixes) > 4096:
-            _day_prefixes.clear()
-        prefix = _day_prefixes[days] = date.fromordinal(_EPOCH_ORDINAL + days).isoformat() + "T"
-    return prefix
+def _second_text(seconds: int) -> str:
+    if len(_SECOND_TEXTS) >= _SECOND_TEXTS_MAX:
+        _SECOND_TEXTS.clear()
+    text = _SECOND_TEXTS[seconds] = (_EPOCH + timedelta(seconds=seconds)).isoformat()
+    return text
 
 
 def format_timestamp(seconds: int, nanos: int) -> str:
@@ -61,10 +60,7 @@ def format_timestamp(seconds: int, nanos: int) -> str:
     """
     if not (0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds < _MAX_SECONDS):
         return Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
-    days, second_of_day = divmod(seconds, 86_400)
-    hour, rest = divmod(second_of_day, 3600)
-    minute, second = divmod(rest, 60)
-    text = f"{_day_prefix(days)}{hour:02d}:{minute:02d}:{second:02d}"
+    text = _SECOND_TEXTS.get(seconds) or _second_text(seconds)
     if not nanos:
         return text + "Z"
     if not nanos % 1_000_000:
@@ -129,8 +125,3 @@ def render_conversion(conversion: pb.Conversion) -> dict[str, Any]:
     if conversion.history:
         out["history"] = [render_event(event) for event in conversion.history]
     return out
-
-
-def render_conversion_json(conversion: pb.Conversion) -> bytes:
-    """``render_conversion`` as the response body (UTF-8 JSON)."""
-    return orjson.dumps(render_conversion(conversion))
