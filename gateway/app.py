@@ -35,6 +35,7 @@ from gateway.params import (
     reversal_request,
 )
 from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
+from services.common.grpc_server import BEARER_REFUSED
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ MAX_BODY_BYTES = 64 * 1024
 
 # The shared interceptor's message when our own internal token is refused
 # (services/common/grpc_server.py): a gateway misconfiguration, not the caller's fault.
-INTERNAL_TOKEN_REFUSED = "missing or wrong bearer token"
+INTERNAL_TOKEN_REFUSED = BEARER_REFUSED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

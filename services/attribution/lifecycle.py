@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
@@ -313,6 +313,18 @@ async def run_periodically(name: str, interval_seconds: float, step: Callable[[]
         await asyncio.sleep(interval_seconds)
 
 
+# With no stored cursor (a new deployment), alerts of the last few minutes
+# are still acted on (those raised while the service was starting), but not
+# old ones that people may already have dealt with.
+FIRST_START_LOOKBACK = timedelta(minutes=5)
+
+
+def first_alert_cursor(now: datetime | None = None) -> str:
+    """A Redis stream id just before ``now - FIRST_START_LOOKBACK``."""
+    moment = (now or datetime.now(UTC)) - FIRST_START_LOOKBACK
+    return f"{int(moment.timestamp() * 1000)}-0"
+
+
 async def follow_alerts(
     lifecycle: Lifecycle,
     pool: asyncpg.Pool,
@@ -325,9 +337,9 @@ async def follow_alerts(
     stub = fraud_pb2_grpc.FraudServiceStub(channel)
     while True:
         try:
-            after_id = await lifecycle_store.get_alert_cursor(pool, ALERT_CURSOR)
+            after_id = await lifecycle_store.get_alert_cursor(pool, ALERT_CURSOR) or first_alert_cursor()
             stream = stub.WatchAlerts(
-                fraud_pb2.WatchAlertsRequest(after_id=after_id or ""), metadata=bearer_metadata(internal_token)
+                fraud_pb2.WatchAlertsRequest(after_id=after_id), metadata=bearer_metadata(internal_token)
             )
             async for alert in stream:
                 if alert.kind == fraud_pb2.ALERT_KIND_CODE_LEAK and alert.coupon_code:

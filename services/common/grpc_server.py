@@ -31,6 +31,9 @@ from services.common.metrics import GRPC_HANDLING_SECONDS, GRPC_REQUESTS_TOTAL
 logger = logging.getLogger(__name__)
 
 AUTHORIZATION_HEADER = "authorization"
+# The gateway tells its own token being refused (a misconfiguration: 503)
+# from a shop's bad postback token (401) by this message.
+BEARER_REFUSED = "missing or wrong bearer token"
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -132,7 +135,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if not authorized:
                     code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, "missing or wrong bearer token")
+                    await context.abort(code, BEARER_REFUSED)
                 return await behavior(request, context)
             except DomainError as error:
                 code = error.status
@@ -168,7 +171,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if not authorized:
                     code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, "missing or wrong bearer token")
+                    await context.abort(code, BEARER_REFUSED)
                 async for item in behavior(request, context):
                     yield item
             except DomainError as error:
