@@ -169,16 +169,6 @@ async def create_affiliate(channel: grpc.aio.Channel, name: str = "Affiliate A")
     return affiliate
 
 
-async def require_rpc(channel: grpc.aio.Channel, method: str, request: Any) -> None:
-    """Skips the test while the attribution service answers ``method`` UNIMPLEMENTED."""
-    stub = attribution_pb2_grpc.TrackingServiceStub(channel)
-    try:
-        await getattr(stub, method)(request, timeout=5)
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip(f"TrackingService.{method} is not implemented yet (answers UNIMPLEMENTED)")
-
-
 # ---------------------------------------------------------------- health, readiness, metrics
 
 
@@ -367,15 +357,6 @@ async def test_postback_token_is_never_logged(
 async def click_setup(channel: grpc.aio.Channel) -> tuple[pb.Campaign, pb.Affiliate]:
     campaign = await create_campaign(channel)
     affiliate = await create_affiliate(channel)
-    await require_rpc(
-        channel,
-        "RecordClickBatch",
-        pb.RecordClickBatchRequest(
-            requests=[
-                pb.RecordClickRequest(campaign_id=campaign.id, affiliate_id=affiliate.id, ip="192.0.2.1")
-            ]
-        ),
-    )
     return campaign, affiliate
 
 
@@ -442,12 +423,7 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(
 
     trusting = await make_gateway(f"127.0.0.1:{attribution.port}")  # trusts 127.0.0.1 by default
     click_id = (await trusting.get(url, headers=headers, allow_redirects=False)).headers["X-Ascribe-Click-Id"]
-    try:
-        click = await stub.GetClick(pb.GetClickRequest(click_id=click_id))
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip("TrackingService.GetClick is not implemented yet")
-        raise
+    click = await stub.GetClick(pb.GetClickRequest(click_id=click_id))
     assert click.ip == "203.0.113.9"
 
     wary = await make_gateway(f"127.0.0.1:{attribution.port}", trusted_proxies=())
@@ -476,21 +452,6 @@ async def test_many_concurrent_clicks_each_get_their_own_redirect(
 
 async def postback_setup(channel: grpc.aio.Channel, method: str = "RecordConversionBatch") -> pb.Campaign:
     campaign = await create_campaign(channel, hold_days=30)
-    await require_rpc(
-        channel,
-        method,
-        pb.RecordConversionBatchRequest(
-            requests=[
-                pb.RecordConversionRequest(
-                    campaign_id=campaign.id,
-                    order_id="probe",
-                    amount_micros=1_000_000,
-                    currency="EUR",
-                    postback_token=campaign.postback_token,
-                )
-            ]
-        ),
-    )
     return campaign
 
 
@@ -552,17 +513,11 @@ async def test_postback_for_an_unknown_campaign_is_404(
 async def test_refund_through_the_gateway(channel: grpc.aio.Channel, gateway: TestClient[Any, Any]) -> None:
     campaign = await postback_setup(channel)
     token = campaign.postback_token
-    await require_rpc(
-        channel,
-        "ReverseConversion",
-        pb.ReverseConversionRequest(campaign_id=campaign.id, order_id="probe", postback_token=token),
-    )
     created = await gateway.get(
         f"/postback?campaign_id={campaign.id}&order_id=o-4&amount=49.90&currency=EUR&token={token}"
     )
     assert created.status == 200
-    if (await created.json())["status"] == "rejected":
-        pytest.skip("the order was rejected, so there is nothing to refund here")
+    assert (await created.json())["status"] in ("pending", "flagged")  # flagged: no fraud service here
 
     partial = await gateway.post(
         f"/postback?event=refund&campaign_id={campaign.id}&order_id=o-4&refund_id=r1&amount=10.00",
