@@ -14,6 +14,7 @@ from typing import cast
 
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution import coupon_rules
 from services.attribution.catalog_convert import (
@@ -52,11 +53,27 @@ _STATUS_WORD, _STATUS_NUMBER = _enum_words("ConversionStatus", "CONVERSION_STATU
 _SOURCE_WORD, _SOURCE_NUMBER = _enum_words("AttributionSource", "ATTRIBUTION_SOURCE_")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What datetime (and so PostgreSQL's timestamptz as we read it) can hold.
+_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
 def _check_len(v: Violations, field: str, value: str, limit: int, *, required: bool = False) -> None:
     if required and not value.strip():
         v.add(field, "is required")
     elif len(value.encode()) > limit:
         v.add(field, f"must be at most {limit} bytes")
+    elif _CONTROL.search(value):
+        v.add(field, "must not contain control characters")
+
+
+def _time(v: Violations, field: str, stamp: Timestamp) -> datetime | None:
+    """A Timestamp field as a datetime, or a violation when no datetime can hold it."""
+    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+        v.add(field, "is out of range")
+        return None
+    return from_timestamp(stamp)
 
 
 def conversion_input(request: pb.RecordConversionRequest, received_at: datetime) -> ConversionInput:
@@ -90,12 +107,12 @@ def conversion_input(request: pb.RecordConversionRequest, received_at: datetime)
         v.add("device_type", "unknown device type")
     if len(request.skus) > MAX_SKUS:
         v.add("skus", f"at most {MAX_SKUS} SKUs")
-    elif any(not sku.strip() or len(sku.encode()) > MAX_SKU for sku in request.skus):
-        v.add("skus", f"each SKU must be 1 to {MAX_SKU} bytes")
+    elif any(not sku.strip() or len(sku.encode()) > MAX_SKU or _CONTROL.search(sku) for sku in request.skus):
+        v.add("skus", f"each SKU must be 1 to {MAX_SKU} bytes of printable text")
     occurred_at = received_at
     sent = request.HasField("occurred_at")
     if sent:
-        occurred_at = from_timestamp(request.occurred_at)
+        occurred_at = _time(v, "occurred_at", request.occurred_at) or received_at
         if occurred_at - received_at > MAX_CLOCK_SKEW:
             v.add("occurred_at", "lies more than 5 minutes after the time it was received")
     v.raise_if_any()
@@ -253,6 +270,8 @@ class ConversionRpcs:
         _check_len(v, "campaign_id", request.campaign_id, MAX_ID, required=True)
         if request.status and request.status not in _STATUS_WORD:
             v.add("status", "unknown conversion status")
+        received_from = _time(v, "from", getattr(request, "from")) if request.HasField("from") else None
+        received_to = _time(v, "to", request.to) if request.HasField("to") else None
         v.raise_if_any()
         limit = page_size(request.page_size)
         after: tuple[datetime, str] | None = None
@@ -268,8 +287,8 @@ class ConversionRpcs:
             campaign_id=request.campaign_id.strip(),
             status=_STATUS_WORD.get(request.status),
             affiliate_id=request.affiliate_id.strip() or None,
-            received_from=from_timestamp(getattr(request, "from")) if request.HasField("from") else None,
-            received_to=from_timestamp(request.to) if request.HasField("to") else None,
+            received_from=received_from,
+            received_to=received_to,
             after=after,
             limit=limit + 1,
         )

@@ -50,7 +50,7 @@ from services.attribution.store import conversions as store
 from services.attribution.store import redemptions
 from services.attribution.store.lookups import CatalogCache
 from services.common.batcher import MicroBatcher
-from services.common.errors import AlreadyExists, NotFound, Unauthenticated, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,14 @@ def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
 
 class _Rejudge(Exception):
     """A copy of an order that met its own earlier copy in one batch and must be judged anew."""
+
+
+class _Deferred(Exception):
+    """An order naming a click another order of the same batch names: it goes in the next batch.
+
+    A click's slots are then decided one batch at a time, so a slot that one
+    order gives back (rejected late in its batch) is seen by the next order.
+    """
 
 
 @dataclass
@@ -155,12 +163,16 @@ class ConversionRecorder:
     async def record(self, input: ConversionInput) -> Conversion:
         """Judges and commits one conversion (batched with concurrent ones)."""
         with CONVERSION_SECONDS.time():
-            for _ in range(_ATTEMPTS):
+            rejudged = 0
+            while True:
                 try:
                     return await self._batcher.submit(input)
+                except _Deferred:
+                    continue  # another order on the same click went first; each batch makes progress
                 except _Rejudge:
-                    continue
-            raise Unavailable("the order kept changing while it was judged; retry")
+                    rejudged += 1
+                    if rejudged >= _ATTEMPTS:
+                        raise Unavailable("the order kept changing while it was judged; retry") from None
 
     async def record_many(self, inputs: Sequence[ConversionInput]) -> list[Conversion | BaseException]:
         results = await asyncio.gather(*(self.record(i) for i in inputs), return_exceptions=True)
@@ -180,7 +192,27 @@ class ConversionRecorder:
                 logger.warning("conversion batch retried after %s (attempt %d)", type(error).__name__, attempt + 1)
             except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as error:
                 raise Unavailable("the database is unavailable; the conversion was not recorded") from error
+            except asyncpg.DataError as error:
+                if len(inputs) == 1:
+                    raise InvalidArgument.one("request", f"a value cannot be stored: {error}") from error
+                # One bad value must not fail its neighbours: judge each alone.
+                return [
+                    result
+                    for item in inputs
+                    for result in await self._flush_alone(item, verdicts)
+                ]
         raise Unavailable("the database kept aborting the batch; the conversions were not recorded")
+
+    async def _flush_alone(
+        self, item: ConversionInput, verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None]
+    ) -> list[Conversion | BaseException]:
+        """One item in a transaction of its own: its failure is its own."""
+        try:
+            return await self._flush_once([item], verdicts)
+        except asyncpg.DataError as error:
+            return [InvalidArgument.one("request", f"a value cannot be stored: {error}")]
+        except Exception as error:  # handed to this item's caller alone
+            return [error]
 
     async def _flush_once(
         self,
@@ -201,6 +233,7 @@ class ConversionRecorder:
             await store.lock_orders(conn, list(leaders))
             existing = await store.fetch_by_orders(conn, list(leaders))
             cases: list[tuple[int, _Case]] = []
+            clicks_in_batch: set[str] = set()
             for key, index in leaders.items():
                 item = inputs[index]
                 previous = existing.get(key)
@@ -215,6 +248,11 @@ class ConversionRecorder:
                 if campaign is None:
                     results[index] = NotFound(f"campaign {item.campaign_id!r} not found")
                     continue
+                if item.click_id and campaign.max_conversions_per_click:
+                    if item.click_id in clicks_in_batch:
+                        results[index] = _Deferred()
+                        continue
+                    clicks_in_batch.add(item.click_id)
                 cases.append((index, _Case(item, campaign, previous)))
             if cases:
                 judged = await self._judge(conn, [case for _, case in cases], verdicts)
@@ -224,7 +262,12 @@ class ConversionRecorder:
         for index in followers:
             item = inputs[index]
             leader = results[leaders[(item.campaign_id, item.order_id)]]
-            if not isinstance(leader, Conversion) or leader.fingerprint == item.fingerprint:
+            stored = existing.get((item.campaign_id, item.order_id))
+            if not isinstance(leader, Conversion):
+                # The leader was refused (e.g. other content): this copy may
+                # still be the stored order itself.
+                results[index] = stored if stored and stored.fingerprint == item.fingerprint else leader
+            elif leader.fingerprint == item.fingerprint:
                 results[index] = leader
             elif leader.status == "rejected" and is_fixable(leader.reasons):
                 results[index] = _Rejudge()
@@ -365,7 +408,11 @@ class ConversionRecorder:
         verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
     ) -> None:
         """Step 6, in lock order: customer uses, click slots, then code counters."""
-        for case in sorted(cases, key=lambda c: (c.key, c.input.customer_id)):
+        def customer_row(case: _Case) -> tuple[str, str, str]:
+            coupon = case.static.coupon if case.static else None
+            return (coupon.campaign_id, coupon.code, case.input.customer_id) if coupon else ("", "", "")
+
+        for case in sorted(cases, key=customer_row):  # the rows' own order, as every batch locks them
             coupon = case.static.coupon if case.static else None
             if coupon is not None and coupon.per_customer_limit:
                 key = (coupon.campaign_id, coupon.code)

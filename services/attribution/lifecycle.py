@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -32,7 +33,7 @@ from services.attribution.store import conversions as store
 from services.attribution.store import lifecycle as lifecycle_store
 from services.attribution.store import redemptions
 from services.attribution.store.lookups import CatalogCache
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.grpc_server import bearer_metadata
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,21 @@ REVERSED_TOTAL = Counter("ascribe_conversion_refunds_total", "Refunds applied, b
 LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD after a CODE_LEAK alert.")
 
 ALERT_CURSOR = "leak_response"
+
+
+T = TypeVar("T")
+_ATTEMPTS = 3
+
+
+async def _retrying(operation: Callable[[], Awaitable[T]]) -> T:
+    """Runs a transaction again when PostgreSQL aborted it to break a deadlock."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return await operation()
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            if attempt == _ATTEMPTS - 1:
+                raise Unavailable("the database kept aborting the change; retry") from None
+    raise AssertionError("unreachable")
 
 
 class Lifecycle:
@@ -80,6 +96,13 @@ class Lifecycle:
         reason: str,
     ) -> Conversion:
         """A refund or chargeback: full (no amount, or all that remains) or partial."""
+        return await _retrying(
+            lambda: self._reverse(campaign_id, order_id, refund_id, amount_micros, reason)
+        )
+
+    async def _reverse(
+        self, campaign_id: str, order_id: str, refund_id: str, amount_micros: int | None, reason: str
+    ) -> Conversion:
         campaign = await self._campaign(campaign_id)
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_orders(conn, [(campaign_id, order_id)])
@@ -92,8 +115,8 @@ class Lifecycle:
                     if amount_micros is not None and amount_micros != earlier:
                         raise AlreadyExists(f"refund {refund_id!r} was already applied with another amount")
                     return conversion
-            elif conversion.status == "reversed" and amount_micros is None:
-                return conversion  # a repeated full refund: idempotent by the state it leaves
+            elif conversion.status == "reversed":
+                return conversion  # a refund without an id is a full one: idempotent by the state it leaves
             if conversion.status in ("rejected", "reversed"):
                 raise FailedPrecondition(f"a {conversion.status} conversion cannot be refunded")
             remaining = conversion.amount_micros - conversion.refunded_micros
@@ -104,6 +127,9 @@ class Lifecycle:
                 )
             refunded = conversion.refunded_micros + amount
             full = amount == remaining
+            if not full and not refund_id:
+                # Without an id a retry could not be told from a second refund.
+                raise InvalidArgument.one("refund_id", "a partial refund needs a refund_id")
             if refund_id:
                 await store.insert_refund(conn, campaign_id, order_id, refund_id, amount, reason)
             if full:
@@ -113,7 +139,7 @@ class Lifecycle:
             else:
                 status = conversion.status
                 payout = conversion.payout_micros
-                if campaign.payout_percent_bp:
+                if campaign.payout_percent_bp and conversion.affiliate_id and payout:
                     payout = coupon_rules.payout_micros(
                         conversion.amount_micros - refunded, 0, campaign.payout_percent_bp
                     )
@@ -167,6 +193,9 @@ class Lifecycle:
 
     async def review(self, campaign_id: str, order_id: str, *, approve: bool, note: str) -> Conversion:
         """A person's decision on a FLAGGED conversion."""
+        return await _retrying(lambda: self._review(campaign_id, order_id, approve, note))
+
+    async def _review(self, campaign_id: str, order_id: str, approve: bool, note: str) -> Conversion:
         campaign = await self._campaign(campaign_id)
         now = self.clock()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -230,47 +259,61 @@ class Lifecycle:
     # ------------------------------------------------------------ re-scoring
 
     async def rescore(self, limit: int = 200) -> int:
-        """Checks again the conversions flagged only because fraud was unavailable."""
-        changed = 0
+        """Checks again the conversions flagged only because fraud was unavailable.
+
+        The fraud call happens outside any transaction; each verdict is then
+        applied in a short transaction of its own that takes the recording
+        path's locks in its order and skips a conversion that a person, a
+        refund or another replica has changed meanwhile.
+        """
         now = self.clock()
-        async with self._pool.acquire() as conn, conn.transaction():
-            candidates = await store.lock_rescore_candidates(conn, limit)
-            if not candidates:
-                return 0
+        candidates = await store.rescore_candidates(self._pool, limit)
+        if not candidates:
+            return 0
+        async with self._pool.acquire() as conn:
             requests = [await self._fraud_request(conn, c) for c in candidates]
-            verdicts = await self._fraud.check_conversions(requests)
-            for conversion, verdict in zip(candidates, verdicts, strict=True):
-                if verdict is None:
-                    RESCORED_TOTAL.labels("unavailable").inc()
-                    continue
+        verdicts = await self._fraud.check_conversions(requests)
+        changed = 0
+        for candidate, verdict in zip(candidates, verdicts, strict=True):
+            if verdict is None:
+                RESCORED_TOTAL.labels("unavailable").inc()
+            elif await self._apply_rescore(candidate.campaign_id, candidate.order_id, verdict, now):
                 changed += 1
-                reasons = [r for r in conversion.reasons if r != "fraud_unavailable"]
-                released = False
-                if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
-                    status: ConversionStatus = "rejected"
-                    reasons += fraud_reasons(verdict)
-                    campaign = await self._campaign(conversion.campaign_id, conn)
-                    await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
-                    released = True
-                elif verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW or any(
-                    r in FLAGGING_REASONS for r in reasons
-                ):
-                    status = "flagged"
-                    reasons += fraud_reasons(verdict) if verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW else []
-                else:
-                    status = "approved" if conversion.hold_until and conversion.hold_until <= now else "pending"
-                RESCORED_TOTAL.labels(status).inc()
-                await store.update_state(
-                    conn, conversion.id, status=status, reasons=reasons,
-                    refunded_micros=conversion.refunded_micros,
-                    payout_micros=0 if released else conversion.payout_micros, released=released,
-                    needs_rescore=False, fraud_score=verdict.score, hold_until=conversion.hold_until,
-                )
-                await store.insert_events(conn, [store.EventRow(conversion.id, ConversionEvent(
-                    from_status="flagged", to_status=status, at=now, reason="rescored", actor="system",
-                    note=",".join(s.code for s in verdict.signals),
-                ))])
         return changed
+
+    async def _apply_rescore(
+        self, campaign_id: str, order_id: str, verdict: fraud_pb2.Verdict, now: datetime
+    ) -> bool:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_orders(conn, [(campaign_id, order_id)])
+            conversion = await store.get_by_order(conn, campaign_id, order_id, for_update=True)
+            if conversion is None or conversion.status != "flagged" or not conversion.needs_rescore:
+                return False
+            reasons = [r for r in conversion.reasons if r != "fraud_unavailable"]
+            released = False
+            if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
+                status: ConversionStatus = "rejected"
+                reasons += fraud_reasons(verdict)
+                campaign = await self._campaign(conversion.campaign_id, conn)
+                await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
+                released = True
+            elif verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW or any(r in FLAGGING_REASONS for r in reasons):
+                status = "flagged"
+                reasons += fraud_reasons(verdict) if verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW else []
+            else:
+                status = "approved" if conversion.hold_until and conversion.hold_until <= now else "pending"
+            RESCORED_TOTAL.labels(status).inc()
+            await store.update_state(
+                conn, conversion.id, status=status, reasons=reasons,
+                refunded_micros=conversion.refunded_micros,
+                payout_micros=0 if released else conversion.payout_micros, released=released,
+                needs_rescore=False, fraud_score=verdict.score, hold_until=conversion.hold_until,
+            )
+            await store.insert_events(conn, [store.EventRow(conversion.id, ConversionEvent(
+                from_status="flagged", to_status=status, at=now, reason="rescored", actor="system",
+                note=",".join(s.code for s in verdict.signals),
+            ))])
+            return True
 
     async def _fraud_request(self, conn: asyncpg.Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
         request = c.request

@@ -49,6 +49,9 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.QueryCanceledError,
+    # Retried where they can happen; should one still escape, a retry by the caller succeeds.
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
 )
 
 

@@ -339,3 +339,50 @@ async def test_postgres_down_answers_unavailable_and_writes_nothing_half(
             await conn.close()
     finally:
         server.stop()
+
+
+async def test_a_value_postgres_cannot_store_fails_only_its_own_request(world: World) -> None:
+    await world.campaign()
+    good = world.request(order_id="good-1")
+    bad = world.request(order_id="bad-1", user_agent="Mozilla\x00/5.0")
+    far = world.request(order_id="far-1")
+    far.occurred_at.seconds = 253_402_300_800  # year 10000
+    answer = await world.tracking.RecordConversionBatch(
+        pb.RecordConversionBatchRequest(requests=[good, bad, far]), timeout=20
+    )
+    assert answer.responses[0].conversion.status == PENDING
+    assert answer.responses[1].error.field == "user_agent"
+    assert answer.responses[2].error.field == "occurred_at"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await world.tracking.RecordConversion(world.request(customer_id="a\x00b"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error.value) == ["customer_id"]
+
+
+async def test_a_copy_with_the_stored_content_is_answered_even_beside_a_conflicting_one(world: World) -> None:
+    await world.campaign()
+    stored = await world.convert(order_id="twin", amount_micros=10_000_000)
+    other = world.request(order_id="twin", amount_micros=20_000_000)
+    same = world.request(order_id="twin", amount_micros=10_000_000)
+    answer = await world.tracking.RecordConversionBatch(
+        pb.RecordConversionBatchRequest(requests=[other, same]), timeout=20
+    )
+    assert answer.responses[0].error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert answer.responses[1].conversion.id == stored.id
+
+
+async def test_a_click_slot_freed_by_a_late_rejection_goes_to_the_next_order(world: World) -> None:
+    await world.campaign()
+    await world.affiliate("A")
+    await world.coupon("LASTONE", usage_limit=1, allow_all_affiliates=True)
+    await world.convert(coupon_code="LASTONE")  # the code's only use
+    click_id = await world.click("A")
+    over_limit = world.request(click_id=click_id, coupon_code="LASTONE")
+    plain = world.request(click_id=click_id)
+    answer = await world.tracking.RecordConversionBatch(
+        pb.RecordConversionBatchRequest(requests=[over_limit, plain]), timeout=20
+    )
+    first, second = (r.conversion for r in answer.responses)
+    assert first.status == REJECTED and "usage_limit_reached" in first.reasons
+    assert (second.affiliate_id, second.source) == ("A", CLICK)
+    assert await world.db.fetchval("SELECT conversions FROM clicks WHERE click_id = $1", click_id) == 1

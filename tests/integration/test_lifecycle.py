@@ -210,3 +210,18 @@ async def test_a_leaking_unique_code_is_put_on_hold(world: World) -> None:
     event = await world.db.fetchrow("SELECT actor, to_status FROM coupon_events WHERE code = 'VIP-0001'")
     assert (event["actor"], event["to_status"]) == ("leak_response", "hold")
     assert await world.db.fetchval("SELECT after_id FROM alert_cursor WHERE name = 'leak_response'")
+
+
+async def test_refunds_without_an_id_are_full_and_idempotent(world: World) -> None:
+    await world.campaign(payout_percent_bp=1000, payout_micros=0)
+    conversion = await world.convert(amount_micros=100_000_000)  # credited to nobody: no payout
+    with pytest.raises(grpc.aio.AioRpcError) as partial:
+        await world.refund(conversion.order_id, amount_micros=10_000_000)
+    assert partial.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(partial.value) == ["refund_id"]
+    partly = await world.refund(conversion.order_id, refund_id="r1", amount_micros=10_000_000)
+    assert partly.payout_micros == 0  # nobody earns a payout from a partial refund either
+    full = await world.refund(conversion.order_id, amount_micros=90_000_000)
+    assert full.status == REVERSED
+    again = await world.refund(conversion.order_id, amount_micros=90_000_000)
+    assert again.status == REVERSED and again.refunded_micros == 100_000_000

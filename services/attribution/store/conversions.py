@@ -296,13 +296,13 @@ async def oldest_due_pending(conn: asyncpg.Connection | asyncpg.Pool, now: datet
     return value if isinstance(value, datetime) else None
 
 
-async def lock_rescore_candidates(conn: asyncpg.Connection, limit: int) -> list[Conversion]:
+async def rescore_candidates(conn: asyncpg.Connection | asyncpg.Pool, limit: int) -> list[Conversion]:
+    """FLAGGED conversions waiting for the fraud service, oldest first (read only)."""
     rows = await conn.fetch(
         f"""SELECT {CONVERSION_COLUMNS} FROM conversions
              WHERE needs_rescore AND status = 'flagged'
              ORDER BY received_at
-             LIMIT $1
-               FOR UPDATE SKIP LOCKED""",
+             LIMIT $1""",
         limit,
     )
     return [conversion_from_row(r) for r in rows]

@@ -7,6 +7,7 @@ build the same records from the same columns.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar, cast
@@ -88,7 +89,7 @@ class CatalogCache:
         self._ttl = ttl_seconds
         self._max = max_entries
         self._entries: dict[tuple[str, ...], tuple[float, object]] = {}
-        self._loading: dict[tuple[str, ...], asyncio.Future[object]] = {}
+        self._loading: dict[tuple[str, ...], asyncio.Future[Any]] = {}
 
     async def _lookup(
         self,
@@ -105,27 +106,26 @@ class CatalogCache:
             value = await load(conn)
             self._put(key, value)
             return value
-        pending = self._loading.get(key)
-        if pending is not None:
-            return cast(T | None, await asyncio.shield(pending))
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
-        try:
-            value = await load(self._pool)
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: waiters re-raise it, nobody else must
-            raise
-        else:
-            self._put(key, value)
-            future.set_result(value)
-            return value
-        finally:
-            del self._loading[key]
+        loading = self._loading.get(key)
+        if loading is None:
+            # The load runs as a task of its own: a caller whose deadline
+            # passes cancels only its own wait, never the others'.
+            loading = asyncio.ensure_future(load(self._pool))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda task: self._loaded(key, task))
+        return cast(T | None, await asyncio.shield(loading))
+
+    def _loaded(self, key: tuple[str, ...], task: asyncio.Future[object]) -> None:
+        self._loading.pop(key, None)
+        if not task.cancelled() and task.exception() is None:
+            self._put(key, task.result())
 
     def _put(self, key: tuple[str, ...], value: object) -> None:
         if len(self._entries) >= self._max:
-            self._entries.clear()
+            # Drop the oldest tenth (dicts keep insertion order), not all of it,
+            # so a large batch of codes does not make every hot entry miss.
+            for old in list(itertools.islice(self._entries, self._max // 10 or 1)):
+                del self._entries[old]
         self._entries[key] = (time.monotonic() + self._ttl, value)
 
     async def campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign | None:
