@@ -18,18 +18,20 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from services.common.batcher import MicroBatcher
 from services.common.errors import Unavailable
 from services.fraud import domain, metrics
-from services.fraud.bots import BotDetector
-from services.fraud.ipintel import NOT_LISTED, IpIntelHolder
+from services.fraud.bots import BotDetector, UaClass
+from services.fraud.ipintel import NOT_LISTED, IpInfo, IpIntelHolder
 from services.fraud.store import Alert, FraudStore
 
 logger = logging.getLogger(__name__)
 
+C = TypeVar("C")
 _ACTION_LABELS = {action: action.name.lower() for action in domain.Action}
 _ALERT_LABELS = {1: "code_leak", 2: "code_spike", 3: "affiliate_burst", 4: "rule_surge"}
 
@@ -105,38 +107,38 @@ class FraudEngine:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _click_batch(self, events: Sequence[domain.ClickEvent]) -> list[domain.Verdict]:
-        try:
-            counters, alerts = await self.store.count_clicks(events)
-        except Unavailable:
-            metrics.REDIS_ERRORS_TOTAL.inc()
-            raise
-        intel = self.intel.current
-        verdicts = []
-        for event, counted in zip(events, counters, strict=True):
-            ua = self.bots.classify(event.user_agent)
-            ip_info = intel.lookup(event.ip) if event.ip else NOT_LISTED
-            spoof = self.bots.is_spoof(ua, event.ip)
-            verdicts.append(domain.click_verdict(event, counted, ip_info, ua, spoof, self.rules))
+        counters, alerts = await self._counted(self.store.count_clicks(events))
+        verdicts = [
+            domain.click_verdict(event, counted, *self._profile(event.user_agent, event.ip), self.rules)
+            for event, counted in zip(events, counters, strict=True)
+        ]
         self._record("click", verdicts)
         self._raise_alerts_later(alerts)
         return verdicts
 
     async def _conversion_batch(self, events: Sequence[domain.ConversionEvent]) -> list[domain.Verdict]:
-        try:
-            counters, alerts = await self.store.count_conversions(events)
-        except Unavailable:
-            metrics.REDIS_ERRORS_TOTAL.inc()
-            raise
-        intel = self.intel.current
-        verdicts = []
-        for event, counted in zip(events, counters, strict=True):
-            ua = self.bots.classify(event.user_agent)
-            ip_info = intel.lookup(event.ip) if event.ip else NOT_LISTED
-            spoof = self.bots.is_spoof(ua, event.ip)
-            verdicts.append(domain.conversion_verdict(event, counted, ip_info, ua, spoof, self.rules))
+        counters, alerts = await self._counted(self.store.count_conversions(events))
+        verdicts = [
+            domain.conversion_verdict(event, counted, *self._profile(event.user_agent, event.ip), self.rules)
+            for event, counted in zip(events, counters, strict=True)
+        ]
         self._record("conversion", verdicts)
         self._raise_alerts_later(alerts)
         return verdicts
+
+    async def _counted(self, counting: Awaitable[C]) -> C:
+        """The Redis round trip of a batch; its failure is counted once."""
+        try:
+            return await counting
+        except Unavailable:
+            metrics.REDIS_ERRORS_TOTAL.inc()
+            raise
+
+    def _profile(self, user_agent: str, ip: str) -> tuple[IpInfo, UaClass, bool]:
+        """What the lists and the user-agent data say about one visitor."""
+        ua = self.bots.classify(user_agent)
+        ip_info = self.intel.current.lookup(ip) if ip else NOT_LISTED
+        return ip_info, ua, self.bots.is_spoof(ua, ip)
 
     def _record(self, event: str, verdicts: Sequence[domain.Verdict]) -> None:
         actions = Counter(v.action for v in verdicts)

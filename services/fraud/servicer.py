@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
@@ -17,6 +17,9 @@ from services.fraud import domain
 from services.fraud.engine import FraudEngine
 from services.fraud.ipintel import normalize_ip
 from services.fraud.store import Alert, valid_stream_id
+
+R = TypeVar("R")
+E = TypeVar("E")
 
 Context = Any  # grpc.aio.ServicerContext; only WatchAlerts looks at it
 
@@ -218,15 +221,20 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         verdict = await self._engine.check_click(event)
         return _verdict_proto(verdict)
 
-    async def CheckClickBatch(self, request: pb.CheckClickBatchRequest, context: Context) -> pb.VerdictBatch:
-        self._check_batch_size(len(request.requests))
+    def _read_batch(self, requests: Sequence[R], read: Callable[[R, _Reader], E]) -> list[E]:
+        """Every entry read, and every bad field of every entry named, before any check runs."""
+        self._check_batch_size(len(requests))
         violations = Violations()
         reader = self._reader(violations)
         events = []
-        for index, item in enumerate(request.requests):
+        for index, item in enumerate(requests):
             reader.prefix = f"requests[{index}]."
-            events.append(_click_event(item, reader))
+            events.append(read(item, reader))
         violations.raise_if_any()
+        return events
+
+    async def CheckClickBatch(self, request: pb.CheckClickBatchRequest, context: Context) -> pb.VerdictBatch:
+        events = self._read_batch(request.requests, _click_event)
         verdicts = await self._engine.check_clicks(events) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
 
@@ -240,14 +248,7 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
     async def CheckConversionBatch(
         self, request: pb.CheckConversionBatchRequest, context: Context
     ) -> pb.VerdictBatch:
-        self._check_batch_size(len(request.requests))
-        violations = Violations()
-        reader = self._reader(violations)
-        events = []
-        for index, item in enumerate(request.requests):
-            reader.prefix = f"requests[{index}]."
-            events.append(_conversion_event(item, reader))
-        violations.raise_if_any()
+        events = self._read_batch(request.requests, _conversion_event)
         verdicts = await self._engine.check_conversions(events) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
 
