@@ -22,8 +22,6 @@ batch back: a crash in the middle leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +46,7 @@ from services.attribution.models import Affiliate, Campaign, Click, Conversion, 
 from services.attribution.store import clicks as click_store
 from services.attribution.store import conversions as store
 from services.attribution.store import redemptions
+from services.attribution.store.catalog import postback_token_matches
 from services.attribution.store.lookups import CatalogCache
 from services.common.batcher import MicroBatcher
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated, Unavailable
@@ -80,13 +79,6 @@ FRAUD_COUPON_KIND = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def token_matches(campaign: Campaign, token: str) -> bool:
-    """Constant-time check of a postback token against the stored SHA-256."""
-    if not token or not campaign.postback_token_sha256:
-        return False
-    return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), campaign.postback_token_sha256)
 
 
 def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
@@ -156,7 +148,7 @@ class ConversionRecorder:
         campaign = await self._cache.campaign(campaign_id)
         if campaign is None:
             raise NotFound(f"campaign {campaign_id!r} not found")
-        if not token_matches(campaign, token):
+        if not postback_token_matches(token, campaign.postback_token_sha256):
             raise Unauthenticated("missing or wrong postback token")
         return campaign
 

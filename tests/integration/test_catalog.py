@@ -21,7 +21,6 @@ from services.attribution.config import Settings
 from services.attribution.models import Coupon
 from services.attribution.server import AttributionService, start_attribution
 from services.attribution.store import catalog as store
-from services.common.errors import NotFound, Unauthenticated
 
 ADMIN_TOKEN = "test-admin-token"
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -199,22 +198,19 @@ async def test_campaign_defaults_token_and_explicit_zero(client: Client, db: asy
 
 async def test_postback_token_check_and_rotation(client: Client, db: asyncpg.Connection) -> None:
     created = await client.campaign()
-    campaign = await store.verify_postback_token(db, created.id, created.postback_token)
-    assert campaign.id == created.id
-    with pytest.raises(Unauthenticated):
-        await store.verify_postback_token(db, created.id, "guess")
-    with pytest.raises(Unauthenticated):
-        await store.verify_postback_token(db, created.id, "")
-    with pytest.raises(NotFound):
-        await store.verify_postback_token(db, "no-such-campaign", created.postback_token)
+    stored = (await store.get_campaign(db, created.id)).postback_token_sha256
+    assert created.postback_token.encode() not in stored  # only a digest is kept
+    assert store.postback_token_matches(created.postback_token, stored)
+    assert not store.postback_token_matches("guess", stored)
+    assert not store.postback_token_matches("", stored)
 
     rotated = await client.stub.RotatePostbackToken(
         pb.RotatePostbackTokenRequest(campaign_id=created.id), metadata=AUTH
     )
     assert rotated.postback_token and rotated.postback_token != created.postback_token
-    with pytest.raises(Unauthenticated):
-        await store.verify_postback_token(db, created.id, created.postback_token)
-    await store.verify_postback_token(db, created.id, rotated.postback_token)
+    stored = (await store.get_campaign(db, created.id)).postback_token_sha256
+    assert not store.postback_token_matches(created.postback_token, stored)
+    assert store.postback_token_matches(rotated.postback_token, stored)
 
 
 async def test_duplicate_campaign_id_already_exists(client: Client) -> None:

@@ -21,7 +21,7 @@ from typing import Any, cast
 import asyncpg
 
 from services.attribution.models import Affiliate, Campaign, Coupon, CouponStatus
-from services.attribution.store.lookups import (
+from services.attribution.store.rows import (
     AFFILIATE_COLUMNS,
     CAMPAIGN_COLUMNS,
     COUPON_COLUMNS,
@@ -29,7 +29,7 @@ from services.attribution.store.lookups import (
     campaign_from_row,
     coupon_from_row,
 )
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound, Unauthenticated
+from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 
 # asyncpg ships no type information; a pool or a connection (or a pool's proxy).
 Db = Any
@@ -119,18 +119,6 @@ async def get_campaign(db: Db, campaign_id: str) -> Campaign:
     campaign = await find_campaign(db, campaign_id)
     if campaign is None:
         raise NotFound(f"campaign {campaign_id!r} not found")
-    return campaign
-
-
-async def verify_postback_token(db: Db, campaign_id: str, token: str) -> Campaign:
-    """The campaign, if ``token`` is its postback token.
-
-    NotFound for an unknown campaign, Unauthenticated for a missing or wrong
-    token. The comparison is of SHA-256 digests in constant time.
-    """
-    campaign = await get_campaign(db, campaign_id)
-    if not postback_token_matches(token, campaign.postback_token_sha256):
-        raise Unauthenticated("missing or wrong postback token")
     return campaign
 
 

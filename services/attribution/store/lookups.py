@@ -1,7 +1,6 @@
-"""Read-side lookups of the catalog for the hot paths (clicks, conversions).
+"""The catalog as the hot paths (clicks, conversions) read it: through a cache.
 
-Row -> model mapping lives here too, so the catalog CRUD and the hot paths
-build the same records from the same columns.
+The queries themselves are the catalog store's (``store.catalog.find_*``).
 """
 
 from __future__ import annotations
@@ -15,53 +14,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import asyncpg
 
 from services.attribution.models import Affiliate, Campaign, Coupon
-
-CAMPAIGN_COLUMNS = """id, name, landing_url, currency, hold_days, click_lookback_days,
-    max_conversions_per_click, attribution_policy, payout_micros, payout_percent_bp,
-    reuse_unique_after_refund, status, created_at, postback_token_sha256"""
-AFFILIATE_COLUMNS = "id, name, channel, status, created_at"
-COUPON_COLUMNS = """campaign_id, code, kind, status, valid_from, valid_until, usage_limit, used,
-    allow_all_affiliates, affiliate_ids, per_customer_limit, discount_percent_bp, discount_micros,
-    countries, device_types, channels, skus, min_order_micros, assigned_customer_id, batch_id,
-    created_at"""
-
-_ARRAY_FIELDS = ("affiliate_ids", "countries", "device_types", "channels", "skus")
-
-
-def campaign_from_row(row: asyncpg.Record) -> Campaign:
-    return Campaign(**dict(row))
-
-
-def affiliate_from_row(row: asyncpg.Record) -> Affiliate:
-    return Affiliate(**dict(row))
-
-
-def coupon_from_row(row: asyncpg.Record) -> Coupon:
-    values: dict[str, Any] = dict(row)
-    for name in _ARRAY_FIELDS:
-        values[name] = tuple(values[name] or ())
-    return Coupon(**values)
-
-
-async def get_campaign(conn: asyncpg.Connection | asyncpg.Pool, campaign_id: str) -> Campaign | None:
-    row = await conn.fetchrow(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1", campaign_id)
-    return campaign_from_row(row) if row else None
-
-
-async def get_affiliate(conn: asyncpg.Connection | asyncpg.Pool, affiliate_id: str) -> Affiliate | None:
-    row = await conn.fetchrow(f"SELECT {AFFILIATE_COLUMNS} FROM affiliates WHERE id = $1", affiliate_id)
-    return affiliate_from_row(row) if row else None
-
-
-async def get_coupon(
-    conn: asyncpg.Connection | asyncpg.Pool, campaign_id: str, code: str
-) -> Coupon | None:
-    """``code`` must already be normalized (upper-case)."""
-    row = await conn.fetchrow(
-        f"SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code = $2", campaign_id, code
-    )
-    return coupon_from_row(row) if row else None
-
+from services.attribution.store.catalog import find_affiliate, find_campaign, find_coupon
 
 Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 T = TypeVar("T")
@@ -129,14 +82,14 @@ class CatalogCache:
         self._entries[key] = (time.monotonic() + self._ttl, value)
 
     async def campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign | None:
-        return await self._lookup(("campaign", campaign_id), lambda c: get_campaign(c, campaign_id), conn)
+        return await self._lookup(("campaign", campaign_id), lambda c: find_campaign(c, campaign_id), conn)
 
     async def affiliate(self, affiliate_id: str, conn: asyncpg.Connection | None = None) -> Affiliate | None:
-        return await self._lookup(("affiliate", affiliate_id), lambda c: get_affiliate(c, affiliate_id), conn)
+        return await self._lookup(("affiliate", affiliate_id), lambda c: find_affiliate(c, affiliate_id), conn)
 
     async def coupon(
         self, campaign_id: str, code: str, conn: asyncpg.Connection | None = None
     ) -> Coupon | None:
         return await self._lookup(
-            ("coupon", campaign_id, code), lambda c: get_coupon(c, campaign_id, code), conn
+            ("coupon", campaign_id, code), lambda c: find_coupon(c, campaign_id, code), conn
         )
