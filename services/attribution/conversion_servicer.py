@@ -25,12 +25,13 @@ from services.attribution.catalog_convert import (
     to_timestamp,
 )
 from services.attribution.catalog_validation import page_size
+from services.attribution.click_servicer import error_proto
 from services.attribution.conversions import ConversionRecorder
 from services.attribution.judgment import MAX_CLOCK_SKEW, ConversionInput
 from services.attribution.lifecycle import Lifecycle
 from services.attribution.models import Conversion, ConversionEvent
 from services.attribution.store import conversions as store
-from services.common.errors import DomainError, InvalidArgument, NotFound, Violations
+from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
 
 MAX_ORDER_ID = 128
 MAX_ID = 64
@@ -183,9 +184,8 @@ def conversion_to_proto(c: Conversion) -> pb.Conversion:
 
 def _error_entry(error: BaseException) -> pb.Error:
     if isinstance(error, DomainError):
-        field = error.field if isinstance(error, InvalidArgument) else ""
-        return pb.Error(code=error.status.value[0], message=error.message, field=field)
-    return pb.Error(code=14, message="the conversion could not be recorded; retry")  # UNAVAILABLE
+        return error_proto(error)
+    return error_proto(Unavailable("the conversion could not be recorded; retry"))
 
 
 def _order_key(campaign_id: str, order_id: str) -> tuple[str, str]:

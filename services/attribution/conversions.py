@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
@@ -522,7 +522,3 @@ def _request_json(item: ConversionInput) -> dict[str, object]:
         "skus": list(item.skus),
         "occurred_at_sent": item.occurred_at_sent,
     }
-
-
-def without_history(conversion: Conversion) -> Conversion:
-    return replace(conversion, history=())

@@ -21,6 +21,7 @@ from services.attribution.conversions import ConversionRecorder, utcnow
 from services.attribution.fraud_client import FRAUD_CHANNEL_OPTIONS, FraudClient
 from services.attribution.lifecycle import Lifecycle, follow_alerts, run_periodically
 from services.attribution.migrate import migrate
+from services.attribution.store import clicks as click_store
 from services.attribution.store.lookups import CatalogCache
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
@@ -115,7 +116,7 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
     settings, lifecycle = service.settings, service.lifecycle
 
     async def ensure_partitions() -> None:
-        await service.pool.execute("SELECT ascribe_ensure_click_partitions(1, 7)")
+        await click_store.ensure_click_partitions(service.pool, 1, 7)
 
     jobs = [
         run_periodically("approval", settings.approval_interval_ms / 1000, lifecycle.approve_all_due),
@@ -139,7 +140,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     async with pool.acquire() as conn:
         await migrate(conn)
-        await conn.execute("SELECT ascribe_ensure_click_partitions(1, 7)")
+        await click_store.ensure_click_partitions(conn, 1, 7)
     fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
     fraud = FraudClient(fraud_channel, settings.fraud_deadline_ms, settings.internal_token)
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)

@@ -60,11 +60,6 @@ class MicroBatcher(Generic[T, R]):
             asyncio.get_running_loop().call_soon(self._maybe_flush)
         return await future
 
-    async def submit_many(self, items: Sequence[T]) -> list[R | BaseException]:
-        """Submits items together; returns each one's result or exception."""
-        results = await asyncio.gather(*(self.submit(item) for item in items), return_exceptions=True)
-        return list(results)
-
     def _maybe_flush(self) -> None:
         self._scheduled = False
         while self._pending and self._in_flight < self._max_in_flight:

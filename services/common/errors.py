@@ -63,10 +63,6 @@ class Unavailable(DomainError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
-class Unimplemented(DomainError):
-    status = grpc.StatusCode.UNIMPLEMENTED
-
-
 class Violations:
     """Collects field violations so a request reports all of them at once."""
 

@@ -171,11 +171,6 @@ async def ensure_click_partitions(conn: Executor, days_back: int, days_ahead: in
     return int(created or 0)
 
 
-async def count_clicks(conn: Executor, campaign_id: str) -> int:
-    """Clicks of a campaign (all time); for tests and audits, not a hot path."""
-    return int(await conn.fetchval("SELECT count(*) FROM clicks WHERE campaign_id = $1", campaign_id))
-
-
 async def fetch_clicks(
     conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
 ) -> dict[str, Click]:

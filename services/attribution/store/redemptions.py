@@ -125,17 +125,6 @@ async def release_customer_use(conn: asyncpg.Connection, key: CouponKey, custome
     )
 
 
-async def live_ledger_count(conn: asyncpg.Connection | asyncpg.Pool, key: CouponKey) -> int:
-    """Uses the ledger says are live: the audit figure ``used`` must equal."""
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM redemptions WHERE campaign_id = $1 AND code = $2 AND released_at IS NULL",
-            key[0],
-            key[1],
-        )
-    )
-
-
 STORE_BATCH_SIZE = Histogram(
     "ascribe_redemption_batch_size",
     "Uses requested by one coalesced redemption transaction.",
