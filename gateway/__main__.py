@@ -12,6 +12,7 @@ from gateway.access_log import PathOnlyAccessLogger, install_redaction
 from gateway.app import create_app
 from gateway.config import Settings
 from services.common.env import ConfigError
+from services.common.gc_tuning import tune_gc_after_startup
 from services.common.logs import setup_logging
 
 logger = logging.getLogger("gateway")
@@ -26,6 +27,11 @@ def main() -> None:
         logger.error("configuration error: %s", error)
         sys.exit(2)
     app = create_app(settings)
+
+    async def after_startup(_: web.Application) -> None:
+        tune_gc_after_startup()
+
+    app.on_startup.append(after_startup)
     logger.info(
         "gateway serving on http://%s:%d (attribution at %s)",
         settings.host,

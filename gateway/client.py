@@ -102,6 +102,7 @@ class AttributionClient:
             max_in_flight=settings.max_in_flight,
             size_histogram=CLICK_BATCH_SIZE,
             name="click",
+            min_interval=settings.click_linger_ms / 1000,
         )
         self._conversions: MicroBatcher[pb.RecordConversionRequest, pb.Conversion] | None = None
         if settings.batch_conversions:

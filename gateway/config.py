@@ -55,6 +55,9 @@ class Settings:
     health_deadline_ms: int = 500
     access_log: bool = False
     click_max_batch: int = 256
+    # A click batch starts no sooner than this after the previous one (0: as
+    # soon as none is in flight). See MicroBatcher's min_interval.
+    click_linger_ms: int = 12
     batch_conversions: bool = True
     conversion_max_batch: int = 128
     max_in_flight: int = 1
@@ -100,6 +103,7 @@ class Settings:
             health_deadline_ms=env_int("ASCRIBE_GATEWAY_HEALTH_DEADLINE_MS", 500, minimum=1),
             access_log=env_bool("ASCRIBE_GATEWAY_ACCESS_LOG", False),
             click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", 256, minimum=1),
+            click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", 12, minimum=0),
             batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", True),
             conversion_max_batch=env_int("ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", 128, minimum=1),
             max_in_flight=env_int("ASCRIBE_GATEWAY_MAX_IN_FLIGHT", 1, minimum=1),

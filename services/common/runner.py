@@ -10,6 +10,7 @@ from typing import Protocol, TypeVar
 import uvloop
 
 from services.common.env import ConfigError
+from services.common.gc_tuning import tune_gc_after_startup
 from services.common.grpc_server import wait_for_stop_signal
 from services.common.logs import setup_logging
 from services.common.metrics import serve_metrics
@@ -43,6 +44,7 @@ def run_service(name: str, load_settings: Callable[[], S], start: Callable[[S], 
 
     async def serve() -> None:
         service = await start(settings)
+        tune_gc_after_startup()
         try:
             await wait_for_stop_signal()
         finally:

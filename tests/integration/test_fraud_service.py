@@ -395,6 +395,13 @@ async def test_internal_token_is_required_when_set(
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             verdict = await stub.CheckClick(click(), metadata=bearer_metadata(TOKEN))
             assert verdict.action == ALLOW
+            # The interceptor keeps one wrapped handler per method and outcome:
+            # an accepted call must not open the method to the next caller.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CheckClick(click(), metadata=bearer_metadata("wrong"))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            verdict = await stub.CheckClick(click(), metadata=bearer_metadata(TOKEN))
+            assert verdict.action == ALLOW
     finally:
         await service.stop(grace_seconds=0.5)
 

@@ -1,0 +1,101 @@
+"""MicroBatcher: who travels together, and when (pure asyncio, no I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from services.common.batcher import MicroBatcher
+
+
+class Recorder:
+    """A flush that records each batch and the loop time it started."""
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.started: list[float] = []
+        self.delay = delay
+        self.fail_on = fail_on
+
+    async def flush(self, items: Sequence[str]) -> list[str | BaseException]:
+        self.batches.append(list(items))
+        self.started.append(asyncio.get_running_loop().time())
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_on in items:
+            raise RuntimeError("flush failed")
+        return [item.upper() for item in items]
+
+
+async def test_items_submitted_in_one_iteration_share_a_flush() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush)
+    results = await asyncio.gather(*(batcher.submit(x) for x in "abc"))
+    assert results == ["A", "B", "C"]
+    assert recorder.batches == [["a", "b", "c"]]
+
+
+async def test_without_linger_items_arriving_during_a_flush_go_in_the_next() -> None:
+    recorder = Recorder(delay=0.02)
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush)
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.005)
+    later = [asyncio.ensure_future(batcher.submit(x)) for x in "bc"]
+    assert await first == "A"
+    assert [await f for f in later] == ["B", "C"]
+    assert recorder.batches == [["a"], ["b", "c"]]
+
+
+async def test_linger_holds_items_until_the_interval_since_the_last_flush_has_passed() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, min_interval=0.05)
+    loop = asyncio.get_running_loop()
+    assert await batcher.submit("a") == "A"  # after a quiet spell: at once
+    waiting = [asyncio.ensure_future(batcher.submit(x)) for x in "bcd"]
+    await asyncio.sleep(0.01)
+    assert recorder.batches == [["a"]], "flushed before the linger interval"
+    assert [await f for f in waiting] == ["B", "C", "D"]
+    assert recorder.batches == [["a"], ["b", "c", "d"]]
+    gap = recorder.started[1] - recorder.started[0]
+    assert 0.045 <= gap < 0.5
+    # A quiet spell longer than the interval: the next item goes out at once.
+    await asyncio.sleep(0.06)
+    before = loop.time()
+    assert await batcher.submit("e") == "E"
+    assert recorder.started[2] - before < 0.03
+
+
+async def test_a_full_batch_does_not_wait_for_the_linger() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, max_batch=3, min_interval=5.0)
+    await batcher.submit("a")
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(x) for x in "bcd")), timeout=1.0)
+    assert results == ["B", "C", "D"]
+    assert recorder.batches == [["a"], ["b", "c", "d"]]
+
+
+async def test_a_failed_flush_fails_exactly_its_own_items() -> None:
+    recorder = Recorder(delay=0.01, fail_on="b")
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush)
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0)
+    failing = [asyncio.ensure_future(batcher.submit(x)) for x in "bc"]
+    assert await first == "A"
+    for future in failing:
+        with pytest.raises(RuntimeError, match="flush failed"):
+            await future
+    assert await batcher.submit("d") == "D"
+
+
+async def test_close_lets_lingering_items_finish_then_refuses_new_ones() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, min_interval=0.03)
+    await batcher.submit("a")
+    lingering = asyncio.ensure_future(batcher.submit("b"))
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert lingering.done() and lingering.result() == "B"
+    with pytest.raises(RuntimeError, match="closed"):
+        await batcher.submit("c")
