@@ -51,11 +51,11 @@ class FraudEngine:
         self._signal_counts: Counter[str] = Counter()
         self._background: set[asyncio.Task[None]] = set()
         self._clicks = MicroBatcher[domain.ClickEvent, domain.Verdict](
-            self._click_batch, max_batch=512, max_in_flight=2, name="fraud-clicks",
+            self._click_batch, max_batch=512, max_in_flight=1, name="fraud-clicks",
             size_histogram=metrics.COALESCED_CHECKS,
         )
         self._conversions = MicroBatcher[domain.ConversionEvent, domain.Verdict](
-            self._conversion_batch, max_batch=512, max_in_flight=2, name="fraud-conversions",
+            self._conversion_batch, max_batch=512, max_in_flight=1, name="fraud-conversions",
             size_histogram=metrics.COALESCED_CHECKS,
         )
         # Label lookups cost a few microseconds each: resolved once.

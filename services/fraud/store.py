@@ -22,6 +22,12 @@ answers come back as one string, so encoding and parsing cost a few
 microseconds per event. A script declares its bucket's tag key and only
 touches keys of that tag, which is what Redis Cluster routes on.
 
+On a standalone Redis (``cluster_enabled:0``, read once when the script is
+loaded) the slots do not matter, so the whole batch is one script call: each
+line then carries its own bucket prefix and the key names are the same as on
+a cluster. Redis spends tens of microseconds on each script call, so for a
+batch of a dozen clicks this halves its CPU.
+
 Events of a batch that share a counter (the same IP, the same code) share
 one operation that counts them all at once; the k-th of them is told the
 count as it was after the k-th.
@@ -213,6 +219,8 @@ class StoreConfig:
     burst_window_seconds: int = 300
     burst_baseline_seconds: int = 86400
     burst_min_volume: int = 200
+    # Off only in tests, to run the per-bucket (cluster) path on a standalone server.
+    single_call_when_standalone: bool = True
     burst_factor: float = 5.0
     surge_window_seconds: int = 300
     surge_baseline_seconds: int = 86400
@@ -269,6 +277,8 @@ class FraudStore:
         self.prefix = f"{config.prefix}:fraud"
         self.alerts_key = f"{self.prefix}:{{alerts}}"
         self._sha: str | None = None
+        # True once the server says it is not a cluster: one script call per batch.
+        self._single_call = False
         self._tags = [self.bucket_tag(bucket).encode() for bucket in range(config.key_buckets)]
         self._tag_prefixes = [tag + b":" for tag in self._tags]
 
@@ -289,8 +299,12 @@ class FraudStore:
                     logger.error("redis refused the fraud script: %s", sha.message)
                     raise Unavailable("fraud state store (Redis) failed")
                 self._sha = _text(sha)
+                (info,) = await self.fast.execute([("INFO", "cluster")])
+                cluster = _text(info)
             else:
                 self._sha = str(await self.client.script_load(BATCH_LUA))
+                cluster = "cluster_enabled:1" if (await self.client.info("cluster")).get("cluster_enabled") else ""
+            self._single_call = self.config.single_call_when_standalone and "cluster_enabled:1" not in cluster
         except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
             raise _redis_unavailable(error) from error
 
@@ -321,6 +335,10 @@ class FraudStore:
         calls = list(batch.lines.items())
         if not calls:
             return []
+        if self._sha is None:
+            await self.load_scripts()
+        if self._single_call and len(calls) > 1:
+            return await self._run_as_one(batch, calls)
         results = await self._pipeline(calls)
         missing = [i for i, result in enumerate(results) if _is_noscript(result)]
         if missing:
@@ -339,6 +357,49 @@ class FraudStore:
                 raise Unavailable("fraud state store (Redis) failed")
             answers[bucket] = _text(result).split("\n")
         return [answers[bucket][line].split("\t") for bucket, line in batch.handles]
+
+    async def _run_as_one(self, batch: _Batch, calls: list[tuple[int, list[str]]]) -> list[list[str]]:
+        """A standalone server: every bucket's lines in one script call, each line keyed in full.
+
+        An operation line is ``<op>\t<subject>...`` with a one-letter op, so
+        the bucket's key prefix goes in at offset 2; the script is given an
+        empty prefix and forms exactly the key it would form per bucket.
+        """
+        tag_prefixes = self._tag_prefixes
+        lines: list[str] = []
+        first_line: dict[int, int] = {}
+        for bucket, bucket_lines in calls:
+            first_line[bucket] = len(lines)
+            prefix = tag_prefixes[bucket].decode()
+            lines.extend(line[:2] + prefix + line[2:] for line in bucket_lines)
+        one = await self._pipeline_one(calls[0][0], "\n".join(lines))
+        answers = _text(one).split("\n")
+        return [answers[first_line[bucket] + line].split("\t") for bucket, line in batch.handles]
+
+    async def _pipeline_one(self, bucket: int, text: str) -> Any:
+        for attempt in range(2):
+            try:
+                sha = self._sha
+                assert sha is not None
+                if self.fast is not None:
+                    (result,) = await self.fast.execute([("EVALSHA", sha, b"1", self._tags[bucket], b"", text)])
+                else:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pipe.evalsha(sha, 1, self.bucket_tag(bucket), "", text)
+                        (result,) = await pipe.execute(raise_on_error=False)
+            except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
+                raise _redis_unavailable(error) from error
+            if _is_noscript(result) and attempt == 0:
+                # A restarted or flushed Redis forgot the script: nothing ran, so once more.
+                await self.load_scripts()
+                continue
+            if isinstance(result, (RedisConnectionError, RedisTimeoutError)):
+                raise _redis_unavailable(result)
+            if isinstance(result, Exception):
+                logger.error("redis error in fraud check: %s", result)
+                raise Unavailable("fraud state store (Redis) failed")
+            return result
+        raise Unavailable("fraud state store (Redis) keeps forgetting the check script")
 
     async def ping(self) -> bool:
         try:
