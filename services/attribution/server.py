@@ -79,8 +79,18 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         raise NotImplementedError("GetReport")
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.execute("SET TIME ZONE 'UTC'")
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection going back to the pool needs: nothing beyond asyncpg's own rollback.
+
+    asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`` on every release: one more round trip per
+    transaction (a conversion batch, a catalog read). Our sessions carry no
+    such state: advisory locks are transaction-scoped (the migration lock is
+    released in a ``finally``), cursors live inside transactions, nothing
+    listens, and settings are ``SET LOCAL`` or the connection's start-up
+    parameters. An open transaction is still rolled back by asyncpg before
+    this runs.
+    """
 
 
 @dataclass
@@ -134,9 +144,10 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         settings.database_url,
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
-        init=_init_connection,
+        reset=_keep_session,
         command_timeout=settings.db_statement_timeout_ms / 1000,
-        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
+        # Start-up parameters: they hold for the whole session, whatever a reset does.
+        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
     )
     async with pool.acquire() as conn:
         await migrate(conn)

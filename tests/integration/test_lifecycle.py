@@ -225,3 +225,20 @@ async def test_refunds_without_an_id_are_full_and_idempotent(world: World) -> No
     assert full.status == REVERSED
     again = await world.refund(conversion.order_id, amount_micros=90_000_000)
     assert again.status == REVERSED and again.refunded_micros == 100_000_000
+
+
+async def test_pooled_connections_keep_utc_and_lose_open_transactions(world: World) -> None:
+    """The pool's release skips asyncpg's RESET ALL round trip: start-up settings must hold."""
+    pool = world.replicas[0].service.pool
+    for _ in range(3):  # the same few connections, released and taken again
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW TimeZone") == "UTC"
+            transaction = conn.transaction()
+            await transaction.start()
+            await conn.execute("CREATE TEMP TABLE IF NOT EXISTS left_open (x int)")
+            await conn.execute("INSERT INTO left_open VALUES (1)")
+            # Released with the transaction still open: asyncpg rolls it back.
+    async with pool.acquire() as conn:
+        assert not conn.is_in_transaction()
+        # The table was created inside the abandoned transaction: gone with it.
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open') IS NULL")
