@@ -182,7 +182,10 @@ class ConversionRecorder:
                 return await self._flush_once(inputs, verdicts)
             except _RETRYABLE as error:
                 logger.warning("conversion batch retried after %s (attempt %d)", type(error).__name__, attempt + 1)
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as error:
+            except (
+                OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.exceptions.OperatorInterventionError,
+            ) as error:
                 raise Unavailable("the database is unavailable; the conversion was not recorded") from error
             except asyncpg.DataError as error:
                 if len(inputs) == 1:
@@ -222,8 +225,7 @@ class ConversionRecorder:
                 leaders[key] = index
 
         async with self._pool.acquire() as conn, conn.transaction():
-            await store.lock_orders(conn, list(leaders))
-            existing = await store.fetch_by_orders(conn, list(leaders))
+            existing = await store.lock_and_fetch_orders(conn, list(leaders))
             cases: list[tuple[int, _Case]] = []
             clicks_in_batch: set[str] = set()
             for key, index in leaders.items():

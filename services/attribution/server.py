@@ -48,8 +48,10 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.QueryCanceledError,
+    # Class 57: the server is shutting down, restarting or cancelled the
+    # statement (its timeout): AdminShutdownError reaches connections that sat
+    # idle in the pool while PostgreSQL stopped.
+    asyncpg.exceptions.OperatorInterventionError,
     # Retried where they can happen; should one still escape, a retry by the caller succeeds.
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,

@@ -386,3 +386,35 @@ async def test_a_click_slot_freed_by_a_late_rejection_goes_to_the_next_order(wor
     assert first.status == REJECTED and "usage_limit_reached" in first.reasons
     assert (second.affiliate_id, second.source) == ("A", CLICK)
     assert await world.db.fetchval("SELECT conversions FROM clicks WHERE click_id = $1", click_id) == 1
+
+
+async def test_the_locked_read_sees_what_the_lock_holder_committed(world: World) -> None:
+    """Migration 004: the read after the order locks uses a snapshot taken after them."""
+    from services.attribution.store import conversions as store
+
+    await world.campaign()
+    await world.coupon("LOCKREAD", allow_all_affiliates=True)
+    recorded = await world.convert(coupon_code="LOCKREAD")
+    assert recorded.status == PENDING
+    key = ("cmp", recorded.order_id)
+    holder = await asyncpg.connect(world.database_url)
+    reader = await asyncpg.connect(world.database_url)
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await store.lock_orders(holder, [key])
+        read_tx = reader.transaction()
+        await read_tx.start()
+        waiting = asyncio.ensure_future(store.lock_and_fetch_orders(reader, [key]))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "the read must wait for the order's lock"
+        await holder.execute(
+            "UPDATE conversions SET status = 'approved' WHERE campaign_id = $1 AND order_id = $2", *key
+        )
+        await holding.commit()
+        found = await asyncio.wait_for(waiting, timeout=10)
+        assert found[key].status == "approved", "read with a snapshot from before the lock was granted"
+        await read_tx.rollback()
+    finally:
+        await holder.close()
+        await reader.close()

@@ -47,13 +47,19 @@ async def lock_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> Non
     )
 
 
-async def fetch_by_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> dict[OrderKey, Conversion]:
+async def lock_and_fetch_orders(
+    conn: asyncpg.Connection, keys: Sequence[OrderKey]
+) -> dict[OrderKey, Conversion]:
+    """``lock_orders``, then the stored conversions of those orders, in one round trip.
+
+    Migration 004's function takes the locks and then reads with a snapshot
+    taken after them (why two statements in one call are safe there).
+    """
     if not keys:
         return {}
     rows = await conn.fetch(
-        f"""SELECT {CONVERSION_COLUMNS} FROM conversions c
-             JOIN unnest($1::text[], $2::text[]) AS k(campaign_id, order_id)
-               USING (campaign_id, order_id)""",
+        f"SELECT {CONVERSION_COLUMNS} FROM ascribe_locked_orders($1::text[], $2::text[], $3::text[])",
+        _order_lock_keys(keys),
         [k[0] for k in keys],
         [k[1] for k in keys],
     )
