@@ -109,9 +109,10 @@ class AttributionClient:
             self._conversions = MicroBatcher(
                 self._flush_conversions,
                 max_batch=settings.conversion_max_batch,
-                max_in_flight=settings.max_in_flight,
+                max_in_flight=settings.conversion_max_in_flight,
                 size_histogram=CONVERSION_BATCH_SIZE,
                 name="conversion",
+                min_batch_when_busy=settings.conversion_busy_min_batch,
             )
 
     # ------------------------------------------------------------ recording

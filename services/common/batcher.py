@@ -14,9 +14,15 @@ starts no sooner than ``min_interval`` after the previous one started, unless
 spell still goes out at once; at a steady moderate rate, where flushes finish
 quickly and batches would stay tiny, the items of one interval share a call.
 That matters because a gRPC call costs this Python stack 0.5 to 1.5 ms of CPU
-on each side (thread hand-offs in grpc's poller, measured in the bench notes),
-which at a few items per call is most of the cost of an event. Each caller awaits the result of its own item, and
-a failed flush fails exactly the items that were in it.
+on each side (thread hand-offs in grpc's poller), which at a few items per
+call is most of the cost of an event.
+
+``min_batch_when_busy`` gates the flushes beyond the first: while one is in
+flight, another starts only once that many items wait, so overlapping
+flushes stay large.
+
+Each caller awaits the result of its own item, and a failed flush fails
+exactly the items that were in it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class MicroBatcher(Generic[T, R]):
         size_histogram: Histogram | None = None,
         name: str = "batch",
         min_interval: float = 0.0,
+        min_batch_when_busy: int = 1,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
@@ -55,6 +62,7 @@ class MicroBatcher(Generic[T, R]):
         self._size_histogram = size_histogram
         self._name = name
         self._min_interval = min_interval
+        self._min_batch_when_busy = min_batch_when_busy
         self._last_start = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
@@ -77,6 +85,8 @@ class MicroBatcher(Generic[T, R]):
         self._scheduled = False
         loop = asyncio.get_running_loop()
         while self._pending and self._in_flight < self._max_in_flight:
+            if self._in_flight and len(self._pending) < self._min_batch_when_busy:
+                return  # the flush in flight takes them when it ends
             if self._min_interval > 0:
                 now = loop.time()
                 due = self._last_start + self._min_interval

@@ -99,3 +99,21 @@ async def test_close_lets_lingering_items_finish_then_refuses_new_ones() -> None
     assert lingering.done() and lingering.result() == "B"
     with pytest.raises(RuntimeError, match="closed"):
         await batcher.submit("c")
+
+
+async def test_a_second_flush_in_flight_waits_for_enough_items() -> None:
+    recorder = Recorder(delay=0.05)
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, max_in_flight=2, min_batch_when_busy=3)
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.005)
+    two = [asyncio.ensure_future(batcher.submit(x)) for x in "bc"]
+    await asyncio.sleep(0.01)
+    assert recorder.batches == [["a"]], "two items are fewer than the busy minimum"
+    three = [asyncio.ensure_future(batcher.submit(x)) for x in "d"]
+    await asyncio.sleep(0.01)
+    assert recorder.batches == [["a"], ["b", "c", "d"]], "three waiting items go beside the first flush"
+    assert await first == "A"
+    assert [await f for f in two + three] == ["B", "C", "D"]
+    # When nothing is in flight, a single item goes at once again.
+    assert await batcher.submit("e") == "E"
+    assert recorder.batches[-1] == ["e"]
