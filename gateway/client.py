@@ -99,7 +99,7 @@ class AttributionClient:
         self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
             self._flush_clicks,
             max_batch=settings.click_max_batch,
-            max_in_flight=settings.max_in_flight,
+            max_in_flight=settings.click_max_in_flight,
             size_histogram=CLICK_BATCH_SIZE,
             name="click",
             min_interval=settings.click_linger_ms / 1000,

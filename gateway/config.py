@@ -61,7 +61,7 @@ class Settings:
     batch_conversions: bool = True
     conversion_max_batch: int = 128
     # Click batches in flight at once (the linger keeps them few and full).
-    max_in_flight: int = 1
+    click_max_in_flight: int = 1
     # A second conversion batch goes while one is in flight only once this
     # many postbacks wait: overlapping two batches hides each one's database
     # and fraud round trips, and the minimum keeps batches large enough that
@@ -113,7 +113,7 @@ class Settings:
             click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", 12, minimum=0),
             batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", True),
             conversion_max_batch=env_int("ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", 128, minimum=1),
-            max_in_flight=env_int("ASCRIBE_GATEWAY_MAX_IN_FLIGHT", 1, minimum=1),
+            click_max_in_flight=env_int("ASCRIBE_GATEWAY_CLICK_MAX_IN_FLIGHT", 1, minimum=1),
             conversion_max_in_flight=env_int("ASCRIBE_GATEWAY_CONVERSION_MAX_IN_FLIGHT", 2, minimum=1),
             conversion_busy_min_batch=env_int("ASCRIBE_GATEWAY_CONVERSION_BUSY_MIN_BATCH", 24, minimum=1),
         )

@@ -219,8 +219,6 @@ class StoreConfig:
     burst_window_seconds: int = 300
     burst_baseline_seconds: int = 86400
     burst_min_volume: int = 200
-    # Off only in tests, to run the per-bucket (cluster) path on a standalone server.
-    single_call_when_standalone: bool = True
     burst_factor: float = 5.0
     surge_window_seconds: int = 300
     surge_baseline_seconds: int = 86400
@@ -228,6 +226,8 @@ class StoreConfig:
     surge_factor: float = 5.0
     alerts_maxlen: int = 100_000
     key_buckets: int = 16
+    # Off only in tests, to run the per-bucket (cluster) path on a standalone server.
+    single_call_when_standalone: bool = True
 
 
 def valid_stream_id(value: str) -> bool:
