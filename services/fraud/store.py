@@ -282,6 +282,7 @@ class FraudStore:
         self._single_call = False
         self._tags = [self.bucket_tag(bucket).encode() for bucket in range(config.key_buckets)]
         self._tag_prefixes = [tag + b":" for tag in self._tags]
+        self._tag_prefix_texts = [prefix.decode() for prefix in self._tag_prefixes]
 
     def bucket_tag(self, bucket: int) -> str:
         return f"{self.prefix}:{{b{bucket:02d}}}"
@@ -315,23 +316,42 @@ class FraudStore:
         except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
             raise _redis_unavailable(error) from error
 
-    async def _pipeline(self, calls: Sequence[tuple[int, list[str]]]) -> list[Any]:
-        """One round trip: one script call per bucket; answers (or error values) in call order."""
+    def _script_calls(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, str]], dict[int, int]]:
+        """The batch's script calls (tag key, key prefix, operations), and where each
+        bucket's first answer line falls in the calls' answers joined in order.
+
+        Per bucket, one call with the bucket's prefix. On a standalone server
+        one call for the whole batch: an operation line is ``<op>\t<subject>...``
+        with a one-letter op, so each line gets its bucket's prefix at offset 2
+        and the script, given an empty prefix, forms exactly the same keys.
+        """
+        items = list(batch.lines.items())
+        first_line: dict[int, int] = {}
+        count = 0
+        for bucket, lines in items:
+            first_line[bucket] = count
+            count += len(lines)
+        if self._single_call and len(items) > 1:
+            prefixes = self._tag_prefix_texts
+            text = "\n".join(
+                line[:2] + prefixes[bucket] + line[2:] for bucket, lines in items for line in lines
+            )
+            return [(self._tags[items[0][0]], b"", text)], first_line
+        tags, tag_prefixes = self._tags, self._tag_prefixes
+        return [(tags[bucket], tag_prefixes[bucket], "\n".join(lines)) for bucket, lines in items], first_line
+
+    async def _pipeline(self, calls: Sequence[tuple[bytes, bytes, str]]) -> list[Any]:
+        """One round trip for the script calls; answers (or error values) in call order."""
+        sha = self._sha
+        assert sha is not None
         try:
-            if self._sha is None:
-                await self.load_scripts()
-            sha = self._sha
-            assert sha is not None
             if self.fast is not None:
-                tags, tag_prefixes = self._tags, self._tag_prefixes
                 return await self.fast.execute(
-                    [("EVALSHA", sha, b"1", tags[bucket], tag_prefixes[bucket], "\n".join(lines))
-                     for bucket, lines in calls]
+                    [("EVALSHA", sha, b"1", tag, prefix, text) for tag, prefix, text in calls]
                 )
             async with self.client.pipeline(transaction=False) as pipe:
-                for bucket, lines in calls:
-                    tag = self.bucket_tag(bucket)
-                    pipe.evalsha(sha, 1, tag, f"{tag}:", "\n".join(lines))
+                for tag, prefix, text in calls:
+                    pipe.evalsha(sha, 1, tag, prefix, text)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
         except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
             raise _redis_unavailable(error) from error
@@ -339,13 +359,11 @@ class FraudStore:
 
     async def _run(self, batch: _Batch) -> list[list[str]]:
         """Runs a batch in one round trip; answers by handle, each a list of fields."""
-        calls = list(batch.lines.items())
-        if not calls:
+        if not batch.lines:
             return []
         if self._sha is None:
             await self.load_scripts()
-        if self._single_call and len(calls) > 1:
-            return await self._run_as_one(batch, calls)
+        calls, first_line = self._script_calls(batch)
         results = await self._pipeline(calls)
         missing = [i for i, result in enumerate(results) if _is_noscript(result)]
         if missing:
@@ -355,58 +373,15 @@ class FraudStore:
             retried = await self._pipeline([calls[i] for i in missing])
             for i, result in zip(missing, retried, strict=True):
                 results[i] = result
-        answers: dict[int, list[str]] = {}
-        for (bucket, _lines), result in zip(calls, results, strict=True):
+        answers: list[str] = []
+        for result in results:
             if isinstance(result, (RedisConnectionError, RedisTimeoutError)):
                 raise _redis_unavailable(result)
             if isinstance(result, Exception):
                 logger.error("redis error in fraud check: %s", result)
                 raise Unavailable("fraud state store (Redis) failed")
-            answers[bucket] = _text(result).split("\n")
-        return [answers[bucket][line].split("\t") for bucket, line in batch.handles]
-
-    async def _run_as_one(self, batch: _Batch, calls: list[tuple[int, list[str]]]) -> list[list[str]]:
-        """A standalone server: every bucket's lines in one script call, each line keyed in full.
-
-        An operation line is ``<op>\t<subject>...`` with a one-letter op, so
-        the bucket's key prefix goes in at offset 2; the script is given an
-        empty prefix and forms exactly the key it would form per bucket.
-        """
-        tag_prefixes = self._tag_prefixes
-        lines: list[str] = []
-        first_line: dict[int, int] = {}
-        for bucket, bucket_lines in calls:
-            first_line[bucket] = len(lines)
-            prefix = tag_prefixes[bucket].decode()
-            lines.extend(line[:2] + prefix + line[2:] for line in bucket_lines)
-        one = await self._pipeline_one(calls[0][0], "\n".join(lines))
-        answers = _text(one).split("\n")
+            answers.extend(_text(result).split("\n"))
         return [answers[first_line[bucket] + line].split("\t") for bucket, line in batch.handles]
-
-    async def _pipeline_one(self, bucket: int, text: str) -> Any:
-        for attempt in range(2):
-            try:
-                sha = self._sha
-                assert sha is not None
-                if self.fast is not None:
-                    (result,) = await self.fast.execute([("EVALSHA", sha, b"1", self._tags[bucket], b"", text)])
-                else:
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        pipe.evalsha(sha, 1, self.bucket_tag(bucket), "", text)
-                        (result,) = await pipe.execute(raise_on_error=False)
-            except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
-                raise _redis_unavailable(error) from error
-            if _is_noscript(result) and attempt == 0:
-                # A restarted or flushed Redis forgot the script: nothing ran, so once more.
-                await self.load_scripts()
-                continue
-            if isinstance(result, (RedisConnectionError, RedisTimeoutError)):
-                raise _redis_unavailable(result)
-            if isinstance(result, Exception):
-                logger.error("redis error in fraud check: %s", result)
-                raise Unavailable("fraud state store (Redis) failed")
-            return result
-        raise Unavailable("fraud state store (Redis) keeps forgetting the check script")
 
     async def ping(self) -> bool:
         try:

@@ -315,22 +315,14 @@ async def test_batches_keep_order_and_take_one_round_trip(
     fraud: FraudService, stub: fraud_pb2_grpc.FraudServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     round_trips = 0
-    store = fraud.engine.store
-    # Per-bucket script calls in one pipeline, or one call on a standalone server.
-    per_bucket, as_one = store._pipeline, store._pipeline_one
+    original = fraud.engine.store._pipeline
 
     async def counting(calls: object) -> object:
         nonlocal round_trips
         round_trips += 1
-        return await per_bucket(calls)  # type: ignore[arg-type]
+        return await original(calls)  # type: ignore[arg-type]
 
-    async def counting_one(bucket: int, text: str) -> object:
-        nonlocal round_trips
-        round_trips += 1
-        return await as_one(bucket, text)
-
-    monkeypatch.setattr(store, "_pipeline", counting)
-    monkeypatch.setattr(store, "_pipeline_one", counting_one)
+    monkeypatch.setattr(fraud.engine.store, "_pipeline", counting)
     requests = [click(click_id=f"c-{i}", external_click_id=f"x-{i}", ip=f"86.150.{i // 200}.{i % 200 + 1}")
                 for i in range(500)]
     requests[7] = click(ip=TOR_IP)
