@@ -202,7 +202,10 @@ class _Protocol(asyncio.Protocol):
         if not waiter.future.done():
             waiter.future.set_exception(RespTimeoutError(f"no answer from Redis in {timeout * 1000:.0f} ms"))
         # The replies still due on this connection can no longer be matched.
-        self._fail(RespConnectionError("connection to Redis closed after a timeout"))
+        # The pipelines behind this one were written and may still run, so
+        # they fail as timeouts too: a connection error would be retried by
+        # ``execute`` and their counters would count twice.
+        self._fail(RespTimeoutError("connection to Redis closed after another pipeline timed out"))
 
 
 class RespClient:

@@ -35,6 +35,7 @@ class FakeRedis:
     def __init__(self) -> None:
         self.silent = False
         self.connections = 0
+        self.received: list[list[bytes]] = []
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -52,6 +53,7 @@ class FakeRedis:
                 for _ in range(int(header[1:])):
                     size = int((await reader.readline())[1:])
                     args.append((await reader.readexactly(size + 2))[:-2])
+                self.received.append(args)
                 if self.silent:
                     continue
                 if args[0] == b"ECHO":
@@ -100,6 +102,26 @@ async def test_a_silent_server_times_out_and_the_next_call_reconnects() -> None:
         fake.silent = False
         assert await client.execute([("ECHO", "y")]) == [b"y"]
         assert fake.connections == 2
+    finally:
+        await client.aclose()
+        await fake.stop()
+
+
+async def test_pipelines_behind_a_timed_out_one_are_not_sent_again() -> None:
+    """They were written and may run: a retry on a new connection would run them twice."""
+    fake = FakeRedis()
+    port = await fake.start()
+    client = RespClient(port=port, timeout=0.2, connect_timeout=0.2)
+    try:
+        fake.silent = True
+        first = asyncio.ensure_future(client.execute([("ECHO", "first")]))
+        await asyncio.sleep(0.05)
+        behind = asyncio.ensure_future(client.execute([("ECHO", "behind")]))
+        for call in (first, behind):
+            with pytest.raises(RespTimeoutError):
+                await call
+        await asyncio.sleep(0.05)
+        assert [args[1] for args in fake.received] == [b"first", b"behind"]
     finally:
         await client.aclose()
         await fake.stop()
