@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -333,11 +333,9 @@ class ConversionRecorder:
         case: _Case,
         clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],
-        *,
-        without_click: bool = False,
     ) -> None:
         item = case.input
-        click = None if without_click else clicks.get(item.click_id)
+        click = clicks.get(item.click_id)
         coupon = coupons.get((item.campaign_id, item.coupon_code)) if item.coupon_code else None
         candidates = set(coupon.affiliate_ids if coupon else ())
         if click is not None:
@@ -346,8 +344,6 @@ class ConversionRecorder:
             a: await self._cache.affiliate(a, conn) for a in sorted(candidates)
         }
         static = judge_static(item, case.campaign, click, coupon, affiliates)
-        if without_click:
-            static.reasons.insert(0, "click_already_converted")
         case.static = static
         case.reasons = list(static.reasons)
 
@@ -425,9 +421,13 @@ class ConversionRecorder:
             ):
                 case.click_slot = True
             else:
-                # The click reached its limit since it was read: the sale goes
-                # on as if it had no click (credit, channel and access anew).
-                await self._judge_statically(conn, case, clicks, coupons, without_click=True)
+                # The click reached its limit since it was read: judged anew
+                # with the click as it now is (spent), the sale says
+                # click_already_converted and goes on as if it had no click
+                # (credit, channel and access anew).
+                spent = static.click
+                clicks[spent.click_id] = replace(spent, conversions=case.campaign.max_conversions_per_click)
+                await self._judge_statically(conn, case, clicks, coupons)
                 await self._check_fraud([case], verdicts)  # the verdict already given
 
         wanting = [c for c in cases if c.standing() and c.static is not None and c.static.coupon is not None]

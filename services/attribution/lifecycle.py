@@ -114,9 +114,10 @@ class Lifecycle:
                 if earlier is not None:
                     if amount_micros is not None and amount_micros != earlier:
                         raise AlreadyExists(f"refund {refund_id!r} was already applied with another amount")
-                    return conversion
+                    return await self._with_history(conn, conversion)
             elif conversion.status == "reversed":
-                return conversion  # a refund without an id is a full one: idempotent by the state it leaves
+                # A refund without an id is a full one: idempotent by the state it leaves.
+                return await self._with_history(conn, conversion)
             if conversion.status in ("rejected", "reversed"):
                 raise FailedPrecondition(f"a {conversion.status} conversion cannot be refunded")
             remaining = conversion.amount_micros - conversion.refunded_micros
@@ -187,7 +188,12 @@ class Lifecycle:
     async def _reload(self, conn: asyncpg.Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:
         conversion = await store.get_by_order(conn, campaign_id, order_id)
         assert conversion is not None
-        return replace(conversion, history=tuple(await store.history(conn, conversion_id)))
+        return await self._with_history(conn, conversion)
+
+    @staticmethod
+    async def _with_history(conn: asyncpg.Connection, conversion: Conversion) -> Conversion:
+        """What every answer of the lifecycle carries: the row and its history, a retry's included."""
+        return replace(conversion, history=tuple(await store.history(conn, conversion.id)))
 
     # ------------------------------------------------------------ review
 

@@ -67,6 +67,8 @@ async def test_refund_ids_amounts_and_states(world: World) -> None:
     assert partial.refunded_micros == 40_000_000 and partial.payout_micros == 6_000_000
     again = await world.refund(conversion.order_id, "pct", refund_id="r1", amount_micros=40_000_000)
     assert again.refunded_micros == 40_000_000  # idempotent on refund_id
+    # ... and the retry answers what the first call answered, history included.
+    assert [e.reason for e in again.history] == [e.reason for e in partial.history] == ["judged", "refund"]
 
     with pytest.raises(grpc.aio.AioRpcError) as reused:
         await world.refund(conversion.order_id, "pct", refund_id="r1", amount_micros=1_000_000)
@@ -79,7 +81,8 @@ async def test_refund_ids_amounts_and_states(world: World) -> None:
     full = await world.refund(conversion.order_id, "pct", refund_id="r2")
     assert full.status == REVERSED and full.refunded_micros == 100_000_000 and full.payout_micros == 0
     assert await world.db.fetchval("SELECT conversions FROM clicks WHERE click_id = $1", click) == 0
-    assert (await world.refund(conversion.order_id, "pct")).status == REVERSED  # a repeated full refund
+    repeated = await world.refund(conversion.order_id, "pct")  # a repeated full refund
+    assert repeated.status == REVERSED and len(repeated.history) == 3
     with pytest.raises(grpc.aio.AioRpcError) as reversed_again:
         await world.refund(conversion.order_id, "pct", refund_id="r3", amount_micros=1)
     assert reversed_again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
