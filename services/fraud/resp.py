@@ -26,7 +26,6 @@ Everything else (redis-py) stays with the rest of the service.
 from __future__ import annotations
 
 import asyncio
-import ssl as ssl_module
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -222,12 +221,10 @@ class RespClient:
         password: str | None = None,
         timeout: float = 0.25,
         connect_timeout: float = 0.25,
-        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._path = path
-        self._ssl = ssl
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         setup: list[list[Arg]] = []
@@ -269,7 +266,7 @@ class RespClient:
             if self._path is not None:
                 connecting = loop.create_unix_connection(_Protocol, self._path)
             else:
-                connecting = loop.create_connection(_Protocol, self._host, self._port, ssl=self._ssl)
+                connecting = loop.create_connection(_Protocol, self._host, self._port)
             _, protocol = await asyncio.wait_for(connecting, self._connect_timeout)
         except TimeoutError as error:
             raise RespTimeoutError(

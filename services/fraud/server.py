@@ -74,6 +74,12 @@ class FraudService:
     def port(self) -> int:
         return self.server.port
 
+    def reload_in_background(self) -> None:
+        """SIGHUP: reload the IP lists; the task leaves ``tasks`` when it is done."""
+        task = asyncio.get_running_loop().create_task(self.reload_ipintel())
+        self.tasks.append(task)
+        task.add_done_callback(self.tasks.remove)
+
     async def reload_ipintel(self) -> None:
         intel = await asyncio.to_thread(self.intel.reload)
         metrics.IPINTEL_RELOADS_TOTAL.inc()
@@ -85,9 +91,10 @@ class FraudService:
         self.servicer.stopping.set()
         await self.server.stop(grace_seconds)
         await self.engine.close()
-        for task in self.tasks:
+        tasks = list(self.tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.engine.flush_signal_counts()
         await self.engine.store.aclose()
@@ -155,9 +162,7 @@ async def start_fraud(
     service.tasks.append(asyncio.create_task(engine.run_surge_monitor(settings.surge_flush_seconds)))
     if handle_sighup:
         try:
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, lambda: service.tasks.append(asyncio.create_task(service.reload_ipintel()))
-            )
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload_in_background)
             service._sighup_installed = True
         except (NotImplementedError, RuntimeError, ValueError):
             logger.warning("SIGHUP reload of the IP lists is not available here")

@@ -282,7 +282,10 @@ class FraudStore:
         self._single_call = False
         self._tags = [self.bucket_tag(bucket).encode() for bucket in range(config.key_buckets)]
         self._tag_prefixes = [tag + b":" for tag in self._tags]
-        self._tag_prefix_texts = [prefix.decode() for prefix in self._tag_prefixes]
+        # One-call batches: the script gets the store's own prefix and each
+        # line its bucket's tag, so no line can name a key outside the store.
+        self._store_prefix = f"{self.prefix}:".encode()
+        self._bucket_parts = [f"{{b{bucket:02d}}}:" for bucket in range(config.key_buckets)]
 
     def bucket_tag(self, bucket: int) -> str:
         return f"{self.prefix}:{{b{bucket:02d}}}"
@@ -296,12 +299,11 @@ class FraudStore:
     async def load_scripts(self) -> None:
         try:
             if self.fast is not None:
-                (sha,) = await self.fast.execute([("SCRIPT", "LOAD", BATCH_LUA)])
+                sha, info = await self.fast.execute([("SCRIPT", "LOAD", BATCH_LUA), ("INFO", "cluster")])
                 if isinstance(sha, RespError):
                     logger.error("redis refused the fraud script: %s", sha.message)
                     raise Unavailable("fraud state store (Redis) failed")
                 self._sha = _text(sha)
-                (info,) = await self.fast.execute([("INFO", "cluster")])
                 # Only a server that says it is standalone gets one call per batch:
                 # an error (INFO refused by an ACL) keeps the per-bucket calls,
                 # which are right everywhere.
@@ -322,8 +324,8 @@ class FraudStore:
 
         Per bucket, one call with the bucket's prefix. On a standalone server
         one call for the whole batch: an operation line is ``<op>\t<subject>...``
-        with a one-letter op, so each line gets its bucket's prefix at offset 2
-        and the script, given an empty prefix, forms exactly the same keys.
+        with a one-letter op, so each line gets its bucket's tag at offset 2
+        and the script, given the store's prefix, forms exactly the same keys.
         """
         items = list(batch.lines.items())
         first_line: dict[int, int] = {}
@@ -332,11 +334,9 @@ class FraudStore:
             first_line[bucket] = count
             count += len(lines)
         if self._single_call and len(items) > 1:
-            prefixes = self._tag_prefix_texts
-            text = "\n".join(
-                line[:2] + prefixes[bucket] + line[2:] for bucket, lines in items for line in lines
-            )
-            return [(self._tags[items[0][0]], b"", text)], first_line
+            parts = self._bucket_parts
+            text = "\n".join(line[:2] + parts[bucket] + line[2:] for bucket, lines in items for line in lines)
+            return [(self._tags[items[0][0]], self._store_prefix, text)], first_line
         tags, tag_prefixes = self._tags, self._tag_prefixes
         return [(tags[bucket], tag_prefixes[bucket], "\n".join(lines)) for bucket, lines in items], first_line
 

@@ -437,5 +437,7 @@ async def test_sighup_reloads_the_ip_lists(
                     break
             verdict = await stub.CheckClick(click(click_id="c-2", ip="185.220.101.2"))
             assert codes(verdict) == {"tor_exit"}
+            await asyncio.sleep(0.05)
+            assert len(service.tasks) == 1, "a finished reload must not stay among the service's tasks"
     finally:
         await service.stop(grace_seconds=0.5)
