@@ -87,7 +87,7 @@ class MicroBatcher(Generic[T, R]):
         while self._pending and self._in_flight < self._max_in_flight:
             if self._in_flight and len(self._pending) < self._min_batch_when_busy:
                 return  # the flush in flight takes them when it ends
-            if self._min_interval > 0:
+            if self._min_interval > 0 and not self._closed:
                 now = loop.time()
                 due = self._last_start + self._min_interval
                 if now < due and len(self._pending) < self._max_batch:
@@ -95,6 +95,9 @@ class MicroBatcher(Generic[T, R]):
                         self._timer = loop.call_at(due, self._on_timer)
                     return
                 self._last_start = now
+            if self._timer is not None:  # a full batch or close() went first
+                self._timer.cancel()
+                self._timer = None
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             self._in_flight += 1
@@ -120,7 +123,7 @@ class MicroBatcher(Generic[T, R]):
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
-                if isinstance(error, asyncio.CancelledError):
+                if not isinstance(error, Exception):  # cancellation, interpreter exit
                     raise
                 return
             for (_, future), result in zip(batch, results, strict=True):
@@ -132,11 +135,11 @@ class MicroBatcher(Generic[T, R]):
                     future.set_result(result)
         finally:
             self._in_flight -= 1
-            if not self._closed:
-                self._maybe_flush()
+            self._maybe_flush()
 
     async def close(self) -> None:
-        """Lets in-flight and pending items finish, then refuses new ones."""
-        while self._pending or self._in_flight:
-            await asyncio.sleep(0.005)
+        """Refuses new items at once; pending ones go without lingering, and all finish."""
         self._closed = True
+        self._maybe_flush()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -89,14 +89,16 @@ async def test_a_failed_flush_fails_exactly_its_own_items() -> None:
     assert await batcher.submit("d") == "D"
 
 
-async def test_close_lets_lingering_items_finish_then_refuses_new_ones() -> None:
+async def test_close_sends_lingering_items_at_once_then_refuses_new_ones() -> None:
     recorder = Recorder()
-    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, min_interval=0.03)
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, min_interval=5.0)
     await batcher.submit("a")
     lingering = asyncio.ensure_future(batcher.submit("b"))
-    await asyncio.sleep(0)
-    await batcher.close()
+    await asyncio.sleep(0.01)
+    assert not lingering.done(), "held by the linger"
+    await asyncio.wait_for(batcher.close(), timeout=1.0)
     assert lingering.done() and lingering.result() == "B"
+    assert batcher._timer is None, "no timer left armed after close"
     with pytest.raises(RuntimeError, match="closed"):
         await batcher.submit("c")
 
