@@ -147,7 +147,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Any, service: str, method: str, authorized: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         handling_seconds = GRPC_HANDLING_SECONDS.labels(service, method)
-        ok_total = GRPC_REQUESTS_TOTAL.labels(service, method, grpc.StatusCode.OK.name)
+        count = self._counter(service, method)
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
@@ -157,38 +157,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAUTHENTICATED
                     await context.abort(code, BEARER_REFUSED)
                 return await behavior(request, context)
-            except DomainError as error:
-                code = error.status
-                await context.abort_with_status(status_for(error))
-            except NotImplementedError:
-                code = grpc.StatusCode.UNIMPLEMENTED
-                await context.abort(code, f"{method} is not implemented yet")
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as error:
-                if _is_abort(error, context):
-                    code = context.code() or code
+                code, answer = self._failure(error, context, service, method, code)
+                if answer is None:
                     raise
-                if isinstance(error, self._unavailable_errors):
-                    code = grpc.StatusCode.UNAVAILABLE
-                    logger.warning("%s/%s: a dependency is unavailable: %r", service, method, error)
-                    await context.abort(code, "a backend is unavailable; retry")
-                code = grpc.StatusCode.INTERNAL
-                logger.exception("unhandled error in %s/%s", service, method)
-                await context.abort(code, "internal error")
+                await _abort(context, code, answer)
             finally:
                 handling_seconds.observe(time.perf_counter() - started)
-                if code is grpc.StatusCode.OK:
-                    ok_total.inc()
-                else:
-                    GRPC_REQUESTS_TOTAL.labels(service, method, code.name).inc()
+                count(code)
 
         return wrapper
 
     def _wrap_stream(
         self, behavior: Any, service: str, method: str, authorized: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        # No handling-time histogram here: a stream (WatchAlerts) lives as long
+        # as its watcher, hours, and would only blur the unary latencies.
+        count = self._counter(service, method)
+
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             code = grpc.StatusCode.OK
             try:
@@ -197,33 +186,64 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(code, BEARER_REFUSED)
                 async for item in behavior(request, context):
                     yield item
-            except DomainError as error:
-                code = error.status
-                await context.abort_with_status(status_for(error))
-            except NotImplementedError:
-                code = grpc.StatusCode.UNIMPLEMENTED
-                await context.abort(code, f"{method} is not implemented yet")
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as error:
-                if _is_abort(error, context):
-                    code = context.code() or code
+                code, answer = self._failure(error, context, service, method, code)
+                if answer is None:
                     raise
-                if isinstance(error, self._unavailable_errors):
-                    code = grpc.StatusCode.UNAVAILABLE
-                    logger.warning("%s/%s: a dependency is unavailable: %r", service, method, error)
-                    await context.abort(code, "a backend is unavailable; retry")
-                code = grpc.StatusCode.INTERNAL
-                logger.exception("unhandled error in %s/%s", service, method)
-                await context.abort(code, "internal error")
+                await _abort(context, code, answer)
             finally:
-                GRPC_REQUESTS_TOTAL.labels(service, method, code.name).inc()
+                count(code)
 
         return wrapper
 
+    @staticmethod
+    def _counter(service: str, method: str) -> Callable[[grpc.StatusCode], None]:
+        """Counts an RPC's outcome; the OK child is bound once, the rare codes looked up."""
+        ok_total = GRPC_REQUESTS_TOTAL.labels(service, method, grpc.StatusCode.OK.name)
 
-def _is_abort(error: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        def count(code: grpc.StatusCode) -> None:
+            if code is grpc.StatusCode.OK:
+                ok_total.inc()
+            else:
+                GRPC_REQUESTS_TOTAL.labels(service, method, code.name).inc()
+
+        return count
+
+    def _failure(
+        self,
+        error: Exception,
+        context: grpc.aio.ServicerContext[Any, Any],
+        service: str,
+        method: str,
+        code: grpc.StatusCode,
+    ) -> tuple[grpc.StatusCode, grpc.Status | str | None]:
+        """The status an RPC ends with for ``error``, and its answer (None: let it pass)."""
+        if _is_abort(error):  # context.abort() already chose the status
+            return context.code() or code, None
+        if isinstance(error, DomainError):
+            return error.status, status_for(error)
+        if isinstance(error, NotImplementedError):
+            return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet"
+        if isinstance(error, self._unavailable_errors):
+            logger.warning("%s/%s: a dependency is unavailable: %r", service, method, error)
+            return grpc.StatusCode.UNAVAILABLE, "a backend is unavailable; retry"
+        logger.error("unhandled error in %s/%s", service, method, exc_info=error)
+        return grpc.StatusCode.INTERNAL, "internal error"
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, answer: grpc.Status | str
+) -> None:
+    if isinstance(answer, str):
+        await context.abort(code, answer)
+    else:
+        await context.abort_with_status(answer)
+
+
+def _is_abort(error: BaseException) -> bool:
     # context.abort() raises an internal AbortError; it must pass through untouched.
     return type(error).__name__ == "AbortError"
 

@@ -75,18 +75,6 @@ def settings_for(redis_url: str, prefix: str, ipintel_dir: Path, **overrides: ob
     return Settings(**values)  # type: ignore[arg-type]
 
 
-async def drop_keys(client: aioredis.Redis, prefix: str) -> None:
-    """Pipelined cleanup: the shared fixture's one-round-trip-per-key cleanup is slow for thousands."""
-    batch: list[bytes] = []
-    async for key in client.scan_iter(match=f"{prefix}:*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            await client.unlink(*batch)
-            batch.clear()
-    if batch:
-        await client.unlink(*batch)
-
-
 @pytest.fixture(scope="module")
 def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
     """The lists loaded once for the module's services (a load takes about half a second)."""
@@ -105,8 +93,7 @@ async def fraud(
         settings_for(redis_server_url, redis_prefix, ipintel_dir), handle_sighup=False, intel=shared_intel
     )
     yield service
-    await service.stop(grace_seconds=0.5)
-    await drop_keys(redis_client, redis_prefix)
+    await service.stop(grace_seconds=0.5)  # redis_client's teardown drops the keys
 
 
 @pytest.fixture

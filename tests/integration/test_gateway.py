@@ -401,8 +401,8 @@ async def test_debug_header_only_when_enabled(
         f"/click?campaign_id={campaign.id}&aff_id={affiliate.id}", allow_redirects=False
     )
     assert response.status == 302
-    # No fraud service runs here, so the attribution service fails open.
-    assert response.headers["X-Ascribe-Decision"] in {"accepted", "flagged"}
+    # No fraud service runs here, so the attribution service fails open: flagged.
+    assert response.headers["X-Ascribe-Decision"] == "flagged"
 
 
 async def test_unknown_campaign_click_is_404(
@@ -468,8 +468,9 @@ async def test_postback_answers_the_conversion_as_json(
     assert body["order_id"] == "o-1"
     assert body["campaign_id"] == campaign.id
     assert body["amount"] == "49.90"
-    assert body["status"] in {"pending", "flagged", "rejected", "approved"}
-    assert body["source"] in {"none", "click", "coupon"}
+    # No fraud service runs here: recorded, flagged for the fraud check it could not have.
+    assert body["status"] == "flagged" and "fraud_unavailable" in body["reasons"]
+    assert body["source"] == "none"  # no click, no code
     assert body["received_at"].endswith("Z")
     assert "amount_micros" not in body
 
@@ -506,8 +507,7 @@ async def test_postback_for_an_unknown_campaign_is_404(
     response = await gateway.get(
         f"/postback?campaign_id=cmp_nope&order_id=o-3&amount=1&currency=EUR&token={campaign.postback_token}"
     )
-    assert response.status in {401, 404}  # either the campaign or its token is unknown
-    assert (await response.json())["error"]["code"] in {"not_found", "unauthenticated"}
+    await json_error(response, 404, "not_found")
 
 
 async def test_refund_through_the_gateway(channel: grpc.aio.Channel, gateway: TestClient[Any, Any]) -> None:
@@ -517,7 +517,7 @@ async def test_refund_through_the_gateway(channel: grpc.aio.Channel, gateway: Te
         f"/postback?campaign_id={campaign.id}&order_id=o-4&amount=49.90&currency=EUR&token={token}"
     )
     assert created.status == 200
-    assert (await created.json())["status"] in ("pending", "flagged")  # flagged: no fraud service here
+    assert (await created.json())["status"] == "flagged"  # no fraud service here
 
     partial = await gateway.post(
         f"/postback?event=refund&campaign_id={campaign.id}&order_id=o-4&refund_id=r1&amount=10.00",
