@@ -80,14 +80,6 @@ def device_type_from_proto(value: int) -> DeviceType | None:
     return cast(DeviceType, word) if word else None
 
 
-def device_type_to_proto(device: DeviceType | None) -> int:
-    return _DEVICES.number(device) if device else attribution_pb2.DEVICE_TYPE_UNSPECIFIED
-
-
-def coupon_kind_to_proto(kind: CouponKind) -> int:
-    return _KINDS.number(kind)
-
-
 def coupon_status_from_proto(value: int) -> CouponStatus | None:
     """None for COUPON_STATUS_UNSPECIFIED (e.g. ListCoupons' "any status")."""
     word = _COUPON_STATUSES.words.get(value)

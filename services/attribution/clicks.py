@@ -41,7 +41,7 @@ from services.attribution.click_metrics import (
     CLICKS_TOTAL,
 )
 from services.attribution.coupon_rules import click_tracking_reasons, is_valid_code, normalize_code
-from services.attribution.fraud_client import FraudClient
+from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.models import Campaign, Click, ClickDecision
 from services.attribution.store import clicks as store
 from services.attribution.store.lookups import CatalogCache
@@ -60,8 +60,6 @@ MAX_FUTURE = timedelta(minutes=5)  # clock skew allowed on occurred_at
 MAX_BATCH = 1000  # RecordClickBatch entries
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 
-# Reasons that make a click REJECTED before any fraud check.
-REJECTING_REASONS = frozenset({"campaign_inactive", "unknown_affiliate", "affiliate_inactive"})
 FRAUD_UNAVAILABLE = "fraud_unavailable"
 
 _ACTION_DECISION: dict[int, ClickDecision] = {
@@ -205,7 +203,7 @@ def apply_verdict(
     """
     if verdict is None:
         return ("rejected" if decision == "rejected" else "flagged"), [FRAUD_UNAVAILABLE], 0
-    reasons = [f"fraud_{signal.code}" for signal in verdict.signals]
+    reasons = fraud_reasons(verdict)
     by_fraud = _ACTION_DECISION.get(verdict.action, "accepted")
     if decision == "rejected" or by_fraud == "rejected":
         return "rejected", reasons, verdict.score

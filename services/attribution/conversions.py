@@ -33,7 +33,7 @@ from prometheus_client import Counter, Histogram
 
 from services.attribution import coupon_rules, ids
 from services.attribution.catalog_convert import to_timestamp
-from services.attribution.fraud_client import FraudClient
+from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.judgment import (
     ConversionInput,
     StaticJudgment,
@@ -79,10 +79,6 @@ FRAUD_COUPON_KIND = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
-    return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
 
 
 class _Rejudge(Exception):

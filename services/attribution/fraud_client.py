@@ -40,6 +40,11 @@ MAX_CALL_REQUESTS = 1000
 Verdicts = list[fraud_pb2.Verdict | None]
 
 
+
+def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
+    """A verdict's signals as reason codes; a signal weighted 0 (switched off by the operator) is none."""
+    return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
+
 class _BatchedCheck:
     """One batched RPC: groups of requests in, verdicts (or None) out."""
 

@@ -24,8 +24,8 @@ from prometheus_client import Counter, Gauge
 
 from services.attribution import coupon_rules
 from services.attribution.catalog_convert import to_timestamp
-from services.attribution.conversions import FRAUD_COUPON_KIND, fraud_reasons, utcnow
-from services.attribution.fraud_client import FraudClient
+from services.attribution.conversions import FRAUD_COUPON_KIND, utcnow
+from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.judgment import FLAGGING_REASONS
 from services.attribution.models import Campaign, Conversion, ConversionEvent, ConversionStatus
 from services.attribution.store import clicks as click_store

@@ -117,6 +117,15 @@ def test_verdict_actions_map_to_decisions_with_prefixed_signals() -> None:
     ) == ("rejected", ["fraud_duplicate_click_id", "fraud_bot_user_agent"], 100)
 
 
+def test_a_signal_switched_off_by_weight_zero_is_no_reason() -> None:
+    """The same rule as conversions: an operator turns a signal off with weight 0."""
+    switched_off = fraud_pb2.Verdict(
+        action=fraud_pb2.VERDICT_ACTION_REVIEW, score=60,
+        signals=[fraud_pb2.Signal(code="ctit_long", weight=0), fraud_pb2.Signal(code="vpn_ip", weight=60)],
+    )
+    assert apply_verdict("accepted", switched_off) == ("flagged", ["fraud_vpn_ip"], 60)
+
+
 def test_a_rejected_click_stays_rejected() -> None:
     assert apply_verdict("rejected", verdict(fraud_pb2.VERDICT_ACTION_ALLOW))[0] == "rejected"
     assert apply_verdict("rejected", None)[0] == "rejected"

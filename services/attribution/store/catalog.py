@@ -336,27 +336,6 @@ async def update_coupon(
         return coupon_from_row(row)
 
 
-async def set_coupon_status(
-    db: Db, campaign_id: str, code: str, status: CouponStatus, *, actor: str, detail: str = ""
-) -> Coupon:
-    """Puts a code in ``status`` (e.g. HOLD by the leak response), recorded in coupon_events."""
-    async with _connection(db) as conn, conn.transaction():
-        current = await find_coupon(conn, campaign_id, code, for_update=True)
-        if current is None:
-            raise NotFound(f"code {code!r} not found in campaign {campaign_id!r}")
-        if current.status == status:
-            return current
-        row = await conn.fetchrow(
-            f"""UPDATE coupons SET status = $3, updated_at = now()
-                WHERE campaign_id = $1 AND code = $2 RETURNING {COUPON_COLUMNS}""",
-            campaign_id,
-            code,
-            status,
-        )
-        await _record_status_change(conn, current, status, actor=actor, detail=detail)
-        return coupon_from_row(row)
-
-
 async def coupon_events(db: Db, campaign_id: str, code: str) -> list[Record]:
     """The status history of a code, oldest first (audits and tests)."""
     return cast(
