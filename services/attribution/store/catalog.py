@@ -123,7 +123,12 @@ async def get_campaign(db: Db, campaign_id: str) -> Campaign:
 
 
 async def rotate_postback_token(db: Db, campaign_id: str) -> tuple[Campaign, str]:
-    """Replaces the token at once: the old one stops working with this commit."""
+    """Replaces the token in this commit.
+
+    Postbacks are authorized from each replica's catalog cache, so for up to
+    ``ASCRIBE_CATALOG_CACHE_MS`` (1 s) a replica may still take the old token
+    and refuse the new one (401, which a shop retries).
+    """
     token = new_postback_token()
     row = await db.fetchrow(
         f"""UPDATE campaigns SET postback_token_sha256 = $2, updated_at = now()
