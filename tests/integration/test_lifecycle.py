@@ -245,3 +245,17 @@ async def test_pooled_connections_keep_utc_and_lose_open_transactions(world: Wor
         assert not conn.is_in_transaction()
         # The table was created inside the abandoned transaction: gone with it.
         assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open') IS NULL")
+
+
+async def test_the_leak_response_never_holds_an_exclusive_code(world: World) -> None:
+    """An influencer's EXCLUSIVE code spreading far is its success, not a leak."""
+    replica = world.replicas[0].service
+    await world.campaign()
+    await world.affiliate("influencer")
+    await world.coupon("INFLUENCER", kind=pb.COUPON_KIND_EXCLUSIVE, affiliate_ids=["influencer"])
+    await world.coupon("VIP-0002", kind=pb.COUPON_KIND_UNIQUE)
+    lifecycle = replica.lifecycle
+    assert not await lifecycle.hold_leaked_code("cmp", "INFLUENCER", "CODE_LEAK from the test")
+    assert (await world.get_coupon("INFLUENCER")).status == pb.COUPON_STATUS_ACTIVE
+    assert await lifecycle.hold_leaked_code("cmp", "VIP-0002", "CODE_LEAK from the test")
+    assert (await world.get_coupon("VIP-0002")).status == pb.COUPON_STATUS_HOLD
