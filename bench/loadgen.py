@@ -251,6 +251,7 @@ async def open_loop(target: Target, rate: float, duration: float, first: int) ->
             n += 1
         if n < total:
             await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+    phase.dropped += total - n  # never started: the hard time limit came first
     if in_flight:
         _, pending = await asyncio.wait(in_flight, timeout=HARD_EXTRA_SECONDS)
         for task in pending:

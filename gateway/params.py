@@ -150,11 +150,7 @@ def get_one(params: Mapping[str, Sequence[str]], name: str, max_bytes: int, *, r
         if required:
             raise ParamError(name, f"{name} is required")
         return ""
-    if _byte_len(value) > max_bytes:
-        raise ParamError(name, f"{name} is longer than {max_bytes} bytes")
-    if _CONTROL.search(value):
-        raise ParamError(name, f"{name} contains control characters")
-    return value
+    return check_text(name, value, max_bytes)
 
 
 def check_text(name: str, value: str, max_bytes: int) -> str:

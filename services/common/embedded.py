@@ -81,8 +81,9 @@ def _pg_user_kwargs(data_dir: Path) -> dict[str, str]:
     read = stat.S_IRGRP | stat.S_IROTH
     ensure_folder_permissions(POSTGRES_BIN_PATH, read | stat.S_IXGRP | stat.S_IXOTH)
     ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
-    for path in [data_dir, *data_dir.rglob("*")]:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+    if data_dir.stat().st_uid != entry.pw_uid:  # a kept data folder already is the user's
+        for path in [data_dir, *data_dir.rglob("*")]:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
     return {"user": PG_SYSTEM_USER}
 
 
