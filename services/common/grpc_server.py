@@ -141,6 +141,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if not authorized:
+            # A client-streaming method (none of ours yet; reflection is open):
+            # refused outright rather than passed through unchecked.
+            return grpc.stream_unary_rpc_method_handler(
+                _refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     def _wrap_unary(
@@ -241,6 +248,10 @@ async def _abort(
         await context.abort(code, answer)
     else:
         await context.abort_with_status(answer)
+
+
+async def _refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, BEARER_REFUSED)
 
 
 def _is_abort(error: BaseException) -> bool:
