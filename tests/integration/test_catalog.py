@@ -21,26 +21,16 @@ from services.attribution.config import Settings
 from services.attribution.models import Coupon
 from services.attribution.server import AttributionService, start_attribution
 from services.attribution.store import catalog as store
+from tests.support import attribution_settings
 
 ADMIN_TOKEN = "test-admin-token"
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 def _settings(database_url: str, admin_token: str | None) -> Settings:
-    return Settings(
-        database_url=database_url,
-        addr="127.0.0.1:0",
-        fraud_addr="127.0.0.1:9",
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-        admin_token=admin_token,
-        internal_token=None,
-        fraud_deadline_ms=50,
-        db_pool_min=1,
-        db_pool_max=4,
-        db_statement_timeout_ms=5000,
-        background_jobs=False,
-        auto_hold_leaked_codes=False,
+    return attribution_settings(
+        database_url, "127.0.0.1:9", admin_token=admin_token, fraud_deadline_ms=50,
+        db_pool_min=1, db_pool_max=4, db_statement_timeout_ms=5000,
     )
 
 

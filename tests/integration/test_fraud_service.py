@@ -16,13 +16,13 @@ import redis.asyncio as aioredis
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2, status_pb2
 
 from services.common.grpc_server import bearer_metadata
 from services.fraud.config import Settings
 from services.fraud.ipintel import IpIntelHolder
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import StoreConfig
+from tests.support import bad_request_fields
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -49,17 +49,6 @@ def ts(at: datetime) -> Timestamp:
 
 def codes(verdict: pb.Verdict) -> set[str]:
     return {s.code for s in verdict.signals}
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                bad = error_details_pb2.BadRequest()
-                if detail.Unpack(bad):
-                    return [v.field for v in bad.field_violations]
-    return []
 
 
 def settings_for(redis_url: str, prefix: str, ipintel_dir: Path, **overrides: object) -> Settings:
@@ -292,7 +281,7 @@ async def test_bad_input_names_the_field(stub: fraud_pb2_grpc.FraudServiceAsyncS
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await pending  # type: ignore[misc]
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert field_violations(caught.value) == [field]
+        assert bad_request_fields(caught.value) == [field]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.WatchAlerts(pb.WatchAlertsRequest(after_id="nope")).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -35,35 +34,19 @@ from gateway.app import create_app
 from gateway.config import Settings as GatewaySettings
 from services.attribution.config import Settings as AttributionSettings
 from services.attribution.server import AttributionService, start_attribution
+from tests.support import attribution_settings as shared_attribution_settings
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LANDING = "https://shop.example/summer?utm_source=affiliate&click_id=STALE"
 SECRET_MARK = "s3cr3t-postback-token-do-not-log"
 
 
-def free_port() -> int:
-    """A port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def attribution_settings(database_url: str) -> AttributionSettings:
-    return AttributionSettings(
-        database_url=database_url,
-        addr="127.0.0.1:0",
-        fraud_addr=f"127.0.0.1:{free_port()}",
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-        admin_token=None,
-        internal_token=None,
-        fraud_deadline_ms=50,
-        db_pool_min=1,
-        db_pool_max=8,
-        db_statement_timeout_ms=5000,
-        background_jobs=False,
-        auto_hold_leaked_codes=False,
+    # Nothing listens at the fraud address: clicks and postbacks fail open (flagged).
+    return shared_attribution_settings(
+        database_url, f"127.0.0.1:{free_port()}", fraud_deadline_ms=50,
+        db_pool_min=1, db_pool_max=8, db_statement_timeout_ms=5000,
     )
 
 
