@@ -50,7 +50,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -68,6 +68,8 @@ from services.fraud.domain import (
 from services.fraud.resp import RespClient, RespConnectionError, RespError, RespTimeoutError
 
 logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 # KEYS[1] the bucket's tag key (routing only); ARGV[1] the bucket's key
 # prefix; ARGV[2] operations, one a line, fields tab-separated:
@@ -453,16 +455,15 @@ class FraudStore:
             counters.append(ClickCounters(duplicate_of=duplicate_of, ip_last_minute=minute, ip_last_hour=hour))
 
         alerts: list[Alert] = []
-        for (campaign_id, affiliate_id), handle in burst_at.items():
-            short, baseline, state = (int(x) for x in answers[handle])
-            if state == 2:
+        for (campaign_id, affiliate_id), spike in _spikes(answers, burst_at).items():
+            if spike.state == 2:
                 alerts.append(
                     Alert(
                         kind=AlertKind.AFFILIATE_BURST,
                         campaign_id=campaign_id,
                         affiliate_id=affiliate_id,
-                        detail=f"affiliate {affiliate_id} sent {short / 1000:.0f} clicks in "
-                        f"{cfg.burst_window_seconds}s against {baseline / 1000:.1f} usually",
+                        detail=f"affiliate {affiliate_id} sent {spike.short:.0f} clicks in "
+                        f"{cfg.burst_window_seconds}s against {spike.baseline:.1f} usually",
                     )
                 )
         return counters, alerts
@@ -503,6 +504,7 @@ class FraudStore:
             )
         answers = await self._run(batch)
         ip_behind = _positions(by_ip)
+        spikes = _spikes(answers, code_at)
 
         counters: list[ConversionCounters] = []
         alerts: list[Alert] = []
@@ -528,10 +530,9 @@ class FraudStore:
                     )
             spiking = False
             rate = baseline = 0.0
-            handle = code_at.get((event.campaign_id, event.coupon_code))
-            if handle is not None and event.coupon_kind is CouponKind.EXCLUSIVE:
-                short, base, state = (int(x) for x in answers[handle])
-                spiking, rate, baseline = state > 0, short / 1000, base / 1000
+            spike = spikes.get((event.campaign_id, event.coupon_code))
+            if spike is not None and event.coupon_kind is CouponKind.EXCLUSIVE:
+                spiking, rate, baseline = spike.state > 0, spike.short, spike.baseline
             counters.append(
                 ConversionCounters(
                     ip_in_campaign_day=per_ip,
@@ -542,16 +543,15 @@ class FraudStore:
                     code_baseline=baseline,
                 )
             )
-        for (campaign_id, code), handle in code_at.items():
-            short, base, state = (int(x) for x in answers[handle])
-            if state == 2:
+        for (campaign_id, code), spike in spikes.items():
+            if spike.state == 2:
                 alerts.append(
                     Alert(
                         kind=AlertKind.CODE_SPIKE,
                         campaign_id=campaign_id,
                         coupon_code=code,
-                        detail=f"exclusive code {code} used {short / 1000:.0f} times in "
-                        f"{cfg.spike_window_seconds}s against {base / 1000:.1f} usually",
+                        detail=f"exclusive code {code} used {spike.short:.0f} times in "
+                        f"{cfg.spike_window_seconds}s against {spike.baseline:.1f} usually",
                     )
                 )
         return counters, alerts
@@ -569,14 +569,13 @@ class FraudStore:
         }
         answers = await self._run(batch)
         alerts = []
-        for code, handle in handles.items():
-            short, base, state = (int(x) for x in answers[handle])
-            if state == 2:
+        for code, spike in _spikes(answers, handles).items():
+            if spike.state == 2:
                 alerts.append(
                     Alert(
                         kind=AlertKind.RULE_SURGE,
-                        detail=f"signal {code} fired {short / 1000:.0f} times in {cfg.surge_window_seconds}s "
-                        f"against {base / 1000:.1f} usually",
+                        detail=f"signal {code} fired {spike.short:.0f} times in {cfg.surge_window_seconds}s "
+                        f"against {spike.baseline:.1f} usually",
                     )
                 )
         return alerts
@@ -657,6 +656,22 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return "" if value is None else str(value)
+
+
+class _Spike(NamedTuple):
+    """A spike operation's answer: the short window's count, the usual one, and the state."""
+
+    short: float
+    baseline: float
+    state: int  # 0 calm, 1 spiking, 2 spiking and this call is the first to notice
+
+
+def _spikes(answers: Sequence[list[str]], handles: dict[K, int]) -> dict[K, _Spike]:
+    spikes = {}
+    for key, handle in handles.items():
+        short, baseline, state = answers[handle]
+        spikes[key] = _Spike(int(short) / 1000, int(baseline) / 1000, int(state))
+    return spikes
 
 
 def _positions(groups: dict[Any, list[int]]) -> dict[int, int]:
