@@ -427,24 +427,19 @@ class ConversionRecorder:
                 await self._check_fraud([case], verdicts)  # the verdict already given
 
         wanting = [c for c in cases if c.standing() and c.static is not None and c.static.coupon is not None]
-        counters = await redemptions.lock_counters(
+        grants = await redemptions.grant_uses(
             conn, [(c.static.coupon.campaign_id, c.static.coupon.code) for c in wanting if c.static and c.static.coupon]
         )
-        used = {key: counter.used for key, counter in counters.items()}
-        for case in wanting:
-            assert case.static is not None and case.static.coupon is not None and case.reasons is not None
-            key = (case.static.coupon.campaign_id, case.static.coupon.code)
-            counter = counters.get(key)
-            if counter is None:  # deleted since it was cached
+        for case, grant in zip(wanting, grants, strict=True):
+            assert case.reasons is not None
+            if grant == redemptions.UNKNOWN_CODE:  # deleted since it was cached
                 case.reasons.append("unknown_coupon")
-            elif redemptions.CouponCounter(used[key], counter.usage_limit).grantable(1):
-                used[key] += 1
-                case.coupon_use = True
-                case.coupon_remaining = None if counter.usage_limit == 0 else counter.usage_limit - used[key]
-            else:
+            elif grant is None:
                 case.reasons.append("usage_limit_reached")
                 case.coupon_remaining = 0
-        await redemptions.add_uses(conn, {key: used[key] - counters[key].used for key in counters})
+            else:
+                case.coupon_use = True
+                case.coupon_remaining = None if grant == -1 else int(grant)
 
         # Whatever a conversion took before a later step rejected it goes back.
         for case in cases:

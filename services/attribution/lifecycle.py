@@ -166,23 +166,18 @@ class Lifecycle:
         A refunded UNIQUE code stays used unless the campaign reuses them
         (``consume_unique``); a rejected sale always gives its use back.
         """
-        coupon = (
-            await self._cache.coupon(conversion.campaign_id, conversion.coupon_code, conn)
-            if conversion.coupon_code else None
-        )
         key = (conversion.campaign_id, conversion.coupon_code or "")
         if conversion.holds_customer_use and conversion.customer_id:
             await redemptions.release_customer_use(conn, key, conversion.customer_id)
         if conversion.holds_click_slot and conversion.click_id and conversion.click_created_at:
             await click_store.release_click_slot(conn, conversion.click_id, conversion.click_created_at)
         if conversion.holds_coupon_use:
-            keep = (
-                consume_unique and coupon is not None and coupon.kind == "unique"
-                and not campaign.reuse_unique_after_refund
-            )
+            keep = False
+            if consume_unique and conversion.coupon_code and not campaign.reuse_unique_after_refund:
+                coupon = await self._cache.coupon(conversion.campaign_id, conversion.coupon_code, conn)
+                keep = coupon is not None and coupon.kind == "unique"
             if not keep:
-                await redemptions.lock_counters(conn, [key])
-                await redemptions.add_uses(conn, {key: -1})
+                await redemptions.add_uses(conn, {key: -1})  # its UPDATE locks the row
                 await redemptions.release_ledger(conn, conversion.id, reason)
 
     async def _reload(self, conn: asyncpg.Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:

@@ -27,11 +27,6 @@ class CouponCounter:
     used: int
     usage_limit: int  # 0: unlimited
 
-    def grantable(self, wanted: int) -> int:
-        if self.usage_limit == 0:
-            return wanted
-        return max(0, min(wanted, self.usage_limit - self.used))
-
 
 @dataclass(frozen=True)
 class LedgerRow:
@@ -61,7 +56,7 @@ async def lock_counters(conn: asyncpg.Connection, keys: Sequence[CouponKey]) -> 
 
 
 async def add_uses(conn: asyncpg.Connection, deltas: dict[CouponKey, int]) -> None:
-    """Applies signed use deltas to rows already locked by ``lock_counters``."""
+    """Applies signed use deltas (the UPDATE locks any row not locked yet, in key order)."""
     items = sorted((key, delta) for key, delta in deltas.items() if delta)
     if not items:
         return
@@ -73,6 +68,35 @@ async def add_uses(conn: asyncpg.Connection, deltas: dict[CouponKey, int]) -> No
         [k[1] for k, _ in items],
         [delta for _, delta in items],
     )
+
+
+UNKNOWN_CODE = "unknown"  # a grant for a code that no longer exists
+
+
+async def grant_uses(conn: asyncpg.Connection, keys: Sequence[CouponKey]) -> list[int | str | None]:
+    """One use for each entry of ``keys``, granted in order up to each code's limit.
+
+    The codes' rows are locked once (sorted), and each counter moves by what
+    was granted in one UPDATE. Per entry: the uses left after it (-1 when
+    unlimited), None when its limit was reached, or ``UNKNOWN_CODE``.
+    """
+    counters = await lock_counters(conn, keys)
+    used = {key: counter.used for key, counter in counters.items()}
+    grants: list[int | str | None] = []
+    for key in keys:
+        counter = counters.get(key)
+        if counter is None:
+            grants.append(UNKNOWN_CODE)
+        elif counter.usage_limit == 0:
+            used[key] += 1
+            grants.append(-1)
+        elif used[key] < counter.usage_limit:
+            used[key] += 1
+            grants.append(counter.usage_limit - used[key])
+        else:
+            grants.append(None)
+    await add_uses(conn, {key: used[key] - counters[key].used for key in counters})
+    return grants
 
 
 async def insert_ledger(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
@@ -157,21 +181,14 @@ class RedemptionStore:
 
     async def _flush(self, items: Sequence[tuple[CouponKey, str]]) -> list[int | None]:
         async with self._pool.acquire() as conn, conn.transaction():
-            counters = await lock_counters(conn, [key for key, _ in items])
-            used_now = {key: counter.used for key, counter in counters.items()}
-            results: list[int | None] = []
-            ledger: list[LedgerRow] = []
+            grants = await grant_uses(conn, [key for key, _ in items])
             now = datetime.now().astimezone()
-            for key, conversion_id in items:
-                counter = counters.get(key)
-                if counter is None or CouponCounter(used_now[key], counter.usage_limit).grantable(1) == 0:
-                    results.append(None)
-                    continue
-                used_now[key] += 1
-                ledger.append(LedgerRow(key[0], key[1], conversion_id, None, now))
-                results.append(-1 if counter.usage_limit == 0 else counter.usage_limit - used_now[key])
-            await add_uses(conn, {key: used_now[key] - counters[key].used for key in counters})
-            await insert_ledger(conn, ledger)
+            results = [grant if isinstance(grant, int) else None for grant in grants]
+            await insert_ledger(conn, [
+                LedgerRow(key[0], key[1], conversion_id, None, now)
+                for (key, conversion_id), grant in zip(items, results, strict=True)
+                if grant is not None
+            ])
         return results
 
     async def close(self) -> None:
