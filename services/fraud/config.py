@@ -38,6 +38,9 @@ class Settings:
     redis_timeout_ms: int = 250
     redis_max_connections: int = 64
     watch_block_ms: int = 1000
+    # Single checks that arrive within this of the previous Redis round trip's
+    # start share the next one (see FraudEngine).
+    check_linger_ms: int = 2
     max_batch: int = 5000
     max_future_seconds: int = 300
     surge_flush_seconds: float = 10.0
@@ -109,6 +112,7 @@ class Settings:
             redis_timeout_ms=env_int("ASCRIBE_FRAUD_REDIS_TIMEOUT_MS", 250, minimum=1),
             redis_max_connections=env_int("ASCRIBE_FRAUD_REDIS_MAX_CONNECTIONS", 64, minimum=1),
             watch_block_ms=env_int("ASCRIBE_FRAUD_WATCH_BLOCK_MS", 1000, minimum=10),
+            check_linger_ms=env_int("ASCRIBE_FRAUD_CHECK_LINGER_MS", 2, minimum=0),
             max_batch=env_int("ASCRIBE_FRAUD_MAX_BATCH", 5000, minimum=1),
             max_future_seconds=env_int("ASCRIBE_FRAUD_MAX_FUTURE_SECONDS", 300),
             rules=rules,

@@ -123,7 +123,7 @@ async def start_fraud(
         await store.load_scripts()
     except Unavailable:
         logger.error("Redis at start-up is unavailable; checks answer UNAVAILABLE until it is back")
-    engine = FraudEngine(settings.rules, store, intel, bots)
+    engine = FraudEngine(settings.rules, store, intel, bots, check_linger_ms=settings.check_linger_ms)
 
     async def read_alerts(after_id: str, block_ms: int) -> list[Alert]:
         return await store.read_alerts(after_id, block_ms, client=watch_client)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -314,6 +315,42 @@ async def test_batches_keep_order_and_take_one_round_trip(
     verdicts = (await stub.CheckConversionBatch(pb.CheckConversionBatchRequest(requests=conversions))).verdicts
     assert round_trips == 1 and len(verdicts) == 300 and all(v.action == ALLOW for v in verdicts)
     assert (await stub.CheckClickBatch(pb.CheckClickBatchRequest())).verdicts == []
+
+
+async def test_single_checks_within_the_linger_share_a_round_trip(
+    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, shared_intel: IpIntelHolder,
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = await start_fraud(
+        settings_for(redis_server_url, redis_prefix, ipintel_dir, check_linger_ms=300),
+        handle_sighup=False, intel=shared_intel,
+    )
+    round_trips = 0
+    original = service.engine.store._pipeline
+
+    async def counting(calls: object) -> object:
+        nonlocal round_trips
+        round_trips += 1
+        return await original(calls)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.engine.store, "_pipeline", counting)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            started = time.monotonic()
+            first = await stub.CheckClick(click(ip="86.151.0.1"))
+            # After a quiet spell a check goes out at once, not after the linger.
+            assert time.monotonic() - started < 0.25
+            assert round_trips == 1 and first.action == ALLOW
+            later = []
+            for i in range(8):  # spaced out, each would be its own round trip without the linger
+                later.append(asyncio.ensure_future(stub.CheckClick(click(click_id=f"c-{i}", ip=f"86.151.1.{i + 1}"))))
+                await asyncio.sleep(0.01)
+            verdicts = await asyncio.gather(*later)
+    finally:
+        await service.stop(grace_seconds=0.5)
+    assert [v.action for v in verdicts] == [ALLOW] * 8
+    assert round_trips == 2
 
 
 async def test_every_key_has_prefix_hash_tag_and_ttl(

@@ -21,6 +21,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.ipintel_dir == Path(".data/ipintel")
     assert settings.store.prefix == "ascribe"
     assert settings.rules.clicks_per_ip_minute == 10 and settings.rules.ctit_reject_seconds == 10
+    assert settings.check_linger_ms == 2
 
 
 def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,7 +30,9 @@ def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("ASCRIBE_FRAUD_KEY_PREFIX", "t1")
     monkeypatch.setenv("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", "20")
     monkeypatch.setenv("ASCRIBE_FRAUD_WEIGHTS", "vpn_ip=30")
+    monkeypatch.setenv("ASCRIBE_FRAUD_CHECK_LINGER_MS", "0")
     settings = Settings.from_env()
+    assert settings.check_linger_ms == 0
     assert settings.store.prefix == "t1" and settings.rules.clicks_per_ip_minute == 20
     assert settings.rules.weight("vpn_ip") == 30
     assert "secret" not in repr(settings)
@@ -46,6 +49,7 @@ def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch)
         ("ASCRIBE_FRAUD_WEIGHTS", "made_up=3"),
         ("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", "ten"),
         ("ASCRIBE_FRAUD_REVIEW_SCORE", "95"),
+        ("ASCRIBE_FRAUD_CHECK_LINGER_MS", "-1"),
     ],
 )
 def test_bad_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
