@@ -39,21 +39,15 @@ _INSERT_COLUMNS = (
 )
 _SELECT_COLUMNS = ", ".join((*_INSERT_COLUMNS, "conversions"))
 
-# One array parameter per column, so any number of rows is one statement
-# that asyncpg prepares once. The IP travels as text and PostgreSQL parses it
-# (cheaper than Python's ipaddress); reasons travel comma-joined because
-# PostgreSQL arrays cannot hold rows of arrays of different lengths (reason
-# codes are snake_case: no commas).
+# One parameter, an array of rows (migration 005's ascribe_click_row, fields
+# in _INSERT_COLUMNS order), so any number of rows is one statement that
+# asyncpg prepares once.
 _INSERT_CLICKS = f"""
 INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)})
 SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_coupon_code,
        external_click_id, sub1, sub2, sub3, sub4, sub5, ip::inet, user_agent, referer, country,
        occurred_at, decision, string_to_array(reasons, ','), fraud_score
-FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-            $13::text[], $14::text[], $15::text[], $16::text[], $17::timestamptz[], $18::text[],
-            $19::text[], $20::int[])
-     AS u({", ".join(_INSERT_COLUMNS)})
+FROM unnest($1::ascribe_click_row[])
 """
 
 Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
@@ -92,8 +86,7 @@ async def insert_clicks(conn: asyncpg.Connection, clicks: Sequence[Click]) -> No
     Run outside a transaction, the statement is its own commit, so a group
     commit costs one round trip and one WAL flush whatever the number of rows.
     """
-    columns = list(zip(*(_record(click) for click in clicks), strict=True))
-    await conn.execute(_INSERT_CLICKS, *columns)
+    await conn.execute(_INSERT_CLICKS, [_record(click) for click in clicks])
 
 
 def click_from_row(row: asyncpg.Record) -> Click:
