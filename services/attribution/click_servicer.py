@@ -19,6 +19,7 @@ from services.attribution.fraud_client import FraudClient
 from services.attribution.models import Click
 from services.attribution.store.lookups import CatalogCache
 from services.common.errors import DomainError, InvalidArgument
+from services.common.timestamps import set_timestamp
 
 _DECISIONS = {
     "accepted": pb.CLICK_DECISION_ACCEPTED,
@@ -70,7 +71,7 @@ def error_proto(error: DomainError) -> pb.Error:
 
 def _timestamp(at: datetime) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromDatetime(at)
+    set_timestamp(stamp, at)
     return stamp
 
 

@@ -30,7 +30,6 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution import ids
 from services.attribution.click_metrics import (
@@ -47,6 +46,7 @@ from services.attribution.store import clicks as store
 from services.attribution.store.lookups import CatalogCache
 from services.common.batcher import MicroBatcher
 from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
+from services.common.timestamps import set_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +273,7 @@ class _Judged:
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
         click = self.click
-        occurred_at = Timestamp()
-        occurred_at.FromDatetime(click.occurred_at)
-        return fraud_pb2.CheckClickRequest(
+        request = fraud_pb2.CheckClickRequest(
             click_id=self.click_id,
             external_click_id=click.external_click_id,
             campaign_id=click.campaign_id,
@@ -285,8 +283,9 @@ class _Judged:
             coupon_code=click.coupon_code,
             ip=click.ip,
             user_agent=click.user_agent,
-            occurred_at=occurred_at,
         )
+        set_timestamp(request.occurred_at, click.occurred_at)
+        return request
 
     def apply(self, verdict: fraud_pb2.Verdict | None) -> None:
         self.decision, fraud_reasons, self.fraud_score = apply_verdict(self.decision, verdict)
