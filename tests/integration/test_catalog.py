@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from services.attribution.config import Settings
 from services.attribution.models import Coupon
 from services.attribution.server import AttributionService, start_attribution
 from services.attribution.store import catalog as store
+from services.common.errors import FailedPrecondition
 from tests.support import attribution_settings
 
 ADMIN_TOKEN = "test-admin-token"
@@ -557,6 +559,24 @@ async def test_update_coupon_with_field_mask(client: Client, db: asyncpg.Connect
             metadata=AUTH,
         )
     assert "coupon.valid_until" in _field_violations(caught.value)
+
+
+async def test_store_guard_names_only_the_usage_limit_check(client: Client, db: asyncpg.Connection) -> None:
+    """The store's last line of defence (the schema CHECK) says FAILED_PRECONDITION
+    only for a limit below the uses taken; another CHECK failing is not the caller's."""
+    campaign = await client.campaign()
+    await client.coupon(campaign.id, "GUARD10", kind=pb.COUPON_KIND_GENERAL, usage_limit=100,
+                        status=pb.COUPON_STATUS_ACTIVE, allow_all_affiliates=True)
+    await db.execute("UPDATE coupons SET used = 40 WHERE campaign_id = $1 AND code = 'GUARD10'", campaign.id)
+    # The servicer's own check is skipped here: this is what a redemption
+    # racing the servicer's read would leave to the schema.
+    with pytest.raises(FailedPrecondition):
+        await store.update_coupon(db, campaign.id, "GUARD10", lambda c: dataclasses.replace(c, usage_limit=39))
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.update_coupon(
+            db, campaign.id, "GUARD10", lambda c: dataclasses.replace(c, discount_percent_bp=20_000)
+        )
+    assert (await store.get_coupon(db, campaign.id, "GUARD10")).usage_limit == 100
 
 
 async def test_empty_mask_replaces_every_mutable_field(client: Client) -> None:

@@ -332,7 +332,11 @@ async def update_coupon(
                 *_rule_values(new),
             )
         except asyncpg.CheckViolationError:
-            # The schema's own guard of used <= usage_limit.
+            # The schema's own guard of used <= usage_limit. Any other CHECK
+            # failing means validation let a bad value through: not the
+            # caller's precondition, so it stays an internal error.
+            if not (new.usage_limit and current.used > new.usage_limit):
+                raise
             raise FailedPrecondition(
                 f"usage_limit {new.usage_limit} is below the {current.used} uses already taken"
             ) from None
