@@ -80,10 +80,10 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        host = env_str("ASCRIBE_GATEWAY_HOST", "127.0.0.1")
-        attribution_addr = env_str("ASCRIBE_ATTRIBUTION_ADDR", "127.0.0.1:50051")
+        host = env_str("ASCRIBE_GATEWAY_HOST", cls.host)
+        attribution_addr = env_str("ASCRIBE_ATTRIBUTION_ADDR", cls.attribution_addr)
         attribution_host, _ = split_host_port(attribution_addr, "ASCRIBE_ATTRIBUTION_ADDR")
-        fraud_addr = env_str("ASCRIBE_FRAUD_ADDR", "127.0.0.1:50052")
+        fraud_addr = env_str("ASCRIBE_FRAUD_ADDR", cls.fraud_addr)
         split_host_port(fraud_addr, "ASCRIBE_FRAUD_ADDR")
         internal_token = env_optional("ASCRIBE_INTERNAL_TOKEN")
         require_token_off_loopback(internal_token, "ASCRIBE_INTERNAL_TOKEN", {"ASCRIBE_GATEWAY_HOST": host})
@@ -93,7 +93,7 @@ class Settings:
             raise ConfigError(
                 "ASCRIBE_INTERNAL_TOKEN is unset but ASCRIBE_ATTRIBUTION_ADDR is not on loopback"
             )
-        port = env_int("ASCRIBE_GATEWAY_PORT", 8080)
+        port = env_int("ASCRIBE_GATEWAY_PORT", cls.port)
         if port > 65535:
             raise ConfigError(f"ASCRIBE_GATEWAY_PORT must be a TCP port, got {port}")
         return cls(
@@ -105,15 +105,25 @@ class Settings:
             trusted_proxies=parse_networks(
                 env_str("ASCRIBE_TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), "ASCRIBE_TRUSTED_PROXIES"
             ),
-            debug_headers=env_bool("ASCRIBE_DEBUG_HEADERS", False),
-            deadline_ms=env_int("ASCRIBE_GATEWAY_DEADLINE_MS", 2000, minimum=1),
-            health_deadline_ms=env_int("ASCRIBE_GATEWAY_HEALTH_DEADLINE_MS", 500, minimum=1),
-            access_log=env_bool("ASCRIBE_GATEWAY_ACCESS_LOG", False),
-            click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", 256, minimum=1),
-            click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", 12, minimum=0),
-            batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", True),
-            conversion_max_batch=env_int("ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", 128, minimum=1),
-            click_max_in_flight=env_int("ASCRIBE_GATEWAY_CLICK_MAX_IN_FLIGHT", 1, minimum=1),
-            conversion_max_in_flight=env_int("ASCRIBE_GATEWAY_CONVERSION_MAX_IN_FLIGHT", 2, minimum=1),
-            conversion_busy_min_batch=env_int("ASCRIBE_GATEWAY_CONVERSION_BUSY_MIN_BATCH", 24, minimum=1),
+            debug_headers=env_bool("ASCRIBE_DEBUG_HEADERS", cls.debug_headers),
+            deadline_ms=env_int("ASCRIBE_GATEWAY_DEADLINE_MS", cls.deadline_ms, minimum=1),
+            health_deadline_ms=env_int(
+                "ASCRIBE_GATEWAY_HEALTH_DEADLINE_MS", cls.health_deadline_ms, minimum=1
+            ),
+            access_log=env_bool("ASCRIBE_GATEWAY_ACCESS_LOG", cls.access_log),
+            click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", cls.click_max_batch, minimum=1),
+            click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", cls.click_linger_ms, minimum=0),
+            batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", cls.batch_conversions),
+            conversion_max_batch=env_int(
+                "ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", cls.conversion_max_batch, minimum=1
+            ),
+            click_max_in_flight=env_int(
+                "ASCRIBE_GATEWAY_CLICK_MAX_IN_FLIGHT", cls.click_max_in_flight, minimum=1
+            ),
+            conversion_max_in_flight=env_int(
+                "ASCRIBE_GATEWAY_CONVERSION_MAX_IN_FLIGHT", cls.conversion_max_in_flight, minimum=1
+            ),
+            conversion_busy_min_batch=env_int(
+                "ASCRIBE_GATEWAY_CONVERSION_BUSY_MIN_BATCH", cls.conversion_busy_min_batch, minimum=1
+            ),
         )

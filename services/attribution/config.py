@@ -27,30 +27,34 @@ def database_url_from_env() -> str:
 @dataclass(frozen=True)
 class Settings:
     database_url: str
-    addr: str
-    fraud_addr: str
-    metrics_host: str
-    metrics_port: int
-    admin_token: str | None
-    internal_token: str | None
-    fraud_deadline_ms: int
-    db_pool_min: int
-    db_pool_max: int
-    db_statement_timeout_ms: int
-    background_jobs: bool
-    auto_hold_leaked_codes: bool
+    addr: str = "127.0.0.1:50051"
+    fraud_addr: str = "127.0.0.1:50052"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9101
+    admin_token: str | None = None
+    internal_token: str | None = None
+    fraud_deadline_ms: int = 50
+    db_pool_min: int = 4
+    db_pool_max: int = 20
+    db_statement_timeout_ms: int = 5000
+    background_jobs: bool = True
+    auto_hold_leaked_codes: bool = True
+    # How long a replica may act on a catalog record (a status, a rule)
+    # changed by a person elsewhere; counters are never cached.
     catalog_cache_ms: int = 1000
     approval_interval_ms: int = 5000
     rescore_interval_ms: int = 10000
 
     def __repr__(self) -> str:  # secrets never reach the logs
-        return f"Settings(addr={self.addr!r}, fraud_addr={self.fraud_addr!r}, metrics_port={self.metrics_port})"
+        return (
+            f"Settings(addr={self.addr!r}, fraud_addr={self.fraud_addr!r}, metrics_port={self.metrics_port})"
+        )
 
     @classmethod
     def from_env(cls) -> Settings:
-        addr = env_str("ASCRIBE_ATTRIBUTION_ADDR", "127.0.0.1:50051")
+        addr = env_str("ASCRIBE_ATTRIBUTION_ADDR", cls.addr)
         host, _ = split_host_port(addr, "ASCRIBE_ATTRIBUTION_ADDR")
-        metrics_host = env_str("ASCRIBE_ATTRIBUTION_METRICS_HOST", host or "127.0.0.1")
+        metrics_host = env_str("ASCRIBE_ATTRIBUTION_METRICS_HOST", host or cls.metrics_host)
         admin_token = env_optional("ASCRIBE_ADMIN_TOKEN")
         internal_token = env_optional("ASCRIBE_INTERNAL_TOKEN")
         binds = {"ASCRIBE_ATTRIBUTION_ADDR": host, "ASCRIBE_ATTRIBUTION_METRICS_HOST": metrics_host}
@@ -59,20 +63,22 @@ class Settings:
         return cls(
             database_url=database_url_from_env(),
             addr=addr,
-            fraud_addr=env_str("ASCRIBE_FRAUD_ADDR", "127.0.0.1:50052"),
+            fraud_addr=env_str("ASCRIBE_FRAUD_ADDR", cls.fraud_addr),
             metrics_host=metrics_host,
-            metrics_port=env_int("ASCRIBE_ATTRIBUTION_METRICS_PORT", 9101),
+            metrics_port=env_int("ASCRIBE_ATTRIBUTION_METRICS_PORT", cls.metrics_port),
             admin_token=admin_token,
             internal_token=internal_token,
-            fraud_deadline_ms=env_int("ASCRIBE_FRAUD_DEADLINE_MS", 50, minimum=1),
-            db_pool_min=env_int("ASCRIBE_DB_POOL_MIN", 4, minimum=1),
-            db_pool_max=env_int("ASCRIBE_DB_POOL_MAX", 20, minimum=1),
-            db_statement_timeout_ms=env_int("ASCRIBE_DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1),
-            background_jobs=env_bool("ASCRIBE_BACKGROUND_JOBS", True),
-            auto_hold_leaked_codes=env_bool("ASCRIBE_AUTO_HOLD_LEAKED_CODES", True),
-            # How long a replica may act on a catalog record (a status, a rule)
-            # changed by a person elsewhere; counters are never cached.
-            catalog_cache_ms=env_int("ASCRIBE_CATALOG_CACHE_MS", 1000),
-            approval_interval_ms=env_int("ASCRIBE_APPROVAL_INTERVAL_MS", 5000, minimum=10),
-            rescore_interval_ms=env_int("ASCRIBE_RESCORE_INTERVAL_MS", 10000, minimum=10),
+            fraud_deadline_ms=env_int("ASCRIBE_FRAUD_DEADLINE_MS", cls.fraud_deadline_ms, minimum=1),
+            db_pool_min=env_int("ASCRIBE_DB_POOL_MIN", cls.db_pool_min, minimum=1),
+            db_pool_max=env_int("ASCRIBE_DB_POOL_MAX", cls.db_pool_max, minimum=1),
+            db_statement_timeout_ms=env_int(
+                "ASCRIBE_DB_STATEMENT_TIMEOUT_MS", cls.db_statement_timeout_ms, minimum=1
+            ),
+            background_jobs=env_bool("ASCRIBE_BACKGROUND_JOBS", cls.background_jobs),
+            auto_hold_leaked_codes=env_bool("ASCRIBE_AUTO_HOLD_LEAKED_CODES", cls.auto_hold_leaked_codes),
+            catalog_cache_ms=env_int("ASCRIBE_CATALOG_CACHE_MS", cls.catalog_cache_ms),
+            approval_interval_ms=env_int(
+                "ASCRIBE_APPROVAL_INTERVAL_MS", cls.approval_interval_ms, minimum=10
+            ),
+            rescore_interval_ms=env_int("ASCRIBE_RESCORE_INTERVAL_MS", cls.rescore_interval_ms, minimum=10),
         )

@@ -55,9 +55,9 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        addr = env_str("ASCRIBE_FRAUD_ADDR", "127.0.0.1:50052")
+        addr = env_str("ASCRIBE_FRAUD_ADDR", cls.addr)
         host, _ = split_host_port(addr, "ASCRIBE_FRAUD_ADDR")
-        metrics_host = env_str("ASCRIBE_FRAUD_METRICS_HOST", host or "127.0.0.1")
+        metrics_host = env_str("ASCRIBE_FRAUD_METRICS_HOST", host or cls.metrics_host)
         internal_token = env_optional("ASCRIBE_INTERNAL_TOKEN")
         require_token_off_loopback(
             internal_token,
@@ -69,36 +69,62 @@ class Settings:
         except ValueError as error:
             raise ConfigError(f"ASCRIBE_FRAUD_WEIGHTS: {error}") from None
         rules = Rules(
-            review_score=env_int("ASCRIBE_FRAUD_REVIEW_SCORE", 60, minimum=1),
-            reject_score=env_int("ASCRIBE_FRAUD_REJECT_SCORE", 90, minimum=1),
-            clicks_per_ip_minute=env_int("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", 10, minimum=1),
-            clicks_per_ip_hour=env_int("ASCRIBE_FRAUD_CLICKS_PER_IP_HOUR", 100, minimum=1),
-            conversions_per_ip_campaign_day=env_int("ASCRIBE_FRAUD_CONVERSIONS_PER_IP_DAY", 3, minimum=1),
-            ctit_reject_seconds=env_float("ASCRIBE_FRAUD_CTIT_REJECT_SECONDS", 10.0),
-            ctit_risk_seconds=env_float("ASCRIBE_FRAUD_CTIT_RISK_SECONDS", 30.0),
-            ctit_long_seconds=env_float("ASCRIBE_FRAUD_CTIT_LONG_HOURS", 24.0) * 3600,
-            late_report_seconds=env_float("ASCRIBE_FRAUD_LATE_REPORT_HOURS", 72.0) * 3600,
-            code_max_distinct=env_int("ASCRIBE_FRAUD_CODE_MAX_DISTINCT", 3, minimum=1),
+            review_score=env_int("ASCRIBE_FRAUD_REVIEW_SCORE", Rules.review_score, minimum=1),
+            reject_score=env_int("ASCRIBE_FRAUD_REJECT_SCORE", Rules.reject_score, minimum=1),
+            clicks_per_ip_minute=env_int(
+                "ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", Rules.clicks_per_ip_minute, minimum=1
+            ),
+            clicks_per_ip_hour=env_int(
+                "ASCRIBE_FRAUD_CLICKS_PER_IP_HOUR", Rules.clicks_per_ip_hour, minimum=1
+            ),
+            conversions_per_ip_campaign_day=env_int(
+                "ASCRIBE_FRAUD_CONVERSIONS_PER_IP_DAY", Rules.conversions_per_ip_campaign_day, minimum=1
+            ),
+            ctit_reject_seconds=env_float("ASCRIBE_FRAUD_CTIT_REJECT_SECONDS", Rules.ctit_reject_seconds),
+            ctit_risk_seconds=env_float("ASCRIBE_FRAUD_CTIT_RISK_SECONDS", Rules.ctit_risk_seconds),
+            ctit_long_seconds=env_float("ASCRIBE_FRAUD_CTIT_LONG_HOURS", Rules.ctit_long_seconds / 3600)
+            * 3600,
+            late_report_seconds=env_float("ASCRIBE_FRAUD_LATE_REPORT_HOURS", Rules.late_report_seconds / 3600)
+            * 3600,
+            code_max_distinct=env_int("ASCRIBE_FRAUD_CODE_MAX_DISTINCT", Rules.code_max_distinct, minimum=1),
         ).with_weights(weights)
         if rules.review_score > rules.reject_score:
             raise ConfigError("ASCRIBE_FRAUD_REVIEW_SCORE must not exceed ASCRIBE_FRAUD_REJECT_SCORE")
-        lookback_days = env_int("ASCRIBE_FRAUD_DEDUP_TTL_DAYS", 30, minimum=1)
+        lookback_days = env_int(
+            "ASCRIBE_FRAUD_DEDUP_TTL_DAYS", StoreConfig.dedup_ttl_seconds // 86400, minimum=1
+        )
         store = StoreConfig(
-            prefix=env_str("ASCRIBE_FRAUD_KEY_PREFIX", "ascribe"),
+            prefix=env_str("ASCRIBE_FRAUD_KEY_PREFIX", StoreConfig.prefix),
             dedup_ttl_seconds=lookback_days * 86400,
-            code_spread_ttl_seconds=env_int("ASCRIBE_FRAUD_CODE_WINDOW_DAYS", 30, minimum=1) * 86400,
+            code_spread_ttl_seconds=env_int(
+                "ASCRIBE_FRAUD_CODE_WINDOW_DAYS", StoreConfig.code_spread_ttl_seconds // 86400, minimum=1
+            )
+            * 86400,
             code_max_distinct=rules.code_max_distinct,
-            spike_window_seconds=env_int("ASCRIBE_FRAUD_SPIKE_WINDOW_SECONDS", 600, minimum=1),
-            spike_baseline_seconds=env_int("ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS", 24, minimum=1) * 3600,
-            spike_min_volume=env_int("ASCRIBE_FRAUD_SPIKE_MIN_VOLUME", 20, minimum=1),
-            spike_factor=env_float("ASCRIBE_FRAUD_SPIKE_FACTOR", 5.0, minimum=1.0),
-            burst_window_seconds=env_int("ASCRIBE_FRAUD_BURST_WINDOW_SECONDS", 300, minimum=1),
-            burst_min_volume=env_int("ASCRIBE_FRAUD_BURST_MIN_VOLUME", 200, minimum=1),
-            burst_factor=env_float("ASCRIBE_FRAUD_BURST_FACTOR", 5.0, minimum=1.0),
-            surge_min_volume=env_int("ASCRIBE_FRAUD_SURGE_MIN_VOLUME", 100, minimum=1),
-            surge_factor=env_float("ASCRIBE_FRAUD_SURGE_FACTOR", 5.0, minimum=1.0),
-            alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", 100_000, minimum=100),
-            key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", 16, minimum=1),
+            spike_window_seconds=env_int(
+                "ASCRIBE_FRAUD_SPIKE_WINDOW_SECONDS", StoreConfig.spike_window_seconds, minimum=1
+            ),
+            spike_baseline_seconds=env_int(
+                "ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS", StoreConfig.spike_baseline_seconds // 3600, minimum=1
+            )
+            * 3600,
+            spike_min_volume=env_int(
+                "ASCRIBE_FRAUD_SPIKE_MIN_VOLUME", StoreConfig.spike_min_volume, minimum=1
+            ),
+            spike_factor=env_float("ASCRIBE_FRAUD_SPIKE_FACTOR", StoreConfig.spike_factor, minimum=1.0),
+            burst_window_seconds=env_int(
+                "ASCRIBE_FRAUD_BURST_WINDOW_SECONDS", StoreConfig.burst_window_seconds, minimum=1
+            ),
+            burst_min_volume=env_int(
+                "ASCRIBE_FRAUD_BURST_MIN_VOLUME", StoreConfig.burst_min_volume, minimum=1
+            ),
+            burst_factor=env_float("ASCRIBE_FRAUD_BURST_FACTOR", StoreConfig.burst_factor, minimum=1.0),
+            surge_min_volume=env_int(
+                "ASCRIBE_FRAUD_SURGE_MIN_VOLUME", StoreConfig.surge_min_volume, minimum=1
+            ),
+            surge_factor=env_float("ASCRIBE_FRAUD_SURGE_FACTOR", StoreConfig.surge_factor, minimum=1.0),
+            alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", StoreConfig.alerts_maxlen, minimum=100),
+            key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", StoreConfig.key_buckets, minimum=1),
         )
         if store.spike_baseline_seconds <= store.spike_window_seconds:
             raise ConfigError("ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS must be longer than the spike window")
@@ -106,15 +132,17 @@ class Settings:
             redis_url=redis_url_from_env(),
             addr=addr,
             metrics_host=metrics_host,
-            metrics_port=env_int("ASCRIBE_FRAUD_METRICS_PORT", 9102),
+            metrics_port=env_int("ASCRIBE_FRAUD_METRICS_PORT", cls.metrics_port),
             internal_token=internal_token,
-            ipintel_dir=Path(env_str("ASCRIBE_IPINTEL_DIR", ".data/ipintel")),
-            redis_timeout_ms=env_int("ASCRIBE_FRAUD_REDIS_TIMEOUT_MS", 250, minimum=1),
-            redis_max_connections=env_int("ASCRIBE_FRAUD_REDIS_MAX_CONNECTIONS", 64, minimum=1),
-            watch_block_ms=env_int("ASCRIBE_FRAUD_WATCH_BLOCK_MS", 1000, minimum=10),
-            check_linger_ms=env_int("ASCRIBE_FRAUD_CHECK_LINGER_MS", 2, minimum=0),
-            max_batch=env_int("ASCRIBE_FRAUD_MAX_BATCH", 5000, minimum=1),
-            max_future_seconds=env_int("ASCRIBE_FRAUD_MAX_FUTURE_SECONDS", 300),
+            ipintel_dir=Path(env_str("ASCRIBE_IPINTEL_DIR", str(cls.ipintel_dir))),
+            redis_timeout_ms=env_int("ASCRIBE_FRAUD_REDIS_TIMEOUT_MS", cls.redis_timeout_ms, minimum=1),
+            redis_max_connections=env_int(
+                "ASCRIBE_FRAUD_REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=1
+            ),
+            watch_block_ms=env_int("ASCRIBE_FRAUD_WATCH_BLOCK_MS", cls.watch_block_ms, minimum=10),
+            check_linger_ms=env_int("ASCRIBE_FRAUD_CHECK_LINGER_MS", cls.check_linger_ms, minimum=0),
+            max_batch=env_int("ASCRIBE_FRAUD_MAX_BATCH", cls.max_batch, minimum=1),
+            max_future_seconds=env_int("ASCRIBE_FRAUD_MAX_FUTURE_SECONDS", cls.max_future_seconds),
             rules=rules,
             store=store,
         )
