@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from gateway.config import Settings
 from gateway.metrics import CLICK_BATCH_SIZE, CONVERSION_BATCH_SIZE, UPSTREAM_ERRORS_TOTAL
+from services.common.batch_stream import BatchStream, StreamCallError
 from services.common.batcher import MicroBatcher
 from services.common.grpc_server import bearer_metadata
 
@@ -104,6 +105,16 @@ class AttributionClient:
             name="click",
             min_interval=settings.click_linger_ms / 1000,
         )
+        # Click batches as messages on one stream (batch_stream explains why).
+        self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickStreamResponse] | None = None
+        if settings.click_stream:
+            self._click_stream = BatchStream(
+                lambda: self._tracking.RecordClickStream(metadata=self._metadata),
+                lambda seq, batch: pb.RecordClickStreamRequest(seq=seq, batch=batch),
+                lambda reply: reply,
+                self._record_click_batch_as_reply,
+                name="RecordClickStream",
+            )
         self._conversions: MicroBatcher[pb.RecordConversionRequest, pb.Conversion] | None = None
         if settings.batch_conversions:
             self._conversions = MicroBatcher(
@@ -123,20 +134,37 @@ class AttributionClient:
     async def _flush_clicks(
         self, requests: Sequence[pb.RecordClickRequest]
     ) -> list[pb.RecordClickResponse | BaseException]:
+        batch = pb.RecordClickBatchRequest(requests=requests)
         try:
-            answer = await self._tracking.RecordClickBatch(
-                pb.RecordClickBatchRequest(requests=requests),
-                timeout=self._deadline,
-                metadata=self._metadata,
-            )
+            if self._click_stream is not None:
+                reply = await self._click_stream.send(batch, self._deadline)
+                if reply.WhichOneof("result") == "error":
+                    raise entry_error(reply.error, "RecordClickStream")
+                answer = reply.batch
+            else:
+                answer = await self._record_click_batch(batch, self._deadline)
         except grpc.aio.AioRpcError as error:
             raise backend_error(error, "RecordClickBatch") from None
+        except StreamCallError as error:
+            UPSTREAM_ERRORS_TOTAL.labels("RecordClickStream", error.code().name).inc()
+            raise BackendError(error.code(), error.details()) from None
         return [
             result.response
             if result.WhichOneof("result") == "response"
             else entry_error(result.error, "RecordClickBatch")
             for result in answer.responses
         ]
+
+    async def _record_click_batch(
+        self, batch: pb.RecordClickBatchRequest, timeout: float
+    ) -> pb.RecordClickBatchResponse:
+        return await self._tracking.RecordClickBatch(batch, timeout=timeout, metadata=self._metadata)
+
+    async def _record_click_batch_as_reply(
+        self, batch: pb.RecordClickBatchRequest, timeout: float
+    ) -> pb.RecordClickStreamResponse:
+        """The unary call, for a server without RecordClickStream."""
+        return pb.RecordClickStreamResponse(batch=await self._record_click_batch(batch, timeout))
 
     async def record_conversion(self, request: pb.RecordConversionRequest) -> pb.Conversion:
         if self._conversions is not None:
@@ -197,6 +225,8 @@ class AttributionClient:
     async def close(self) -> None:
         """Lets queued and in-flight calls finish (each is bounded by its deadline)."""
         await self._clicks.close()
+        if self._click_stream is not None:
+            await self._click_stream.close(timeout=self._deadline)
         if self._conversions is not None:
             await self._conversions.close()
 

@@ -62,6 +62,9 @@ class Settings:
     conversion_max_batch: int = 128
     # Click batches in flight at once (the linger keeps them few and full).
     click_max_in_flight: int = 1
+    # Click batches travel as messages on one RecordClickStream instead of one
+    # RecordClickBatch call each (see services/common/batch_stream.py).
+    click_stream: bool = True
     # A second conversion batch goes while one is in flight only once this
     # many postbacks wait: overlapping two batches hides each one's database
     # and fraud round trips, and the minimum keeps batches large enough that
@@ -117,6 +120,7 @@ class Settings:
             conversion_max_batch=env_int(
                 "ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", cls.conversion_max_batch, minimum=1
             ),
+            click_stream=env_bool("ASCRIBE_GATEWAY_CLICK_STREAM", cls.click_stream),
             click_max_in_flight=env_int(
                 "ASCRIBE_GATEWAY_CLICK_MAX_IN_FLIGHT", cls.click_max_in_flight, minimum=1
             ),

@@ -7,6 +7,8 @@ RecordClickBatch into that entry's ``Error``.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -18,6 +20,7 @@ from services.attribution.config import Settings
 from services.attribution.fraud_client import FraudClient
 from services.attribution.models import Click
 from services.attribution.store.lookups import CatalogCache
+from services.common.batch_stream import serve_batch_stream
 from services.common.errors import DomainError, InvalidArgument
 from services.common.timestamps import set_timestamp
 
@@ -69,6 +72,14 @@ def error_proto(error: DomainError) -> pb.Error:
     )
 
 
+def _stream_reply(
+    seq: int, answer: pb.RecordClickBatchResponse | None, error: DomainError | None
+) -> pb.RecordClickStreamResponse:
+    if error is not None:
+        return pb.RecordClickStreamResponse(seq=seq, error=error_proto(error))
+    return pb.RecordClickStreamResponse(seq=seq, batch=answer)
+
+
 def _timestamp(at: datetime) -> Timestamp:
     stamp = Timestamp()
     set_timestamp(stamp, at)
@@ -108,6 +119,7 @@ class ClickRpcs:
 
     def __init__(self, recorder: ClickRecorder) -> None:
         self._recorder = recorder
+        self.stopping = asyncio.Event()
 
     async def record_click(self, request: pb.RecordClickRequest) -> pb.RecordClickResponse:
         return response_proto(await self._recorder.record(click_input(request)))
@@ -130,6 +142,15 @@ class ClickRpcs:
             else:
                 results.append(pb.RecordClickResult(response=response_proto(result)))
         return pb.RecordClickBatchResponse(responses=results)
+
+    async def record_click_stream(
+        self, requests: AsyncIterator[pb.RecordClickStreamRequest]
+    ) -> AsyncIterator[pb.RecordClickStreamResponse]:
+        """RecordClickBatch per message; ends cleanly once ``stopping`` is set (see batch_stream)."""
+        async for response in serve_batch_stream(
+            requests, self.record_click_batch, _stream_reply, self.stopping, name="RecordClickStream"
+        ):
+            yield response
 
     async def get_click(self, request: pb.GetClickRequest) -> pb.Click:
         return click_proto(await self._recorder.get(request.click_id))

@@ -39,6 +39,9 @@ class Settings:
     db_statement_timeout_ms: int = 5000
     background_jobs: bool = True
     auto_hold_leaked_codes: bool = True
+    # Click fraud checks travel as messages on one CheckClickStream instead of
+    # one CheckClickBatch call each (see services/common/batch_stream.py).
+    fraud_click_stream: bool = True
     # How long a replica may act on a catalog record (a status, a rule)
     # changed by a person elsewhere; counters are never cached.
     catalog_cache_ms: int = 1000
@@ -75,6 +78,7 @@ class Settings:
                 "ASCRIBE_DB_STATEMENT_TIMEOUT_MS", cls.db_statement_timeout_ms, minimum=1
             ),
             background_jobs=env_bool("ASCRIBE_BACKGROUND_JOBS", cls.background_jobs),
+            fraud_click_stream=env_bool("ASCRIBE_FRAUD_CLICK_STREAM", cls.fraud_click_stream),
             auto_hold_leaked_codes=env_bool("ASCRIBE_AUTO_HOLD_LEAKED_CODES", cls.auto_hold_leaked_codes),
             catalog_cache_ms=env_int("ASCRIBE_CATALOG_CACHE_MS", cls.catalog_cache_ms),
             approval_interval_ms=env_int(

@@ -19,6 +19,7 @@ import grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
 from services.attribution.click_metrics import FRAUD_AVAILABLE, FRAUD_UNAVAILABLE_TOTAL
+from services.common.batch_stream import BatchStream, StreamCallError, status_code
 from services.common.batcher import MicroBatcher
 from services.common.grpc_server import bearer_metadata
 from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
@@ -44,6 +45,13 @@ Verdicts = list[fraud_pb2.Verdict | None]
 def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
     """A verdict's signals as reason codes; a signal weighted 0 (switched off by the operator) is none."""
     return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
+
+def stream_verdicts(reply: fraud_pb2.CheckClickStreamResponse) -> fraud_pb2.VerdictBatch:
+    """A CheckClickStream answer's verdicts, or its error raised as the call would have."""
+    if reply.WhichOneof("result") == "error":
+        raise StreamCallError(status_code(reply.error.code), reply.error.message)
+    return reply.batch
+
 
 class _BatchedCheck:
     """One batched RPC: groups of requests in, verdicts (or None) out."""
@@ -116,14 +124,33 @@ class _BatchedCheck:
 class FraudClient:
     """Batched, deadline-bound, fail-open checks against the fraud service."""
 
-    def __init__(self, channel: grpc.aio.Channel, deadline_ms: int, internal_token: str | None) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        deadline_ms: int,
+        internal_token: str | None,
+        *,
+        click_stream: bool = True,
+    ) -> None:
         self.deadline_seconds = deadline_ms / 1000
         self.metadata = bearer_metadata(internal_token)
         self._channel = channel
         stub = fraud_pb2_grpc.FraudServiceStub(channel)
-        self._clicks = _BatchedCheck(
-            self, "click", "CheckClickBatch", stub.CheckClickBatch, fraud_pb2.CheckClickBatchRequest
-        )
+        self._stub = stub
+        # Click batches as messages on one CheckClickStream (batch_stream
+        # explains why); conversions keep their unary calls.
+        self._click_stream: BatchStream[fraud_pb2.CheckClickBatchRequest, fraud_pb2.VerdictBatch] | None = None
+        click_call: Any = stub.CheckClickBatch
+        if click_stream:
+            self._click_stream = BatchStream(
+                lambda: stub.CheckClickStream(metadata=self.metadata),
+                lambda seq, batch: fraud_pb2.CheckClickStreamRequest(seq=seq, batch=batch),
+                stream_verdicts,
+                self._check_click_batch,
+                name="CheckClickStream",
+            )
+            click_call = self._send_click_stream
+        self._clicks = _BatchedCheck(self, "click", "CheckClickBatch", click_call, fraud_pb2.CheckClickBatchRequest)
         self._conversions = _BatchedCheck(
             self, "conversion", "CheckConversionBatch", stub.CheckConversionBatch, fraud_pb2.CheckConversionBatchRequest
         )
@@ -145,6 +172,17 @@ class FraudClient:
         """Verdicts in request order (None for each one not judged in time); sent together."""
         return await self._conversions.check(reqs)
 
+    async def _check_click_batch(
+        self, batch: fraud_pb2.CheckClickBatchRequest, timeout: float
+    ) -> fraud_pb2.VerdictBatch:
+        return await self._stub.CheckClickBatch(batch, timeout=timeout, metadata=self.metadata)
+
+    async def _send_click_stream(
+        self, batch: fraud_pb2.CheckClickBatchRequest, *, timeout: float, metadata: Any
+    ) -> fraud_pb2.VerdictBatch:
+        assert self._click_stream is not None
+        return await self._click_stream.send(batch, timeout)
+
     def known_down(self) -> bool:
         """True while gRPC knows the fraud service is unreachable (it keeps reconnecting)."""
         state = self._channel.get_state(try_to_connect=True)
@@ -156,7 +194,10 @@ class FraudClient:
     def log_unavailable(self, method: str, error: BaseException) -> None:
         # One line per change of failure, not one per batch: an outage at
         # thousands of clicks a second must not flood the log.
-        code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
+        if isinstance(error, grpc.aio.AioRpcError | StreamCallError):
+            code = error.code().name
+        else:
+            code = type(error).__name__
         if self._last_logged.get(method) != code:
             self._last_logged[method] = code
             logger.warning("fraud service unavailable for %s (%s); failing open", method, code)
@@ -168,3 +209,5 @@ class FraudClient:
     async def close(self) -> None:
         """Lets checks in flight finish (each is bounded by the deadline)."""
         await asyncio.gather(self._clicks.batcher.close(), self._conversions.batcher.close())
+        if self._click_stream is not None:
+            await self._click_stream.close(timeout=self.deadline_seconds)

@@ -35,6 +35,7 @@ REPORT_SERVICE = f"{_PACKAGE}.ReportService"
 RECORDING_METHODS = (
     "RecordClick",
     "RecordClickBatch",
+    "RecordClickStream",
     "RecordConversion",
     "RecordConversionBatch",
     "ReverseConversion",
@@ -112,6 +113,7 @@ class AttributionService:
         return self.server.port
 
     async def stop(self, grace_seconds: float = 4.0) -> None:
+        self.clicks.stopping.set()  # click streams end after answering what they read
         await self.server.stop(grace_seconds)
         for task in self.tasks:
             task.cancel()
@@ -155,7 +157,9 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         await migrate(conn)
         await click_store.ensure_click_partitions(conn, 1, 7)
     fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
-    fraud = FraudClient(fraud_channel, settings.fraud_deadline_ms, settings.internal_token)
+    fraud = FraudClient(
+        fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
+    )
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
     clicks = build_click_rpcs(pool, cache, fraud, settings)
     recorder = ConversionRecorder(pool, cache, fraud, clock=clock)

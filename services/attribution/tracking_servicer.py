@@ -7,6 +7,7 @@ gRPC service the contract names.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
@@ -18,6 +19,9 @@ Context = Any  # grpc.aio.ServicerContext; unused by the sides
 class ClickSide(Protocol):
     async def record_click(self, request: pb.RecordClickRequest) -> pb.RecordClickResponse: ...
     async def record_click_batch(self, request: pb.RecordClickBatchRequest) -> pb.RecordClickBatchResponse: ...
+    def record_click_stream(
+        self, requests: AsyncIterator[pb.RecordClickStreamRequest]
+    ) -> AsyncIterator[pb.RecordClickStreamResponse]: ...
     async def get_click(self, request: pb.GetClickRequest) -> pb.Click: ...
 
 
@@ -44,6 +48,12 @@ class TrackingServicer(attribution_pb2_grpc.TrackingServiceServicer):
         self, request: pb.RecordClickBatchRequest, context: Context
     ) -> pb.RecordClickBatchResponse:
         return await self._clicks.record_click_batch(request)
+
+    async def RecordClickStream(
+        self, requests: AsyncIterator[pb.RecordClickStreamRequest], context: Context
+    ) -> AsyncIterator[pb.RecordClickStreamResponse]:
+        async for response in self._clicks.record_click_stream(requests):
+            yield response
 
     async def GetClick(self, request: pb.GetClickRequest, context: Context) -> pb.Click:
         return await self._clicks.get_click(request)

@@ -141,8 +141,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None and full_method in self._required_tokens:
+            # Ours (RecordClickStream, CheckClickStream): checked and counted
+            # like a server stream; the wrapper passes the request iterator on.
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, service, method, authorized),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if not authorized:
-            # A client-streaming method (none of ours yet; reflection is open):
+            # A client-streaming method we do not guard (reflection is open):
             # refused outright rather than passed through unchecked.
             return grpc.stream_unary_rpc_method_handler(
                 _refuse, request_deserializer=handler.request_deserializer,
@@ -181,8 +189,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(
         self, behavior: Any, service: str, method: str, authorized: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-        # No handling-time histogram here: a stream (WatchAlerts) lives as long
-        # as its watcher, hours, and would only blur the unary latencies.
+        # No handling-time histogram here: a stream (WatchAlerts, the batch
+        # streams) lives for minutes or hours and would only blur the unary
+        # latencies. ``request`` is a stream method's request iterator.
         count = self._counter(service, method)
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:

@@ -12,7 +12,8 @@ from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.errors import InvalidArgument, Violations
+from services.common.batch_stream import serve_batch_stream
+from services.common.errors import DomainError, InvalidArgument, Violations
 from services.fraud import domain
 from services.fraud.engine import FraudEngine
 from services.fraud.ipintel import normalize_ip
@@ -188,6 +189,16 @@ def _alert_proto(alert: Alert) -> pb.Alert:
     return message
 
 
+def _click_stream_reply(
+    seq: int, answer: pb.VerdictBatch | None, error: DomainError | None
+) -> pb.CheckClickStreamResponse:
+    if error is not None:
+        return pb.CheckClickStreamResponse(
+            seq=seq, error=pb.StreamError(code=error.status.value[0], message=error.message)
+        )
+    return pb.CheckClickStreamResponse(seq=seq, batch=answer)
+
+
 class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
     def __init__(
         self,
@@ -237,6 +248,17 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         events = self._read_batch(request.requests, _click_event)
         verdicts = await self._engine.check_clicks(events) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
+
+    async def CheckClickStream(
+        self, requests: AsyncIterator[pb.CheckClickStreamRequest], context: Context
+    ) -> AsyncIterator[pb.CheckClickStreamResponse]:
+        async for response in serve_batch_stream(
+            requests, self._check_click_batch, _click_stream_reply, self.stopping, name="CheckClickStream"
+        ):
+            yield response
+
+    async def _check_click_batch(self, request: pb.CheckClickBatchRequest) -> pb.VerdictBatch:
+        return await self.CheckClickBatch(request, None)
 
     async def CheckConversion(self, request: pb.CheckConversionRequest, context: Context) -> pb.Verdict:
         violations = Violations()

@@ -306,6 +306,40 @@ async def test_record_click_batch_fails_only_the_bad_entries(fraud_down: Harness
     assert stored.coupon_code == "SUMMER10"
 
 
+async def test_record_click_stream_answers_batches_like_record_click_batch(
+    fraud: RunningFraud, start_harness: StartHarness
+) -> None:
+    harness = await start_harness(fraud.addr, TEST_FRAUD_DEADLINE_MS)
+    call = harness.tracking.RecordClickStream()
+
+    def message(seq: int, requests: list[pb.RecordClickRequest]) -> pb.RecordClickStreamRequest:
+        return pb.RecordClickStreamRequest(seq=seq, batch=pb.RecordClickBatchRequest(requests=requests))
+
+    browser = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+    good = pb.RecordClickRequest(
+        campaign_id="cmp", affiliate_id="aff-a", coupon_code="SUMMER10", ip="198.51.100.20", user_agent=browser
+    )
+    bad_entry = pb.RecordClickRequest(campaign_id="cmp", affiliate_id="aff-a", sub4="x" * 300)
+    too_many = [pb.RecordClickRequest(campaign_id="cmp", affiliate_id="aff-b")] * 1001
+    await call.write(message(7, [good, bad_entry]))
+    await call.write(message(8, too_many))
+    await call.write(message(9, [good]))
+    await call.done_writing()
+    replies = {reply.seq: reply async for reply in call}
+    assert await call.code() == grpc.StatusCode.OK
+    assert sorted(replies) == [7, 8, 9]
+    first = replies[7].batch.responses
+    assert [r.WhichOneof("result") for r in first] == ["response", "error"]
+    assert first[0].response.decision == ACCEPTED and first[1].error.field == "sub4"
+    # A message the batch RPC would refuse as a whole is refused alone.
+    assert replies[8].WhichOneof("result") == "error"
+    assert replies[8].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert replies[9].batch.responses[0].response.decision == ACCEPTED
+    assert await harness.rows() == 2
+    stored = await harness.get(first[0].response.click_id)
+    assert stored.coupon_code == "SUMMER10"
+
+
 async def test_get_click_errors(fraud_down: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as malformed:
         await fraud_down.get("not-a-click-id")

@@ -7,9 +7,10 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,8 @@ from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.attribution.fraud_client import stream_verdicts
+from services.common.batch_stream import BatchStream, StreamCallError
 from services.common.grpc_server import bearer_metadata
 from services.fraud.config import Settings
 from services.fraud.ipintel import IpIntelHolder
@@ -454,3 +457,132 @@ async def test_sighup_reloads_the_ip_lists(
             assert len(service.tasks) == 1, "a finished reload must not stay among the service's tasks"
     finally:
         await service.stop(grace_seconds=0.5)
+
+
+# ---------------------------------------------------------------- CheckClickStream
+
+
+class Opened:
+    """Counts the streams a BatchStream opens."""
+
+    def __init__(self, open_call: Callable[[], Any]) -> None:
+        self.count = 0
+        self._open = open_call
+
+    def __call__(self) -> Any:
+        self.count += 1
+        return self._open()
+
+
+def click_stream(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = (), method: str = "CheckClickStream"
+) -> tuple[BatchStream[pb.CheckClickBatchRequest, pb.VerdictBatch], Opened]:
+    stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+    opened = Opened(
+        lambda: channel.stream_stream(
+            f"/ascribe.fraud.v1.FraudService/{method}",
+            request_serializer=pb.CheckClickStreamRequest.SerializeToString,
+            response_deserializer=pb.CheckClickStreamResponse.FromString,
+        )(metadata=metadata)
+    )
+
+    async def unary(batch: pb.CheckClickBatchRequest, timeout: float) -> pb.VerdictBatch:
+        return await stub.CheckClickBatch(batch, timeout=timeout, metadata=metadata)
+
+    stream: BatchStream[pb.CheckClickBatchRequest, pb.VerdictBatch] = BatchStream(
+        opened,
+        lambda seq, batch: pb.CheckClickStreamRequest(seq=seq, batch=batch),
+        stream_verdicts,
+        unary,
+        name="CheckClickStream",
+    )
+    return stream, opened
+
+
+async def test_click_stream_answers_each_batch_on_one_stream(fraud: FraudService) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
+        stream, opened = click_stream(channel)
+
+        def batch(k: int) -> pb.CheckClickBatchRequest:
+            # Three clicks, the Tor one at a position of the batch's own.
+            return pb.CheckClickBatchRequest(requests=[
+                click(click_id=f"s{k}-{i}", ip=TOR_IP if i == k % 3 else f"86.152.{k}.{i + 1}") for i in range(3)
+            ])
+
+        answers = await asyncio.gather(*(stream.send(batch(k), 10) for k in range(12)))
+        for k, answer in enumerate(answers):
+            actions = [v.action for v in answer.verdicts]
+            assert actions == [REJECT if i == k % 3 else ALLOW for i in range(3)], k
+        assert opened.count == 1
+        await stream.close()
+
+
+async def test_click_stream_bad_batch_fails_alone(fraud: FraudService) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
+        stream, opened = click_stream(channel)
+        good = pb.CheckClickBatchRequest(requests=[click(ip="86.153.0.1")])
+        bad = pb.CheckClickBatchRequest(requests=[click(ip="999.1.1.1")])
+        results = await asyncio.gather(stream.send(bad, 10), stream.send(good, 10), return_exceptions=True)
+        failure, answer = results
+        assert isinstance(failure, StreamCallError)
+        assert failure.code() == grpc.StatusCode.INVALID_ARGUMENT and "requests[0].ip" in failure.details()
+        assert isinstance(answer, pb.VerdictBatch) and answer.verdicts[0].action == ALLOW
+        again = await stream.send(good, 10)
+        assert again.verdicts[0].action == ALLOW
+        assert opened.count == 1  # the stream outlived the bad message
+        await stream.close()
+
+
+async def test_click_stream_needs_the_token(
+    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, shared_intel: IpIntelHolder
+) -> None:
+    service = await start_fraud(
+        settings_for(redis_server_url, redis_prefix, ipintel_dir, internal_token=TOKEN),
+        handle_sighup=False, intel=shared_intel,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            batch = pb.CheckClickBatchRequest(requests=[click()])
+            anonymous, _ = click_stream(channel)
+            with pytest.raises(StreamCallError) as caught:
+                await anonymous.send(batch, 10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            trusted, _ = click_stream(channel, bearer_metadata(TOKEN))
+            assert (await trusted.send(batch, 10)).verdicts[0].action == ALLOW
+            await trusted.close()
+    finally:
+        await service.stop(grace_seconds=0.5)
+
+
+async def test_stopping_ends_click_streams_without_waiting_out_the_grace(
+    redis_server_url: str, redis_prefix: str, ipintel_dir: Path, shared_intel: IpIntelHolder
+) -> None:
+    service = await start_fraud(
+        settings_for(redis_server_url, redis_prefix, ipintel_dir), handle_sighup=False, intel=shared_intel
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        stream, opened = click_stream(channel)
+        batch = pb.CheckClickBatchRequest(requests=[click(ip="86.154.0.1")])
+        assert (await stream.send(batch, 10)).verdicts[0].action == ALLOW
+        started = time.monotonic()
+        await service.stop(grace_seconds=10)
+        # The open stream ended cleanly once its answers were out; a stream
+        # held open would have kept the server for the whole grace.
+        assert time.monotonic() - started < 5
+        with pytest.raises(StreamCallError) as caught:
+            await stream.send(batch, 2)
+        assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert opened.count >= 2  # it tried a new stream rather than the ended one
+        await stream.close()
+
+
+async def test_a_server_without_the_stream_gets_unary_calls(fraud: FraudService) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
+        stream, opened = click_stream(channel, method="NoSuchStream")
+        batch = pb.CheckClickBatchRequest(requests=[click(ip=TOR_IP), click(ip="86.155.0.1")])
+        answer = await stream.send(batch, 10)
+        assert [v.action for v in answer.verdicts] == [REJECT, ALLOW]
+        assert stream.unsupported
+        await stream.send(batch, 10)
+        assert opened.count == 1  # no second try at the stream
+        await stream.close()
