@@ -475,7 +475,10 @@ class Opened:
 
 
 def click_stream(
-    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = (), method: str = "CheckClickStream"
+    channel: grpc.aio.Channel,
+    metadata: tuple[tuple[str, str], ...] = (),
+    method: str = "CheckClickStream",
+    max_age_seconds: float = 30.0,
 ) -> tuple[BatchStream[pb.CheckClickBatchRequest, pb.VerdictBatch], Opened]:
     stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
     opened = Opened(
@@ -495,6 +498,7 @@ def click_stream(
         stream_verdicts,
         unary,
         name="CheckClickStream",
+        max_age_seconds=max_age_seconds,
     )
     return stream, opened
 
@@ -585,4 +589,16 @@ async def test_a_server_without_the_stream_gets_unary_calls(fraud: FraudService)
         assert stream.unsupported
         await stream.send(batch, 10)
         assert opened.count == 1  # no second try at the stream
+        await stream.close()
+
+
+async def test_an_old_stream_is_replaced_and_drains(fraud: FraudService) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
+        stream, opened = click_stream(channel, max_age_seconds=0.5)
+        batch = pb.CheckClickBatchRequest(requests=[click(ip="86.156.0.1")])
+        first = await asyncio.gather(*(stream.send(batch, 10) for _ in range(5)))
+        await asyncio.sleep(0.6)
+        later = await asyncio.gather(*(stream.send(batch, 10) for _ in range(5)))
+        assert all(a.verdicts[0].action == ALLOW for a in first + later)
+        assert opened.count == 2  # renewed once past its age; the old one ended after its answers
         await stream.close()
