@@ -291,32 +291,38 @@ async def test_bad_input_names_the_field(stub: fraud_pb2_grpc.FraudServiceAsyncS
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+class RoundTrips:
+    """Counts the service's Redis round trips (the store's pipelines)."""
+
+    def __init__(self, service: FraudService, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = service.engine.store._pipeline
+
+        async def counting(calls: object) -> object:
+            self.count += 1
+            return await original(calls)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(service.engine.store, "_pipeline", counting)
+
+
 async def test_batches_keep_order_and_take_one_round_trip(
     fraud: FraudService, stub: fraud_pb2_grpc.FraudServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    round_trips = 0
-    original = fraud.engine.store._pipeline
-
-    async def counting(calls: object) -> object:
-        nonlocal round_trips
-        round_trips += 1
-        return await original(calls)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(fraud.engine.store, "_pipeline", counting)
+    round_trips = RoundTrips(fraud, monkeypatch)
     requests = [click(click_id=f"c-{i}", external_click_id=f"x-{i}", ip=f"86.150.{i // 200}.{i % 200 + 1}")
                 for i in range(500)]
     requests[7] = click(ip=TOR_IP)
     requests[42] = click(user_agent="curl/8.0")
     verdicts = (await stub.CheckClickBatch(pb.CheckClickBatchRequest(requests=requests))).verdicts
-    assert round_trips == 1
+    assert round_trips.count == 1
     assert len(verdicts) == 500
     rejected = [i for i, v in enumerate(verdicts) if v.action == REJECT]
     assert rejected == [7, 42]
-    round_trips = 0
+    round_trips.count = 0
     conversions = [conversion(order_id=f"o-{i}", ip=f"86.200.{i // 200}.{i % 200 + 1}", coupon_code=f"U{i}",
                               coupon_kind=pb.COUPON_KIND_UNIQUE) for i in range(300)]
     verdicts = (await stub.CheckConversionBatch(pb.CheckConversionBatchRequest(requests=conversions))).verdicts
-    assert round_trips == 1 and len(verdicts) == 300 and all(v.action == ALLOW for v in verdicts)
+    assert round_trips.count == 1 and len(verdicts) == 300 and all(v.action == ALLOW for v in verdicts)
     assert (await stub.CheckClickBatch(pb.CheckClickBatchRequest())).verdicts == []
 
 
@@ -328,15 +334,7 @@ async def test_single_checks_within_the_linger_share_a_round_trip(
         settings_for(redis_server_url, redis_prefix, ipintel_dir, check_linger_ms=300),
         handle_sighup=False, intel=shared_intel,
     )
-    round_trips = 0
-    original = service.engine.store._pipeline
-
-    async def counting(calls: object) -> object:
-        nonlocal round_trips
-        round_trips += 1
-        return await original(calls)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(service.engine.store, "_pipeline", counting)
+    round_trips = RoundTrips(service, monkeypatch)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
@@ -344,7 +342,7 @@ async def test_single_checks_within_the_linger_share_a_round_trip(
             first = await stub.CheckClick(click(ip="86.151.0.1"))
             # After a quiet spell a check goes out at once, not after the linger.
             assert time.monotonic() - started < 0.25
-            assert round_trips == 1 and first.action == ALLOW
+            assert round_trips.count == 1 and first.action == ALLOW
             later = []
             for i in range(8):  # spaced out, each would be its own round trip without the linger
                 later.append(asyncio.ensure_future(stub.CheckClick(click(click_id=f"c-{i}", ip=f"86.151.1.{i + 1}"))))
@@ -353,7 +351,7 @@ async def test_single_checks_within_the_linger_share_a_round_trip(
     finally:
         await service.stop(grace_seconds=0.5)
     assert [v.action for v in verdicts] == [ALLOW] * 8
-    assert round_trips == 2
+    assert round_trips.count == 2
 
 
 async def test_every_key_has_prefix_hash_tag_and_ttl(
