@@ -110,7 +110,7 @@ class AttributionClient:
         if settings.click_stream:
             self._click_stream = BatchStream(
                 lambda: self._tracking.RecordClickStream(metadata=self._metadata),
-                lambda seq, batch: pb.RecordClickStreamRequest(seq=seq, batch=batch),
+                lambda seq, batch, timeout_ms: pb.RecordClickStreamRequest(seq=seq, batch=batch, timeout_ms=timeout_ms),
                 lambda reply: reply,
                 self._record_click_batch_as_reply,
                 name="RecordClickStream",

@@ -39,6 +39,7 @@ from services.attribution.models import (
     DeviceType,
 )
 from services.common.errors import InvalidArgument
+from services.common.timestamps import set_timestamp
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
@@ -89,15 +90,6 @@ def coupon_status_from_proto(value: int) -> CouponStatus | None:
 # Timestamps
 
 
-def to_timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    # Plain arithmetic: ExportCodes converts a million of these, and
-    # Timestamp.FromDatetime is several times slower.
-    delta = moment - _EPOCH
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
-
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -131,7 +123,7 @@ def campaign_to_proto(campaign: Campaign, *, postback_token: str = "") -> attrib
         status=_CAMPAIGN_STATUSES.number(campaign.status),
     )
     if campaign.created_at is not None:
-        message.created_at.CopyFrom(to_timestamp(campaign.created_at))
+        set_timestamp(message.created_at, campaign.created_at)
     return message
 
 
@@ -171,7 +163,7 @@ def affiliate_to_proto(affiliate: Affiliate) -> attribution_pb2.Affiliate:
         status=_AFFILIATE_STATUSES.number(affiliate.status),
     )
     if affiliate.created_at is not None:
-        message.created_at.CopyFrom(to_timestamp(affiliate.created_at))
+        set_timestamp(message.created_at, affiliate.created_at)
     return message
 
 
@@ -212,11 +204,11 @@ def coupon_to_proto(coupon: Coupon) -> attribution_pb2.Coupon:
     if remaining is not None:
         message.remaining = remaining
     if coupon.valid_from is not None:
-        message.valid_from.CopyFrom(to_timestamp(coupon.valid_from))
+        set_timestamp(message.valid_from, coupon.valid_from)
     if coupon.valid_until is not None:
-        message.valid_until.CopyFrom(to_timestamp(coupon.valid_until))
+        set_timestamp(message.valid_until, coupon.valid_until)
     if coupon.created_at is not None:
-        message.created_at.CopyFrom(to_timestamp(coupon.created_at))
+        set_timestamp(message.created_at, coupon.created_at)
     return message
 
 

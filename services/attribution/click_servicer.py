@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution.clicks import ClickInput, ClickOutcome, ClickRecorder
 from services.attribution.config import Settings
@@ -80,15 +79,9 @@ def _stream_reply(
     return pb.RecordClickStreamResponse(seq=seq, batch=answer)
 
 
-def _timestamp(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    set_timestamp(stamp, at)
-    return stamp
-
-
 def click_proto(click: Click) -> pb.Click:
     sub1, sub2, sub3, sub4, sub5 = click.subs
-    return pb.Click(
+    message = pb.Click(
         click_id=click.click_id,
         campaign_id=click.campaign_id,
         affiliate_id=click.affiliate_id,
@@ -104,14 +97,15 @@ def click_proto(click: Click) -> pb.Click:
         user_agent=click.user_agent or "",
         referer=click.referer or "",
         country=click.country or "",
-        occurred_at=_timestamp(click.occurred_at),
-        # A click is received when its id is made: the id carries that time.
-        received_at=_timestamp(click.created_at),
         decision=_DECISIONS[click.decision],
         reasons=click.reasons,
         fraud_score=click.fraud_score,
         conversions=click.conversions,
     )
+    set_timestamp(message.occurred_at, click.occurred_at)
+    # A click is received when its id is made: the id carries that time.
+    set_timestamp(message.received_at, click.created_at)
+    return message
 
 
 class ClickRpcs:

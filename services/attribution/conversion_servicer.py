@@ -22,7 +22,6 @@ from services.attribution.catalog_convert import (
     device_type_from_proto,
     encode_page_token,
     from_timestamp,
-    to_timestamp,
 )
 from services.attribution.catalog_validation import page_size
 from services.attribution.click_servicer import error_proto
@@ -32,6 +31,7 @@ from services.attribution.lifecycle import Lifecycle
 from services.attribution.models import Conversion, ConversionEvent
 from services.attribution.store import conversions as store
 from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
+from services.common.timestamps import set_timestamp, to_timestamp
 
 MAX_ORDER_ID = 128
 MAX_ID = 64
@@ -176,7 +176,7 @@ def conversion_to_proto(c: Conversion) -> pb.Conversion:
         customer_id=c.customer_id or "",
     )
     if c.hold_until is not None:
-        message.hold_until.CopyFrom(to_timestamp(c.hold_until))
+        set_timestamp(message.hold_until, c.hold_until)
     if c.coupon_remaining is not None:
         message.coupon_remaining = c.coupon_remaining
     return message

@@ -32,7 +32,6 @@ from ascribe.fraud.v1 import fraud_pb2
 from prometheus_client import Counter, Histogram
 
 from services.attribution import coupon_rules, ids
-from services.attribution.catalog_convert import to_timestamp
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.judgment import (
     ConversionInput,
@@ -50,6 +49,7 @@ from services.attribution.store.catalog import postback_token_matches
 from services.attribution.store.lookups import CatalogCache
 from services.common.batcher import MicroBatcher
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from services.common.timestamps import set_timestamp, to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ class ConversionRecorder:
             received_at=to_timestamp(item.received_at),
         )
         if static.click is not None:
-            request.click_time.CopyFrom(to_timestamp(static.click.occurred_at))
+            set_timestamp(request.click_time, static.click.occurred_at)
         return request
 
     async def _take_limits(

@@ -144,7 +144,9 @@ class FraudClient:
         if click_stream:
             self._click_stream = BatchStream(
                 lambda: stub.CheckClickStream(metadata=self.metadata),
-                lambda seq, batch: fraud_pb2.CheckClickStreamRequest(seq=seq, batch=batch),
+                lambda seq, batch, timeout_ms: fraud_pb2.CheckClickStreamRequest(
+                    seq=seq, batch=batch, timeout_ms=timeout_ms
+                ),
                 stream_verdicts,
                 self._check_click_batch,
                 name="CheckClickStream",

@@ -23,7 +23,6 @@ from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from services.attribution import coupon_rules
-from services.attribution.catalog_convert import to_timestamp
 from services.attribution.conversions import FRAUD_COUPON_KIND, utcnow
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.judgment import FLAGGING_REASONS
@@ -35,6 +34,7 @@ from services.attribution.store import redemptions
 from services.attribution.store.lookups import CatalogCache
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.grpc_server import bearer_metadata
+from services.common.timestamps import set_timestamp, to_timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class Lifecycle:
         if c.click_id and c.click_created_at:
             clicks = await click_store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])
             if c.click_id in clicks:
-                message.click_time.CopyFrom(to_timestamp(clicks[c.click_id].occurred_at))
+                set_timestamp(message.click_time, clicks[c.click_id].occurred_at)
         return message
 
     # ------------------------------------------------------------ leak response

@@ -12,11 +12,15 @@ answer repeats the ``seq`` and holds the batch's answer or the error the
 batch RPC would have ended with. Answers may come out of order, so batches
 in flight do not wait for each other.
 
-Failure semantics match the unary call's:
-- a message past its deadline fails alone (DEADLINE_EXCEEDED); the server may
-  still process it, as it may a unary call whose client gave up;
-- a stream that breaks fails every message in flight on it (UNAVAILABLE);
-  the next message opens a new stream;
+Failure semantics follow the unary call's:
+- every message carries its sender's remaining deadline (``timeout_ms``); the
+  server gives up on a batch past it, as gRPC cancels a unary handler, and a
+  client that has waited that long answers DEADLINE_EXCEEDED;
+- a stream that breaks fails every message in flight on it with the
+  stream's status (CANCELLED counts as UNAVAILABLE); the next message opens a
+  new stream. A message whose deadline passes while it is being written
+  ends its stream (gRPC cancels a call whose write is cut short), so the
+  other messages in flight on it fail too;
 - a server that stops ends its streams cleanly after answering every message
   it has read; the messages it never read are sent again on a new stream;
 - a server without the stream method (UNIMPLEMENTED, an older version in a
@@ -64,19 +68,27 @@ async def serve_batch_stream(
 
     ``reply(seq, answer, error)`` builds the response message (``answer`` is
     None when ``error`` is set). When ``stopping`` is set, reading stops, the
-    batches already read are answered, and the stream ends with OK.
+    batches already read are answered, and the stream ends with OK. A request
+    stream that fails (a message that does not decode) ends this one with
+    its error once the batches read are answered.
     """
     answers: asyncio.Queue[Any] = asyncio.Queue()
     outstanding = 0
 
-    async def answer(seq: int, batch: Any) -> None:
+    async def answer(seq: int, batch: Any, timeout_ms: int) -> None:
+        error: DomainError | None = None
+        result = None
         try:
-            answers.put_nowait(reply(seq, await handle(batch), None))
-        except DomainError as error:
-            answers.put_nowait(reply(seq, None, error))
+            async with asyncio.timeout(timeout_ms / 1000 if timeout_ms else None):
+                result = await handle(batch)
+        except TimeoutError:
+            error = _DeadlineExceeded("the message's deadline passed")
+        except DomainError as domain_error:
+            error = domain_error
         except Exception:  # one batch's bug must not end the stream of the others
             logger.exception("%s: a stream message failed", name)
-            answers.put_nowait(reply(seq, None, DomainError("internal error")))
+            error = DomainError("internal error")
+        answers.put_nowait(reply(seq, result, error))
 
     tasks: set[asyncio.Task[None]] = set()
 
@@ -85,7 +97,7 @@ async def serve_batch_stream(
         try:
             async for request in requests:
                 outstanding += 1
-                task = asyncio.create_task(answer(request.seq, request.batch))
+                task = asyncio.create_task(answer(request.seq, request.batch, request.timeout_ms))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -103,11 +115,18 @@ async def serve_batch_stream(
                 continue
             outstanding -= 1
             yield item
+        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        if failure is not None:
+            raise failure
     finally:
         stop_watch.cancel()
         reader.cancel()
         for task in tasks:  # the client went away: nobody waits for these answers
             task.cancel()
+
+
+class _DeadlineExceeded(DomainError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 # ------------------------------------------------------------------ client
@@ -133,6 +152,8 @@ class _Unread(Exception):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# What a write or a half-close on a call that already ended raises.
+_CALL_ENDED = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
 
 
 def status_code(number: int) -> grpc.StatusCode:
@@ -143,7 +164,7 @@ class BatchStream(Generic[B, A]):
     """Sends batches as stream messages and awaits each one's answer.
 
     ``open_stream()`` starts the stream call (with its metadata, no deadline);
-    ``request(seq, batch)`` builds a request message; ``answer(response)``
+    ``request(seq, batch, timeout_ms)`` builds a request message; ``answer(response)``
     returns the batch answer or raises StreamCallError for an error answer;
     ``unary(batch, timeout)`` is the batch RPC, used when the server has no
     stream method.
@@ -156,7 +177,7 @@ class BatchStream(Generic[B, A]):
     def __init__(
         self,
         open_stream: Callable[[], Any],
-        request: Callable[[int, B], Any],
+        request: Callable[[int, B, int], Any],
         answer: Callable[[Any], A],
         unary: Callable[[B, float], Awaitable[A]],
         *,
@@ -186,7 +207,7 @@ class BatchStream(Generic[B, A]):
             async with asyncio.timeout(timeout):
                 for attempt in range(self.MAX_RESENDS + 1):
                     try:
-                        response = await self._exchange(batch)
+                        response = await self._exchange(batch, deadline)
                         break
                     except _Unread:
                         if attempt == self.MAX_RESENDS:
@@ -213,21 +234,23 @@ class BatchStream(Generic[B, A]):
             if late:
                 await asyncio.wait(late, timeout=1.0)
 
-    async def _exchange(self, batch: B) -> Any:
+    async def _exchange(self, batch: B, deadline: float) -> Any:
         seq = next(self._seq)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
             async with self._write_lock:
                 call = await self._current_call()
                 self._pending[seq] = (future, call)
+                timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
                 try:
-                    await call.write(self._request(seq, batch))
+                    await call.write(self._request(seq, batch, timeout_ms))
                 except asyncio.CancelledError:
-                    # A write cut short may leave the call unusable: end it;
-                    # its reader fails the other messages on it.
-                    call.cancel()
+                    # gRPC cancels a call whose write is cut short: no later
+                    # message may pick it up before its reader notices.
+                    if self._call is call:
+                        self._call = None
                     raise
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                except _CALL_ENDED:
                     # The stream had ended before this message left: settled by
                     # how it ended (its reader may have finished before the
                     # message was registered).
@@ -236,9 +259,15 @@ class BatchStream(Generic[B, A]):
             return await future
         finally:
             self._pending.pop(seq, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a sender that timed out leaves no warning
 
     async def _current_call(self) -> Any:
         """The open stream, opened or renewed as needed (call with the write lock held)."""
+        if self._closed:
+            raise StreamCallError(grpc.StatusCode.UNAVAILABLE, f"{self._name}: closed")
+        if self._call is not None and self._call.done():
+            self._call = None  # ended; its reader settles its messages
         if self._call is not None and time.monotonic() - self._opened_at > self._max_age:
             await self._retire()
         if self._call is None:
@@ -257,7 +286,7 @@ class BatchStream(Generic[B, A]):
         call, self._call = self._call, None
         if call is not None:
             # Already ended: its reader settles its messages.
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            with contextlib.suppress(*_CALL_ENDED):
                 await call.done_writing()
 
     async def _read(self, call: Any) -> None:
@@ -273,12 +302,16 @@ class BatchStream(Generic[B, A]):
         except asyncio.CancelledError:
             cancelled = True
             code, details = grpc.StatusCode.UNAVAILABLE, "stream cancelled"
+        except Exception as error:  # an answer that did not decode: the stream is unusable
+            logger.error("%s: bad answer on the stream: %r", self._name, error)
+            call.cancel()
+            code, details = grpc.StatusCode.INTERNAL, "bad answer on the stream"
         finally:
             if self._call is call:
                 self._call = None
-        for future, on in list(self._pending.values()):
-            if on is call and not future.done():
-                self._settle(future, code, details)
+            for future, on in list(self._pending.values()):
+                if on is call and not future.done():
+                    self._settle(future, code, details)
         if cancelled:
             raise asyncio.CancelledError
 

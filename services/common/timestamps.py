@@ -1,10 +1,11 @@
 """datetime -> google.protobuf.Timestamp without the well-known type's Python helpers.
 
 ``Timestamp.FromDatetime`` goes through ``utctimetuple`` and ``calendar.timegm``:
-about 9 µs a call here, paid for every click on its way to the fraud service.
-Integer arithmetic on the difference from the epoch gives the same value,
-exact to the microsecond, and setting the two fields on the message's own
-sub-message avoids a merge copy.
+a click's fraud request took 10.7 µs to build with it here and 1.7 µs with
+``set_timestamp``, and ExportCodes converts a million timestamps. Integer
+arithmetic on the difference from the epoch gives the same value, exact to
+the microsecond; setting the two fields on the message's own sub-message
+avoids a merge copy.
 """
 
 from __future__ import annotations
@@ -23,3 +24,10 @@ def set_timestamp(stamp: Timestamp, at: datetime) -> None:
     delta = at - _EPOCH
     stamp.seconds = delta.days * 86_400 + delta.seconds
     stamp.nanos = delta.microseconds * 1000
+
+
+def to_timestamp(at: datetime) -> Timestamp:
+    """A new Timestamp for ``at`` (``set_timestamp`` into a message's field avoids the copy)."""
+    stamp = Timestamp()
+    set_timestamp(stamp, at)
+    return stamp

@@ -331,7 +331,7 @@ async def test_single_checks_within_the_linger_share_a_round_trip(
     redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     service = await start_fraud(
-        settings_for(redis_server_url, redis_prefix, ipintel_dir, check_linger_ms=300),
+        settings_for(redis_server_url, redis_prefix, ipintel_dir, check_linger_ms=2000),
         handle_sighup=False, intel=shared_intel,
     )
     round_trips = RoundTrips(service, monkeypatch)
@@ -341,7 +341,7 @@ async def test_single_checks_within_the_linger_share_a_round_trip(
             started = time.monotonic()
             first = await stub.CheckClick(click(ip="86.151.0.1"))
             # After a quiet spell a check goes out at once, not after the linger.
-            assert time.monotonic() - started < 0.25
+            assert time.monotonic() - started < 1.0
             assert round_trips.count == 1 and first.action == ALLOW
             later = []
             for i in range(8):  # spaced out, each would be its own round trip without the linger
@@ -492,7 +492,7 @@ def click_stream(
 
     stream: BatchStream[pb.CheckClickBatchRequest, pb.VerdictBatch] = BatchStream(
         opened,
-        lambda seq, batch: pb.CheckClickStreamRequest(seq=seq, batch=batch),
+        lambda seq, batch, timeout_ms: pb.CheckClickStreamRequest(seq=seq, batch=batch, timeout_ms=timeout_ms),
         stream_verdicts,
         unary,
         name="CheckClickStream",
@@ -592,10 +592,10 @@ async def test_a_server_without_the_stream_gets_unary_calls(fraud: FraudService)
 
 async def test_an_old_stream_is_replaced_and_drains(fraud: FraudService) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
-        stream, opened = click_stream(channel, max_age_seconds=0.5)
+        stream, opened = click_stream(channel, max_age_seconds=2.0)
         batch = pb.CheckClickBatchRequest(requests=[click(ip="86.156.0.1")])
         first = await asyncio.gather(*(stream.send(batch, 10) for _ in range(5)))
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.1)
         later = await asyncio.gather(*(stream.send(batch, 10) for _ in range(5)))
         assert all(a.verdicts[0].action == ALLOW for a in first + later)
         assert opened.count == 2  # renewed once past its age; the old one ended after its answers

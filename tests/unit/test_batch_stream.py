@@ -18,6 +18,7 @@ from services.common.errors import DomainError, NotFound
 class Request:
     seq: int
     batch: Any
+    timeout_ms: int = 0
 
 
 def reply(seq: int, answer: Any, error: DomainError | None) -> tuple[int, Any, str | None]:
@@ -84,6 +85,27 @@ async def test_a_finished_request_stream_ends_after_its_answers() -> None:
 
     answers = await asyncio.wait_for(served(requests()), timeout=5)
     assert sorted(seq for seq, _, _ in answers) == [1, 2, 3, 4, 5]
+
+
+async def test_a_message_past_its_deadline_is_given_up() -> None:
+    async def requests() -> AsyncIterator[Request]:
+        yield Request(1, ("sleep", 5.0), timeout_ms=20)
+        yield Request(2, ("sleep", 0.0), timeout_ms=1000)
+
+    answers = await asyncio.wait_for(served(requests()), timeout=3)
+    assert sorted(answers) == [(1, None, "DEADLINE_EXCEEDED: the message's deadline passed"), (2, 0.0, None)]
+
+
+async def test_a_failing_request_stream_ends_with_its_error_after_the_answers() -> None:
+    async def requests() -> AsyncIterator[Request]:
+        yield Request(1, ("sleep", 0.02))
+        raise RuntimeError("a message that does not decode")
+
+    got: list[Any] = []
+    with pytest.raises(RuntimeError, match="does not decode"):
+        async for item in serve_batch_stream(requests(), handle, reply, asyncio.Event(), name="test"):
+            got.append(item)
+    assert got == [(1, 0.02, None)]
 
 
 @pytest.mark.parametrize(("number", "code"), [(0, grpc.StatusCode.OK), (3, grpc.StatusCode.INVALID_ARGUMENT),

@@ -18,9 +18,9 @@ from services.attribution.catalog_convert import (
     decode_page_token,
     encode_page_token,
     from_timestamp,
-    to_timestamp,
 )
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.timestamps import to_timestamp
 
 
 def _ts(text: str) -> timestamp_pb2.Timestamp:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.timestamps import set_timestamp
+from services.common.timestamps import set_timestamp, to_timestamp
 
 
 @pytest.mark.parametrize(
@@ -27,5 +27,6 @@ def test_same_as_from_datetime(at: datetime) -> None:
     got = Timestamp()
     set_timestamp(got, at)
     assert (got.seconds, got.nanos) == (expected.seconds, expected.nanos)
+    assert to_timestamp(at) == expected
     aware = at if at.tzinfo else at.replace(tzinfo=UTC)
     assert got.ToDatetime(tzinfo=UTC) == aware

@@ -6,6 +6,9 @@
 -- 12-row batches: 53 -> 32 µs of client CPU and 55 -> 45 µs of PostgreSQL CPU
 -- per row. The IP travels as text (PostgreSQL parses it; Python's ipaddress
 -- would cost more) and the reason codes comma-joined (snake_case, no commas).
+-- Never ALTER this type: asyncpg caches a type's layout per connection, so
+-- connections opened before the change would keep sending the old one. A
+-- change is a new type (ascribe_click_row_v2) and a new statement.
 CREATE TYPE ascribe_click_row AS (
     click_id               text,
     created_at             timestamptz,
