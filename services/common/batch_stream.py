@@ -24,7 +24,8 @@ Failure semantics follow the unary call's:
 - a server that stops ends its streams cleanly after answering every message
   it has read; the messages it never read are sent again on a new stream;
 - a server without the stream method (UNIMPLEMENTED, an older version in a
-  rolling deploy) makes the client fall back to the unary batch RPC.
+  rolling deploy) makes the client fall back to the unary batch RPC for a
+  minute, then try the stream again.
 
 A stream is re-opened after ``max_age_seconds`` (the old one is half-closed
 and drains), so behind a balancer that spreads calls, replicas share streams
@@ -173,6 +174,9 @@ class BatchStream(Generic[B, A]):
     # A stopping server hands back what it did not read; a message follows it
     # to a new stream at most this many times.
     MAX_RESENDS = 2
+    # After an UNIMPLEMENTED answer, unary calls for this long: behind a
+    # balancer, one old replica must not switch streams off for good.
+    UNSUPPORTED_SECONDS = 60.0
 
     def __init__(
         self,
@@ -197,7 +201,12 @@ class BatchStream(Generic[B, A]):
         self._write_lock = asyncio.Lock()
         self._readers: dict[asyncio.Task[None], Any] = {}
         self._closed = False
-        self.unsupported = False  # the server answered UNIMPLEMENTED: unary from now on
+        self._unsupported_until = 0.0
+
+    @property
+    def unsupported(self) -> bool:
+        """True while unary calls stand in for a stream the server answered UNIMPLEMENTED."""
+        return time.monotonic() < self._unsupported_until
 
     async def send(self, batch: B, timeout: float) -> A:
         if self.unsupported or self._closed:
@@ -321,8 +330,8 @@ class BatchStream(Generic[B, A]):
             future.set_exception(_Unread())
         elif code == grpc.StatusCode.UNIMPLEMENTED:
             if not self.unsupported:
-                self.unsupported = True
-                logger.warning("%s: the server has no stream method; using unary calls", self._name)
+                logger.warning("%s: the server has no stream method; unary calls for a while", self._name)
+            self._unsupported_until = time.monotonic() + self.UNSUPPORTED_SECONDS
             future.set_result(None)
         else:
             if code == grpc.StatusCode.CANCELLED:  # cut off, not refused: worth a retry
