@@ -106,11 +106,15 @@ class AttributionClient:
             min_interval=settings.click_linger_ms / 1000,
         )
         # Click batches as messages on one stream (batch_stream explains why).
-        self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickStreamResponse] | None = None
+        self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickStreamResponse] | None = (
+            None
+        )
         if settings.click_stream:
             self._click_stream = BatchStream(
                 lambda: self._tracking.RecordClickStream(metadata=self._metadata),
-                lambda seq, batch, timeout_ms: pb.RecordClickStreamRequest(seq=seq, batch=batch, timeout_ms=timeout_ms),
+                lambda seq, batch, timeout_ms: pb.RecordClickStreamRequest(
+                    seq=seq, batch=batch, timeout_ms=timeout_ms
+                ),
                 lambda reply: reply,
                 self._record_click_batch_as_reply,
                 name="RecordClickStream",

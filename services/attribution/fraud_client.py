@@ -41,10 +41,10 @@ MAX_CALL_REQUESTS = 1000
 Verdicts = list[fraud_pb2.Verdict | None]
 
 
-
 def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
     """A verdict's signals as reason codes; a signal weighted 0 (switched off by the operator) is none."""
     return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
+
 
 def stream_verdicts(reply: fraud_pb2.CheckClickStreamResponse) -> fraud_pb2.VerdictBatch:
     """A CheckClickStream answer's verdicts, or its error raised as the call would have."""
@@ -139,7 +139,9 @@ class FraudClient:
         self._stub = stub
         # Click batches as messages on one CheckClickStream (batch_stream
         # explains why); conversions keep their unary calls.
-        self._click_stream: BatchStream[fraud_pb2.CheckClickBatchRequest, fraud_pb2.VerdictBatch] | None = None
+        self._click_stream: BatchStream[fraud_pb2.CheckClickBatchRequest, fraud_pb2.VerdictBatch] | None = (
+            None
+        )
         click_call: Any = stub.CheckClickBatch
         if click_stream:
             self._click_stream = BatchStream(
@@ -152,9 +154,15 @@ class FraudClient:
                 name="CheckClickStream",
             )
             click_call = self._send_click_stream
-        self._clicks = _BatchedCheck(self, "click", "CheckClickBatch", click_call, fraud_pb2.CheckClickBatchRequest)
+        self._clicks = _BatchedCheck(
+            self, "click", "CheckClickBatch", click_call, fraud_pb2.CheckClickBatchRequest
+        )
         self._conversions = _BatchedCheck(
-            self, "conversion", "CheckConversionBatch", stub.CheckConversionBatch, fraud_pb2.CheckConversionBatchRequest
+            self,
+            "conversion",
+            "CheckConversionBatch",
+            stub.CheckConversionBatch,
+            fraud_pb2.CheckConversionBatchRequest,
         )
         self._last_logged: dict[str, str] = {}
 

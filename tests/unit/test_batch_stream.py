@@ -32,13 +32,17 @@ async def handle(batch: Any) -> Any:
         return value
     if kind == "not_found":
         raise NotFound(value)
+    if kind == "inner_timeout":  # a timeout of the handler's own, not the message's deadline
+        raise TimeoutError(value)
     raise ValueError(value)  # a bug in a handler
 
 
 async def served(requests: AsyncIterator[Request], stopping: asyncio.Event | None = None) -> list[Any]:
     return [
         item
-        async for item in serve_batch_stream(requests, handle, reply, stopping or asyncio.Event(), name="test")
+        async for item in serve_batch_stream(
+            requests, handle, reply, stopping or asyncio.Event(), name="test"
+        )
     ]
 
 
@@ -50,12 +54,14 @@ async def test_answers_leave_as_they_finish_and_errors_stay_with_their_message()
         yield Request(4, ("bug", "boom"))
 
     answers = await served(requests())
-    assert sorted(answers) == sorted([
-        (1, 0.05, None),
-        (2, 0.0, None),
-        (3, None, "NOT_FOUND: no such thing"),
-        (4, None, "INTERNAL: internal error"),  # the bug's text stays in the log
-    ])
+    assert sorted(answers) == sorted(
+        [
+            (1, 0.05, None),
+            (2, 0.0, None),
+            (3, None, "NOT_FOUND: no such thing"),
+            (4, None, "INTERNAL: internal error"),  # the bug's text stays in the log
+        ]
+    )
     assert answers[-1][0] == 1  # the slow one did not hold up the others
 
 
@@ -91,9 +97,14 @@ async def test_a_message_past_its_deadline_is_given_up() -> None:
     async def requests() -> AsyncIterator[Request]:
         yield Request(1, ("sleep", 5.0), timeout_ms=20)
         yield Request(2, ("sleep", 0.0), timeout_ms=1000)
+        yield Request(3, ("inner_timeout", "a query took too long"), timeout_ms=1000)
 
     answers = await asyncio.wait_for(served(requests()), timeout=3)
-    assert sorted(answers) == [(1, None, "DEADLINE_EXCEEDED: the message's deadline passed"), (2, 0.0, None)]
+    assert sorted(answers) == [
+        (1, None, "DEADLINE_EXCEEDED: the message's deadline passed"),
+        (2, 0.0, None),
+        (3, None, "INTERNAL: internal error"),
+    ]
 
 
 async def test_a_failing_request_stream_ends_with_its_error_after_the_answers() -> None:
@@ -108,7 +119,14 @@ async def test_a_failing_request_stream_ends_with_its_error_after_the_answers() 
     assert got == [(1, 0.02, None)]
 
 
-@pytest.mark.parametrize(("number", "code"), [(0, grpc.StatusCode.OK), (3, grpc.StatusCode.INVALID_ARGUMENT),
-                                              (14, grpc.StatusCode.UNAVAILABLE), (99, grpc.StatusCode.UNKNOWN)])
+@pytest.mark.parametrize(
+    ("number", "code"),
+    [
+        (0, grpc.StatusCode.OK),
+        (3, grpc.StatusCode.INVALID_ARGUMENT),
+        (14, grpc.StatusCode.UNAVAILABLE),
+        (99, grpc.StatusCode.UNKNOWN),
+    ],
+)
 def test_status_code_numbers(number: int, code: grpc.StatusCode) -> None:
     assert status_code(number) is code
