@@ -84,6 +84,13 @@ def entry_error(error: pb.Error, method: str) -> BackendError:
     return BackendError(code, error.message or code.name.lower(), error.field or None)
 
 
+def _stream_batch(reply: pb.RecordClickStreamResponse) -> pb.RecordClickBatchResponse:
+    """A RecordClickStream answer's batch, or its whole-message error as the gateway's BackendError."""
+    if reply.WhichOneof("result") == "error":
+        raise entry_error(reply.error, "RecordClickStream")
+    return reply.batch
+
+
 class AttributionClient:
     def __init__(
         self,
@@ -106,17 +113,15 @@ class AttributionClient:
             min_interval=settings.click_linger_ms / 1000,
         )
         # Click batches as messages on one stream (batch_stream explains why).
-        self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickStreamResponse] | None = (
-            None
-        )
+        self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickBatchResponse] | None = None
         if settings.click_stream:
             self._click_stream = BatchStream(
                 lambda: self._tracking.RecordClickStream(metadata=self._metadata),
                 lambda seq, batch, timeout_ms: pb.RecordClickStreamRequest(
                     seq=seq, batch=batch, timeout_ms=timeout_ms
                 ),
-                lambda reply: reply,
-                self._record_click_batch_as_reply,
+                _stream_batch,
+                self._record_click_batch,
                 name="RecordClickStream",
             )
         self._conversions: MicroBatcher[pb.RecordConversionRequest, pb.Conversion] | None = None
@@ -141,10 +146,7 @@ class AttributionClient:
         batch = pb.RecordClickBatchRequest(requests=requests)
         try:
             if self._click_stream is not None:
-                reply = await self._click_stream.send(batch, self._deadline)
-                if reply.WhichOneof("result") == "error":
-                    raise entry_error(reply.error, "RecordClickStream")
-                answer = reply.batch
+                answer = await self._click_stream.send(batch, self._deadline)
             else:
                 answer = await self._record_click_batch(batch, self._deadline)
         except grpc.aio.AioRpcError as error:
@@ -163,12 +165,6 @@ class AttributionClient:
         self, batch: pb.RecordClickBatchRequest, timeout: float
     ) -> pb.RecordClickBatchResponse:
         return await self._tracking.RecordClickBatch(batch, timeout=timeout, metadata=self._metadata)
-
-    async def _record_click_batch_as_reply(
-        self, batch: pb.RecordClickBatchRequest, timeout: float
-    ) -> pb.RecordClickStreamResponse:
-        """The unary call, for a server without RecordClickStream."""
-        return pb.RecordClickStreamResponse(batch=await self._record_click_batch(batch, timeout))
 
     async def record_conversion(self, request: pb.RecordConversionRequest) -> pb.Conversion:
         if self._conversions is not None:

@@ -44,10 +44,7 @@ class Settings:
     attribution_addr: str = "127.0.0.1:50051"
     fraud_addr: str = "127.0.0.1:50052"
     internal_token: str | None = field(default=None, repr=False)
-    trusted_proxies: tuple[IPNetwork, ...] = (
-        ipaddress.ip_network("127.0.0.1/32"),
-        ipaddress.ip_network("::1/128"),
-    )
+    trusted_proxies: tuple[IPNetwork, ...] = parse_networks(DEFAULT_TRUSTED_PROXIES, "ASCRIBE_TRUSTED_PROXIES")
     debug_headers: bool = False
     # Per attribution call; a click batch waits on the database commit and the fraud check.
     deadline_ms: int = 2000

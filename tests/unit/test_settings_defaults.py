@@ -27,7 +27,7 @@ def nothing_set(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def test_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gateway() -> None:
     assert GatewaySettings.from_env() == GatewaySettings()
 
 
