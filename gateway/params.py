@@ -60,6 +60,9 @@ class ParamError(Exception):
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# aiohttp decodes header values as UTF-8 with ``surrogateescape``: a byte that
+# is not UTF-8 arrives as a lone surrogate, which no valid text contains.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _decode(component: str, field: str) -> str:
@@ -155,11 +158,24 @@ def get_one(params: Mapping[str, Sequence[str]], name: str, max_bytes: int, *, r
 
 def check_text(name: str, value: str, max_bytes: int) -> str:
     """The same checks for a value taken from a header."""
+    if not value.isascii() and _SURROGATE.search(value):
+        raise ParamError(name, f"{name} is not valid UTF-8")
     if _byte_len(value) > max_bytes:
         raise ParamError(name, f"{name} is longer than {max_bytes} bytes")
     if _CONTROL.search(value):
         raise ParamError(name, f"{name} contains control characters")
     return value
+
+
+def header_text_lenient(value: str, max_bytes: int) -> str:
+    """A header the browser, not the visitor, writes (Referer): never worth a click.
+
+    Bytes that are not UTF-8 become U+FFFD, control characters go, and an
+    overlong value is cut at a character boundary.
+    """
+    if not value.isascii():
+        value = _SURROGATE.sub("\ufffd", value)
+    return _CONTROL.sub("", truncate_utf8(value, max_bytes))
 
 
 def truncate_utf8(value: str, max_bytes: int) -> str:
@@ -308,9 +324,7 @@ def click_request(params: Params, *, ip: str, user_agent: str, referer: str) -> 
         sub5=get_one(params, "sub5", SUB_MAX),
         ip=ip,
         user_agent=check_text("user_agent", user_agent, USER_AGENT_MAX),
-        # The browser, not the visitor, chooses the Referer: an overlong one is
-        # cut rather than costing the click.
-        referer=_CONTROL.sub("", truncate_utf8(referer, REFERER_MAX)),
+        referer=header_text_lenient(referer, REFERER_MAX),
     )
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ID_BYTES = 256  # campaign_id, affiliate_id, external_click_id
 MAX_SUB_BYTES = 256
+MAX_CODE_BYTES = 64  # the longest legal code; a longer one is malformed input
 MAX_USER_AGENT_BYTES = 1024
 # The Referer is a browser header, not an affiliate's parameter: an overlong
 # one is cut rather than costing the visitor the redirect.
@@ -110,6 +111,9 @@ class ValidClick:
     referer: str
     country: str  # upper-case alpha-2; "" when unknown
     occurred_at: datetime
+    # False for a code no coupon can have (``SAVE 10``): the click is still
+    # recorded and redirected, with the code untracked as ``unknown_coupon``.
+    coupon_well_formed: bool = True
 
 
 def canonical_ip(value: str) -> str:
@@ -150,8 +154,12 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
     else:
         _check_text(violations, "affiliate_id", inp.affiliate_id, MAX_ID_BYTES)
     code = normalize_code(inp.coupon_code) if inp.coupon_code else ""
-    if code and not is_valid_code(code):
-        violations.add("coupon_code", "must be 3 to 64 characters of A-Z, 0-9, '-' and '_'")
+    # A visitor is never turned away for a mistyped code: past the size bound,
+    # a code of the wrong shape is simply one no coupon has.
+    if _too_long(code, MAX_CODE_BYTES):
+        violations.add("coupon_code", f"longer than {MAX_CODE_BYTES} bytes")
+    elif "\x00" in code:
+        violations.add("coupon_code", "contains a NUL character")
     if inp.external_click_id:
         _check_text(violations, "external_click_id", inp.external_click_id, MAX_ID_BYTES)
     for name, value in zip(SUB_FIELDS, inp.subs, strict=True):
@@ -187,6 +195,7 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
         referer=referer,
         country=country,
         occurred_at=occurred_at,
+        coupon_well_formed=not code or is_valid_code(code),
     )
 
 
@@ -239,10 +248,13 @@ def redirect_url(landing_url: str, click_id: str, coupon_code: str) -> str:
     """The campaign's registered landing URL with ``click_id`` (and ``coupon``) set.
 
     Only the registered URL is ever used, so no parameter of a click can send
-    the visitor elsewhere. Ids and codes are URL-safe by construction.
+    the visitor elsewhere. Ids and well-formed codes are URL-safe by
+    construction; a malformed code is percent-encoded.
     """
     head, tail = _landing_template(landing_url, bool(coupon_code))
     if coupon_code:
+        if not is_valid_code(coupon_code):
+            coupon_code = quote(coupon_code, safe="")
         return f"{head}click_id={click_id}&coupon={coupon_code}{tail}"
     return f"{head}click_id={click_id}{tail}"
 
@@ -280,7 +292,7 @@ class _Judged:
             affiliate_id=click.affiliate_id,
             # The code the link carried, tracked or not: a code tried from
             # many places is a signal whether or not it passed its rules.
-            coupon_code=click.coupon_code,
+            coupon_code=click.coupon_code if click.coupon_well_formed else "",
             ip=click.ip,
             user_agent=click.user_agent,
         )
@@ -423,7 +435,11 @@ class ClickRecorder:
             if campaign is None:
                 raise NotFound(f"campaign {click.campaign_id!r} not found")
             affiliate = await self._cache.affiliate(click.affiliate_id)
-            coupon = await self._cache.coupon(campaign.id, click.coupon_code) if click.coupon_code else None
+            coupon = (
+                await self._cache.coupon(campaign.id, click.coupon_code)
+                if click.coupon_code and click.coupon_well_formed
+                else None
+            )
         except _DB_ERRORS as error:
             logger.warning("catalog lookup failed: %r", error)
             raise Unavailable("the catalog is unavailable") from None

@@ -184,6 +184,14 @@ async def test_seed_flow_code_for_selected_affiliate_only(fraud_down: Harness) -
     assert a.decision == b.decision == stored_b.decision == FLAGGED
 
 
+async def test_a_malformed_code_is_recorded_untracked_not_refused(fraud_down: Harness) -> None:
+    response = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a", coupon_code="save 10")
+    assert response.redirect_url.endswith(f"click_id={response.click_id}&coupon=SAVE%2010")
+    stored = await fraud_down.get(response.click_id)
+    assert stored.coupon_code == "" and stored.requested_coupon_code == "SAVE 10"
+    assert "unknown_coupon" in stored.reasons and stored.decision == FLAGGED
+
+
 async def test_fraud_down_flags_fast_and_loses_nothing(fraud_down: Harness) -> None:
     started = time.perf_counter()
     responses = await asyncio.gather(

@@ -133,6 +133,21 @@ def test_overlong_referer_is_cut_not_rejected() -> None:
     request.referer.encode("utf-8")  # still valid text
 
 
+def _as_aiohttp_decodes_headers(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def test_a_user_agent_that_is_not_utf8_is_a_400_naming_it() -> None:
+    user_agent = _as_aiohttp_decodes_headers(b"Mozilla/5.0 (Windows; caf\xe9)")
+    assert field_of(click, CLICK_BASE, user_agent=user_agent) == "user_agent"
+
+
+def test_a_referer_that_is_not_utf8_costs_no_click() -> None:
+    referer = _as_aiohttp_decodes_headers(b"https://r.example/caf\xe9?q=\xff")
+    request = click(CLICK_BASE, referer=referer)
+    assert request.referer == "https://r.example/caf\ufffd?q=\ufffd"
+
+
 # ---------------------------------------------------------------- money
 
 
