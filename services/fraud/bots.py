@@ -172,11 +172,24 @@ class CrawlerRanges:
         return pair[1 if ":" in ip else 0].get(ip) is not None
 
 
+# Real user agents are 100 to 300 characters and a few thousand of them make
+# most traffic. The cache holds at most CACHE_SIZE entries of at most
+# CACHED_UA_MAX characters (about 12 MB), so a flood of unique long user
+# agents can neither grow the process nor push the common ones out for long.
+CACHE_SIZE = 16384
+CACHED_UA_MAX = 512
+
+
 class BotDetector:
-    def __init__(self, cache_size: int = 65536) -> None:
+    def __init__(self, cache_size: int = CACHE_SIZE) -> None:
         self.crawlers = CrawlerMatcher()
         self.ranges = CrawlerRanges()
-        self.classify = lru_cache(maxsize=cache_size)(self._classify)
+        self._cached = lru_cache(maxsize=cache_size)(self._classify)
+
+    def classify(self, ua: str) -> UaClass:
+        if len(ua) > CACHED_UA_MAX:
+            return self._classify(ua)
+        return self._cached(ua)
 
     def _classify(self, ua: str) -> UaClass:
         ua = ua.strip()

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 C = TypeVar("C")
 _ACTION_LABELS = {action: action.name.lower() for action in domain.Action}
+_ALERT_RETRY_PAUSES = (0.2, 1.0, 5.0)  # seconds between tries to write alerts
 _ALERT_LABELS = {1: "code_leak", 2: "code_spike", 3: "affiliate_burst", 4: "rule_surge"}
 
 
@@ -165,11 +166,22 @@ class FraudEngine:
     async def _raise_alerts(self, alerts: Sequence[Alert]) -> None:
         if not alerts:
             return
-        try:
-            await self.store.add_alerts(alerts)
-        except Unavailable:
-            logger.error("could not write %d fraud alerts to the stream", len(alerts))
-            return
+        # The counters that raised these already marked them raised (one alert
+        # per episode), so a write lost here would never be made again: a
+        # Redis that blinks gets a few more tries. A try that timed out after
+        # Redis wrote it may leave a copy: an alert seen twice beats none.
+        for attempt, pause in enumerate((*_ALERT_RETRY_PAUSES, None)):
+            try:
+                await self.store.add_alerts(alerts)
+                break
+            except Unavailable:
+                if pause is None:
+                    logger.error(
+                        "could not write %d fraud alerts to the stream after %d tries: %s",
+                        len(alerts), attempt + 1, "; ".join(alert.detail for alert in alerts),
+                    )
+                    return
+                await asyncio.sleep(pause)
         for alert in alerts:
             metrics.ALERTS_TOTAL.labels(_ALERT_LABELS.get(alert.kind, "unknown")).inc()
             logger.warning("fraud alert: %s", alert.detail)

@@ -57,6 +57,19 @@ def normalize_ip(text: str) -> str | None:
         return None
 
 
+def subscriber_key(ip: str) -> str:
+    """The address as one subscriber holds it: IPv4 as is, IPv6 by its /64.
+
+    An IPv6 subscriber is given a whole /64 and its privacy addresses rotate
+    inside it, so per-address counters would miss a flood from one /64 and
+    count one customer's phone as many places.
+    """
+    if ":" not in ip:
+        return ip
+    packed = socket.inet_pton(socket.AF_INET6, ip)
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
 @dataclass(frozen=True)
 class IpInfo:
     """Which lists an address is in; each value is the matched entry."""

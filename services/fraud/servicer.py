@@ -13,7 +13,7 @@ from ascribe.fraud.v1 import fraud_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.batch_stream import serve_batch_stream
-from services.common.errors import DomainError, InvalidArgument, Violations
+from services.common.errors import DomainError, InvalidArgument, Unavailable, Violations
 from services.fraud import domain
 from services.fraud.engine import FraudEngine
 from services.fraud.ipintel import normalize_ip
@@ -22,7 +22,7 @@ from services.fraud.store import Alert, valid_stream_id
 R = TypeVar("R")
 E = TypeVar("E")
 
-Context = Any  # grpc.aio.ServicerContext; only WatchAlerts looks at it
+Context = Any  # grpc.aio.ServicerContext: its deadline bounds the checks, WatchAlerts its stream
 
 MAX_ID_LENGTH = 256
 MAX_CODE_LENGTH = 64
@@ -36,6 +36,24 @@ _CONTROL = re.compile(r"[\x00-\x1f]").search
 _TIMESTAMP_SECONDS_MIN = -62135596800
 _TIMESTAMP_SECONDS_MAX = 253402300799
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A check answers UNAVAILABLE this long before its caller's deadline: the
+# caller hears why (Redis did not answer) instead of DEADLINE_EXCEEDED.
+_ANSWER_MARGIN_SECONDS = 0.003
+
+
+async def _within_deadline(context: Context, work: Awaitable[R]) -> R:
+    """``work`` bounded by the call's own deadline, minus the margin to answer in."""
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is None:
+        return await work
+    cm = asyncio.timeout(max(0.0, remaining - _ANSWER_MARGIN_SECONDS))
+    try:
+        async with cm:
+            return await work
+    except TimeoutError:
+        if cm.expired():
+            raise Unavailable("the fraud state store (Redis) did not answer within the call's deadline") from None
+        raise
 
 
 class _Reader:
@@ -229,7 +247,7 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         violations = Violations()
         event = _click_event(request, self._reader(violations))
         violations.raise_if_any()
-        verdict = await self._engine.check_click(event)
+        verdict = await _within_deadline(context, self._engine.check_click(event))
         return _verdict_proto(verdict)
 
     def _read_batch(self, requests: Sequence[R], read: Callable[[R, _Reader], E]) -> list[E]:
@@ -246,7 +264,7 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
 
     async def CheckClickBatch(self, request: pb.CheckClickBatchRequest, context: Context) -> pb.VerdictBatch:
         events = self._read_batch(request.requests, _click_event)
-        verdicts = await self._engine.check_clicks(events) if events else []
+        verdicts = await _within_deadline(context, self._engine.check_clicks(events)) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
 
     async def CheckClickStream(
@@ -264,14 +282,14 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         violations = Violations()
         event = _conversion_event(request, self._reader(violations))
         violations.raise_if_any()
-        verdict = await self._engine.check_conversion(event)
+        verdict = await _within_deadline(context, self._engine.check_conversion(event))
         return _verdict_proto(verdict)
 
     async def CheckConversionBatch(
         self, request: pb.CheckConversionBatchRequest, context: Context
     ) -> pb.VerdictBatch:
         events = self._read_batch(request.requests, _conversion_event)
-        verdicts = await self._engine.check_conversions(events) if events else []
+        verdicts = await _within_deadline(context, self._engine.check_conversions(events)) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
 
     async def WatchAlerts(self, request: pb.WatchAlertsRequest, context: Context) -> AsyncIterator[pb.Alert]:

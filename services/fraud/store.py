@@ -5,6 +5,7 @@ Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
     P:fraud:{bNN}:xc:<affiliate>:<external click id>   dedup, value = owning click id
     P:fraud:{bNN}:ip:<ip>                              click velocity windows of an IP
     P:fraud:{bNN}:cip:<campaign>:<ip>                  conversions of an IP in a campaign
+      (<ip>: an IPv4 address, or an IPv6 address's /64, see ipintel.subscriber_key)
     P:fraud:{bNN}:aff:<campaign>:<affiliate>:rate|:alerted      affiliate click rate (AFFILIATE_BURST)
     P:fraud:{bNN}:code:<campaign>:<code>:ips|:devices|:leaked  UNIQUE code spread (HyperLogLog)
     P:fraud:{bNN}:code:<campaign>:<code>:rate|:alerted         EXCLUSIVE code rate (CODE_SPIKE)
@@ -65,6 +66,7 @@ from services.fraud.domain import (
     ConversionEvent,
     CouponKind,
 )
+from services.fraud.ipintel import subscriber_key
 from services.fraud.resp import RespClient, RespConnectionError, RespError, RespTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -407,6 +409,7 @@ class FraudStore:
         dedup_at: dict[int, int] = {}
         by_ip: dict[str, list[int]] = {}
         by_affiliate: dict[tuple[str, str], list[int]] = {}
+        ip_keys = [subscriber_key(event.ip) if event.ip else "" for event in events]
         for index, event in enumerate(events):
             if event.external_click_id and event.affiliate_id:
                 # A click without our id cannot be recognised as a retry, so
@@ -416,7 +419,7 @@ class FraudStore:
                     "D", f"xc:{event.affiliate_id}:{event.external_click_id}", owner, cfg.dedup_ttl_seconds * 1000
                 )
             if event.ip:
-                by_ip.setdefault(event.ip, []).append(index)
+                by_ip.setdefault(ip_keys[index], []).append(index)
             if event.affiliate_id:
                 by_affiliate.setdefault((event.campaign_id, event.affiliate_id), []).append(index)
         ip_at: dict[str, int] = {}
@@ -449,7 +452,7 @@ class FraudStore:
             minute = hour = 0.0
             if event.ip:
                 behind = ip_behind[index]
-                estimates = answers[ip_at[event.ip]]
+                estimates = answers[ip_at[ip_keys[index]]]
                 minute = max(0.0, int(estimates[0]) / 1000 - behind)
                 hour = max(0.0, int(estimates[1]) / 1000 - behind)
             counters.append(ClickCounters(duplicate_of=duplicate_of, ip_last_minute=minute, ip_last_hour=hour))
@@ -478,15 +481,16 @@ class FraudStore:
         by_ip: dict[tuple[str, str], list[int]] = {}
         by_code: dict[tuple[str, str], list[int]] = {}
         spread_at: dict[int, int] = {}
+        ip_keys = [subscriber_key(event.ip) if event.ip else "" for event in events]
         for index, event in enumerate(events):
             if event.ip:
-                by_ip.setdefault((event.campaign_id, event.ip), []).append(index)
+                by_ip.setdefault((event.campaign_id, ip_keys[index]), []).append(index)
             if event.coupon_code and event.coupon_kind is CouponKind.EXCLUSIVE:
                 by_code.setdefault((event.campaign_id, event.coupon_code), []).append(index)
             if event.coupon_code and event.coupon_kind is CouponKind.UNIQUE:
                 ttl = cfg.code_spread_ttl_seconds * 1000
                 spread_at[index] = batch.add(
-                    "H", f"code:{event.campaign_id}:{event.coupon_code}", event.ip, event.user_agent.strip(),
+                    "H", f"code:{event.campaign_id}:{event.coupon_code}", ip_keys[index], event.user_agent.strip(),
                     ttl, cfg.code_max_distinct, ttl,
                 )
         ip_at: dict[tuple[str, str], int] = {}
@@ -511,7 +515,7 @@ class FraudStore:
         for index, event in enumerate(events):
             per_ip = 0.0
             if event.ip:
-                estimate = int(answers[ip_at[(event.campaign_id, event.ip)]][0]) / 1000
+                estimate = int(answers[ip_at[(event.campaign_id, ip_keys[index])]][0]) / 1000
                 per_ip = max(0.0, estimate - ip_behind[index])
             ips = devices = 0
             if index in spread_at:

@@ -18,6 +18,7 @@ from services.fraud.server import start_fraud
 from services.fraud.store import StoreConfig
 
 DEADLINE_SECONDS = 1.0
+PRODUCTION_DEADLINE_SECONDS = 0.05  # ASCRIBE_FRAUD_DEADLINE_MS's default
 
 
 async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipintel_dir: Path) -> None:
@@ -48,6 +49,20 @@ async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipin
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
                 assert time.monotonic() - started < DEADLINE_SECONDS
+                # The attribution service's deadline (50 ms) is shorter than the
+                # socket timeout: the check still answers UNAVAILABLE inside it.
+                for call, message in (
+                    (stub.CheckClick, request),
+                    (stub.CheckClickBatch, pb.CheckClickBatchRequest(requests=[request] * 3)),
+                ):
+                    started = time.monotonic()
+                    try:
+                        await call(message, timeout=PRODUCTION_DEADLINE_SECONDS)
+                        raise AssertionError("a check succeeded with Redis hung")
+                    except grpc.aio.AioRpcError as error:
+                        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                        assert "deadline" in (error.details() or "")
+                    assert time.monotonic() - started < PRODUCTION_DEADLINE_SECONDS + 0.02
             finally:
                 os.kill(redis_server.process.pid, signal.SIGCONT)
             assert (await stub.CheckClick(request, timeout=DEADLINE_SECONDS)).action == pb.VERDICT_ACTION_ALLOW

@@ -181,6 +181,31 @@ async def test_click_velocity_per_ip(stub: fraud_pb2_grpc.FraudServiceAsyncStub)
     assert not other.signals
 
 
+async def test_ipv6_velocity_counts_the_subscriber_s_64(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
+    # Rotating privacy addresses inside one /64 is one subscriber, not twelve.
+    batch = pb.CheckClickBatchRequest(
+        requests=[click(click_id=f"c-{i}", ip=f"2001:db8:7:9:{i + 1:x}::1") for i in range(12)]
+    )
+    verdicts = (await stub.CheckClickBatch(batch)).verdicts
+    assert [("click_velocity" in codes(v)) for v in verdicts] == [False] * 10 + [True] * 2
+    neighbour = await stub.CheckClick(click(ip="2001:db8:7:a::1"))
+    assert not neighbour.signals
+
+
+async def test_one_customer_s_rotating_ipv6_addresses_are_one_place(
+    stub: fraud_pb2_grpc.FraudServiceAsyncStub,
+) -> None:
+    verdicts = [
+        await stub.CheckConversion(conversion(
+            order_id=f"o-{i}", coupon_code="solo-6", coupon_kind=pb.COUPON_KIND_UNIQUE, ip=f"2001:db8:5:5::{i + 1:x}",
+        ))
+        for i in range(5)
+    ]
+    # (The fourth and fifth orders from one place are conversion_velocity, a different rule.)
+    assert all("code_sharing" not in codes(v) for v in verdicts)
+    assert "conversion_velocity" in codes(verdicts[4])
+
+
 async def test_conversion_velocity_rejects_the_excess(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     verdicts = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.9")) for i in range(5)]
     assert [v.action for v in verdicts] == [ALLOW, ALLOW, ALLOW, REJECT, REJECT]

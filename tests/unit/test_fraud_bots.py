@@ -6,7 +6,7 @@ import crawleruseragents
 import pytest
 from fake_useragent.utils import load as load_browser_user_agents
 
-from services.fraud.bots import BotDetector, UaKind, shared_bot_detector
+from services.fraud.bots import CACHED_UA_MAX, BotDetector, UaKind, shared_bot_detector
 
 IN_APP = [
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 "
@@ -79,3 +79,12 @@ def test_spoofed_crawlers(bots: BotDetector) -> None:
     assert not bots.is_spoof(googlebot, "66.249.66.1")
     assert not bots.is_spoof(googlebot, "")  # no IP, nothing to check
     assert not bots.is_spoof(bots.classify("curl/8.0"), "203.0.113.9")
+
+
+def test_the_cache_is_bounded_and_skips_long_user_agents() -> None:
+    detector = BotDetector(cache_size=8)
+    long_ua = "Mozilla/5.0 (X11; Linux x86_64) " + "x" * CACHED_UA_MAX
+    assert not detector.classify(long_ua).is_bot and detector._cached.cache_info().currsize == 0
+    for i in range(20):
+        detector.classify(f"Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/{i}.0 Safari/537.36")
+    assert detector._cached.cache_info().currsize == 8

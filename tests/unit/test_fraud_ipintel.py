@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.fraud.ipintel import NOT_LISTED, IpIntel, IpIntelHolder, IpList, normalize_ip
+from services.fraud.ipintel import NOT_LISTED, IpIntel, IpIntelHolder, IpList, normalize_ip, subscriber_key
 
 
 @pytest.mark.parametrize(
@@ -91,3 +91,16 @@ def test_reload_keeps_the_old_lists_when_the_folder_vanishes(tmp_path: Path) -> 
     folder.rmdir()
     holder.reload()
     assert holder.current.lookup("185.220.101.1").tor
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("81.2.69.142", "81.2.69.142"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
+        ("::1", "::/64"),
+    ],
+)
+def test_subscriber_key_is_the_address_or_its_64(ip: str, key: str) -> None:
+    assert subscriber_key(ip) == key
