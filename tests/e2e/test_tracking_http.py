@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
+from yarl import URL
 
 from tests.e2e.world import LiveWorld
 
@@ -82,49 +88,312 @@ async def test_crawlers_and_duplicate_affiliate_click_ids_are_rejected_but_redir
     assert "fraud_duplicate_click_id" in (await live.get_click(dup.headers["X-Ascribe-Click-Id"])).reasons
 
 
-BAD_CLICKS = [
-    ("aff_id=aff-a", 400, "campaign_id"),
-    ("campaign_id=cmp", 400, "aff_id"),
-    ("campaign_id=cmp&aff_id=aff-a&sub1=" + "x" * 257, 400, "sub1"),
-    ("campaign_id=cmp&aff_id=aff-a&sub2=%ff%fe", 400, "sub2"),
-    ("campaign_id=nope&aff_id=aff-a", 404, None),
+JSON_ERROR_KEYS = {"code", "message", "field"}
+PLAIN = "campaign_id=cmp&aff_id=aff-a"
+HUGE_UA = "Mozilla/5.0 " + "x" * 1100
+
+# (case, query, extra headers, status, field named in the error)
+BAD_CLICKS: list[tuple[str, str, dict[str, str], int, str | None]] = [
+    ("missing campaign_id", "aff_id=aff-a", {}, 400, "campaign_id"),
+    ("missing aff_id", "campaign_id=cmp", {}, 400, "aff_id"),
+    ("empty aff_id", "campaign_id=cmp&aff_id=", {}, 400, "aff_id"),
+    ("malformed percent-encoding", PLAIN + "&sub3=%ZZ", {}, 400, "sub3"),
+    ("truncated percent-encoding", PLAIN + "&aff_click_id=net%4", {}, 400, "aff_click_id"),
+    ("bad UTF-8 in a sub id", PLAIN + "&sub2=%ff%fe", {}, 400, "sub2"),
+    ("bad UTF-8 in the coupon", PLAIN + "&coupon=SAVE%C3%28", {}, 400, "coupon"),
+    ("sub id over 256 bytes", PLAIN + "&sub1=" + "x" * 257, {}, 400, "sub1"),
+    # 129 characters, 258 bytes: the limit counts UTF-8 bytes, not characters.
+    ("sub id over 256 UTF-8 bytes", PLAIN + "&sub4=" + "%C3%A9" * 129, {}, 400, "sub4"),
+    ("coupon over 256 bytes", PLAIN + "&coupon=" + "A" * 257, {}, 400, "coupon"),
+    ("user agent over 1 KB", PLAIN, {"User-Agent": HUGE_UA}, 400, "user_agent"),
+    ("unknown campaign", "campaign_id=nope&aff_id=aff-a", {}, 404, None),
 ]
 
 
-async def test_bad_click_input(live: LiveWorld) -> None:
+def error_problems(case: str, status: int, body: object, want_status: int, want_field: str | None) -> list[str]:
+    """What is wrong with an error answer: its status, its JSON shape, the field it names."""
+    if status != want_status:
+        return [f"{case}: status {status}, wanted {want_status}: {body!r}"]
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or set(error) != JSON_ERROR_KEYS:
+        return [f"{case}: not an error object {sorted(JSON_ERROR_KEYS)}: {body!r}"]
+    problems = []
+    if not (isinstance(error["code"], str) and error["code"] and isinstance(error["message"], str)
+            and error["message"]):
+        problems.append(f"{case}: empty code or message: {error!r}")
+    if error["field"] != want_field:
+        problems.append(f"{case}: names field {error['field']!r}, wanted {want_field!r}")
+    return problems
+
+
+async def test_bad_click_input(live: LiveWorld, database_url: str) -> None:
     await seed(live)
-    for query, status, field in BAD_CLICKS:
-        async with live.http.get(f"{live.url}/click?{query}", allow_redirects=False) as response:
-            assert response.status == status, query
-            body = await response.json()
-        assert body["error"]["field"] == field, query
-    huge_ua = "Mozilla/5.0 " + "x" * 1100
-    async with live.http.get(f"{live.url}/click?campaign_id=cmp&aff_id=aff-a", allow_redirects=False,
-                             headers={"User-Agent": huge_ua}) as response:
-        assert response.status == 400
-        assert (await response.json())["error"]["field"] == "user_agent"
+    problems: list[str] = []
+    for case, query, headers, status, field in BAD_CLICKS:
+        # encoded=True: yarl would otherwise "fix" %ZZ into %25ZZ before it left the client.
+        async with live.http.get(
+            URL(f"{live.url}/click?{query}", encoded=True), allow_redirects=False, headers=headers,
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as response:
+            if response.content_type != "application/json":
+                problems.append(f"{case}: {response.status} {response.content_type}, not JSON")
+                continue
+            problems += error_problems(case, response.status, await response.json(), status, field)
+    assert not problems, "\n".join(problems)
+    # Requests that fail syntax or name an unknown campaign store nothing.
+    assert await count_clicks(database_url) == 0
+
+
+async def raw_get(live: LiveWorld, target: bytes, headers: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 GET written by hand, so its bytes reach the gateway exactly as given.
+
+    Returns the status, the response headers (names in lower case) and the body.
+    """
+    port = live.stack.ports.gateway
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    try:
+        writer.write(
+            b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode() + b"\r\n"
+            + b"X-Forwarded-For: 203.0.113.7\r\n" + headers + b"Connection: close\r\n\r\n"
+        )
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)  # Connection: close, so up to EOF
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    answer_headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        answer_headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), answer_headers, body
+
+
+# (case, header line with raw bytes); aiohttp's client cannot send these, it encodes header values.
+RAW_USER_AGENTS = [
+    ("non-UTF-8 User-Agent", b"User-Agent: Mozilla/5.0 \xff\xfe Safari\r\n"),
+    ("Latin-1 User-Agent", b"User-Agent: Mozilla/5.0 (Macintosh; Fran\xe7ais)\r\n"),
+    ("truncated UTF-8 User-Agent", b"User-Agent: Mozilla/5.0 \xe2\x82\r\n"),
+]
+
+
+async def test_raw_non_utf8_user_agent_is_400_naming_it(live: LiveWorld, database_url: str) -> None:
+    await seed(live)
+    target = b"/click?" + PLAIN.encode()
+    ok_status, _, _ = await raw_get(live, target, b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n")
+    assert ok_status == 302, "the hand-written request itself must be a valid click"
+    problems: list[str] = []
+    for case, header in RAW_USER_AGENTS:
+        status, headers, body = await raw_get(live, target, header)
+        if not headers.get("content-type", "").startswith("application/json"):
+            problems.append(f"{case}: {status} {headers.get('content-type')!r}, not JSON: {body[:200]!r}")
+            continue
+        problems += error_problems(case, status, json.loads(body), 400, "user_agent")
+    assert not problems, "\n".join(problems)
+    # Raw bytes in the query itself are refused by aiohttp's HTTP parser before any handler runs
+    # (a plain-text 400, not our JSON): still a 400, never a 500, and no click.
+    status, _, body = await raw_get(live, target + b"&sub1=caf\xe9", b"User-Agent: Mozilla/5.0\r\n")
+    assert status == 400, body
+    assert await count_clicks(database_url) == 1  # only the valid one
+
+
+async def test_raw_non_utf8_referer_costs_no_click(live: LiveWorld) -> None:
+    # The browser, not the visitor, writes the Referer: its bad bytes become U+FFFD, the click goes on.
+    await seed(live)
+    status, headers, body = await raw_get(
+        live, b"/click?" + PLAIN.encode(),
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nReferer: https://blog.example/caf\xe9?q=\xff\r\n",
+    )
+    assert status == 302, body
+    click = await live.get_click(headers["x-ascribe-click-id"])
+    assert click.referer == "https://blog.example/caf\ufffd?q=\ufffd"
+    assert click.decision == pb.CLICK_DECISION_ACCEPTED
+
+
+@pytest.mark.parametrize("code", ["SAVE 10", "AB", "save10!", "SUMMER150\u00e9"])
+async def test_a_coupon_that_cannot_be_a_code_redirects_untracked(live: LiveWorld, code: str) -> None:
+    await seed(live)
+    response = await live.click(campaign_id="cmp", aff_id="aff-a", coupon=code)
+    assert response.status == 302, await response.text()
+    location = urlsplit(response.headers["Location"])
+    click_id = response.headers["X-Ascribe-Click-Id"]
+    assert location.netloc == "shop.example" and parse_qs(location.query)["click_id"] == [click_id]
+    click = await live.get_click(click_id)
+    assert click.coupon_code == "" and "unknown_coupon" in click.reasons
+    # A mistyped code costs the affiliate nothing: the click itself stays accepted.
+    assert click.decision == pb.CLICK_DECISION_ACCEPTED
+    assert response.headers["X-Ascribe-Decision"] == "accepted"
+
+
+async def count_clicks(database_url: str, click_ids: list[str] | None = None) -> int:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        if click_ids is None:
+            return int(await conn.fetchval("SELECT count(*) FROM clicks"))
+        return int(await conn.fetchval("SELECT count(*) FROM clicks WHERE click_id = ANY($1::text[])", click_ids))
+    finally:
+        await conn.close()
+
+
+async def stored_clicks(database_url: str, click_ids: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """click_id -> (decision, reasons) as PostgreSQL holds them."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT click_id, decision, reasons FROM clicks WHERE click_id = ANY($1::text[])", click_ids
+        )
+    finally:
+        await conn.close()
+    return {row["click_id"]: (row["decision"], list(row["reasons"])) for row in rows}
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sent: str  # the phase when the request went out ...
+    answered: str  # ... and when its answer came back
+    status: int
+    click_id: str
+    decision: str
 
 
 async def test_fraud_service_stopped_mid_test_flags_and_loses_nothing(
     live: LiveWorld, database_url: str
 ) -> None:
     campaign = await seed(live)
-    await asyncio.to_thread(live.stack.stop_service, "fraud")
-    responses = await asyncio.gather(*(
-        live.click(campaign_id="cmp", aff_id="aff-a", visitor_ip=f"203.0.113.{i}") for i in range(1, 41)
-    ))
-    assert all(r.status == 302 and r.headers["X-Ascribe-Decision"] == "flagged" for r in responses)
-    status, body = await live.postback(
-        campaign.postback_token, campaign_id="cmp", order_id="down-1", amount="10.00", currency="EUR",
-    )
-    assert status == 200 and body["status"] == "flagged" and "fraud_unavailable" in body["reasons"]
-    conn = await asyncpg.connect(database_url)
-    try:
-        ids = [r.headers["X-Ascribe-Click-Id"] for r in responses]
-        stored = await conn.fetchval("SELECT count(*) FROM clicks WHERE click_id = ANY($1::text[])", ids)
-    finally:
-        await conn.close()
-    assert stored == 40
+    phase = "before"
+    outcomes: list[Outcome] = []
+    failures: list[str] = []
+    done = asyncio.Event()
+
+    async def visitor(n: int) -> None:
+        i = 0
+        while not done.is_set():
+            i += 1
+            sent = phase
+            try:
+                # A /64 of its own per click: the per-address velocity rules (IPv6 by /64) must not flag them.
+                response = await asyncio.wait_for(
+                    live.click(campaign_id="cmp", aff_id="aff-a", visitor_ip=f"2001:db8:{n:x}:{i:x}::1",
+                               sub1=f"{n}-{i}"),
+                    10,
+                )
+            except (aiohttp.ClientError, TimeoutError) as error:
+                failures.append(f"{sent}: {error!r}")
+                continue
+            outcomes.append(Outcome(
+                sent, phase, response.status, response.headers.get("X-Ascribe-Click-Id", ""),
+                response.headers.get("X-Ascribe-Decision", ""),
+            ))
+            await asyncio.sleep(0.01)
+
+    def answered_in(name: str) -> list[Outcome]:
+        return [o for o in outcomes if o.sent == name and o.answered == name]
+
+    async def operator() -> None:
+        nonlocal phase
+        try:
+            await wait_until(lambda: len(answered_in("before")) >= 30, "clicks before the stop", 20)
+            phase = "stopping"
+            await asyncio.to_thread(live.stack.stop_service, "fraud")
+            phase = "down"
+            await wait_until(lambda: len(answered_in("down")) >= 30, "clicks while fraud is down", 20)
+            status, body = await live.postback(
+                campaign.postback_token, campaign_id="cmp", order_id="down-1", amount="10.00", currency="EUR",
+            )
+            assert status == 200 and body["status"] == "flagged" and "fraud_unavailable" in body["reasons"]
+            phase = "restarting"
+            await asyncio.to_thread(live.stack.start_service, "fraud")
+            phase = "up"
+            await wait_until(
+                lambda: sum(o.decision == "accepted" for o in answered_in("up")) >= 10,
+                "accepted clicks after the restart", 20,
+            )
+        finally:
+            done.set()
+
+    await asyncio.wait_for(asyncio.gather(operator(), *(visitor(n) for n in range(1, 5))), timeout=120)
+
+    assert not failures, failures[:5]
+    not_redirected = [o for o in outcomes if o.status != 302 or not o.click_id]
+    assert not not_redirected, not_redirected[:5]
+    stored = await stored_clicks(database_url, [o.click_id for o in outcomes])
+    lost = [o for o in outcomes if o.click_id not in stored]
+    assert not lost, f"{len(lost)} of {len(outcomes)} redirected clicks are not in PostgreSQL: {lost[:5]}"
+    for o in outcomes:
+        # The header is what the visitor was told; PostgreSQL holds the same decision.
+        assert stored[o.click_id][0] == o.decision, o
+        assert o.decision in ("accepted", "flagged"), (o, stored[o.click_id])
+        if o.decision == "flagged":
+            assert "fraud_unavailable" in stored[o.click_id][1], (o, stored[o.click_id])
+    before = answered_in("before")
+    assert all(o.decision == "accepted" for o in before), [o for o in before if o.decision != "accepted"][:5]
+    down = answered_in("down")
+    assert all(o.decision == "flagged" for o in down), [o for o in down if o.decision != "flagged"][:5]
+    # After the restart clicks are flagged only until the attribution service has reconnected (the
+    # operator waited for 10 accepted ones); each of them still has its row, checked above.
+    assert sum(o.decision == "accepted" for o in answered_in("up")) >= 10
+
+
+async def get_click_answer(live: LiveWorld, **params: str) -> tuple[int, str, dict[str, Any] | None]:
+    """Status, click id (empty unless redirected) and JSON body (None unless JSON) of one click, bounded."""
+    async with live.http.get(
+        f"{live.url}/click", params=params, allow_redirects=False,
+        headers={"X-Forwarded-For": "192.0.2.10"}, timeout=aiohttp.ClientTimeout(total=10),
+    ) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, response.headers.get("X-Ascribe-Click-Id", ""), body
+
+
+async def readiness(live: LiveWorld) -> tuple[int, dict[str, Any]]:
+    async with live.http.get(f"{live.url}/readyz", timeout=aiohttp.ClientTimeout(total=10)) as response:
+        return response.status, await response.json()
+
+
+async def test_attribution_service_down_is_503_and_clicks_resume_after_restart(
+    live: LiveWorld, database_url: str
+) -> None:
+    await seed(live)
+    served = [await live.click(campaign_id="cmp", aff_id="aff-a", visitor_ip=f"192.0.2.{i}") for i in range(1, 6)]
+    assert [r.status for r in served] == [302] * 5
+    assert (await readiness(live))[0] == 200
+
+    await asyncio.to_thread(live.stack.stop_service, "attribution")
+    for _ in range(5):
+        started = time.monotonic()
+        status, _, body = await get_click_answer(live, campaign_id="cmp", aff_id="aff-a")
+        # The gateway's deadline on an attribution call is 2 s; a dead backend must not hang a visitor.
+        assert time.monotonic() - started < 5
+        assert status == 503, body
+        assert body is not None and body["error"]["code"] == "unavailable" and body["error"]["message"]
+    started = time.monotonic()
+    ready_status, ready = await readiness(live)
+    assert time.monotonic() - started < 5
+    assert ready_status == 503 and ready["status"] == "not_ready", ready
+    assert ready["checks"]["attribution"] == "unavailable"
+
+    await asyncio.to_thread(live.stack.start_service, "attribution")
+    answers: list[int] = []
+    deadline = time.monotonic() + 20
+    while True:
+        status, click_id, body = await get_click_answer(live, campaign_id="cmp", aff_id="aff-a", sub1="back")
+        answers.append(status)
+        if status == 302 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    # While the gateway reconnects a visitor may still see 503, never anything else.
+    assert answers[-1] == 302 and set(answers) <= {302, 503}, answers
+    assert (await readiness(live))[0] == 200
+    assert await count_clicks(database_url, [r.headers["X-Ascribe-Click-Id"] for r in served] + [click_id]) == 6
 
 
 async def test_every_redirected_click_survives_a_kill_9(live: LiveWorld, database_url: str) -> None:
@@ -194,3 +463,4 @@ async def test_postbacks_race_through_the_gateway(live: LiveWorld) -> None:
     assert (await live.catalog.GetCoupon(pb.GetCouponRequest(campaign_id="cmp", code="FLASH"))).remaining == 0
     wrong = await live.postback("wrong-token", campaign_id="cmp", order_id="x", amount="1.00", currency="EUR")
     assert wrong[0] == 401
+
