@@ -157,10 +157,23 @@ for _, line in ipairs(split(ARGV[2], '\n')) do
     local estimates = hit(rate, now, inc, {short_ms, long_ms})
     local short, long = estimates[1], estimates[2]
     redis.call('PEXPIRE', rate, f[5])
+    -- The usual rate is what the long window held before the current short
+    -- one, per short window of history actually seen: a subject first seen
+    -- two hours ago has two hours of history, not a quiet rest of the day.
+    -- With no full window behind it, it has no usual rate yet (baseline 0).
+    local first = tonumber(redis.call('HGET', rate, 'first'))
+    if first == nil or now < first then
+      redis.call('HSET', rate, 'first', now); first = now
+    end
     local periods = long_ms / short_ms - 1
-    if periods < 1 then periods = 1 end
-    local baseline = (long - short) / periods
-    if baseline < 0 then baseline = 0 end
+    local seen = (now - first) / short_ms - 1
+    local baseline = 0
+    if seen > 0 then
+      if seen < periods then periods = seen end
+      if periods < 1 then periods = 1 end
+      baseline = (long - short) / periods
+      if baseline < 0 then baseline = 0 end
+    end
     local state = 0
     if short >= tonumber(f[8]) and short >= tonumber(f[9]) * math.max(baseline, 1) then
       state = 1
