@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from services.attribution.migrate import migrate_url
 from services.common import embedded
+from services.fraud.ipintel import IpIntelHolder
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_IPINTEL = REPO.parent / "shared" / "data" / "ipintel"
@@ -137,3 +138,9 @@ async def redis_client(redis_server_url: str, redis_prefix: str) -> AsyncIterato
 @pytest.fixture(scope="session")
 def ipintel_dir() -> Path:
     return SHARED_IPINTEL
+
+
+@pytest.fixture(scope="session")
+def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
+    """The shared lists loaded once for every in-process fraud service (a load takes about half a second)."""
+    return IpIntelHolder(ipintel_dir)

@@ -239,7 +239,7 @@ async def test_unknown_affiliate_and_inactive_campaign_reject(fraud_down: Harnes
         ({"sub2": "x" * 257}, "sub2"),
         ({"user_agent": "u" * 1025}, "user_agent"),
         ({"ip": "999.0.0.1"}, "ip"),
-        ({"coupon_code": "no spaces"}, "coupon_code"),
+        ({"coupon_code": "C" * 65}, "coupon_code"),  # a short malformed code is unknown_coupon instead
         ({"occurred_at": {"seconds": int(time.time()) + 3600}}, "occurred_at"),
     ],
 )

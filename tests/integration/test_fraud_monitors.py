@@ -111,11 +111,6 @@ class Fraud:
 StartFraud = Callable[..., Awaitable[Fraud]]
 
 
-@pytest.fixture(scope="module")
-def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
-    return IpIntelHolder(ipintel_dir)
-
-
 @pytest.fixture
 async def start(
     redis_server_url: str,

@@ -68,12 +68,6 @@ def settings_for(redis_url: str, prefix: str, ipintel_dir: Path, **overrides: ob
     return Settings(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
-    """The lists loaded once for the module's services (a load takes about half a second)."""
-    return IpIntelHolder(ipintel_dir)
-
-
 @pytest.fixture
 async def fraud(
     redis_server_url: str,
