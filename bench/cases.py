@@ -632,6 +632,7 @@ class Runner:
                 self.add(unavailable(key, title, reason, goals[key]))
             return
         assert self.env.stack is not None
+        self.reference_grpc()
         target = self.env.stack.addr("fraud")
         specs = {
             "d.fraud_check_1000": {"kind": "check_click", "mode": "open", "rate": self.mode.open_rate},
@@ -648,12 +649,45 @@ class Runner:
             )
             if key == "d.fraud_batch":
                 self.ratio(result, "d.fraud_check_peak")
+            elif key == "d.fraud_check_1000":
+                self.ratio(result, "d.reference_grpc_1000", of="p99_ms")
+            else:
+                self.ratio(result, "d.reference_grpc_peak")
             if result.status == AVAILABLE and result.events == 0 and result.outcomes:
                 result.status = FAILED
                 result.note = f"every call failed: {result.outcomes}"
             self.add(result)
 
         self.add(ip_lookup_case())
+
+    def reference_grpc(self) -> None:
+        """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
+        title = "bare grpc.aio+uvloop CheckClick handler (gRPC floor)"
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "bench.refgrpc", str(port)], cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")])),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 15
+            while not port_open(port) and time.monotonic() < deadline and server.poll() is None:
+                time.sleep(0.05)
+            spec = {
+                "kind": "check_click", "target": f"127.0.0.1:{port}",
+                "cpu_groups_override": {"reference": [server.pid]},
+            }
+            for key, mode in (
+                ("d.reference_grpc_1000", {"mode": "open", "rate": self.mode.open_rate}),
+                ("d.reference_grpc_peak", {"mode": "closed", "concurrency": self.mode.concurrency}),
+            ):
+                label = f"{title} at {self.mode.open_rate:,.0f}/s" if mode["mode"] == "open" else title
+                self.add(self.load_case(
+                    key, label, {**spec, **mode}, ok=lambda o: o == "OK", unit="calls/s", services=False,
+                ))
+        finally:
+            server.terminate()
+            server.wait(10)
 
     # (e) --------------------------------------------------------------
     def store(self) -> None:

@@ -80,7 +80,7 @@ def _ratio_cell(result: CaseResult) -> tuple[str, str]:
         return "", ""
     if result.ratio is None:
         return result.reference, "-"
-    what = "CPU/event" if result.ratio_of == "cpu_us_per_event" else "throughput"
+    what = {"cpu_us_per_event": "CPU/event", "p99_ms": "p99"}.get(result.ratio_of, "throughput")
     return result.reference, f"{result.ratio:.2f}x {what}"
 
 
