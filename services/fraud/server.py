@@ -22,7 +22,7 @@ from services.fraud.config import Settings
 from services.fraud.engine import FraudEngine
 from services.fraud.ipintel import IpIntel, IpIntelHolder, IpList
 from services.fraud.servicer import FraudServicer
-from services.fraud.store import Alert, FraudStore
+from services.fraud.store import Alert, FraudStore, RedisClient
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     return {f"/{FRAUD_SERVICE}/{method.name}": settings.internal_token for method in service.methods}
 
 
-def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> aioredis.Redis:
+def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> RedisClient:
     """A client whose every call is bounded: a hung Redis costs a timeout, a dead one fails at once.
 
     One retry without backoff lets a pooled connection that died with a
@@ -43,6 +43,17 @@ def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> aioredis.R
     recovers by itself.
     """
     timeout = (settings.redis_timeout_ms + extra_timeout_ms) / 1000
+    if settings.redis_cluster:
+        # The URL names one node; the client learns the slot map from it and
+        # follows MOVED/ASK when the cluster reshards or fails over.
+        return aioredis.RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=settings.redis_timeout_ms / 1000,
+            retry=Retry(NoBackoff(), 1),
+            max_connections=settings.redis_max_connections,
+            health_check_interval=30,
+        )
     return aioredis.Redis.from_url(
         settings.redis_url,
         socket_timeout=timeout,
@@ -64,8 +75,8 @@ class FraudService:
     server: RunningServer
     engine: FraudEngine
     servicer: FraudServicer
-    redis: aioredis.Redis
-    watch_redis: aioredis.Redis
+    redis: RedisClient
+    watch_redis: RedisClient
     intel: IpIntelHolder
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _sighup_installed: bool = False

@@ -72,6 +72,7 @@ from services.fraud.resp import RespClient, RespConnectionError, RespError, Resp
 logger = logging.getLogger(__name__)
 
 K = TypeVar("K")
+RedisClient = aioredis.Redis | aioredis.RedisCluster
 
 # KEYS[1] the bucket's tag key (routing only); ARGV[1] the bucket's key
 # prefix; ARGV[2] operations, one a line, fields tab-separated:
@@ -286,11 +287,15 @@ class _Batch:
 class FraudStore:
     """Counters, dedup and alerts in Redis; methods raise ``Unavailable`` when it is down."""
 
-    def __init__(self, client: aioredis.Redis, config: StoreConfig, fast: RespClient | None = None) -> None:
+    def __init__(self, client: RedisClient, config: StoreConfig, fast: RespClient | None = None) -> None:
         self.client = client
         # The check pipeline (the hot path) goes through the minimal RESP
-        # client when it speaks the connection's protocol; redis-py does the rest.
-        self.fast = fast if fast is not None else RespClient.like(client)
+        # client when it speaks the connection's protocol; redis-py does the
+        # rest, and all of it on a cluster (its pipeline sends each shard its
+        # script calls, the shards in parallel: one round trip per shard).
+        if fast is None and isinstance(client, aioredis.Redis):
+            fast = RespClient.like(client)
+        self.fast = fast
         self.config = config
         self.prefix = f"{config.prefix}:fraud"
         self.alerts_key = f"{self.prefix}:{{alerts}}"
@@ -368,7 +373,10 @@ class FraudStore:
                 )
             async with self.client.pipeline(transaction=False) as pipe:
                 for tag, prefix, text in calls:
-                    pipe.evalsha(sha, 1, tag, prefix, text)
+                    # execute_command, not evalsha(): redis-py's cluster
+                    # pipeline refuses the method but routes the command by
+                    # its key (the bucket's tag), which is what a script needs.
+                    pipe.execute_command("EVALSHA", sha, 1, tag, prefix, text)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
         except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
             raise _redis_unavailable(error) from error
@@ -628,7 +636,7 @@ class FraudStore:
             raise _redis_unavailable(error) from error
         return [_text(i) for i in ids[:-1]]
 
-    async def last_alert_id(self, client: aioredis.Redis | None = None) -> str:
+    async def last_alert_id(self, client: RedisClient | None = None) -> str:
         try:
             entries = await (client or self.client).xrevrange(self.alerts_key, count=1)
         except (RedisConnectionError, RedisTimeoutError) as error:
@@ -636,7 +644,7 @@ class FraudStore:
         return _text(entries[0][0]) if entries else "0-0"
 
     async def read_alerts(
-        self, after_id: str, block_ms: int, client: aioredis.Redis | None = None, count: int = 100
+        self, after_id: str, block_ms: int, client: RedisClient | None = None, count: int = 100
     ) -> list[Alert]:
         """Alerts after ``after_id``, waiting up to ``block_ms`` for the first one."""
         try:
