@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from services.attribution.migrate import migrate_url
 from services.common import embedded
 from services.fraud.ipintel import IpIntelHolder
+from tests.support import TEST_REPORTS
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_IPINTEL = REPO.parent / "shared" / "data" / "ipintel"
@@ -144,3 +145,10 @@ def ipintel_dir() -> Path:
 def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
     """The shared lists loaded once for every in-process fraud service (a load takes about half a second)."""
     return IpIntelHolder(ipintel_dir)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for title, lines in TEST_REPORTS.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -14,6 +14,10 @@ from grpc_status import rpc_status
 
 from services.attribution.config import Settings
 
+# Measurements tests want a reader to see whether they pass (titled lines),
+# printed at the end of the run by tests/conftest.py's terminal summary.
+TEST_REPORTS: dict[str, list[str]] = {}
+
 
 def free_port() -> int:
     """A port nobody listens on (bound, then released)."""
