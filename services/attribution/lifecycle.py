@@ -326,7 +326,6 @@ class Lifecycle:
             customer_id=c.customer_id or "", ip=str(request.get("ip") or ""),
             user_agent=str(request.get("user_agent") or ""),
             occurred_at=to_timestamp(c.occurred_at), received_at=to_timestamp(c.received_at),
-            rescore=True,
         )
         if c.click_id and c.click_created_at:
             clicks = await click_store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])

@@ -151,7 +151,6 @@ class ConversionEvent:
     user_agent: str
     occurred_at: datetime
     received_at: datetime
-    rescore: bool = False  # checked before (fraud was down or late): read the counters, add nothing
 
 
 @dataclass(frozen=True)

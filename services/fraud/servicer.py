@@ -176,7 +176,6 @@ def _conversion_event(request: pb.CheckConversionRequest, read: _Reader) -> doma
         user_agent=read.text("user_agent", request.user_agent, MAX_USER_AGENT_LENGTH),
         occurred_at=occurred_at,
         received_at=received_at,
-        rescore=request.rescore,
     )
 
 

@@ -499,16 +499,13 @@ class FraudStore:
     ) -> tuple[list[ConversionCounters], list[Alert]]:
         cfg = self.config
         batch = _Batch(cfg.key_buckets)
-        # A re-score (``rescore``) was counted when it was first checked, if
-        # it got that far: it reads the counters without adding to them, so
-        # re-scoring after an outage cannot push real customers over a limit.
-        by_ip: dict[tuple[str, str, bool], list[int]] = {}
+        by_ip: dict[tuple[str, str], list[int]] = {}
         by_code: dict[tuple[str, str], list[int]] = {}
         spread_at: dict[int, int] = {}
         ip_keys = [subscriber_key(event.ip) if event.ip else "" for event in events]
         for index, event in enumerate(events):
             if event.ip:
-                by_ip.setdefault((event.campaign_id, ip_keys[index], event.rescore), []).append(index)
+                by_ip.setdefault((event.campaign_id, ip_keys[index]), []).append(index)
             if event.coupon_code and event.coupon_kind is CouponKind.EXCLUSIVE:
                 by_code.setdefault((event.campaign_id, event.coupon_code), []).append(index)
             if event.coupon_code and event.coupon_kind is CouponKind.UNIQUE:
@@ -517,21 +514,21 @@ class FraudStore:
                     "H", f"code:{event.campaign_id}:{event.coupon_code}", ip_keys[index], event.user_agent.strip(),
                     ttl, cfg.code_max_distinct, ttl,
                 )
-        ip_at: dict[tuple[str, str, bool], int] = {}
-        for (campaign_id, ip, rescore), members in by_ip.items():
+        ip_at: dict[tuple[str, str], int] = {}
+        for (campaign_id, ip), members in by_ip.items():
             now = max(_ms(events[i].received_at) for i in members)
-            ip_at[(campaign_id, ip, rescore)] = batch.add(
-                "W", f"cip:{campaign_id}:{ip}", now, 0 if rescore else len(members), 2 * 86400 * 1000, 86_400_000
+            ip_at[(campaign_id, ip)] = batch.add(
+                "W", f"cip:{campaign_id}:{ip}", now, len(members), 2 * 86400 * 1000, 86_400_000
             )
         code_at: dict[tuple[str, str], int] = {}
         for (campaign_id, code), members in by_code.items():
             now = max(_ms(events[i].received_at) for i in members)
             code_at[(campaign_id, code)] = self._spike(
-                batch, f"code:{campaign_id}:{code}", now, sum(not events[i].rescore for i in members),
-                cfg.spike_window_seconds, cfg.spike_baseline_seconds, cfg.spike_min_volume, cfg.spike_factor,
+                batch, f"code:{campaign_id}:{code}", now, len(members), cfg.spike_window_seconds,
+                cfg.spike_baseline_seconds, cfg.spike_min_volume, cfg.spike_factor,
             )
         answers = await self._run(batch)
-        ip_behind = _positions({key: members for key, members in by_ip.items() if not key[2]})
+        ip_behind = _positions(by_ip)
         spikes = _spikes(answers, code_at)
 
         counters: list[ConversionCounters] = []
@@ -539,8 +536,8 @@ class FraudStore:
         for index, event in enumerate(events):
             per_ip = 0.0
             if event.ip:
-                estimate = int(answers[ip_at[(event.campaign_id, ip_keys[index], event.rescore)]][0]) / 1000
-                per_ip = max(0.0, estimate - ip_behind.get(index, 0))
+                estimate = int(answers[ip_at[(event.campaign_id, ip_keys[index])]][0]) / 1000
+                per_ip = max(0.0, estimate - ip_behind[index])
             ips = devices = 0
             if index in spread_at:
                 ips, devices, newly = (int(x) for x in answers[spread_at[index]])

@@ -208,24 +208,6 @@ async def test_conversion_velocity_rejects_the_excess(stub: fraud_pb2_grpc.Fraud
     assert other_campaign.action == ALLOW
 
 
-async def test_a_rescore_reads_the_counters_without_adding(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
-    first = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.19")) for i in range(2)]
-    # After an outage the attribution service re-scores both, twice.
-    again = [
-        await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.19", rescore=True))
-        for _ in range(2) for i in range(2)
-    ]
-    assert [v.action for v in first + again] == [ALLOW] * 6
-    # The IP has two orders, not six: the third is allowed, the fourth is the excess.
-    third, fourth = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.19")) for i in (2, 3)]
-    assert third.action == ALLOW and fourth.action == REJECT
-    assert "conversion_velocity" in codes(fourth)
-    # A re-score judges by the counts as they stand (it cannot tell its own
-    # place among the IP's orders): past the limit now, it is flagged too.
-    late = await stub.CheckConversion(conversion(order_id="o-0", ip="81.2.69.19", rescore=True))
-    assert "conversion_velocity" in codes(late)
-
-
 async def test_ctit_and_late_report(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     now = datetime.now(UTC)
 
