@@ -6,9 +6,10 @@ Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
     P:fraud:{bNN}:ip:<ip>                              click velocity windows of an IP
     P:fraud:{bNN}:cip:<campaign>:<ip>                  conversions of an IP in a campaign
       (<ip>: an IPv4 address, or an IPv6 address's /64, see ipintel.subscriber_key)
+    P:fraud:{bNN}:cip:<campaign>:<ip>:o:<order>        the order's count there (each order counts once)
     P:fraud:{bNN}:aff:<campaign>:<affiliate>:rate|:alerted      affiliate click rate (AFFILIATE_BURST)
     P:fraud:{bNN}:code:<campaign>:<code>:ips|:devices|:leaked  UNIQUE code spread (HyperLogLog)
-    P:fraud:{bNN}:code:<campaign>:<code>:rate|:alerted         EXCLUSIVE code rate (CODE_SPIKE)
+    P:fraud:{bNN}:code:<campaign>:<code>:rate|:alerted|:o:<order>  EXCLUSIVE code rate (CODE_SPIKE)
     P:fraud:{bNN}:rule:<signal>:rate|:alerted          signal rate (RULE_SURGE)
     P:fraud:{alerts}                                   the alert stream (XADD MAXLEN ~)
 
@@ -78,8 +79,11 @@ RedisClient = aioredis.Redis | aioredis.RedisCluster
 # prefix; ARGV[2] operations, one a line, fields tab-separated:
 #   D subject owner ttl_ms                      dedup -> '' if ours now, else the owner
 #   W subject now_ms inc ttl_ms window_ms...    windows -> each estimate x1000
-#   S subject now_ms inc ttl_ms short_ms long_ms min_volume factor flag_ttl_ms
+#   S subject now_ms inc ttl_ms short_ms long_ms min_volume factor flag_ttl_ms [ids]
 #                                               spike -> short x1000, baseline x1000, state
+#   O subject now_ms ttl_ms window_ms ids       once-per-order window -> each order's count x1000
+# ``ids`` are order ids joined by \x1f ('' for an order without one): each
+# order counts once; one seen before answers its count as it was then.
 #   H subject ip device ttl_ms max flag_ttl_ms  spread -> ips, devices, newly leaked
 # Answers: one line per operation, fields tab-separated.
 # Spike state: 0 calm, 1 spiking, 2 spiking and this call is the first to
@@ -134,6 +138,18 @@ end
 
 local function milli(x) return string.format('%d', math.floor(x * 1000)) end
 
+-- Which orders of ids_text this key has counted before (their stored
+-- answers), and how many are new. Guards live beside the key, in its slot.
+local function seen_orders(key, ids_text)
+  local ids, seen, fresh = split(ids_text, '\31'), {}, 0
+  for i, id in ipairs(ids) do
+    local prev = false
+    if id ~= '' then prev = redis.call('GET', key .. ':o:' .. id) end
+    if prev then seen[i] = prev else fresh = fresh + 1 end
+  end
+  return ids, seen, fresh
+end
+
 local answers = {}
 for _, line in ipairs(split(ARGV[2], '\n')) do
   local f = split(line, '\t')
@@ -155,6 +171,14 @@ for _, line in ipairs(split(ARGV[2], '\n')) do
     local now, inc = tonumber(f[3]), tonumber(f[4])
     local short_ms, long_ms = tonumber(f[6]), tonumber(f[7])
     local rate = key .. ':rate'
+    if f[11] then
+      local ids, seen, fresh = seen_orders(key, f[11])
+      inc = fresh
+      for i, id in ipairs(ids) do
+        if id ~= '' and not seen[i] then redis.call('SET', key .. ':o:' .. id, '1', 'PX', f[5]) end
+      end
+    end
+    local had_history = redis.call('HEXISTS', rate, '1b') == 1
     local estimates = hit(rate, now, inc, {short_ms, long_ms})
     local short, long = estimates[1], estimates[2]
     redis.call('PEXPIRE', rate, f[5])
@@ -163,7 +187,12 @@ for _, line in ipairs(split(ARGV[2], '\n')) do
     -- two hours ago has two hours of history, not a quiet rest of the day.
     -- With no full window behind it, it has no usual rate yet (baseline 0).
     local first = tonumber(redis.call('HGET', rate, 'first'))
-    if first == nil or now < first then
+    if first == nil and had_history then
+      -- Counted before first-seen times were kept: assume a full history
+      -- rather than a cold start that would make every busy subject spike.
+      first = now - long_ms
+      redis.call('HSET', rate, 'first', first)
+    elseif first == nil or now < first then
       redis.call('HSET', rate, 'first', now); first = now
     end
     local periods = long_ms / short_ms - 1
@@ -181,6 +210,22 @@ for _, line in ipairs(split(ARGV[2], '\n')) do
       if redis.call('SET', key .. ':alerted', '1', 'NX', 'PX', f[10]) then state = 2 end
     end
     answers[#answers + 1] = milli(short) .. '\t' .. milli(baseline) .. '\t' .. state
+  elseif op == 'O' then
+    local now, window = tonumber(f[3]), tonumber(f[5])
+    local ids, seen, fresh = seen_orders(key, f[6])
+    local estimate = hit(key, now, fresh, {window})[1]
+    redis.call('PEXPIRE', key, f[4])
+    local out, j = {}, 0
+    for i, id in ipairs(ids) do
+      if seen[i] then
+        out[i] = seen[i]
+      else
+        j = j + 1
+        out[i] = milli(estimate - (fresh - j))
+        if id ~= '' then redis.call('SET', key .. ':o:' .. id, out[i], 'PX', f[4]) end
+      end
+    end
+    answers[#answers + 1] = table.concat(out, '\t')
   elseif op == 'H' then
     local ips_key, devices_key = key .. ':ips', key .. ':devices'
     if f[3] ~= '' then redis.call('PFADD', ips_key, f[3]) end
@@ -416,11 +461,14 @@ class FraudStore:
 
     def _spike(
         self, batch: _Batch, subject: str, now_ms: int, inc: int, window: int, baseline: int,
-        min_volume: int, factor: float,
+        min_volume: int, factor: float, order_ids: str | None = None,
     ) -> int:
         # One alert per episode: the flag outlives a few windows of the spike.
-        return batch.add("S", subject, now_ms, inc, 2 * baseline * 1000, window * 1000, baseline * 1000,
-                         min_volume, factor, window * 1000 * 6)
+        fields: list[object] = [now_ms, inc, 2 * baseline * 1000, window * 1000, baseline * 1000,
+                                min_volume, factor, window * 1000 * 6]
+        if order_ids is not None:
+            fields.append(order_ids)
+        return batch.add("S", subject, *fields)
 
     # -- clicks ----------------------------------------------------------------
 
@@ -514,21 +562,24 @@ class FraudStore:
                     "H", f"code:{event.campaign_id}:{event.coupon_code}", ip_keys[index], event.user_agent.strip(),
                     ttl, cfg.code_max_distinct, ttl,
                 )
+        # Counters of conversions count each order once (guards keyed by the
+        # order id): a retried check or a re-score after an outage answers
+        # the order's own count as it was, and adds nothing.
         ip_at: dict[tuple[str, str], int] = {}
         for (campaign_id, ip), members in by_ip.items():
             now = max(_ms(events[i].received_at) for i in members)
             ip_at[(campaign_id, ip)] = batch.add(
-                "W", f"cip:{campaign_id}:{ip}", now, len(members), 2 * 86400 * 1000, 86_400_000
+                "O", f"cip:{campaign_id}:{ip}", now, 2 * 86400 * 1000, 86_400_000, _order_ids(events, members)
             )
         code_at: dict[tuple[str, str], int] = {}
         for (campaign_id, code), members in by_code.items():
             now = max(_ms(events[i].received_at) for i in members)
             code_at[(campaign_id, code)] = self._spike(
                 batch, f"code:{campaign_id}:{code}", now, len(members), cfg.spike_window_seconds,
-                cfg.spike_baseline_seconds, cfg.spike_min_volume, cfg.spike_factor,
+                cfg.spike_baseline_seconds, cfg.spike_min_volume, cfg.spike_factor, _order_ids(events, members),
             )
         answers = await self._run(batch)
-        ip_behind = _positions(by_ip)
+        ip_slot = {index: slot for members in by_ip.values() for slot, index in enumerate(members)}
         spikes = _spikes(answers, code_at)
 
         counters: list[ConversionCounters] = []
@@ -536,8 +587,7 @@ class FraudStore:
         for index, event in enumerate(events):
             per_ip = 0.0
             if event.ip:
-                estimate = int(answers[ip_at[(event.campaign_id, ip_keys[index])]][0]) / 1000
-                per_ip = max(0.0, estimate - ip_behind[index])
+                per_ip = int(answers[ip_at[(event.campaign_id, ip_keys[index])]][ip_slot[index]]) / 1000
             ips = devices = 0
             if index in spread_at:
                 ips, devices, newly = (int(x) for x in answers[spread_at[index]])
@@ -697,6 +747,11 @@ def _spikes(answers: Sequence[list[str]], handles: dict[K, int]) -> dict[K, _Spi
         short, baseline, state = answers[handle]
         spikes[key] = _Spike(int(short) / 1000, int(baseline) / 1000, int(state))
     return spikes
+
+
+def _order_ids(events: Sequence[ConversionEvent], members: Sequence[int]) -> str:
+    """The members' order ids for a once-per-order operation (ids never hold control characters)."""
+    return "\x1f".join(events[i].order_id for i in members)
 
 
 def _positions(groups: dict[Any, list[int]]) -> dict[int, int]:

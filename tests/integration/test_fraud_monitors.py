@@ -285,6 +285,19 @@ async def test_an_affiliate_near_its_usual_rate_raises_no_burst(start: StartFrau
     assert [a.detail for a in await fraud.alerts() if a.kind == BURST] == []
 
 
+async def test_a_rate_counted_before_first_seen_times_is_no_cold_start(start: StartFraud) -> None:
+    """Rates written by a version that kept no first-seen time must not all look brand new after an upgrade."""
+    fraud = await start()
+    now = datetime.now(UTC)
+    assert await click_history(fraud.store, ["aff-old"], 120, FULL_HISTORY, now) == []
+    client = fraud.store.client
+    rates = [key async for key in client.scan_iter(match=f"{fraud.store.prefix}:*aff:{CAMPAIGN}:aff-old:rate")]
+    assert len(rates) == 1 and await client.hdel(rates[0], "first") == 1
+    verdicts = await fraud.clicks([click(n, "aff-old", now) for n in range(220)])
+    assert all(v.action == ALLOW for v in verdicts)
+    assert [a.detail for a in await fraud.alerts() if a.kind == BURST] == []
+
+
 # ---------------------------------------------------------------- RULE_SURGE
 
 

@@ -208,6 +208,23 @@ async def test_conversion_velocity_rejects_the_excess(stub: fraud_pb2_grpc.Fraud
     assert other_campaign.action == ALLOW
 
 
+async def test_each_order_counts_once_however_often_it_is_checked(
+    stub: fraud_pb2_grpc.FraudServiceAsyncStub,
+) -> None:
+    first = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.19")) for i in range(3)]
+    # Retries and re-scores after an outage (singly and in a batch) are the same orders.
+    again = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.19")) for i in range(3)]
+    batch = pb.CheckConversionBatchRequest(requests=[conversion(order_id=f"o-{i}", ip="81.2.69.19") for i in range(3)])
+    in_batch = list((await stub.CheckConversionBatch(batch)).verdicts)
+    assert [v.action for v in first + again + in_batch] == [ALLOW] * 9
+    # The IP has three orders, not nine: the fourth is the excess, and stays so.
+    fourth = await stub.CheckConversion(conversion(order_id="o-3", ip="81.2.69.19"))
+    assert fourth.action == REJECT and "conversion_velocity" in codes(fourth)
+    assert (await stub.CheckConversion(conversion(order_id="o-3", ip="81.2.69.19"))).action == REJECT
+    # An order judged in its place keeps it: the first is still allowed.
+    assert (await stub.CheckConversion(conversion(order_id="o-0", ip="81.2.69.19"))).action == ALLOW
+
+
 async def test_ctit_and_late_report(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     now = datetime.now(UTC)
 
