@@ -290,8 +290,9 @@ class _Judged:
             external_click_id=click.external_click_id,
             campaign_id=click.campaign_id,
             affiliate_id=click.affiliate_id,
-            # The code the link carried, tracked or not: a code tried from
-            # many places is a signal whether or not it passed its rules.
+            # The code the link carried, tracked or not (part of the contract
+            # for the fraud service's rules; click rules do not use it yet). A
+            # malformed one is no code at all and would fail its validation.
             coupon_code=click.coupon_code if click.coupon_well_formed else "",
             ip=click.ip,
             user_agent=click.user_agent,

@@ -174,8 +174,8 @@ class CrawlerRanges:
 
 # Real user agents are 100 to 300 characters and a few thousand of them make
 # most traffic. The cache holds at most CACHE_SIZE entries of at most
-# CACHED_UA_MAX characters (about 12 MB), so a flood of unique long user
-# agents can neither grow the process nor push the common ones out for long.
+# CACHED_UA_MAX characters (about 12 MB of ASCII; user agents are ASCII in
+# practice), so a flood of unique long user agents cannot grow the process.
 CACHE_SIZE = 16384
 CACHED_UA_MAX = 512
 

@@ -19,6 +19,7 @@ check that raised it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -57,6 +58,7 @@ class FraudEngine:
         self.bots = bots
         self._signal_counts: Counter[str] = Counter()
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
         self._clicks = MicroBatcher[domain.ClickEvent, domain.Verdict](
             self._click_batch, max_batch=512, max_in_flight=1, name="fraud-clicks",
             size_histogram=metrics.COALESCED_CHECKS, min_interval=check_linger_ms / 1000,
@@ -109,6 +111,7 @@ class FraudEngine:
             self._conversion_batch_seconds.observe(time.perf_counter() - started)
 
     async def close(self) -> None:
+        self._closing.set()
         await self._clicks.close()
         await self._conversions.close()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -175,13 +178,15 @@ class FraudEngine:
                 await self.store.add_alerts(alerts)
                 break
             except Unavailable:
-                if pause is None:
+                if pause is None or self._closing.is_set():
                     logger.error(
                         "could not write %d fraud alerts to the stream after %d tries: %s",
                         len(alerts), attempt + 1, "; ".join(alert.detail for alert in alerts),
                     )
                     return
-                await asyncio.sleep(pause)
+                # A stopping service makes its last try at once, not after the pause.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), pause)
         for alert in alerts:
             metrics.ALERTS_TOTAL.labels(_ALERT_LABELS.get(alert.kind, "unknown")).inc()
             logger.warning("fraud alert: %s", alert.detail)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -42,26 +43,21 @@ def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> RedisClien
     restarted Redis be replaced transparently, which is how the service
     recovers by itself.
     """
-    timeout = (settings.redis_timeout_ms + extra_timeout_ms) / 1000
+    bounds: dict[str, Any] = {
+        "socket_timeout": (settings.redis_timeout_ms + extra_timeout_ms) / 1000,
+        "socket_connect_timeout": settings.redis_timeout_ms / 1000,
+        "max_connections": settings.redis_max_connections,
+        "health_check_interval": 30,
+    }
     if settings.redis_cluster:
         # The URL names one node; the client learns the slot map from it and
-        # follows MOVED/ASK when the cluster reshards or fails over.
-        return aioredis.RedisCluster.from_url(
-            settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=settings.redis_timeout_ms / 1000,
-            retry=Retry(NoBackoff(), 1),
-            max_connections=settings.redis_max_connections,
-            health_check_interval=30,
-        )
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=timeout,
-        socket_connect_timeout=settings.redis_timeout_ms / 1000,
-        retry=Retry(NoBackoff(), 1),
-        max_connections=settings.redis_max_connections,
-        health_check_interval=30,
-    )
+        # follows MOVED/ASK when the cluster reshards or fails over. No
+        # retries of its own: on a failure the cluster client closes every
+        # connection and sleeps before retrying, which would stall the other
+        # checks in flight; a failed check answers UNAVAILABLE instead and the
+        # next one finds the new slot map.
+        return aioredis.RedisCluster.from_url(settings.redis_url, retry=Retry(NoBackoff(), 0), **bounds)
+    return aioredis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 1), **bounds)
 
 
 def _publish_intel_metrics(intel: IpIntel) -> None:

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import Unavailable
@@ -74,6 +74,10 @@ logger = logging.getLogger(__name__)
 
 K = TypeVar("K")
 RedisClient = aioredis.Redis | aioredis.RedisCluster
+# Redis failing us, as opposed to a bug of ours: answered UNAVAILABLE. A
+# cluster adds its own (no reachable node, CLUSTERDOWN and READONLY during a
+# failover); RedisClusterException is not a RedisError.
+_REDIS_DOWN = (RedisError, RedisClusterException, RespConnectionError, RespTimeoutError)
 
 # KEYS[1] the bucket's tag key (routing only); ARGV[1] the bucket's key
 # prefix; ARGV[2] operations, one a line, fields tab-separated:
@@ -382,7 +386,7 @@ class FraudStore:
                 except ResponseError:
                     standalone = False
             self._single_call = self.config.single_call_when_standalone and standalone
-        except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
+        except _REDIS_DOWN as error:
             raise _redis_unavailable(error) from error
 
     def _script_calls(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, str]], dict[int, int]]:
@@ -423,7 +427,7 @@ class FraudStore:
                     # its key (the bucket's tag), which is what a script needs.
                     pipe.execute_command("EVALSHA", sha, 1, tag, prefix, text)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
-        except (RedisConnectionError, RedisTimeoutError, RespConnectionError, RespTimeoutError) as error:
+        except _REDIS_DOWN as error:
             raise _redis_unavailable(error) from error
         return results
 
@@ -682,14 +686,14 @@ class FraudStore:
                 # deployment's alerts still go away after a month.
                 pipe.expire(self.alerts_key, 30 * 86400)
                 ids = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError) as error:
+        except _REDIS_DOWN as error:
             raise _redis_unavailable(error) from error
         return [_text(i) for i in ids[:-1]]
 
     async def last_alert_id(self, client: RedisClient | None = None) -> str:
         try:
             entries = await (client or self.client).xrevrange(self.alerts_key, count=1)
-        except (RedisConnectionError, RedisTimeoutError) as error:
+        except _REDIS_DOWN as error:
             raise _redis_unavailable(error) from error
         return _text(entries[0][0]) if entries else "0-0"
 
@@ -701,7 +705,7 @@ class FraudStore:
             answer: Any = await (client or self.client).xread(
                 {self.alerts_key: after_id}, count=count, block=block_ms
             )
-        except (RedisConnectionError, RedisTimeoutError) as error:
+        except _REDIS_DOWN as error:
             raise _redis_unavailable(error) from error
         alerts: list[Alert] = []
         for _stream, entries in answer or []:

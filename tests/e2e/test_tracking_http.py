@@ -104,7 +104,7 @@ BAD_CLICKS: list[tuple[str, str, dict[str, str], int, str | None]] = [
     ("sub id over 256 bytes", PLAIN + "&sub1=" + "x" * 257, {}, 400, "sub1"),
     # 129 characters, 258 bytes: the limit counts UTF-8 bytes, not characters.
     ("sub id over 256 UTF-8 bytes", PLAIN + "&sub4=" + "%C3%A9" * 129, {}, 400, "sub4"),
-    ("coupon over 256 bytes", PLAIN + "&coupon=" + "A" * 257, {}, 400, "coupon"),
+    ("coupon over 64 bytes (the longest legal code)", PLAIN + "&coupon=" + "A" * 65, {}, 400, "coupon"),
     ("user agent over 1 KB", PLAIN, {"User-Agent": HUGE_UA}, 400, "user_agent"),
     ("unknown campaign", "campaign_id=nope&aff_id=aff-a", {}, 404, None),
 ]
@@ -219,9 +219,13 @@ async def test_a_coupon_that_cannot_be_a_code_redirects_untracked(live: LiveWorl
     assert response.status == 302, await response.text()
     location = urlsplit(response.headers["Location"])
     click_id = response.headers["X-Ascribe-Click-Id"]
-    assert location.netloc == "shop.example" and parse_qs(location.query)["click_id"] == [click_id]
+    query = parse_qs(location.query)
+    assert location.netloc == "shop.example" and query["click_id"] == [click_id]
+    # The landing page gets the code as the visitor typed it (upper-cased), safely encoded.
+    assert query["coupon"] == [code.upper()]
     click = await live.get_click(click_id)
-    assert click.coupon_code == "" and "unknown_coupon" in click.reasons
+    assert click.coupon_code == "" and click.requested_coupon_code == code.upper()
+    assert "unknown_coupon" in click.reasons
     # A mistyped code costs the affiliate nothing: the click itself stays accepted.
     assert click.decision == pb.CLICK_DECISION_ACCEPTED
     assert response.headers["X-Ascribe-Decision"] == "accepted"

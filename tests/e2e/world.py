@@ -78,7 +78,7 @@ async def live(
             # answer a fraud check; these tests tell "fraud is down" from "fraud
             # said allow", which a late answer would blur. (The deadline itself
             # is tested in tests/integration/test_clicks.py.)
-            "ASCRIBE_FRAUD_DEADLINE_MS": "250",
+            "ASCRIBE_FRAUD_DEADLINE_MS": "1000",
         },
     )
     await asyncio.to_thread(stack.start)

@@ -189,3 +189,26 @@ async def test_the_service_checks_and_alerts_through_the_cluster(
             with redis.Redis(port=node.port) as client:
                 for key in list(client.scan_iter(match=f"{redis_prefix}v:*", count=1000)):
                     client.delete(key)
+
+
+async def test_a_cluster_that_is_down_answers_unavailable(
+    redis_prefix: str, ipintel_dir: Path, shared_intel: IpIntelHolder
+) -> None:
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{cluster_port()}/0", redis_cluster=True, addr="127.0.0.1:0", metrics_port=0,
+        ipintel_dir=ipintel_dir, redis_timeout_ms=200, store=StoreConfig(prefix=f"{redis_prefix}d"),
+    )
+    service = await start_fraud(settings, handle_sighup=False, intel=shared_intel)  # starts all the same
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CheckClick(
+                    pb.CheckClickRequest(click_id="c", campaign_id="camp", ip="81.2.69.7", user_agent=BROWSER),
+                    timeout=5,
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+            assert time.monotonic() - started < 5
+    finally:
+        await service.stop(grace_seconds=0.5)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.common import embedded
 from services.fraud.config import Settings
@@ -18,7 +19,8 @@ from services.fraud.server import start_fraud
 from services.fraud.store import StoreConfig
 
 DEADLINE_SECONDS = 1.0
-PRODUCTION_DEADLINE_SECONDS = 0.05  # ASCRIBE_FRAUD_DEADLINE_MS's default
+# Shorter than the socket timeout (200 ms here), with room for a loaded CI machine.
+SHORT_DEADLINE_SECONDS = 0.12
 
 
 async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipintel_dir: Path) -> None:
@@ -49,20 +51,23 @@ async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipin
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
                 assert time.monotonic() - started < DEADLINE_SECONDS
-                # The attribution service's deadline (50 ms) is shorter than the
-                # socket timeout: the check still answers UNAVAILABLE inside it.
+                # A caller's deadline shorter than the socket timeout (the
+                # attribution service's is 50 ms): the check still answers
+                # UNAVAILABLE inside it, and the metric counts the hung Redis.
+                errors_before = REGISTRY.get_sample_value("ascribe_fraud_redis_errors_total") or 0.0
                 for call, message in (
                     (stub.CheckClick, request),
                     (stub.CheckClickBatch, pb.CheckClickBatchRequest(requests=[request] * 3)),
                 ):
                     started = time.monotonic()
                     try:
-                        await call(message, timeout=PRODUCTION_DEADLINE_SECONDS)
+                        await call(message, timeout=SHORT_DEADLINE_SECONDS)
                         raise AssertionError("a check succeeded with Redis hung")
                     except grpc.aio.AioRpcError as error:
                         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-                        assert "deadline" in (error.details() or "")
-                    assert time.monotonic() - started < PRODUCTION_DEADLINE_SECONDS + 0.02
+                    assert time.monotonic() - started < SHORT_DEADLINE_SECONDS + 0.1
+                errors = REGISTRY.get_sample_value("ascribe_fraud_redis_errors_total") or 0.0
+                assert errors - errors_before >= 2
             finally:
                 os.kill(redis_server.process.pid, signal.SIGCONT)
             assert (await stub.CheckClick(request, timeout=DEADLINE_SECONDS)).action == pb.VERDICT_ACTION_ALLOW

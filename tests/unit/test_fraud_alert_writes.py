@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,3 +53,13 @@ async def test_tries_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     store = BlinkingStore(failures=10)
     await engine_with(store, tmp_path)._raise_alerts([LEAK])
     assert store.tries == 3 and store.written == []
+
+
+async def test_a_stopping_engine_tries_once_more_at_once_and_stops(tmp_path: Path) -> None:
+    store = BlinkingStore(failures=10)
+    fraud = engine_with(store, tmp_path)
+    fraud._raise_alerts_later([LEAK])  # its first pause is 0.2 s, the next ones longer
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await fraud.close()
+    assert time.monotonic() - started < 0.15 and store.tries == 2
