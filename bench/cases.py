@@ -450,6 +450,25 @@ IP_LOOKUP_GOAL = Goal("<= 5 µs per lookup (p99)", "p99_ms", "<=", 0.005)
 # ---------------------------------------------------------------- cases
 
 
+@contextlib.contextmanager
+def reference_server(module: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A reference server (``python -m <module> PORT``) on a free port, stopped afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", module, str(port)], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")])),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not port_open(port) and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.05)
+        yield port, server
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 class Runner:
     """Runs the cases in order; later cases read earlier results for their ratios."""
 
@@ -520,16 +539,7 @@ class Runner:
     # (a) --------------------------------------------------------------
     def reference_redirect(self) -> None:
         key, title = "a.reference_302", "bare aiohttp+uvloop 302 handler (Python floor)"
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "bench.refserver", str(port)], cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")])),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 15
-            while not port_open(port) and time.monotonic() < deadline and server.poll() is None:
-                time.sleep(0.05)
+        with reference_server("bench.refserver") as (port, server):
             spec = {
                 "kind": "click", "mode": "closed", "concurrency": self.mode.concurrency,
                 "target": f"http://127.0.0.1:{port}", "cpu_groups_override": {"reference": [server.pid]},
@@ -543,9 +553,6 @@ class Runner:
                 {**spec, "mode": "open", "rate": self.mode.open_rate},
                 ok=lambda o: o == "302", services=False,
             )
-        finally:
-            server.terminate()
-            server.wait(10)
         self.add(result)
         self.add(steady)
 
@@ -663,16 +670,7 @@ class Runner:
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
         title = "bare grpc.aio+uvloop CheckClick handler (gRPC floor)"
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "bench.refgrpc", str(port)], cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "gen")])),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 15
-            while not port_open(port) and time.monotonic() < deadline and server.poll() is None:
-                time.sleep(0.05)
+        with reference_server("bench.refgrpc") as (port, server):
             spec = {
                 "kind": "check_click", "target": f"127.0.0.1:{port}",
                 "cpu_groups_override": {"reference": [server.pid]},
@@ -685,9 +683,6 @@ class Runner:
                 self.add(self.load_case(
                     key, label, {**spec, **mode}, ok=lambda o: o == "OK", unit="calls/s", services=False,
                 ))
-        finally:
-            server.terminate()
-            server.wait(10)
 
     # (e) --------------------------------------------------------------
     def store(self) -> None:

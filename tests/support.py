@@ -9,10 +9,24 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from ascribe.fraud.v1 import fraud_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.attribution.config import Settings
+
+
+def ts(at: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def signal_codes(verdict: fraud_pb2.Verdict) -> set[str]:
+    """The codes of a fraud verdict's signals."""
+    return {s.code for s in verdict.signals}
+
 
 # Measurements tests want a reader to see whether they pass (titled lines),
 # printed at the end of the run by tests/conftest.py's terminal summary.

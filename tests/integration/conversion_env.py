@@ -14,22 +14,15 @@ import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution.server import AttributionService, start_attribution
-from tests.support import Clock, attribution_settings, fraud_settings, free_port
+from tests.support import Clock, attribution_settings, fraud_settings, free_port, ts
 
 _order_ids = itertools.count(1)
 BROWSER_UA = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/131.0.0.0 Safari/537.36"
 )
-
-
-def ts(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
 
 
 @dataclass

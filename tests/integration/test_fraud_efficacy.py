@@ -30,13 +30,12 @@ import redis.asyncio as aioredis
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
 from fake_useragent.utils import load as load_browser_user_agents
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.fraud.config import Settings
 from services.fraud.ipintel import IpInfo, IpIntel
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import StoreConfig
-from tests.support import TEST_REPORTS
+from tests.support import TEST_REPORTS, ts
 
 SEED = 20240611
 CLEAN = "clean"
@@ -91,12 +90,6 @@ IN_APP = [
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 "
     "[Pinterest/iOS]",
 ]
-
-
-def ts(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
 
 
 def _entries(path: Path) -> list[str]:

@@ -23,7 +23,6 @@ import pytest
 import redis.asyncio as aioredis
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
 
 from services.fraud.config import Settings
@@ -31,6 +30,7 @@ from services.fraud.domain import ClickEvent
 from services.fraud.ipintel import IpIntelHolder
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import Alert, FraudStore, StoreConfig
+from tests.support import signal_codes, ts
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -44,16 +44,6 @@ BURST, SURGE = pb.ALERT_KIND_AFFILIATE_BURST, pb.ALERT_KIND_RULE_SURGE
 ALLOW, REVIEW, REJECT = pb.VERDICT_ACTION_ALLOW, pb.VERDICT_ACTION_REVIEW, pb.VERDICT_ACTION_REJECT
 # Two days of history give the day-long baseline window one full day behind it.
 FULL_HISTORY = timedelta(days=2)
-
-
-def ts(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
-
-
-def codes(verdict: pb.Verdict) -> set[str]:
-    return {s.code for s in verdict.signals}
 
 
 def clean_ip(n: int, net: int = 160) -> str:
@@ -207,14 +197,14 @@ async def bot_clicks(fraud: Fraud, count: int, first: int = 0) -> None:
         [click(first + n, "bots", datetime.now(UTC), affiliate_id="", user_agent=CURL, ip=clean_ip(first + n, 170))
          for n in range(count)]
     )
-    assert all(codes(v) == {"bot_user_agent"} for v in verdicts)
+    assert all(signal_codes(v) == {"bot_user_agent"} for v in verdicts)
 
 
 async def tor_clicks(fraud: Fraud, ips: list[str]) -> None:
     verdicts = await fraud.clicks(
         [click(n, "tor", datetime.now(UTC), affiliate_id="", ip=ip) for n, ip in enumerate(ips)]
     )
-    assert all(codes(v) == {"tor_exit"} for v in verdicts)
+    assert all(signal_codes(v) == {"tor_exit"} for v in verdicts)
 
 
 # ---------------------------------------------------------------- AFFILIATE_BURST
@@ -353,12 +343,12 @@ async def test_a_rule_near_its_usual_rate_raises_no_surge(
 async def test_checks_move_the_signal_verdict_and_latency_metrics(start: StartFraud, tor_ips: list[str]) -> None:
     fraud = await start()
     now = datetime.now(UTC)
-    signal_codes = ("bot_user_agent", "tor_exit", "datacenter_ip", "vpn_ip", "ctit_short", "late_report")
+    counted_codes = ("bot_user_agent", "tor_exit", "datacenter_ip", "vpn_ip", "ctit_short", "late_report")
     verdict_labels = [(event, action) for event in ("click", "conversion") for action in ("allow", "review", "reject")]
     timings = [(event, mode) for event in ("click", "conversion") for mode in ("single", "batch")]
 
     def read() -> dict[str, float]:
-        values = {f"signal {code}": sample("ascribe_fraud_signals_total", code=code) for code in signal_codes}
+        values = {f"signal {code}": sample("ascribe_fraud_signals_total", code=code) for code in counted_codes}
         for event, action in verdict_labels:
             values[f"verdict {event} {action}"] = sample("ascribe_fraud_verdicts_total", event=event, action=action)
         for event, mode in timings:
@@ -383,11 +373,11 @@ async def test_checks_move_the_signal_verdict_and_latency_metrics(start: StartFr
         [click(4, "aff", now, user_agent=CURL), click(5, "aff", now, user_agent=CURL),
          click(6, "aff", now, ip=tor_ips[1]), click(7, "aff", now)]
     )
-    assert (bot.action, codes(bot)) == (REJECT, {"bot_user_agent"})
-    assert (tor.action, codes(tor)) == (REJECT, {"tor_exit"})
-    assert (clean.action, codes(clean)) == (ALLOW, set())
-    assert (late.action, codes(late)) == (REVIEW, {"ctit_short", "late_report"})
-    assert [(v.action, codes(v)) for v in batch] == [
+    assert (bot.action, signal_codes(bot)) == (REJECT, {"bot_user_agent"})
+    assert (tor.action, signal_codes(tor)) == (REJECT, {"tor_exit"})
+    assert (clean.action, signal_codes(clean)) == (ALLOW, set())
+    assert (late.action, signal_codes(late)) == (REVIEW, {"ctit_short", "late_report"})
+    assert [(v.action, signal_codes(v)) for v in batch] == [
         (REJECT, {"bot_user_agent"}), (REJECT, {"bot_user_agent"}), (REJECT, {"tor_exit"}), (ALLOW, set())
     ]
 

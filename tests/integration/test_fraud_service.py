@@ -17,7 +17,6 @@ import pytest
 import redis.asyncio as aioredis
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution.fraud_client import stream_verdicts
 from services.common.batch_stream import BatchStream, StreamCallError
@@ -26,7 +25,7 @@ from services.fraud.config import Settings
 from services.fraud.ipintel import IpIntelHolder
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import StoreConfig
-from tests.support import bad_request_fields
+from tests.support import bad_request_fields, signal_codes, ts
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -43,16 +42,6 @@ DATACENTER_IP = "8.8.8.8"
 TOKEN = "internal-test-token"
 
 ALLOW, REVIEW, REJECT = pb.VERDICT_ACTION_ALLOW, pb.VERDICT_ACTION_REVIEW, pb.VERDICT_ACTION_REJECT
-
-
-def ts(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
-
-
-def codes(verdict: pb.Verdict) -> set[str]:
-    return {s.code for s in verdict.signals}
 
 
 def settings_for(redis_url: str, prefix: str, ipintel_dir: Path, **overrides: object) -> Settings:
@@ -123,22 +112,22 @@ async def test_duplicate_external_click_id_owner_retry_is_not_a_duplicate(
     other = await stub.CheckClick(click(click_id="c-B", external_click_id="x-1", ip="81.2.69.143"))
     another_affiliate = await stub.CheckClick(click(click_id="c-C", external_click_id="x-1", affiliate_id="aff2"))
     assert first.action == ALLOW and retry.action == ALLOW
-    assert other.action == REJECT and codes(other) == {"duplicate_click_id"}
+    assert other.action == REJECT and signal_codes(other) == {"duplicate_click_id"}
     assert "c-A" in other.signals[0].detail
     assert another_affiliate.action == ALLOW
 
 
 async def test_anonymous_ips(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     tor = await stub.CheckClick(click(ip=TOR_IP))
-    assert tor.action == REJECT and "tor_exit" in codes(tor)
+    assert tor.action == REJECT and "tor_exit" in signal_codes(tor)
     # The README's trap: Google DNS is in the datacenter list; a click is only scored.
     datacenter_click = await stub.CheckClick(click(ip=DATACENTER_IP))
-    assert datacenter_click.action == ALLOW and codes(datacenter_click) == {"datacenter_ip"}
+    assert datacenter_click.action == ALLOW and signal_codes(datacenter_click) == {"datacenter_ip"}
     assert datacenter_click.score == 50
     datacenter_conversion = await stub.CheckConversion(conversion(ip=DATACENTER_IP))
-    assert datacenter_conversion.action == REJECT and "datacenter_ip" in codes(datacenter_conversion)
+    assert datacenter_conversion.action == REJECT and "datacenter_ip" in signal_codes(datacenter_conversion)
     mapped = await stub.CheckClick(click(ip=f"::ffff:{TOR_IP}"))
-    assert "tor_exit" in codes(mapped)
+    assert "tor_exit" in signal_codes(mapped)
 
 
 async def test_vpn_only_adds_risk(stub: fraud_pb2_grpc.FraudServiceAsyncStub, ipintel_dir: Path) -> None:
@@ -147,19 +136,19 @@ async def test_vpn_only_adds_risk(stub: fraud_pb2_grpc.FraudServiceAsyncStub, ip
     )
     ip = prefix.split("/")[0]
     verdict = await stub.CheckConversion(conversion(ip=ip))
-    assert verdict.action == ALLOW and "vpn_ip" in codes(verdict)
+    assert verdict.action == ALLOW and "vpn_ip" in signal_codes(verdict)
 
 
 async def test_bots_in_app_browsers_and_spoofed_crawlers(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     for index, ua in enumerate(["curl/8.4.0", "python-requests/2.31.0", "", "Java/17.0.9"]):
         verdict = await stub.CheckClick(click(user_agent=ua, ip=f"81.2.70.{index + 1}"))
-        assert verdict.action == REJECT and codes(verdict) == {"bot_user_agent"}, ua
+        assert verdict.action == REJECT and signal_codes(verdict) == {"bot_user_agent"}, ua
     verdict = await stub.CheckClick(click(user_agent=INSTAGRAM))
     assert verdict.action == ALLOW and not verdict.signals
     spoof = await stub.CheckClick(click(user_agent=GPTBOT, ip="81.2.69.200"))
-    assert spoof.action == REJECT and codes(spoof) == {"crawler_spoof"}
+    assert spoof.action == REJECT and signal_codes(spoof) == {"crawler_spoof"}
     real = await stub.CheckClick(click(user_agent=GPTBOT, ip="20.171.206.10"))
-    assert "crawler_spoof" not in codes(real) and "bot_user_agent" in codes(real)
+    assert "crawler_spoof" not in signal_codes(real) and "bot_user_agent" in signal_codes(real)
     # A shop that does not pass the customer's user agent is not a bot signal.
     verdict = await stub.CheckConversion(conversion(user_agent=""))
     assert verdict.action == ALLOW
@@ -168,9 +157,9 @@ async def test_bots_in_app_browsers_and_spoofed_crawlers(stub: fraud_pb2_grpc.Fr
 async def test_click_velocity_per_ip(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     batch = pb.CheckClickBatchRequest(requests=[click(click_id=f"c-{i}", ip="81.2.69.7") for i in range(12)])
     verdicts = (await stub.CheckClickBatch(batch)).verdicts
-    assert [("click_velocity" in codes(v)) for v in verdicts] == [False] * 10 + [True] * 2
+    assert [("click_velocity" in signal_codes(v)) for v in verdicts] == [False] * 10 + [True] * 2
     later = await stub.CheckClick(click(ip="81.2.69.7"))
-    assert "click_velocity" in codes(later)
+    assert "click_velocity" in signal_codes(later)
     other = await stub.CheckClick(click(ip="81.2.69.8"))
     assert not other.signals
 
@@ -181,7 +170,7 @@ async def test_ipv6_velocity_counts_the_subscriber_s_64(stub: fraud_pb2_grpc.Fra
         requests=[click(click_id=f"c-{i}", ip=f"2001:db8:7:9:{i + 1:x}::1") for i in range(12)]
     )
     verdicts = (await stub.CheckClickBatch(batch)).verdicts
-    assert [("click_velocity" in codes(v)) for v in verdicts] == [False] * 10 + [True] * 2
+    assert [("click_velocity" in signal_codes(v)) for v in verdicts] == [False] * 10 + [True] * 2
     neighbour = await stub.CheckClick(click(ip="2001:db8:7:a::1"))
     assert not neighbour.signals
 
@@ -196,14 +185,14 @@ async def test_one_customer_s_rotating_ipv6_addresses_are_one_place(
         for i in range(5)
     ]
     # (The fourth and fifth orders from one place are conversion_velocity, a different rule.)
-    assert all("code_sharing" not in codes(v) for v in verdicts)
-    assert "conversion_velocity" in codes(verdicts[4])
+    assert all("code_sharing" not in signal_codes(v) for v in verdicts)
+    assert "conversion_velocity" in signal_codes(verdicts[4])
 
 
 async def test_conversion_velocity_rejects_the_excess(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     verdicts = [await stub.CheckConversion(conversion(order_id=f"o-{i}", ip="81.2.69.9")) for i in range(5)]
     assert [v.action for v in verdicts] == [ALLOW, ALLOW, ALLOW, REJECT, REJECT]
-    assert "conversion_velocity" in codes(verdicts[3])
+    assert "conversion_velocity" in signal_codes(verdicts[3])
     other_campaign = await stub.CheckConversion(conversion(campaign_id="camp2", ip="81.2.69.9"))
     assert other_campaign.action == ALLOW
 
@@ -219,7 +208,7 @@ async def test_each_order_counts_once_however_often_it_is_checked(
     assert [v.action for v in first + again + in_batch] == [ALLOW] * 9
     # The IP has three orders, not nine: the fourth is the excess, and stays so.
     fourth = await stub.CheckConversion(conversion(order_id="o-3", ip="81.2.69.19"))
-    assert fourth.action == REJECT and "conversion_velocity" in codes(fourth)
+    assert fourth.action == REJECT and "conversion_velocity" in signal_codes(fourth)
     assert (await stub.CheckConversion(conversion(order_id="o-3", ip="81.2.69.19"))).action == REJECT
     # An order judged in its place keeps it: the first is still allowed.
     assert (await stub.CheckConversion(conversion(order_id="o-0", ip="81.2.69.19"))).action == ALLOW
@@ -234,18 +223,18 @@ async def test_ctit_and_late_report(stub: fraud_pb2_grpc.FraudServiceAsyncStub) 
         )
 
     too_short, short, normal, long = [await with_ctit(s) for s in (5, 20, 600, 2 * 86400)]
-    assert too_short.action == REJECT and codes(too_short) == {"ctit_too_short"}
-    assert short.action == ALLOW and codes(short) == {"ctit_short"}
+    assert too_short.action == REJECT and signal_codes(too_short) == {"ctit_too_short"}
+    assert short.action == ALLOW and signal_codes(short) == {"ctit_short"}
     assert not normal.signals
-    assert long.action == ALLOW and codes(long) == {"ctit_long"}
+    assert long.action == ALLOW and signal_codes(long) == {"ctit_long"}
     before_click = await stub.CheckConversion(
         conversion(click_time=ts(now), occurred_at=ts(now - timedelta(minutes=5)), ip="")
     )
-    assert before_click.action == REJECT and codes(before_click) == {"ctit_too_short"}
+    assert before_click.action == REJECT and signal_codes(before_click) == {"ctit_too_short"}
     late = await stub.CheckConversion(
         conversion(click_time=ts(now - timedelta(days=5, minutes=5)), occurred_at=ts(now - timedelta(days=5)), ip="")
     )
-    assert codes(late) == {"late_report"} and late.action == ALLOW
+    assert signal_codes(late) == {"late_report"} and late.action == ALLOW
 
 
 async def watch(stub: fraud_pb2_grpc.FraudServiceAsyncStub, after_id: str, count: int) -> list[pb.Alert]:
@@ -268,7 +257,7 @@ async def test_unique_code_leak_rejects_and_alerts_once(stub: fraud_pb2_grpc.Fra
         for i in range(6)
     ]
     assert [v.action for v in verdicts] == [ALLOW] * 3 + [REJECT] * 3
-    assert all("code_sharing" in codes(v) for v in verdicts[3:])
+    assert all("code_sharing" in signal_codes(v) for v in verdicts[3:])
     alerts = await watch(stub, "0", 1)
     assert alerts[0].kind == pb.ALERT_KIND_CODE_LEAK and alerts[0].coupon_code == "SOLO-1"
     assert alerts[0].campaign_id == "camp"
@@ -286,7 +275,7 @@ async def test_exclusive_spike_reviews_never_rejects(stub: fraud_pb2_grpc.FraudS
         for i in range(30)
     ]
     verdicts = (await stub.CheckConversionBatch(pb.CheckConversionBatchRequest(requests=requests))).verdicts
-    spiking = [v for v in verdicts if "code_spike" in codes(v)]
+    spiking = [v for v in verdicts if "code_spike" in signal_codes(v)]
     assert len(spiking) == len(verdicts)  # the batch is counted at once: 30 uses above the minimum of 20
     assert all(v.action == REVIEW for v in spiking)
     # Even with other risk stacked on top, a spike alone never turns into a rejection.
@@ -294,7 +283,7 @@ async def test_exclusive_spike_reviews_never_rejects(stub: fraud_pb2_grpc.FraudS
         conversion(order_id="o-x", coupon_code="INFLUENCER", coupon_kind=kind, click_id="", ip="81.2.72.200",
                    click_time=ts(datetime.now(UTC) - timedelta(seconds=20)))
     )
-    assert stacked.action == REVIEW and {"code_spike", "exclusive_without_click", "ctit_short"} <= codes(stacked)
+    assert stacked.action == REVIEW and {"code_spike", "exclusive_without_click", "ctit_short"} <= signal_codes(stacked)
     alerts = await watch(stub, "0", 1)
     assert alerts[0].kind == pb.ALERT_KIND_CODE_SPIKE and alerts[0].coupon_code == "INFLUENCER"
 
@@ -303,7 +292,7 @@ async def test_exclusive_code_without_click_adds_a_little(stub: fraud_pb2_grpc.F
     verdict = await stub.CheckConversion(
         conversion(coupon_code="INFL", coupon_kind=pb.COUPON_KIND_EXCLUSIVE, click_id="", click_time=None)
     )
-    assert verdict.action == ALLOW and codes(verdict) == {"exclusive_without_click"} and verdict.score == 10
+    assert verdict.action == ALLOW and signal_codes(verdict) == {"exclusive_without_click"} and verdict.score == 10
 
 
 async def test_bad_input_names_the_field(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
@@ -486,7 +475,7 @@ async def test_sighup_reloads_the_ip_lists(
                 if service.intel.current.lookup("185.220.101.2").tor:
                     break
             verdict = await stub.CheckClick(click(click_id="c-2", ip="185.220.101.2"))
-            assert codes(verdict) == {"tor_exit"}
+            assert signal_codes(verdict) == {"tor_exit"}
             await asyncio.sleep(0.05)
             assert len(service.tasks) == 1, "a finished reload must not stay among the service's tasks"
     finally:
