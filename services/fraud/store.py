@@ -200,10 +200,10 @@ for _, line in ipairs(split(ARGV[2], '\n')) do
       redis.call('HSET', rate, 'first', now); first = now
     end
     local periods = long_ms / short_ms - 1
-    local seen = (now - first) / short_ms - 1
+    local history = (now - first) / short_ms - 1
     local baseline = 0
-    if seen > 0 then
-      if seen < periods then periods = seen end
+    if history > 0 then
+      if history < periods then periods = history end
       if periods < 1 then periods = 1 end
       baseline = (long - short) / periods
       if baseline < 0 then baseline = 0 end
