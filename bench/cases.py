@@ -832,7 +832,7 @@ def find_real_store() -> tuple[StoreFactory | None, str]:
     taking ``(pool, campaign_id, code)`` and answering whether it granted.
     """
     try:
-        module = importlib.import_module("services.attribution.store.redemptions")
+        module = importlib.import_module("services.attribution.conversions.redemptions")
     except ImportError as error:
         return None, f"services/attribution/store/redemptions.py: {_first_line(error)}"
     store_class = getattr(module, "RedemptionStore", None)

@@ -147,12 +147,12 @@ class Gateway:
         self._ips = ClientIpResolver(settings.trusted_proxies)
         self._debug_headers = settings.debug_headers
         self._clicks_by_decision = {
-            number: CLICKS_TOTAL.labels(word) for number, word in DECISION_WORDS.items()
+            number: CLICKS_TOTAL.labels(word) for number, word in DECISION_WORDS.words.items()
         }
         self._conversions_by_status = {
             (event, number): CONVERSIONS_TOTAL.labels(event, word)
             for event in ("conversion", "refund")
-            for number, word in STATUS_WORDS.items()
+            for number, word in STATUS_WORDS.words.items()
         }
         self.metrics = RequestMetrics()
 
@@ -194,7 +194,7 @@ class Gateway:
             "Cache-Control": "no-store",
         }
         if self._debug_headers:
-            out["X-Ascribe-Decision"] = DECISION_WORDS.get(decision, "unspecified")
+            out["X-Ascribe-Decision"] = DECISION_WORDS.shown(decision)
         counter = self._clicks_by_decision.get(decision)
         if counter is not None:
             counter.inc()

@@ -7,24 +7,26 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import grpc
 from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 
-from services.attribution.catalog_servicer import CatalogServicer
-from services.attribution.click_servicer import ClickRpcs, build_click_rpcs
+from services.attribution.catalog.cache import CatalogCache
+from services.attribution.catalog.servicer import CatalogServicer
+from services.attribution.clicks import store as click_store
+from services.attribution.clicks.servicer import ClickRpcs, build_click_rpcs
+from services.attribution.common.database import DATABASE_UNAVAILABLE
 from services.attribution.config import Settings
-from services.attribution.conversion_servicer import ConversionRpcs
-from services.attribution.conversions import ConversionRecorder, utcnow
+from services.attribution.conversions.recorder import ConversionRecorder
+from services.attribution.conversions.servicer import ConversionRpcs
 from services.attribution.fraud_client import FRAUD_CHANNEL_OPTIONS, FraudClient
-from services.attribution.lifecycle import Lifecycle, follow_alerts, run_periodically
+from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
 from services.attribution.migrate import migrate
-from services.attribution.store import clicks as click_store
-from services.attribution.store.lookups import CatalogCache
+from services.attribution.reports.servicer import ReportServicer
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
+from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +45,6 @@ RECORDING_METHODS = (
 ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
 
 
-# PostgreSQL down, restarting, or too slow for the statement timeout.
-DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # Class 57: the server is shutting down, restarting or cancelled the
-    # statement (its timeout): AdminShutdownError reaches connections that sat
-    # idle in the pool while PostgreSQL stopped.
-    asyncpg.exceptions.OperatorInterventionError,
-    # Retried where they can happen; should one still escape, a retry by the caller succeeds.
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-)
-
-
 def required_tokens(settings: Settings) -> dict[str, str | None]:
     """Admin RPCs need the admin token; recording RPCs the internal token."""
     tokens: dict[str, str | None] = {}
@@ -71,15 +57,6 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     for name in RECORDING_METHODS:
         tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.internal_token
     return tokens
-
-
-class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
-    """Reports land with the reporting work; until then the contract says UNIMPLEMENTED."""
-
-    async def GetReport(
-        self, request: attribution_pb2.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> attribution_pb2.GetReportResponse:
-        raise NotImplementedError("GetReport")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

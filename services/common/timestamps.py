@@ -17,6 +17,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def utcnow() -> datetime:
+    """The current time, aware and in UTC: every clock of the services starts here."""
+    return datetime.now(UTC)
+
+
 def set_timestamp(stamp: Timestamp, at: datetime) -> None:
     """Sets ``stamp`` to ``at`` (a naive datetime is taken as UTC, as FromDatetime does)."""
     if at.tzinfo is None:

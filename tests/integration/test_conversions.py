@@ -390,7 +390,7 @@ async def test_a_click_slot_freed_by_a_late_rejection_goes_to_the_next_order(wor
 
 async def test_the_locked_read_sees_what_the_lock_holder_committed(world: World) -> None:
     """Migration 004: the read after the order locks uses a snapshot taken after them."""
-    from services.attribution.store import conversions as store
+    from services.attribution.conversions import store
 
     await world.campaign()
     await world.coupon("LOCKREAD", allow_all_affiliates=True)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.attribution.coupon_rules import (
+from services.attribution.common.coupon_rules import (
     Order,
     click_tracking_reasons,
     credit,
@@ -15,7 +15,7 @@ from services.attribution.coupon_rules import (
     static_reasons,
     validity_reasons,
 )
-from services.attribution.models import Coupon
+from services.attribution.common.models import Coupon
 
 START = datetime(2025, 6, 26, tzinfo=UTC)
 END = datetime(2025, 9, 25, tzinfo=UTC)  # "to 2025-09-24 (UTC)": the last day counts whole

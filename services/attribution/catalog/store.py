@@ -1,7 +1,7 @@
 """Campaigns, affiliates and coupon codes in PostgreSQL.
 
 Every function takes a connection, or a pool (then it borrows a connection
-for the call), and returns the records of ``services.attribution.models``,
+for the call), and returns the records of ``services.attribution.common.models``,
 built from rows by ``store.lookups`` like those of the hot paths.
 Codes passed in are already normalized (``coupon_rules.normalize_code``).
 Changes that must see the row they change (updates, the usage-limit check
@@ -20,8 +20,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from services.attribution.models import Affiliate, Campaign, Coupon, CouponStatus
-from services.attribution.store.rows import (
+from services.attribution.catalog.rows import (
     AFFILIATE_COLUMNS,
     CAMPAIGN_COLUMNS,
     COUPON_COLUMNS,
@@ -29,6 +28,7 @@ from services.attribution.store.rows import (
     campaign_from_row,
     coupon_from_row,
 )
+from services.attribution.common.models import Affiliate, Campaign, Coupon, CouponStatus
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 
 # asyncpg ships no type information; a pool or a connection (or a pool's proxy).

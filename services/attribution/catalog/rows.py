@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-from services.attribution.models import Affiliate, Campaign, Coupon
+from services.attribution.common.models import Affiliate, Campaign, Coupon
 
 CAMPAIGN_COLUMNS = """id, name, landing_url, currency, hold_days, click_lookback_days,
     max_conversions_per_click, attribution_policy, payout_micros, payout_percent_bp,

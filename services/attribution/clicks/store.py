@@ -13,7 +13,7 @@ from typing import TypeAlias
 
 import asyncpg
 
-from services.attribution.models import Click
+from services.attribution.common.models import Click
 
 _INSERT_COLUMNS = (
     "click_id",

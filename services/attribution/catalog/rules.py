@@ -22,7 +22,7 @@ from ascribe.attribution.v1 import attribution_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 
-from services.attribution.coupon_rules import is_valid_code, normalize_code
+from services.attribution.common.coupon_rules import is_valid_code, normalize_code
 from services.common.errors import FailedPrecondition, InvalidArgument, Violations
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -25,15 +25,19 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
-from prometheus_client import Counter, Histogram
 
-from services.attribution import coupon_rules, ids
-from services.attribution.fraud_client import FraudClient, fraud_reasons
-from services.attribution.judgment import (
+from services.attribution.catalog.cache import CatalogCache
+from services.attribution.catalog.store import postback_token_matches
+from services.attribution.clicks import store as click_store
+from services.attribution.common import coupon_rules, ids
+from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, retry_aborted
+from services.attribution.common.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
+from services.attribution.conversions import redemptions, store
+from services.attribution.conversions.rules import (
     ConversionInput,
     StaticJudgment,
     final_status,
@@ -41,44 +45,15 @@ from services.attribution.judgment import (
     is_fixable,
     judge_static,
 )
-from services.attribution.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
-from services.attribution.store import clicks as click_store
-from services.attribution.store import conversions as store
-from services.attribution.store import redemptions
-from services.attribution.store.catalog import postback_token_matches
-from services.attribution.store.lookups import CatalogCache
+from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
+from services.attribution.metrics import CONVERSION_BATCH_SIZE, CONVERSION_SECONDS, CONVERSIONS_TOTAL
 from services.common.batcher import MicroBatcher
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from services.common.timestamps import set_timestamp, to_timestamp
+from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
 
-CONVERSIONS_TOTAL = Counter(
-    "ascribe_conversions_total", "Conversions judged, by resulting status.", ["status"]
-)
-CONVERSION_BATCH_SIZE = Histogram(
-    "ascribe_conversion_batch_size",
-    "Conversions judged and committed in one transaction.",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-)
-CONVERSION_SECONDS = Histogram(
-    "ascribe_conversion_seconds",
-    "Time from a postback reaching the attribution service to its commit.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
 
-_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-_ATTEMPTS = 3
-
-FRAUD_COUPON_KIND = {
-    "general": fraud_pb2.COUPON_KIND_GENERAL,
-    "exclusive": fraud_pb2.COUPON_KIND_EXCLUSIVE,
-    "unique": fraud_pb2.COUPON_KIND_UNIQUE,
-}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class _Rejudge(Exception):
@@ -159,7 +134,7 @@ class ConversionRecorder:
                     continue  # another order on the same click went first; each batch makes progress
                 except _Rejudge:
                     rejudged += 1
-                    if rejudged >= _ATTEMPTS:
+                    if rejudged >= ATTEMPTS:
                         raise Unavailable("the order kept changing while it was judged; retry") from None
 
     async def record_many(self, inputs: Sequence[ConversionInput]) -> list[Conversion | BaseException]:
@@ -173,26 +148,15 @@ class ConversionRecorder:
 
     async def _flush(self, inputs: Sequence[ConversionInput]) -> list[Conversion | BaseException]:
         verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None] = {}
-        for attempt in range(_ATTEMPTS):
-            try:
-                return await self._flush_once(inputs, verdicts)
-            except _RETRYABLE as error:
-                logger.warning("conversion batch retried after %s (attempt %d)", type(error).__name__, attempt + 1)
-            except (
-                OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.exceptions.OperatorInterventionError,
-            ) as error:
-                raise Unavailable("the database is unavailable; the conversion was not recorded") from error
-            except asyncpg.DataError as error:
-                if len(inputs) == 1:
-                    raise InvalidArgument.one("request", f"a value cannot be stored: {error}") from error
-                # One bad value must not fail its neighbours: judge each alone.
-                return [
-                    result
-                    for item in inputs
-                    for result in await self._flush_alone(item, verdicts)
-                ]
-        raise Unavailable("the database kept aborting the batch; the conversions were not recorded")
+        try:
+            return await retry_aborted(lambda: self._flush_once(inputs, verdicts), "conversion batch")
+        except asyncpg.DataError as error:
+            if len(inputs) == 1:
+                raise InvalidArgument.one("request", f"a value cannot be stored: {error}") from error
+            # One bad value must not fail its neighbours: judge each alone.
+            return [result for item in inputs for result in await self._flush_alone(item, verdicts)]
+        except DATABASE_UNAVAILABLE as error:
+            raise Unavailable("the database is unavailable; the conversion was not recorded") from error
 
     async def _flush_alone(
         self, item: ConversionInput, verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None]
@@ -368,22 +332,20 @@ class ConversionRecorder:
     def _fraud_request(self, case: _Case) -> fraud_pb2.CheckConversionRequest:
         item, static = case.input, case.static
         assert static is not None
-        request = fraud_pb2.CheckConversionRequest(
+        return conversion_check(
             order_id=item.order_id,
             campaign_id=item.campaign_id,
-            affiliate_id=static.affiliate_id or "",
-            click_id=static.click.click_id if static.click else "",
+            affiliate_id=static.affiliate_id,
+            click_id=static.click.click_id if static.click else None,
+            click_time=static.click.occurred_at if static.click else None,
             coupon_code=item.coupon_code,
-            coupon_kind=FRAUD_COUPON_KIND[static.coupon.kind] if static.coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
+            coupon_kind=static.coupon.kind if static.coupon else None,
             customer_id=item.customer_id,
             ip=item.ip,
             user_agent=item.user_agent,
-            occurred_at=to_timestamp(item.occurred_at),
-            received_at=to_timestamp(item.received_at),
+            occurred_at=item.occurred_at,
+            received_at=item.received_at,
         )
-        if static.click is not None:
-            set_timestamp(request.click_time, static.click.occurred_at)
-        return request
 
     async def _take_limits(
         self,

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.attribution.models import (
+from services.attribution.common.models import (
     DIRECT_CHANNEL,
     AttributionPolicy,
     AttributionSource,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 
-from services.attribution import coupon_rules
-from services.attribution.models import (
+from services.attribution.common import coupon_rules
+from services.attribution.common.models import (
     Affiliate,
     AttributionSource,
     Campaign,

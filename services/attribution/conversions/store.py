@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from services.attribution.models import Conversion, ConversionEvent
-from services.attribution.store.redemptions import LedgerRow
+from services.attribution.common.models import Conversion, ConversionEvent
+from services.attribution.conversions.redemptions import LedgerRow
 
 OrderKey = tuple[str, str]  # (campaign_id, order_id)
 

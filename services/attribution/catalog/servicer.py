@@ -23,8 +23,8 @@ import grpc
 from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 from google.protobuf.message import Message
 
-from services.attribution import catalog_validation as rules
-from services.attribution.catalog_convert import (
+from services.attribution.catalog import rules, store
+from services.attribution.catalog.convert import (
     affiliate_from_proto,
     affiliate_to_proto,
     campaign_from_proto,
@@ -35,9 +35,8 @@ from services.attribution.catalog_convert import (
     decode_page_token,
     encode_page_token,
 )
-from services.attribution.coupon_rules import normalize_code
-from services.attribution.models import Affiliate, Campaign, Coupon
-from services.attribution.store import catalog as store
+from services.attribution.common.coupon_rules import normalize_code
+from services.attribution.common.models import Affiliate, Campaign, Coupon
 from services.common.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]

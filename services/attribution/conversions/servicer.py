@@ -10,26 +10,26 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import datetime
-from typing import cast
 
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.attribution import coupon_rules
-from services.attribution.catalog_convert import (
+from services.attribution.catalog.convert import (
     decode_page_token,
     device_type_from_proto,
     encode_page_token,
     from_timestamp,
 )
-from services.attribution.catalog_validation import page_size
-from services.attribution.click_servicer import error_proto
-from services.attribution.conversions import ConversionRecorder
-from services.attribution.judgment import MAX_CLOCK_SKEW, ConversionInput
-from services.attribution.lifecycle import Lifecycle
-from services.attribution.models import Conversion, ConversionEvent
-from services.attribution.store import conversions as store
+from services.attribution.catalog.rules import page_size
+from services.attribution.common import coupon_rules
+from services.attribution.common.batch_errors import error_proto
+from services.attribution.common.models import Conversion, ConversionEvent
+from services.attribution.conversions import store
+from services.attribution.conversions.recorder import ConversionRecorder
+from services.attribution.conversions.rules import MAX_CLOCK_SKEW, ConversionInput
+from services.attribution.lifecycle.changes import Lifecycle
+from services.common.enum_words import EnumWords
 from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
 from services.common.timestamps import set_timestamp, to_timestamp
 
@@ -44,14 +44,8 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
-def _enum_words(enum_name: str, prefix: str) -> tuple[dict[int, str], dict[str, int]]:
-    descriptor = pb.DESCRIPTOR.enum_types_by_name[enum_name]
-    to_word = {v.number: v.name.removeprefix(prefix).lower() for v in descriptor.values if v.number}
-    return to_word, {word: number for number, word in to_word.items()}
-
-
-_STATUS_WORD, _STATUS_NUMBER = _enum_words("ConversionStatus", "CONVERSION_STATUS_")
-_SOURCE_WORD, _SOURCE_NUMBER = _enum_words("AttributionSource", "ATTRIBUTION_SOURCE_")
+_STATUSES = EnumWords(pb.ConversionStatus, "CONVERSION_STATUS_")
+_SOURCES = EnumWords(pb.AttributionSource, "ATTRIBUTION_SOURCE_")
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -138,7 +132,7 @@ def conversion_input(request: pb.RecordConversionRequest, received_at: datetime)
 
 
 def _status_number(status: str | None) -> pb.ConversionStatus.ValueType:
-    return cast(pb.ConversionStatus.ValueType, _STATUS_NUMBER.get(status or "", 0))
+    return _STATUSES.number_or_unspecified(status)
 
 
 def event_to_proto(event: ConversionEvent) -> pb.ConversionEvent:
@@ -161,7 +155,7 @@ def conversion_to_proto(c: Conversion) -> pb.Conversion:
         status=_status_number(c.status),
         reasons=list(c.reasons),
         affiliate_id=c.affiliate_id or "",
-        source=cast(pb.AttributionSource.ValueType, _SOURCE_NUMBER[c.source]),
+        source=_SOURCES.number(c.source),
         click_id=c.click_id or "",
         coupon_code=c.coupon_code or "",
         amount_micros=c.amount_micros,
@@ -268,7 +262,7 @@ class ConversionRpcs:
     async def list_conversions(self, request: pb.ListConversionsRequest) -> pb.ListConversionsResponse:
         v = Violations()
         _check_len(v, "campaign_id", request.campaign_id, MAX_ID, required=True)
-        if request.status and request.status not in _STATUS_WORD:
+        if request.status and request.status not in _STATUSES.words:
             v.add("status", "unknown conversion status")
         received_from = _time(v, "from", getattr(request, "from")) if request.HasField("from") else None
         received_to = _time(v, "to", request.to) if request.HasField("to") else None
@@ -285,7 +279,7 @@ class ConversionRpcs:
         page = await store.list_conversions(
             self._pool,
             campaign_id=request.campaign_id.strip(),
-            status=_STATUS_WORD.get(request.status),
+            status=_STATUSES.words.get(request.status),
             affiliate_id=request.affiliate_id.strip() or None,
             received_from=received_from,
             received_to=received_to,

@@ -31,22 +31,23 @@ from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
 
-from services.attribution import ids
-from services.attribution.click_metrics import (
+from services.attribution.catalog.cache import CatalogCache
+from services.attribution.clicks import store
+from services.attribution.common import ids
+from services.attribution.common.coupon_rules import click_tracking_reasons, is_valid_code, normalize_code
+from services.attribution.common.database import DATABASE_FAILURES
+from services.attribution.common.models import Campaign, Click, ClickDecision
+from services.attribution.fraud_client import FraudClient, fraud_reasons
+from services.attribution.metrics import (
     CLICK_FLUSH_FAILURES_TOTAL,
     CLICK_FLUSH_ROWS,
     CLICK_FLUSH_SECONDS,
     CLICK_RECORD_SECONDS,
     CLICKS_TOTAL,
 )
-from services.attribution.coupon_rules import click_tracking_reasons, is_valid_code, normalize_code
-from services.attribution.fraud_client import FraudClient, fraud_reasons
-from services.attribution.models import Campaign, Click, ClickDecision
-from services.attribution.store import clicks as store
-from services.attribution.store.lookups import CatalogCache
 from services.common.batcher import MicroBatcher
 from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
-from services.common.timestamps import set_timestamp
+from services.common.timestamps import set_timestamp, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ _ACTION_DECISION: dict[int, ClickDecision] = {
 _RECORD_SECONDS = CLICK_RECORD_SECONDS.labels("RecordClick")
 _RECORD_BATCH_SECONDS = CLICK_RECORD_SECONDS.labels("RecordClickBatch")
 _CLICKS_BY_DECISION = {d: CLICKS_TOTAL.labels(d) for d in ("accepted", "flagged", "rejected")}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # ---------------------------------------------------------------- input
@@ -334,10 +331,6 @@ class _Judged:
         )
 
 
-# Failures of PostgreSQL or of the connection to it: the caller may retry.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
 class ClickRecorder:
     """Records clicks: judgment, batched fraud checks, group commit."""
 
@@ -415,7 +408,7 @@ class ClickRecorder:
             raise InvalidArgument.one("click_id", "not a click id") from None
         try:
             click = await store.get_click(self._pool, click_id, created_at)
-        except _DB_ERRORS as error:
+        except DATABASE_FAILURES as error:
             logger.warning("reading click failed: %r", error)
             raise Unavailable("the click store is unavailable") from None
         if click is None:
@@ -441,7 +434,7 @@ class ClickRecorder:
                 if click.coupon_code and click.coupon_well_formed
                 else None
             )
-        except _DB_ERRORS as error:
+        except DATABASE_FAILURES as error:
             logger.warning("catalog lookup failed: %r", error)
             raise Unavailable("the catalog is unavailable") from None
         reasons: list[str] = []

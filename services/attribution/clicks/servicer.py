@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
-from services.attribution.clicks import ClickInput, ClickOutcome, ClickRecorder
+from services.attribution.catalog.cache import CatalogCache
+from services.attribution.clicks.recorder import ClickInput, ClickOutcome, ClickRecorder
+from services.attribution.common.batch_errors import error_proto
+from services.attribution.common.models import Click
 from services.attribution.config import Settings
 from services.attribution.fraud_client import FraudClient
-from services.attribution.models import Click
-from services.attribution.store.lookups import CatalogCache
 from services.common.batch_stream import serve_batch_stream
 from services.common.errors import DomainError, InvalidArgument
 from services.common.timestamps import set_timestamp
@@ -60,14 +61,6 @@ def response_proto(outcome: ClickOutcome) -> pb.RecordClickResponse:
         decision=_DECISIONS[outcome.decision],
         reasons=outcome.reasons,
         redirect_url=outcome.redirect_url,
-    )
-
-
-def error_proto(error: DomainError) -> pb.Error:
-    return pb.Error(
-        code=error.status.value[0],
-        message=error.message,
-        field=error.field if isinstance(error, InvalidArgument) else "",
     )
 
 

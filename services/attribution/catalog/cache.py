@@ -13,8 +13,8 @@ from typing import Any, TypeAlias, TypeVar, cast
 
 import asyncpg
 
-from services.attribution.models import Affiliate, Campaign, Coupon
-from services.attribution.store.catalog import find_affiliate, find_campaign, find_coupon
+from services.attribution.catalog.store import find_affiliate, find_campaign, find_coupon
+from services.attribution.common.models import Affiliate, Campaign, Coupon
 
 Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 T = TypeVar("T")

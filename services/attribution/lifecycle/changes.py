@@ -15,53 +15,34 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import asyncpg
 import grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
-from prometheus_client import Counter, Gauge
 
-from services.attribution import coupon_rules
-from services.attribution.conversions import FRAUD_COUPON_KIND, utcnow
-from services.attribution.fraud_client import FraudClient, fraud_reasons
-from services.attribution.judgment import FLAGGING_REASONS
-from services.attribution.models import Campaign, Conversion, ConversionEvent, ConversionStatus
-from services.attribution.store import clicks as click_store
-from services.attribution.store import conversions as store
-from services.attribution.store import lifecycle as lifecycle_store
-from services.attribution.store import redemptions
-from services.attribution.store.lookups import CatalogCache
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.attribution.catalog.cache import CatalogCache
+from services.attribution.clicks import store as click_store
+from services.attribution.common import coupon_rules
+from services.attribution.common.database import retry_aborted
+from services.attribution.common.models import Campaign, Conversion, ConversionEvent, ConversionStatus
+from services.attribution.conversions import redemptions, store
+from services.attribution.conversions.rules import FLAGGING_REASONS
+from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
+from services.attribution.lifecycle import store as lifecycle_store
+from services.attribution.metrics import (
+    APPROVAL_LAG_SECONDS,
+    APPROVED_TOTAL,
+    LEAK_HOLDS_TOTAL,
+    RESCORED_TOTAL,
+    REVERSED_TOTAL,
+)
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.grpc_server import bearer_metadata
-from services.common.timestamps import set_timestamp, to_timestamp
+from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
 
-APPROVED_TOTAL = Counter("ascribe_conversions_approved_total", "Conversions approved when their hold passed.")
-APPROVAL_LAG_SECONDS = Gauge(
-    "ascribe_approval_lag_seconds", "Age of the oldest PENDING conversion whose hold has passed."
-)
-RESCORED_TOTAL = Counter("ascribe_conversions_rescored_total", "Re-scored conversions, by outcome.", ["outcome"])
-REVERSED_TOTAL = Counter("ascribe_conversion_refunds_total", "Refunds applied, by kind.", ["kind"])
-LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD after a CODE_LEAK alert.")
-
 ALERT_CURSOR = "leak_response"
-
-
-T = TypeVar("T")
-_ATTEMPTS = 3
-
-
-async def _retrying(operation: Callable[[], Awaitable[T]]) -> T:
-    """Runs a transaction again when PostgreSQL aborted it to break a deadlock."""
-    for attempt in range(_ATTEMPTS):
-        try:
-            return await operation()
-        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-            if attempt == _ATTEMPTS - 1:
-                raise Unavailable("the database kept aborting the change; retry") from None
-    raise AssertionError("unreachable")
 
 
 class Lifecycle:
@@ -96,8 +77,8 @@ class Lifecycle:
         reason: str,
     ) -> Conversion:
         """A refund or chargeback: full (no amount, or all that remains) or partial."""
-        return await _retrying(
-            lambda: self._reverse(campaign_id, order_id, refund_id, amount_micros, reason)
+        return await retry_aborted(
+            lambda: self._reverse(campaign_id, order_id, refund_id, amount_micros, reason), "refund"
         )
 
     async def _reverse(
@@ -194,7 +175,7 @@ class Lifecycle:
 
     async def review(self, campaign_id: str, order_id: str, *, approve: bool, note: str) -> Conversion:
         """A person's decision on a FLAGGED conversion."""
-        return await _retrying(lambda: self._review(campaign_id, order_id, approve, note))
+        return await retry_aborted(lambda: self._review(campaign_id, order_id, approve, note), "review")
 
     async def _review(self, campaign_id: str, order_id: str, approve: bool, note: str) -> Conversion:
         campaign = await self._campaign(campaign_id)
@@ -319,19 +300,25 @@ class Lifecycle:
     async def _fraud_request(self, conn: asyncpg.Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
         request = c.request
         coupon = await self._cache.coupon(c.campaign_id, c.coupon_code, conn) if c.coupon_code else None
-        message = fraud_pb2.CheckConversionRequest(
-            order_id=c.order_id, campaign_id=c.campaign_id, affiliate_id=c.affiliate_id or "",
-            click_id=c.click_id or "", coupon_code=c.coupon_code or "",
-            coupon_kind=FRAUD_COUPON_KIND[coupon.kind] if coupon else fraud_pb2.COUPON_KIND_UNSPECIFIED,
-            customer_id=c.customer_id or "", ip=str(request.get("ip") or ""),
-            user_agent=str(request.get("user_agent") or ""),
-            occurred_at=to_timestamp(c.occurred_at), received_at=to_timestamp(c.received_at),
-        )
+        click_time = None
         if c.click_id and c.click_created_at:
             clicks = await click_store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])
             if c.click_id in clicks:
-                set_timestamp(message.click_time, clicks[c.click_id].occurred_at)
-        return message
+                click_time = clicks[c.click_id].occurred_at
+        return conversion_check(
+            order_id=c.order_id,
+            campaign_id=c.campaign_id,
+            affiliate_id=c.affiliate_id,
+            click_id=c.click_id,
+            click_time=click_time,
+            coupon_code=c.coupon_code,
+            coupon_kind=coupon.kind if coupon else None,
+            customer_id=c.customer_id,
+            ip=str(request.get("ip") or ""),
+            user_agent=str(request.get("user_agent") or ""),
+            occurred_at=c.occurred_at,
+            received_at=c.received_at,
+        )
 
     # ------------------------------------------------------------ leak response
 

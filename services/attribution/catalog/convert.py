@@ -15,19 +15,19 @@ import base64
 import binascii
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from ascribe.attribution.v1 import attribution_pb2
 from google.protobuf import timestamp_pb2
 
-from services.attribution.catalog_validation import (
+from services.attribution.catalog.rules import (
     effective_usage_limit,
     normalize_channel,
     normalize_country,
     normalize_currency,
 )
-from services.attribution.coupon_rules import normalize_code
-from services.attribution.models import (
+from services.attribution.common.coupon_rules import normalize_code
+from services.attribution.common.models import (
     DEFAULT_CLICK_LOOKBACK_DAYS,
     DEFAULT_HOLD_DAYS,
     DEFAULT_MAX_CONVERSIONS_PER_CLICK,
@@ -38,38 +38,23 @@ from services.attribution.models import (
     CouponStatus,
     DeviceType,
 )
+from services.common.enum_words import EnumWords
 from services.common.errors import InvalidArgument
 from services.common.timestamps import set_timestamp
 
 if TYPE_CHECKING:
-    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+    pass
 
 W = TypeVar("W", bound=str)
 V = TypeVar("V", bound=int)
 
 
-class _Words(Generic[V]):
-    """A proto enum's numbers and the lowercase words after its prefix (UNSPECIFIED left out)."""
-
-    def __init__(self, enum: _EnumTypeWrapper[V], prefix: str) -> None:
-        self._numbers: dict[str, V] = {
-            name.removeprefix(prefix).lower(): number for name, number in enum.items() if number != 0
-        }
-        self.words: dict[int, str] = {int(number): word for word, number in self._numbers.items()}
-
-    def number(self, word: str) -> V:
-        return self._numbers[word]
-
-    def word(self, number: int, default: W) -> W:
-        return cast(W, self.words.get(number, default))
-
-
-_POLICIES = _Words(attribution_pb2.AttributionPolicy, "ATTRIBUTION_POLICY_")
-_CAMPAIGN_STATUSES = _Words(attribution_pb2.CampaignStatus, "CAMPAIGN_STATUS_")
-_AFFILIATE_STATUSES = _Words(attribution_pb2.AffiliateStatus, "AFFILIATE_STATUS_")
-_KINDS = _Words(attribution_pb2.CouponKind, "COUPON_KIND_")
-_COUPON_STATUSES = _Words(attribution_pb2.CouponStatus, "COUPON_STATUS_")
-_DEVICES = _Words(attribution_pb2.DeviceType, "DEVICE_TYPE_")
+_POLICIES = EnumWords(attribution_pb2.AttributionPolicy, "ATTRIBUTION_POLICY_")
+_CAMPAIGN_STATUSES = EnumWords(attribution_pb2.CampaignStatus, "CAMPAIGN_STATUS_")
+_AFFILIATE_STATUSES = EnumWords(attribution_pb2.AffiliateStatus, "AFFILIATE_STATUS_")
+_KINDS = EnumWords(attribution_pb2.CouponKind, "COUPON_KIND_")
+_COUPON_STATUSES = EnumWords(attribution_pb2.CouponStatus, "COUPON_STATUS_")
+_DEVICES = EnumWords(attribution_pb2.DeviceType, "DEVICE_TYPE_")
 
 
 # Public enum helpers for the tracking and report code.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
-from prometheus_client import Histogram
 
+from services.attribution.metrics import STORE_BATCH_SIZE
 from services.common.batcher import MicroBatcher
 
 CouponKey = tuple[str, str]  # (campaign_id, code)
@@ -148,12 +148,6 @@ async def release_customer_use(conn: asyncpg.Connection, key: CouponKey, custome
         customer_id,
     )
 
-
-STORE_BATCH_SIZE = Histogram(
-    "ascribe_redemption_batch_size",
-    "Uses requested by one coalesced redemption transaction.",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-)
 
 _ids = itertools.count()
 
