@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import json
 import os
 import resource
@@ -31,6 +29,7 @@ import grpc
 
 from bench import naive_store
 from bench.procstats import CpuMeter, RssSampler
+from bench.redemption_store import RedemptionStore
 from services.attribution.migrate import migrate_url
 from services.common import embedded
 from tools.stack import REPO, SERVICES, Stack, StackError, free_port, port_open
@@ -686,8 +685,7 @@ class Runner:
 
     # (e) --------------------------------------------------------------
     def store(self) -> None:
-        real, why = find_real_store()
-        results = asyncio.run(store_cases(self.env, self.mode, real, why))
+        results = asyncio.run(store_cases(self.env, self.mode, real_store, "RedemptionStore.take"))
         for result in results:
             if result.key == "e.store_hot":
                 self.ratio(result, "e.store_hot_naive")
@@ -759,7 +757,8 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
     import random
     import socket as sockets
 
-    from services.fraud.ipintel import NOT_LISTED, IpIntel, normalize_ip
+    from services.common.ip import normalize_ip
+    from services.fraud.ipintel import NOT_LISTED, IpIntel
 
     key, title = "d.ip_lookup", "fraud IP lists: normalize + lookup, one address"
     folder = Path(os.environ.get("ASCRIBE_IPINTEL_DIR", REPO.parent / "shared" / "data" / "ipintel"))
@@ -824,52 +823,10 @@ TakeFn = Callable[[str, str], Awaitable[bool]]
 StoreFactory = Callable[[asyncpg.Pool], tuple[TakeFn, Callable[[], Awaitable[None]]]]
 
 
-def find_real_store() -> tuple[StoreFactory | None, str]:
-    """The lead's store, adapted to ``take(campaign_id, code) -> granted``.
-
-    Accepts either a class ``RedemptionStore(pool)`` with ``take(campaign_id,
-    code)`` answering None when refused, or a module-level async function
-    taking ``(pool, campaign_id, code)`` and answering whether it granted.
-    """
-    try:
-        module = importlib.import_module("services.attribution.conversions.redemptions")
-    except ImportError as error:
-        return None, f"services/attribution/store/redemptions.py: {_first_line(error)}"
-    store_class = getattr(module, "RedemptionStore", None)
-    if store_class is not None and hasattr(store_class, "take"):
-
-        def from_class(pool: asyncpg.Pool) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
-            store = store_class(pool)
-
-            async def take(campaign_id: str, code: str) -> bool:
-                granted = await store.take(campaign_id, code)
-                return bool(granted) if isinstance(granted, bool) else granted is not None
-
-            async def close() -> None:
-                closer = getattr(store, "close", None)
-                if closer is not None:
-                    await closer()
-
-            return take, close
-
-        return from_class, "RedemptionStore.take"
-    for name, function in inspect.getmembers(module, inspect.iscoroutinefunction):
-        params = list(inspect.signature(function).parameters)
-        if params[:3] == ["pool", "campaign_id", "code"]:
-
-            def from_function(
-                pool: asyncpg.Pool, function: Any = function
-            ) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
-                async def take(campaign_id: str, code: str) -> bool:
-                    return bool(await function(pool, campaign_id, code))
-
-                async def close() -> None:
-                    return None
-
-                return take, close
-
-            return from_function, name
-    return None, "no take-one-use function in services/attribution/store/redemptions.py yet"
+def real_store(pool: asyncpg.Pool) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
+    """The coalescing redemption store (bench/redemption_store.py) as ``take`` and ``close``."""
+    store = RedemptionStore(pool)
+    return store.take, store.close
 
 
 STORE_CAMPAIGN = "bench-store"

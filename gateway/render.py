@@ -15,6 +15,7 @@ from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.enum_words import EnumWords
+from services.common.timestamps import in_range
 
 STATUS_WORDS = EnumWords(pb.ConversionStatus, "CONVERSION_STATUS_")
 SOURCE_WORDS = EnumWords(pb.AttributionSource, "ATTRIBUTION_SOURCE_")
@@ -31,10 +32,6 @@ def money(micros: int) -> str:
     return f"{sign}{units}.{digits}"
 
 
-# Seconds of 0001-01-01 and 10000-01-01 relative to the epoch: the range
-# ToJsonString formats; anything outside goes to it (and its error).
-_MIN_SECONDS = -62_135_596_800
-_MAX_SECONDS = 253_402_300_800
 _EPOCH = datetime(1970, 1, 1)
 # Whole seconds as text: a conversion's times, and those of conversions
 # answered together, mostly share their seconds.
@@ -54,7 +51,8 @@ def format_timestamp(seconds: int, nanos: int) -> str:
 
     RFC 3339 in UTC with ``Z``; 3, 6 or 9 fractional digits, only when present.
     """
-    if not (0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds < _MAX_SECONDS):
+    # Outside the range ToJsonString formats: it goes to it (and its error).
+    if not in_range(seconds, nanos):
         return Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
     text = _SECOND_TEXTS.get(seconds) or _second_text(seconds)
     if not nanos:

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
+from services.attribution.common.reasons import fraud_reason
 from services.attribution.metrics import FRAUD_AVAILABLE, FRAUD_UNAVAILABLE_TOTAL
 from services.common.batch_stream import BatchStream, StreamCallError, status_code
 from services.common.batcher import MicroBatcher
@@ -45,7 +46,7 @@ Verdicts = list[fraud_pb2.Verdict | None]
 
 def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
     """A verdict's signals as reason codes; a signal weighted 0 (switched off by the operator) is none."""
-    return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
+    return [fraud_reason(signal.code) for signal in verdict.signals if signal.weight > 0]
 
 
 # A code's kind as the fraud service names it (its spread rules apply to UNIQUE codes).

@@ -19,7 +19,7 @@ CLICK_RECORD_SECONDS = Histogram(
 )
 CLICK_FLUSH_ROWS = Histogram(
     "ascribe_click_flush_rows",
-    "Click rows written by one group commit (one COPY).",
+    "Click rows written by one group commit (one INSERT).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
 )
 CLICK_FLUSH_SECONDS = Histogram(
@@ -58,12 +58,6 @@ CONVERSION_SECONDS = Histogram(
     "ascribe_conversion_seconds",
     "Time from a postback reaching the attribution service to its commit.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
-
-STORE_BATCH_SIZE = Histogram(
-    "ascribe_redemption_batch_size",
-    "Uses requested by one coalesced redemption transaction.",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 
 # ---------------------------------------------------------------- lifecycle

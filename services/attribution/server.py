@@ -15,7 +15,8 @@ from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.catalog.servicer import CatalogServicer
 from services.attribution.clicks import store as click_store
-from services.attribution.clicks.servicer import ClickRpcs, build_click_rpcs
+from services.attribution.clicks.recorder import ClickRecorder
+from services.attribution.clicks.servicer import ClickRpcs
 from services.attribution.common.database import DATABASE_UNAVAILABLE
 from services.attribution.config import Settings
 from services.attribution.conversions.recorder import ConversionRecorder
@@ -138,7 +139,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
     )
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
-    clicks = build_click_rpcs(pool, cache, fraud, settings)
+    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud))
     recorder = ConversionRecorder(pool, cache, fraud, clock=clock)
     lifecycle = Lifecycle(pool, cache, fraud, clock=clock)
     catalog = CatalogServicer(pool)

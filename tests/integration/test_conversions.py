@@ -418,3 +418,14 @@ async def test_the_locked_read_sees_what_the_lock_holder_committed(world: World)
     finally:
         await holder.close()
         await reader.close()
+
+
+async def test_a_coupon_restricted_to_a_long_sku_redeems_with_it(world: World) -> None:
+    """Coupons once took 256-character SKUs that postbacks refused past 128 bytes."""
+    sku = "S" * 200
+    await world.campaign()
+    await world.coupon("LONGSKU", allow_all_affiliates=True, skus=[sku])
+    conversion = await world.convert(coupon_code="LONGSKU", skus=["other", sku])
+    assert conversion.status != REJECTED, conversion.reasons
+    assert "restriction_sku" not in conversion.reasons
+    assert (await world.get_coupon("LONGSKU")).used == 1

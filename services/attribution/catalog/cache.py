@@ -1,6 +1,6 @@
 """The catalog as the hot paths (clicks, conversions) read it: through a cache.
 
-The queries themselves are the catalog store's (``store.catalog.find_*``).
+The queries themselves are the catalog store's (``catalog.store.find_*``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ class CatalogCache:
 
     Several replicas cannot invalidate each other's caches, so entries simply
     expire after ``ttl_seconds`` (0 disables caching): a change made by a
-    person takes effect everywhere within about that time. Usage counters are
-    never taken from here; the conditional UPDATE reads them.
+    person takes effect everywhere within about that time. No use is ever
+    taken on a cached counter: the redemption's locked UPDATE reads the row.
+    Click tracking does read the cached ``remaining`` (a code that ran out
+    moments ago may still start tracking; its conversion is judged on the row).
 
     On a hot path an expiring entry must not send every concurrent request to
     PostgreSQL at once: one lookup per key is in flight at a time, and while

@@ -2,7 +2,7 @@
 
 ``*_to_proto`` is what every servicer answers with (tracking and reports
 included); ``*_from_proto`` builds the record to store from a request that
-``catalog_validation`` has accepted, applying the contract's defaults
+``catalog.rules`` has accepted, applying the contract's defaults
 (UNSPECIFIED enums, unset optional fields, a UNIQUE code's limit of 1) and
 normalization (upper-case codes, currencies and countries, lower-case
 channels). Enumerations travel as the lowercase word after the proto enum's

@@ -5,7 +5,7 @@ by its proto path (``coupon.valid_until``, ``coupon.affiliate_ids[1]``) and a
 request reports every violation at once (``InvalidArgument``). The values
 checked are the normalized ones that will be stored (codes and countries
 upper-cased, channels lower-cased), so the same normalizers are used by
-``catalog_convert`` when it builds the domain records.
+``catalog.convert`` when it builds the domain records.
 
 Generated UNIQUE codes are drawn here too: their alphabet and the length a
 batch needs are rules about codes, not storage.
@@ -22,15 +22,17 @@ from ascribe.attribution.v1 import attribution_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 
-from services.attribution.common.coupon_rules import is_valid_code, normalize_code
+from services.attribution.common.coupon_rules import CODE_RULE, is_valid_code, normalize_code
+from services.common import limits, timestamps
 from services.common.errors import FailedPrecondition, InvalidArgument, Violations
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Campaign and affiliate ids share one pattern, so they share one limit.
+assert limits.CAMPAIGN_ID == limits.AFFILIATE_ID
+ID_PATTERN = re.compile(rf"^[A-Za-z0-9_-]{{1,{limits.CAMPAIGN_ID}}}$")
 CHANNEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 PREFIX_PATTERN = re.compile(r"^[A-Z0-9_-]*$")
 MAX_NAME_LENGTH = 200
 MAX_URL_LENGTH = 2048
-MAX_TEXT_LENGTH = 256  # customer ids, SKUs
 MAX_LIST_ITEMS = 1000  # entries of any repeated field
 MAX_DAYS = 3650
 MAX_BASIS_POINTS = 10_000  # 100 %
@@ -47,10 +49,6 @@ CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 # The code space must dwarf the batch so that collisions stay rare and the
 # top-up rounds short (expected collisions of a batch are about count / 2x).
 CODE_SPACE_FACTOR = 100
-
-# google.protobuf.Timestamp's own range: 0001-01-01 to 9999-12-31.
-_MIN_TIMESTAMP_SECONDS = -62_135_596_800
-_MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 # ISO 4217 codes of currencies in circulation (funds, metals and the testing
 # codes are left out: nobody pays an order in them). ANG stays beside its
@@ -208,7 +206,7 @@ def validate_coupon(coupon: attribution_pb2.Coupon, *, field: str = "coupon") ->
     v = Violations()
     code = normalize_code(coupon.code)
     if not is_valid_code(code):
-        v.add(f"{field}.code", "3..64 characters of A-Z 0-9 - _ (case-insensitive)")
+        v.add(f"{field}.code", CODE_RULE)
     _check_coupon_rules(v, coupon, field)
     v.raise_if_any()
 
@@ -233,8 +231,11 @@ def validate_generate_codes(request: attribution_pb2.GenerateCodesRequest) -> No
     length = generated_length(request.length)
     if length < MIN_GENERATED_LENGTH:
         v.add("length", f"at least {MIN_GENERATED_LENGTH} random characters")
-    elif len(prefix) + length > 64:
-        v.add("length", f"prefix and random part together must fit 64 characters ({len(prefix)} + {length})")
+    elif len(prefix) + length > limits.COUPON_CODE:
+        v.add(
+            "length",
+            f"prefix and random part together must fit {limits.COUPON_CODE} characters ({len(prefix)} + {length})",
+        )
     elif 1 <= count <= MAX_GENERATED_CODES and len(CODE_ALPHABET) ** length < CODE_SPACE_FACTOR * count:
         v.add("length", f"too short for {count:,} codes: use at least {minimum_length(count)}")
     v.raise_if_any()
@@ -312,10 +313,11 @@ def _check_coupon_rules(
             v.add(f"{field}.channels[{i}]", "1..64 of a-z 0-9 _ . - starting with a letter or digit")
     _check_list_size(v, f"{field}.skus", coupon.skus)
     for i, sku in enumerate(coupon.skus):
-        if not sku.strip() or len(sku) > MAX_TEXT_LENGTH:
-            v.add(f"{field}.skus[{i}]", f"1..{MAX_TEXT_LENGTH} characters")
-    if len(coupon.assigned_customer_id) > MAX_TEXT_LENGTH:
-        v.add(f"{field}.assigned_customer_id", f"at most {MAX_TEXT_LENGTH} characters")
+        # Byte limits as a postback's SKUs have, so every SKU a code accepts can be redeemed.
+        if not sku.strip() or len(sku.encode()) > limits.SKU:
+            v.add(f"{field}.skus[{i}]", f"1..{limits.SKU} bytes")
+    if len(coupon.assigned_customer_id.encode()) > limits.CUSTOMER_ID:
+        v.add(f"{field}.assigned_customer_id", f"at most {limits.CUSTOMER_ID} bytes")
 
 
 def _check_affiliate_access(v: Violations, coupon: attribution_pb2.Coupon, field: str, kind: int) -> None:
@@ -352,7 +354,7 @@ def validate_code_lookup(field: str, code: str) -> str:
     """A code a caller looks up, normalized; a malformed one cannot exist."""
     normalized = normalize_code(code)
     if not is_valid_code(normalized):
-        raise InvalidArgument.one(field, "3..64 characters of A-Z 0-9 - _ (case-insensitive)")
+        raise InvalidArgument.one(field, CODE_RULE)
     return normalized
 
 
@@ -391,7 +393,7 @@ def _check_id(v: Violations, field: str, value: str, *, required: bool) -> None:
         if required:
             v.add(field, "required")
     elif not ID_PATTERN.fullmatch(value):
-        v.add(field, "1..64 characters of A-Z a-z 0-9 _ -")
+        v.add(field, f"1..{limits.CAMPAIGN_ID} characters of A-Z a-z 0-9 _ -")
 
 
 def _check_name(v: Violations, field: str, value: str) -> None:
@@ -440,9 +442,7 @@ def _check_enum(v: Violations, field: str, enum: EnumDescriptor, value: int) -> 
 def _check_timestamp(v: Violations, field: str, stamp: timestamp_pb2.Timestamp | None) -> bool:
     if stamp is None:
         return True
-    if not _MIN_TIMESTAMP_SECONDS <= stamp.seconds <= _MAX_TIMESTAMP_SECONDS or not (
-        0 <= stamp.nanos <= 999_999_999
-    ):
+    if not timestamps.in_range(stamp.seconds, stamp.nanos):
         v.add(field, "not a valid timestamp (0001-01-01 to 9999-12-31 UTC)")
         return False
     return True

@@ -1,7 +1,7 @@
 """CatalogService: proto <-> domain translation for campaigns, affiliates, coupons.
 
-Each RPC validates its request (``catalog_validation``), converts it
-(``catalog_convert``) and calls the store (``store.catalog``); errors are
+Each RPC validates its request (``catalog.rules``), converts it
+(``catalog.convert``) and calls the store (``catalog.store``); errors are
 domain exceptions that the server's interceptor turns into statuses.
 
 Updates follow the contract's field masks: the stored record is turned into

@@ -2,7 +2,7 @@
 
 Every function takes a connection, or a pool (then it borrows a connection
 for the call), and returns the records of ``services.attribution.common.models``,
-built from rows by ``store.lookups`` like those of the hot paths.
+built from rows by ``catalog.rows`` like those of the hot paths.
 Codes passed in are already normalized (``coupon_rules.normalize_code``).
 Changes that must see the row they change (updates, the usage-limit check
 against ``used``) run in one short transaction holding the row lock, so a
@@ -392,7 +392,7 @@ async def insert_generated_codes(
     or one the campaign already has, fails the COPY: that chunk alone is
     then stored with ``INSERT ... ON CONFLICT DO NOTHING``, which skips the
     clashing codes, and the next round draws that many more. With the code
-    space ``catalog_validation`` requires, that fallback is rare. Returns the
+    space ``catalog.rules`` requires, that fallback is rare. Returns the
     number stored (``count``).
     """
     async with _connection(db) as conn, conn.transaction():

@@ -10,8 +10,8 @@ A click is where coupon tracking begins (ARCHITECTURE.md sections 4 to 6):
   it, with the reason) and the click stays ACCEPTED when fraud allows;
 - the fraud verdict: REJECT rejects, REVIEW flags, no verdict in time flags
   with ``fraud_unavailable`` (fail-open);
-- the row is committed before the answer: concurrent clicks share one COPY
-  (group commit), each caller awaiting its own batch's commit.
+- the row is committed before the answer: concurrent clicks share one multi-row
+  INSERT (group commit), each caller awaiting its own batch's commit.
 
 Per-click Python work is kept small on purpose: the click path's budget is
 a few hundred microseconds of CPU across all processes.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,12 @@ from services.attribution.common import ids
 from services.attribution.common.coupon_rules import click_tracking_reasons, is_valid_code, normalize_code
 from services.attribution.common.database import DATABASE_FAILURES
 from services.attribution.common.models import Campaign, Click, ClickDecision
+from services.attribution.common.reasons import (
+    AFFILIATE_INACTIVE,
+    CAMPAIGN_INACTIVE,
+    FRAUD_UNAVAILABLE,
+    UNKNOWN_AFFILIATE,
+)
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.metrics import (
     CLICK_FLUSH_FAILURES_TOTAL,
@@ -45,24 +50,17 @@ from services.attribution.metrics import (
     CLICK_RECORD_SECONDS,
     CLICKS_TOTAL,
 )
+from services.common import limits
 from services.common.batcher import MicroBatcher
 from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
+from services.common.ip import normalize_ip
 from services.common.timestamps import set_timestamp, utcnow
 
 logger = logging.getLogger(__name__)
 
-MAX_ID_BYTES = 256  # campaign_id, affiliate_id, external_click_id
-MAX_SUB_BYTES = 256
-MAX_CODE_BYTES = 64  # the longest legal code; a longer one is malformed input
-MAX_USER_AGENT_BYTES = 1024
-# The Referer is a browser header, not an affiliate's parameter: an overlong
-# one is cut rather than costing the visitor the redirect.
-MAX_REFERER_CHARS = 2048
 MAX_FUTURE = timedelta(minutes=5)  # clock skew allowed on occurred_at
-MAX_BATCH = 1000  # RecordClickBatch entries
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 
-FRAUD_UNAVAILABLE = "fraud_unavailable"
 
 _ACTION_DECISION: dict[int, ClickDecision] = {
     fraud_pb2.VERDICT_ACTION_ALLOW: "accepted",
@@ -113,20 +111,6 @@ class ValidClick:
     coupon_well_formed: bool = True
 
 
-def canonical_ip(value: str) -> str:
-    """The address in its canonical text form; "" when ``value`` is not one.
-
-    inet_pton/inet_ntop instead of ``ipaddress``: the same strict syntax
-    (dotted quads without leading zeros, RFC 4291 IPv6) at a tenth of the cost.
-    """
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            return socket.inet_ntop(family, socket.inet_pton(family, value))
-        except (OSError, ValueError):
-            continue
-    return ""
-
-
 def _too_long(value: str, max_bytes: int) -> bool:
     # A character is at most 4 UTF-8 bytes: short strings skip the encoding.
     return len(value) * 4 > max_bytes and len(value.encode()) > max_bytes
@@ -145,31 +129,33 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
     if not inp.campaign_id:
         violations.add("campaign_id", "required")
     else:
-        _check_text(violations, "campaign_id", inp.campaign_id, MAX_ID_BYTES)
+        _check_text(violations, "campaign_id", inp.campaign_id, limits.CAMPAIGN_ID)
     if not inp.affiliate_id:
         violations.add("affiliate_id", "required")
     else:
-        _check_text(violations, "affiliate_id", inp.affiliate_id, MAX_ID_BYTES)
+        _check_text(violations, "affiliate_id", inp.affiliate_id, limits.AFFILIATE_ID)
     code = normalize_code(inp.coupon_code) if inp.coupon_code else ""
     # A visitor is never turned away for a mistyped code: past the size bound,
     # a code of the wrong shape is simply one no coupon has.
-    if _too_long(code, MAX_CODE_BYTES):
-        violations.add("coupon_code", f"longer than {MAX_CODE_BYTES} bytes")
+    if _too_long(code, limits.COUPON_CODE):
+        violations.add("coupon_code", f"longer than {limits.COUPON_CODE} bytes")
     elif "\x00" in code:
         violations.add("coupon_code", "contains a NUL character")
     if inp.external_click_id:
-        _check_text(violations, "external_click_id", inp.external_click_id, MAX_ID_BYTES)
+        _check_text(violations, "external_click_id", inp.external_click_id, limits.EXTERNAL_CLICK_ID)
     for name, value in zip(SUB_FIELDS, inp.subs, strict=True):
         if value:
-            _check_text(violations, name, value, MAX_SUB_BYTES)
+            _check_text(violations, name, value, limits.SUB_ID)
     ip = ""
     if inp.ip:
-        ip = canonical_ip(inp.ip)
+        ip = normalize_ip(inp.ip) or ""
         if not ip:
             violations.add("ip", "not an IP address")
     if inp.user_agent:
-        _check_text(violations, "user_agent", inp.user_agent, MAX_USER_AGENT_BYTES)
-    referer = inp.referer[:MAX_REFERER_CHARS]
+        _check_text(violations, "user_agent", inp.user_agent, limits.USER_AGENT)
+    # The Referer is a browser header, not an affiliate's parameter: an overlong
+    # one is cut rather than costing the visitor the redirect.
+    referer = inp.referer[: limits.REFERER]
     if "\x00" in referer:
         violations.add("referer", "contains a NUL character")
     country = inp.country.upper()
@@ -376,8 +362,8 @@ class ClickRecorder:
         committed together (all or none: a failed commit fails the whole call
         with UNAVAILABLE, and nothing of it is stored).
         """
-        if len(inputs) > MAX_BATCH:
-            raise InvalidArgument.one("requests", f"at most {MAX_BATCH} clicks per batch")
+        if len(inputs) > limits.CLICKS_PER_BATCH:
+            raise InvalidArgument.one("requests", f"at most {limits.CLICKS_PER_BATCH} clicks per batch")
         started = time.perf_counter()
         now = utcnow()
         results: list[_Judged | DomainError] = []
@@ -439,11 +425,11 @@ class ClickRecorder:
             raise Unavailable("the catalog is unavailable") from None
         reasons: list[str] = []
         if campaign.status != "active":
-            reasons.append("campaign_inactive")
+            reasons.append(CAMPAIGN_INACTIVE)
         if affiliate is None:
-            reasons.append("unknown_affiliate")
+            reasons.append(UNKNOWN_AFFILIATE)
         elif affiliate.status != "active":
-            reasons.append("affiliate_inactive")
+            reasons.append(AFFILIATE_INACTIVE)
         decision: ClickDecision = "rejected" if reasons else "accepted"
         tracked = ""
         if click.coupon_code:

@@ -11,15 +11,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
-from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks.recorder import ClickInput, ClickOutcome, ClickRecorder
 from services.attribution.common.batch_errors import error_proto
 from services.attribution.common.models import Click
-from services.attribution.config import Settings
-from services.attribution.fraud_client import FraudClient
 from services.common.batch_stream import serve_batch_stream
 from services.common.errors import DomainError, InvalidArgument
 from services.common.timestamps import set_timestamp
@@ -145,10 +141,3 @@ class ClickRpcs:
     async def close(self) -> None:
         """Drains the group commits in flight (their callers are waiting for them)."""
         await self._recorder.close()
-
-
-def build_click_rpcs(
-    pool: asyncpg.Pool, cache: CatalogCache, fraud: FraudClient, settings: Settings
-) -> ClickRpcs:
-    """The click side, wired. (The daily click-partition job runs with the service's other jobs.)"""
-    return ClickRpcs(ClickRecorder(pool, cache, fraud))

@@ -20,12 +20,28 @@ from services.attribution.common.models import (
     Coupon,
     DeviceType,
 )
+from services.attribution.common.reasons import (
+    AFFILIATE_NOT_ALLOWED,
+    BELOW_MIN_ORDER,
+    COUPON_EXPIRED,
+    COUPON_INACTIVE,
+    COUPON_NOT_YET_VALID,
+    COUPON_ON_HOLD,
+    CURRENCY_MISMATCH,
+    CUSTOMER_ID_REQUIRED,
+    CUSTOMER_NOT_ASSIGNED,
+    RESTRICTION_CHANNEL,
+    RESTRICTION_COUNTRY,
+    RESTRICTION_DEVICE,
+    RESTRICTION_SKU,
+    UNKNOWN_COUPON,
+    USAGE_LIMIT_REACHED,
+)
+from services.common import limits
 
-CODE_PATTERN = re.compile(r"^[A-Z0-9_-]{3,64}$")
-
-# Reasons of a code that a person must look at: the conversion is FLAGGED
-# (its use held), not rejected.
-FLAGGING_REASONS = frozenset({"coupon_on_hold"})
+CODE_MIN_LENGTH = 3
+CODE_PATTERN = re.compile(rf"^[A-Z0-9_-]{{{CODE_MIN_LENGTH},{limits.COUPON_CODE}}}$")
+CODE_RULE = f"{CODE_MIN_LENGTH}..{limits.COUPON_CODE} characters of A-Z 0-9 - _ (case-insensitive)"
 
 
 def normalize_code(code: str) -> str:
@@ -41,16 +57,16 @@ def status_reasons(coupon: Coupon) -> list[str]:
     if coupon.status == "active":
         return []
     if coupon.status == "hold":
-        return ["coupon_on_hold"]
-    return ["coupon_inactive"]
+        return [COUPON_ON_HOLD]
+    return [COUPON_INACTIVE]
 
 
 def validity_reasons(coupon: Coupon, at: datetime) -> list[str]:
     """``valid_from <= at < valid_until``: the end instant is already expired."""
     if coupon.valid_from is not None and at < coupon.valid_from:
-        return ["coupon_not_yet_valid"]
+        return [COUPON_NOT_YET_VALID]
     if coupon.valid_until is not None and at >= coupon.valid_until:
-        return ["coupon_expired"]
+        return [COUPON_EXPIRED]
     return []
 
 
@@ -80,12 +96,12 @@ def affiliate_may_carry(coupon: Coupon, affiliate_id: str) -> bool:
 def click_tracking_reasons(coupon: Coupon | None, affiliate_id: str, at: datetime) -> list[str]:
     """Why coupon tracking does not begin with this click (empty: it does)."""
     if coupon is None:
-        return ["unknown_coupon"]
+        return [UNKNOWN_COUPON]
     reasons = status_reasons(coupon) + validity_reasons(coupon, at)
     if not affiliate_may_carry(coupon, affiliate_id):
-        reasons.append("affiliate_not_allowed")
+        reasons.append(AFFILIATE_NOT_ALLOWED)
     if coupon.remaining == 0:
-        reasons.append("usage_limit_reached")
+        reasons.append(USAGE_LIMIT_REACHED)
     return reasons
 
 
@@ -113,7 +129,7 @@ def credit(
         if click_affiliate_id is None:
             return Credit(None, "none")
         if coupon is not None and not affiliate_may_carry(coupon, click_affiliate_id):
-            return Credit(click_affiliate_id, "click", ("affiliate_not_allowed",))
+            return Credit(click_affiliate_id, "click", (AFFILIATE_NOT_ALLOWED,))
         return Credit(click_affiliate_id, "click")
     code_owners = owners(coupon)
     if click_affiliate_id is None:
@@ -153,23 +169,23 @@ def static_reasons(
     """
     reasons = status_reasons(coupon) + validity_reasons(coupon, order.occurred_at)
     if coupon.assigned_customer_id and order.customer_id != coupon.assigned_customer_id:
-        reasons.append("customer_not_assigned")
+        reasons.append(CUSTOMER_NOT_ASSIGNED)
     if coupon.countries and order.country.upper() not in coupon.countries:
-        reasons.append("restriction_country")
+        reasons.append(RESTRICTION_COUNTRY)
     if coupon.device_types and order.device_type not in coupon.device_types:
-        reasons.append("restriction_device")
+        reasons.append(RESTRICTION_DEVICE)
     channel = credited_channel if credited_channel is not None else DIRECT_CHANNEL
     if coupon.channels and channel not in coupon.channels:
-        reasons.append("restriction_channel")
+        reasons.append(RESTRICTION_CHANNEL)
     if coupon.skus and not _intersects(coupon.skus, order.skus):
-        reasons.append("restriction_sku")
+        reasons.append(RESTRICTION_SKU)
     # The minimum applies to the order before its discount.
     if coupon.min_order_micros and order.amount_micros + order.discount_micros < coupon.min_order_micros:
-        reasons.append("below_min_order")
+        reasons.append(BELOW_MIN_ORDER)
     if order.currency.upper() != campaign_currency.upper():
-        reasons.append("currency_mismatch")
+        reasons.append(CURRENCY_MISMATCH)
     if coupon.per_customer_limit and not order.customer_id:
-        reasons.append("customer_id_required")
+        reasons.append(CUSTOMER_ID_REQUIRED)
     return reasons
 
 

@@ -8,12 +8,13 @@ number of replicas never deadlock):
    are serialized, so exactly one is judged, fraud-checked and can take a use;
 2. orders already stored are answered (same content), refused (other
    content) or judged anew (rejected for a reason the shop can fix);
-3. static judgment (``judgment.judge_static``) from cached catalog records
+3. static judgment (``rules.judge_static``) from cached catalog records
    and the named clicks;
 4. one batched fraud call for the conversions still standing;
 5. limits: customer uses, click slots, then each code's counter, locked once
-   per code per batch and moved by the uses granted (``store.redemptions``);
-6. every row (conversions, history, ledger) written by COPY, then commit.
+   per code per batch and moved by the uses granted (``redemptions``);
+6. every row (conversions, history, ledger) written by one INSERT ... unnest
+   statement, then commit.
 
 Nothing is acknowledged before the commit, and a failure rolls the whole
 batch back: a crash in the middle leaves nothing behind.
@@ -36,6 +37,12 @@ from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules, ids
 from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, retry_aborted
 from services.attribution.common.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
+from services.attribution.common.reasons import (
+    CUSTOMER_LIMIT_REACHED,
+    FRAUD_UNAVAILABLE,
+    UNKNOWN_COUPON,
+    USAGE_LIMIT_REACHED,
+)
 from services.attribution.conversions import redemptions, store
 from services.attribution.conversions.rules import (
     ConversionInput,
@@ -319,7 +326,7 @@ class ConversionRecorder:
             assert case.reasons is not None
             verdict = verdicts[case.key]
             if verdict is None:
-                case.reasons.append("fraud_unavailable")
+                case.reasons.append(FRAUD_UNAVAILABLE)
                 case.needs_rescore = True
                 continue
             case.fraud_score = verdict.score
@@ -368,7 +375,7 @@ class ConversionRecorder:
                     case.customer_use = True
                 else:
                     assert case.reasons is not None
-                    case.reasons.append("customer_limit_reached")
+                    case.reasons.append(CUSTOMER_LIMIT_REACHED)
 
         for case in sorted(cases, key=lambda c: c.input.click_id):
             static = case.static
@@ -395,9 +402,9 @@ class ConversionRecorder:
         for case, grant in zip(wanting, grants, strict=True):
             assert case.reasons is not None
             if grant == redemptions.UNKNOWN_CODE:  # deleted since it was cached
-                case.reasons.append("unknown_coupon")
+                case.reasons.append(UNKNOWN_COUPON)
             elif grant is None:
-                case.reasons.append("usage_limit_reached")
+                case.reasons.append(USAGE_LIMIT_REACHED)
                 case.coupon_remaining = 0
             else:
                 case.coupon_use = True

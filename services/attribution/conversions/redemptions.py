@@ -9,15 +9,11 @@ batch, however many uses the batch asks for.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
-
-from services.attribution.metrics import STORE_BATCH_SIZE
-from services.common.batcher import MicroBatcher
 
 CouponKey = tuple[str, str]  # (campaign_id, code)
 
@@ -147,43 +143,3 @@ async def release_customer_use(conn: asyncpg.Connection, key: CouponKey, custome
         key[1],
         customer_id,
     )
-
-
-_ids = itertools.count()
-
-
-class RedemptionStore:
-    """Takes single uses of codes, coalescing concurrent requests.
-
-    Concurrent ``take`` calls share one transaction: the codes' rows are
-    locked once, uses are granted in arrival order up to each limit, the
-    counters move by the granted amount in one UPDATE, and the ledger gets
-    its rows by COPY. This is the core the conversion path uses per batch,
-    exposed alone for benchmarks and tests.
-    """
-
-    def __init__(self, pool: asyncpg.Pool, max_batch: int = 512, max_in_flight: int = 2) -> None:
-        self._pool = pool
-        self._batcher: MicroBatcher[tuple[CouponKey, str], int | None] = MicroBatcher(
-            self._flush, max_batch=max_batch, max_in_flight=max_in_flight,
-            size_histogram=STORE_BATCH_SIZE, name="redemptions",
-        )
-
-    async def take(self, campaign_id: str, code: str, conversion_id: str | None = None) -> int | None:
-        """Takes one use; returns the remaining uses after it (-1 when unlimited), None if refused."""
-        return await self._batcher.submit(((campaign_id, code), conversion_id or f"use-{next(_ids)}"))
-
-    async def _flush(self, items: Sequence[tuple[CouponKey, str]]) -> list[int | None]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            grants = await grant_uses(conn, [key for key, _ in items])
-            now = datetime.now().astimezone()
-            results = [grant if isinstance(grant, int) else None for grant in grants]
-            await insert_ledger(conn, [
-                LedgerRow(key[0], key[1], conversion_id, None, now)
-                for (key, conversion_id), grant in zip(items, results, strict=True)
-                if grant is not None
-            ])
-        return results
-
-    async def close(self) -> None:
-        await self._batcher.close()

@@ -26,40 +26,26 @@ from services.attribution.common.models import (
     Coupon,
     DeviceType,
 )
+from services.attribution.common.reasons import (
+    AFFILIATE_INACTIVE,
+    CAMPAIGN_INACTIVE,
+    CLICK_ALREADY_CONVERTED,
+    CLICK_OUTSIDE_LOOKBACK,
+    CLICK_REJECTED,
+    CURRENCY_MISMATCH,
+    FIXABLE_REASONS,
+    FLAGGING_REASONS,
+    POSTBACK_TOO_LATE,
+    UNKNOWN_AFFILIATE,
+    UNKNOWN_CLICK,
+    UNKNOWN_COUPON,
+    is_fraud,
+    rejects,
+    rejects_statically,
+)
 
 # A conversion may claim to have happened at most this far after we received it.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
-
-# Reasons that make a click ineligible for credit without rejecting the sale.
-CLICK_REASONS = frozenset(
-    {"unknown_click", "click_outside_lookback", "click_rejected", "click_already_converted"}
-)
-
-# Rejections the shop can fix by posting the order again with other content
-# (the static reasons of step 4): such an order is judged anew.
-FIXABLE_REASONS = frozenset(
-    {
-        "unknown_affiliate",
-        "affiliate_inactive",
-        "unknown_coupon",
-        "coupon_inactive",
-        "coupon_not_yet_valid",
-        "coupon_expired",
-        "affiliate_not_allowed",
-        "customer_not_assigned",
-        "restriction_country",
-        "restriction_device",
-        "restriction_channel",
-        "restriction_sku",
-        "below_min_order",
-        "currency_mismatch",
-        "customer_id_required",
-    }
-)
-
-# Reasons that send a conversion to a person (its use held) rather than reject it.
-FLAGGING_REASONS = frozenset({"coupon_on_hold", "fraud_unavailable"}) | coupon_rules.FLAGGING_REASONS
-
 
 @dataclass(frozen=True)
 class ConversionInput:
@@ -113,7 +99,7 @@ class StaticJudgment:
 
     @property
     def rejected(self) -> bool:
-        return any(reason not in CLICK_REASONS and reason not in FLAGGING_REASONS for reason in self.reasons)
+        return any(rejects(reason) for reason in self.reasons)
 
 
 def click_eligibility(
@@ -123,14 +109,14 @@ def click_eligibility(
     if not input.click_id:
         return None, []
     if click is None or click.campaign_id != campaign.id:
-        return None, ["unknown_click"]
+        return None, [UNKNOWN_CLICK]
     lookback = timedelta(days=campaign.click_lookback_days)
     if input.occurred_at - click.occurred_at > lookback or click.occurred_at - input.occurred_at > MAX_CLOCK_SKEW:
-        return None, ["click_outside_lookback"]
+        return None, [CLICK_OUTSIDE_LOOKBACK]
     if click.decision == "rejected":
-        return None, ["click_rejected"]
+        return None, [CLICK_REJECTED]
     if campaign.max_conversions_per_click and click.conversions >= campaign.max_conversions_per_click:
-        return None, ["click_already_converted"]
+        return None, [CLICK_ALREADY_CONVERTED]
     return click, []
 
 
@@ -148,15 +134,15 @@ def judge_static(
     """
     reasons: list[str] = []
     if campaign.status != "active":
-        reasons.append("campaign_inactive")
+        reasons.append(CAMPAIGN_INACTIVE)
     if input.received_at - input.occurred_at > timedelta(days=campaign.click_lookback_days):
-        reasons.append("postback_too_late")
+        reasons.append(POSTBACK_TOO_LATE)
 
     eligible_click, click_reasons = click_eligibility(click, input, campaign)
     reasons.extend(click_reasons)
 
     if input.coupon_code and coupon is None:
-        reasons.append("unknown_coupon")
+        reasons.append(UNKNOWN_COUPON)
     credit = coupon_rules.credit(
         campaign.attribution_policy, coupon, eligible_click.affiliate_id if eligible_click else None
     )
@@ -165,11 +151,11 @@ def judge_static(
     if credit.affiliate_id is not None:
         affiliate = affiliates.get(credit.affiliate_id)
         if affiliate is None:
-            reasons.append("unknown_affiliate")
+            reasons.append(UNKNOWN_AFFILIATE)
         else:
             channel = affiliate.channel
             if affiliate.status != "active":
-                reasons.append("affiliate_inactive")
+                reasons.append(AFFILIATE_INACTIVE)
 
     if coupon is not None:
         order = coupon_rules.Order(
@@ -188,7 +174,7 @@ def judge_static(
             )
         )
     elif input.currency.upper() != campaign.currency.upper():
-        reasons.append("currency_mismatch")
+        reasons.append(CURRENCY_MISMATCH)
 
     return StaticJudgment(
         reasons=_unique(reasons),
@@ -202,7 +188,7 @@ def judge_static(
 
 def is_fixable(reasons: Sequence[str]) -> bool:
     """A REJECTED order whose every rejecting reason the shop can fix."""
-    rejecting = [r for r in reasons if r not in CLICK_REASONS and r not in FLAGGING_REASONS]
+    rejecting = [r for r in reasons if rejects(r)]
     return bool(rejecting) and all(r in FIXABLE_REASONS for r in rejecting)
 
 
@@ -211,11 +197,9 @@ def final_status(reasons: Sequence[str], hold_days: int, *, fraud_rejected: bool
 
     Fraud signals flag (a REVIEW verdict) unless the verdict rejected.
     """
-    if fraud_rejected or any(
-        r not in CLICK_REASONS and r not in FLAGGING_REASONS and not r.startswith("fraud_") for r in reasons
-    ):
+    if fraud_rejected or any(rejects_statically(r) for r in reasons):
         return "rejected"
-    if any(r in FLAGGING_REASONS or r.startswith("fraud_") for r in reasons):
+    if any(r in FLAGGING_REASONS or is_fraud(r) for r in reasons):
         return "flagged"
     return "approved" if hold_days == 0 else "pending"
 

@@ -1,13 +1,13 @@
 """The conversion side of TrackingService: proto <-> domain translation.
 
 Syntax checks of a postback live here, at the proto boundary (step 1 of the
-judgment); every business rule is in ``judgment``/``coupon_rules`` and every
-state change in ``conversions`` (recording) or ``lifecycle`` (after).
+judgment); every business rule is in ``conversions.rules`` / ``common.coupon_rules``
+and every state change in ``conversions.recorder`` (recording) or
+``lifecycle.changes`` (after).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from datetime import datetime
 
@@ -29,17 +29,12 @@ from services.attribution.conversions import store
 from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.rules import MAX_CLOCK_SKEW, ConversionInput
 from services.attribution.lifecycle.changes import Lifecycle
+from services.common import limits
 from services.common.enum_words import EnumWords
 from services.common.errors import DomainError, InvalidArgument, NotFound, Unavailable, Violations
-from services.common.timestamps import set_timestamp, to_timestamp
+from services.common.ip import normalize_ip
+from services.common.timestamps import in_range, set_timestamp, to_timestamp
 
-MAX_ORDER_ID = 128
-MAX_ID = 64
-MAX_CUSTOMER_ID = 256
-MAX_USER_AGENT = 1024
-MAX_SKUS = 100
-MAX_SKU = 128
-MAX_REASON = 256
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
@@ -49,9 +44,6 @@ _SOURCES = EnumWords(pb.AttributionSource, "ATTRIBUTION_SOURCE_")
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# What datetime (and so PostgreSQL's timestamptz as we read it) can hold.
-_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
-_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 def _check_len(v: Violations, field: str, value: str, limit: int, *, required: bool = False) -> None:
@@ -65,7 +57,7 @@ def _check_len(v: Violations, field: str, value: str, limit: int, *, required: b
 
 def _time(v: Violations, field: str, stamp: Timestamp) -> datetime | None:
     """A Timestamp field as a datetime, or a violation when no datetime can hold it."""
-    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+    if not in_range(stamp.seconds, stamp.nanos):
         v.add(field, "is out of range")
         return None
     return from_timestamp(stamp)
@@ -74,11 +66,11 @@ def _time(v: Violations, field: str, stamp: Timestamp) -> datetime | None:
 def conversion_input(request: pb.RecordConversionRequest, received_at: datetime) -> ConversionInput:
     """Step 1 (syntax) of the judgment: a clear error naming each bad field."""
     v = Violations()
-    _check_len(v, "campaign_id", request.campaign_id, MAX_ID, required=True)
-    _check_len(v, "order_id", request.order_id, MAX_ORDER_ID, required=True)
-    _check_len(v, "click_id", request.click_id, MAX_ID)
-    _check_len(v, "customer_id", request.customer_id, MAX_CUSTOMER_ID)
-    _check_len(v, "user_agent", request.user_agent, MAX_USER_AGENT)
+    _check_len(v, "campaign_id", request.campaign_id, limits.CAMPAIGN_ID, required=True)
+    _check_len(v, "order_id", request.order_id, limits.ORDER_ID, required=True)
+    _check_len(v, "click_id", request.click_id, limits.CLICK_ID)
+    _check_len(v, "customer_id", request.customer_id, limits.CUSTOMER_ID)
+    _check_len(v, "user_agent", request.user_agent, limits.USER_AGENT)
     if request.amount_micros < 0:
         v.add("amount_micros", "must not be negative")
     if request.discount_micros < 0:
@@ -94,16 +86,16 @@ def conversion_input(request: pb.RecordConversionRequest, received_at: datetime)
         v.add("country", "must be an ISO 3166-1 alpha-2 code")
     ip = request.ip.strip()
     if ip:
-        try:
-            ip = str(ipaddress.ip_address(ip))
-        except ValueError:
+        canonical = normalize_ip(ip)
+        if canonical is None:
             v.add("ip", "must be an IPv4 or IPv6 address")
+        ip = canonical or ""
     if request.device_type not in pb.DeviceType.values():
         v.add("device_type", "unknown device type")
-    if len(request.skus) > MAX_SKUS:
-        v.add("skus", f"at most {MAX_SKUS} SKUs")
-    elif any(not sku.strip() or len(sku.encode()) > MAX_SKU or _CONTROL.search(sku) for sku in request.skus):
-        v.add("skus", f"each SKU must be 1 to {MAX_SKU} bytes of printable text")
+    if len(request.skus) > limits.SKUS_PER_ORDER:
+        v.add("skus", f"at most {limits.SKUS_PER_ORDER} SKUs")
+    elif any(not sku.strip() or len(sku.encode()) > limits.SKU or _CONTROL.search(sku) for sku in request.skus):
+        v.add("skus", f"each SKU must be 1 to {limits.SKU} bytes of printable text")
     occurred_at = received_at
     sent = request.HasField("occurred_at")
     if sent:
@@ -184,8 +176,8 @@ def _error_entry(error: BaseException) -> pb.Error:
 
 def _order_key(campaign_id: str, order_id: str) -> tuple[str, str]:
     v = Violations()
-    _check_len(v, "campaign_id", campaign_id, MAX_ID, required=True)
-    _check_len(v, "order_id", order_id, MAX_ORDER_ID, required=True)
+    _check_len(v, "campaign_id", campaign_id, limits.CAMPAIGN_ID, required=True)
+    _check_len(v, "order_id", order_id, limits.ORDER_ID, required=True)
     v.raise_if_any()
     return campaign_id.strip(), order_id.strip()
 
@@ -229,8 +221,8 @@ class ConversionRpcs:
     async def reverse_conversion(self, request: pb.ReverseConversionRequest) -> pb.Conversion:
         campaign_id, order_id = _order_key(request.campaign_id, request.order_id)
         v = Violations()
-        _check_len(v, "refund_id", request.refund_id, MAX_ORDER_ID)
-        _check_len(v, "reason", request.reason, MAX_REASON)
+        _check_len(v, "refund_id", request.refund_id, limits.REFUND_ID)
+        _check_len(v, "reason", request.reason, limits.REASON)
         amount = request.amount_micros if request.HasField("amount_micros") else None
         if amount is not None and amount <= 0:
             v.add("amount_micros", "must be positive")
@@ -261,7 +253,7 @@ class ConversionRpcs:
 
     async def list_conversions(self, request: pb.ListConversionsRequest) -> pb.ListConversionsResponse:
         v = Violations()
-        _check_len(v, "campaign_id", request.campaign_id, MAX_ID, required=True)
+        _check_len(v, "campaign_id", request.campaign_id, limits.CAMPAIGN_ID, required=True)
         if request.status and request.status not in _STATUSES.words:
             v.add("status", "unknown conversion status")
         received_from = _time(v, "from", getattr(request, "from")) if request.HasField("from") else None

@@ -25,8 +25,11 @@ from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules
 from services.attribution.common.database import retry_aborted
 from services.attribution.common.models import Campaign, Conversion, ConversionEvent, ConversionStatus
+from services.attribution.common.reasons import (
+    FLAGGING_REASONS,
+    FRAUD_UNAVAILABLE,
+)
 from services.attribution.conversions import redemptions, store
-from services.attribution.conversions.rules import FLAGGING_REASONS
 from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
 from services.attribution.lifecycle import store as lifecycle_store
 from services.attribution.metrics import (
@@ -271,7 +274,7 @@ class Lifecycle:
             conversion = await store.get_by_order(conn, campaign_id, order_id, for_update=True)
             if conversion is None or conversion.status != "flagged" or not conversion.needs_rescore:
                 return False
-            reasons = [r for r in conversion.reasons if r != "fraud_unavailable"]
+            reasons = [r for r in conversion.reasons if r != FRAUD_UNAVAILABLE]
             released = False
             if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
                 status: ConversionStatus = "rejected"
