@@ -54,7 +54,8 @@ async def test_seed_coupon_accepts_the_last_second_and_rejects_the_end_instant(w
     inside = await world.convert(coupon_code="summer150", occurred_at=ts(utc("2025-09-24T23:59:59Z")))
     assert inside.status == PENDING, inside.reasons
     assert inside.coupon_remaining == 149
-    assert inside.source == NONE and inside.affiliate_id == ""  # a selected-affiliates code with no click
+    # One selected affiliate and no click: there is no doubt whose code it is.
+    assert (inside.source, inside.affiliate_id) == (COUPON, "aff-a")
     outside = await world.convert(coupon_code="SUMMER150", occurred_at=ts(utc("2025-09-25T00:00:00Z")))
     assert outside.status == REJECTED
     assert "coupon_expired" in outside.reasons
@@ -136,6 +137,7 @@ async def test_credit_table(world: World) -> None:
     for campaign in ("cmp", "cf"):
         await world.coupon("GEN", campaign, allow_all_affiliates=True)
         await world.coupon("GENSEL", campaign, affiliate_ids=["A"])
+        await world.coupon("GENTWO", campaign, affiliate_ids=["A", "B"])
         await world.coupon("EXCL", campaign, kind=pb.COUPON_KIND_EXCLUSIVE, affiliate_ids=["B"])
         for n in range(3):
             await world.coupon(f"UNIQB{n}", campaign, kind=pb.COUPON_KIND_UNIQUE, affiliate_ids=["B"])
@@ -156,6 +158,8 @@ async def test_credit_table(world: World) -> None:
         rejected = await outcome(campaign, "GENSEL", "B")
         assert rejected[0] == "rejected" and "affiliate_not_allowed" in rejected[2]
         assert await outcome(campaign, "GEN", None) == ("", NONE, [])
+        assert await outcome(campaign, "GENSEL", None) == ("A", COUPON, [])
+        assert await outcome(campaign, "GENTWO", None) == ("", NONE, [])
         assert await outcome(campaign, "EXCL", "B") == ("B", CLICK, [])
         assert await outcome(campaign, "EXCL", None) == ("B", COUPON, [])
         assert await outcome(campaign, "UNIQB0", None) == ("B", COUPON, [])
@@ -429,3 +433,18 @@ async def test_a_coupon_restricted_to_a_long_sku_redeems_with_it(world: World) -
     assert conversion.status != REJECTED, conversion.reasons
     assert "restriction_sku" not in conversion.reasons
     assert (await world.get_coupon("LONGSKU")).used == 1
+
+
+async def test_a_code_of_one_selected_affiliate_credits_it_without_a_click(world: World) -> None:
+    await world.campaign()
+    await world.affiliate("A", channel="social")
+    await world.affiliate("B", channel="social")
+    await world.coupon("SOLO", affiliate_ids=["A"], channels=["social"])
+    await world.coupon("PAIR", affiliate_ids=["A", "B"], channels=["social"])
+    solo = await world.convert(coupon_code="SOLO")
+    assert (solo.affiliate_id, solo.source, solo.status) == ("A", COUPON, PENDING), solo.reasons
+    # Its channel rule sees A's channel, not "direct".
+    assert "restriction_channel" not in solo.reasons
+    pair = await world.convert(coupon_code="PAIR")
+    assert (pair.affiliate_id, pair.source) == ("", pb.ATTRIBUTION_SOURCE_NONE)
+    assert "restriction_channel" in pair.reasons  # credited to nobody: the channel is "direct"
