@@ -66,6 +66,16 @@ async def add_uses(conn: asyncpg.Connection, deltas: dict[CouponKey, int]) -> No
     )
 
 
+async def remaining_uses(conn: asyncpg.Connection, key: CouponKey) -> int | None:
+    """A code's uses left now (None: unlimited, or no such code)."""
+    value: int | None = await conn.fetchval(
+        "SELECT usage_limit - used FROM coupons WHERE campaign_id = $1 AND code = $2 AND usage_limit > 0",
+        key[0],
+        key[1],
+    )
+    return value
+
+
 UNKNOWN_CODE = "unknown"  # a grant for a code that no longer exists
 
 

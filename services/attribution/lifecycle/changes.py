@@ -98,10 +98,10 @@ class Lifecycle:
                 if earlier is not None:
                     if amount_micros is not None and amount_micros != earlier:
                         raise AlreadyExists(f"refund {refund_id!r} was already applied with another amount")
-                    return await self._with_history(conn, conversion)
+                    return await self._refund_answer(conn, conversion)
             elif conversion.status == "reversed":
                 # A refund without an id is a full one: idempotent by the state it leaves.
-                return await self._with_history(conn, conversion)
+                return await self._refund_answer(conn, conversion)
             if conversion.status in ("rejected", "reversed"):
                 raise FailedPrecondition(f"a {conversion.status} conversion cannot be refunded")
             remaining = conversion.amount_micros - conversion.refunded_micros
@@ -139,7 +139,20 @@ class Lifecycle:
                 actor="shop", note=f"refund {refund_id or '(full)'}{clawback}", amount_micros=amount,
             ))])
             REVERSED_TOTAL.labels("full" if full else "partial").inc()
-            return await self._reload(conn, conversion.id, campaign_id, order_id)
+            reloaded = await store.get_by_order(conn, campaign_id, order_id)
+            assert reloaded is not None
+            return await self._refund_answer(conn, reloaded)
+
+    async def _refund_answer(self, conn: asyncpg.Connection, conversion: Conversion) -> Conversion:
+        """A refund answers with the code's uses left now, after the use it may have given back.
+
+        (The stored ``coupon_remaining`` is what was left when the order took
+        its use; a shop reading a refund's answer wants today's figure.)
+        """
+        if conversion.coupon_code and conversion.coupon_remaining is not None:
+            now = await redemptions.remaining_uses(conn, (conversion.campaign_id, conversion.coupon_code))
+            conversion = replace(conversion, coupon_remaining=now)
+        return await self._with_history(conn, conversion)
 
     async def _give_back(
         self, conn: asyncpg.Connection, conversion: Conversion, campaign: Campaign, *, reason: str,
