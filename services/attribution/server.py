@@ -17,7 +17,7 @@ from services.attribution.catalog.servicer import CatalogServicer
 from services.attribution.clicks import store as click_store
 from services.attribution.clicks.recorder import ClickRecorder
 from services.attribution.clicks.servicer import ClickRpcs
-from services.attribution.common.database import DATABASE_UNAVAILABLE
+from services.attribution.common.database import DATABASE_UNAVAILABLE, Connection
 from services.attribution.config import Settings
 from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.servicer import ConversionRpcs
@@ -60,7 +60,7 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     return tokens
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
+async def _keep_session(conn: Connection) -> None:
     """What a connection going back to the pool needs: nothing beyond asyncpg's own rollback.
 
     asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TypeAlias
 
 import asyncpg
 
+from services.attribution.common.database import Connection, Executor
 from services.attribution.common.models import Click
 
 _INSERT_COLUMNS = (
@@ -50,7 +50,6 @@ SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_c
 FROM unnest($1::ascribe_click_row[])
 """
 
-Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 
 
 def _record(click: Click) -> tuple[object, ...]:
@@ -80,7 +79,7 @@ def _record(click: Click) -> tuple[object, ...]:
     )
 
 
-async def insert_clicks(conn: asyncpg.Connection, clicks: Sequence[Click]) -> None:
+async def insert_clicks(conn: Connection, clicks: Sequence[Click]) -> None:
     """Writes the clicks with one statement: all of them are committed, or none.
 
     Run outside a transaction, the statement is its own commit, so a group
@@ -122,7 +121,7 @@ async def get_click(conn: Executor, click_id: str, created_at: datetime) -> Clic
 
 
 async def take_click_slot(
-    conn: asyncpg.Connection, click_id: str, created_at: datetime, max_per_click: int
+    conn: Connection, click_id: str, created_at: datetime, max_per_click: int
 ) -> bool:
     """Counts one more live conversion on the click, unless it is at its limit.
 
@@ -143,7 +142,7 @@ async def take_click_slot(
     return row is not None
 
 
-async def release_click_slot(conn: asyncpg.Connection, click_id: str, created_at: datetime) -> bool:
+async def release_click_slot(conn: Connection, click_id: str, created_at: datetime) -> bool:
     """Gives back one live conversion of the click (a refund, a rejection on review).
 
     False when there was none to give back (the count never goes below zero).
@@ -165,7 +164,7 @@ async def ensure_click_partitions(conn: Executor, days_back: int, days_ahead: in
 
 
 async def fetch_clicks(
-    conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
+    conn: Connection, clicks: Sequence[tuple[str, datetime]]
 ) -> dict[str, Click]:
     """The clicks named by postbacks; the time in each id selects one partition."""
     if not clicks:

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from services.attribution.common.database import Connection
 from services.attribution.common.models import Conversion, ConversionEvent
 from services.attribution.conversions.redemptions import LedgerRow
 
@@ -34,7 +35,7 @@ def _order_lock_keys(keys: Sequence[OrderKey]) -> list[str]:
     return sorted({f"{campaign_id}\x1f{order_id}" for campaign_id, order_id in keys})
 
 
-async def lock_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> None:
+async def lock_orders(conn: Connection, keys: Sequence[OrderKey]) -> None:
     """Serializes concurrent copies of the same orders, on every replica.
 
     Transaction-scoped advisory locks, taken in a fixed order so two batches
@@ -48,7 +49,7 @@ async def lock_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> Non
 
 
 async def lock_and_fetch_orders(
-    conn: asyncpg.Connection, keys: Sequence[OrderKey]
+    conn: Connection, keys: Sequence[OrderKey]
 ) -> dict[OrderKey, Conversion]:
     """``lock_orders``, then the stored conversions of those orders, in one round trip.
 
@@ -67,7 +68,7 @@ async def lock_and_fetch_orders(
 
 
 async def get_by_order(
-    conn: asyncpg.Connection | asyncpg.Pool, campaign_id: str, order_id: str, *, for_update: bool = False
+    conn: Connection | asyncpg.Pool, campaign_id: str, order_id: str, *, for_update: bool = False
 ) -> Conversion | None:
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(
@@ -147,7 +148,7 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 async def insert_judged(
-    conn: asyncpg.Connection,
+    conn: Connection,
     conversions: Sequence[Conversion],
     events: Sequence[EventRow],
     ledger: Sequence[LedgerRow],
@@ -167,7 +168,7 @@ async def insert_judged(
     )
 
 
-async def replace_conversion(conn: asyncpg.Connection, c: Conversion) -> None:
+async def replace_conversion(conn: Connection, c: Conversion) -> None:
     """A re-judged order: the row takes the new outcome; its history keeps the old one."""
     assignments = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(_INSERT_COLUMNS[3:]))
     await conn.execute(
@@ -188,7 +189,7 @@ def _event_record(e: EventRow) -> tuple[Any, ...]:
             e.event.actor, e.event.note, e.event.amount_micros)
 
 
-async def insert_events(conn: asyncpg.Connection, events: Sequence[EventRow]) -> None:
+async def insert_events(conn: Connection, events: Sequence[EventRow]) -> None:
     if events:
         await conn.execute(
             f"INSERT INTO conversion_events ({', '.join(_EVENT_COLUMNS)}) "
@@ -197,7 +198,7 @@ async def insert_events(conn: asyncpg.Connection, events: Sequence[EventRow]) ->
         )
 
 
-async def history(conn: asyncpg.Connection | asyncpg.Pool, conversion_id: str) -> list[ConversionEvent]:
+async def history(conn: Connection | asyncpg.Pool, conversion_id: str) -> list[ConversionEvent]:
     rows = await conn.fetch(
         """SELECT from_status, to_status, at, reason, actor, note, amount_micros
              FROM conversion_events WHERE conversion_id = $1 ORDER BY id""",
@@ -207,7 +208,7 @@ async def history(conn: asyncpg.Connection | asyncpg.Pool, conversion_id: str) -
 
 
 async def update_state(
-    conn: asyncpg.Connection,
+    conn: Connection,
     conversion_id: str,
     *,
     status: str,
@@ -234,7 +235,7 @@ async def update_state(
 
 
 async def list_conversions(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Connection | asyncpg.Pool,
     *,
     campaign_id: str,
     status: str | None,
@@ -262,7 +263,7 @@ async def list_conversions(
 
 
 async def refund_exists(
-    conn: asyncpg.Connection, campaign_id: str, order_id: str, refund_id: str
+    conn: Connection, campaign_id: str, order_id: str, refund_id: str
 ) -> int | None:
     """The amount of an earlier refund with this id, or None."""
     value = await conn.fetchval(
@@ -273,7 +274,7 @@ async def refund_exists(
 
 
 async def insert_refund(
-    conn: asyncpg.Connection, campaign_id: str, order_id: str, refund_id: str, amount_micros: int, reason: str
+    conn: Connection, campaign_id: str, order_id: str, refund_id: str, amount_micros: int, reason: str
 ) -> None:
     await conn.execute(
         """INSERT INTO refunds (campaign_id, order_id, refund_id, amount_micros, reason)
@@ -282,7 +283,7 @@ async def insert_refund(
     )
 
 
-async def lock_due_pending(conn: asyncpg.Connection, now: datetime, limit: int) -> list[Conversion]:
+async def lock_due_pending(conn: Connection, now: datetime, limit: int) -> list[Conversion]:
     """PENDING conversions whose hold has passed, locked so each is approved once across replicas."""
     rows = await conn.fetch(
         f"""SELECT {CONVERSION_COLUMNS} FROM conversions
@@ -295,14 +296,14 @@ async def lock_due_pending(conn: asyncpg.Connection, now: datetime, limit: int) 
     return [conversion_from_row(r) for r in rows]
 
 
-async def oldest_due_pending(conn: asyncpg.Connection | asyncpg.Pool, now: datetime) -> datetime | None:
+async def oldest_due_pending(conn: Connection | asyncpg.Pool, now: datetime) -> datetime | None:
     value = await conn.fetchval(
         "SELECT min(hold_until) FROM conversions WHERE status = 'pending' AND hold_until <= $1", now
     )
     return value if isinstance(value, datetime) else None
 
 
-async def rescore_candidates(conn: asyncpg.Connection | asyncpg.Pool, limit: int) -> list[Conversion]:
+async def rescore_candidates(conn: Connection | asyncpg.Pool, limit: int) -> list[Conversion]:
     """FLAGGED conversions waiting for the fraud service, oldest first (read only)."""
     rows = await conn.fetch(
         f"""SELECT {CONVERSION_COLUMNS} FROM conversions

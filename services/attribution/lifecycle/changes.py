@@ -23,7 +23,7 @@ from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules
-from services.attribution.common.database import retry_aborted
+from services.attribution.common.database import Connection, retry_aborted
 from services.attribution.common.models import Campaign, Conversion, ConversionEvent, ConversionStatus
 from services.attribution.common.reasons import (
     FLAGGING_REASONS,
@@ -62,7 +62,7 @@ class Lifecycle:
         self._fraud = fraud
         self.clock = clock
 
-    async def _campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign:
+    async def _campaign(self, campaign_id: str, conn: Connection | None = None) -> Campaign:
         campaign = await self._cache.campaign(campaign_id, conn)
         if campaign is None:
             raise NotFound(f"campaign {campaign_id!r} not found")
@@ -143,7 +143,7 @@ class Lifecycle:
             assert reloaded is not None
             return await self._refund_answer(conn, reloaded)
 
-    async def _refund_answer(self, conn: asyncpg.Connection, conversion: Conversion) -> Conversion:
+    async def _refund_answer(self, conn: Connection, conversion: Conversion) -> Conversion:
         """A refund answers with the code's uses left now, after the use it may have given back.
 
         (The stored ``coupon_remaining`` is what was left when the order took
@@ -155,7 +155,7 @@ class Lifecycle:
         return await self._with_history(conn, conversion)
 
     async def _give_back(
-        self, conn: asyncpg.Connection, conversion: Conversion, campaign: Campaign, *, reason: str,
+        self, conn: Connection, conversion: Conversion, campaign: Campaign, *, reason: str,
         consume_unique: bool,
     ) -> None:
         """Returns what the conversion holds, in lock order: customer use, click slot, code use.
@@ -177,13 +177,13 @@ class Lifecycle:
                 await redemptions.add_uses(conn, {key: -1})  # its UPDATE locks the row
                 await redemptions.release_ledger(conn, conversion.id, reason)
 
-    async def _reload(self, conn: asyncpg.Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:
+    async def _reload(self, conn: Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:
         conversion = await store.get_by_order(conn, campaign_id, order_id)
         assert conversion is not None
         return await self._with_history(conn, conversion)
 
     @staticmethod
-    async def _with_history(conn: asyncpg.Connection, conversion: Conversion) -> Conversion:
+    async def _with_history(conn: Connection, conversion: Conversion) -> Conversion:
         """What every answer of the lifecycle carries: the row and its history, a retry's included."""
         return replace(conversion, history=tuple(await store.history(conn, conversion.id)))
 
@@ -313,7 +313,7 @@ class Lifecycle:
             ))])
             return True
 
-    async def _fraud_request(self, conn: asyncpg.Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
+    async def _fraud_request(self, conn: Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
         request = c.request
         coupon = await self._cache.coupon(c.campaign_id, c.coupon_code, conn) if c.coupon_code else None
         click_time = None
