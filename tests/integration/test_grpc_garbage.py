@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -44,6 +44,23 @@ INTERNAL = "internal-t0ken"
 GARBAGE = (b"\x0f", b"\x0a\x05ab")
 OPEN_SERVICES = (health_pb2.DESCRIPTOR.services_by_name["Health"],
                  reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+
+def raw_unary(channel: grpc.aio.Channel, path: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """A unary call of ``path`` sending and answering bytes as they are (identity serializers)."""
+    return cast("grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]", channel.unary_unary(path))
+
+
+def raw_unary_stream(channel: grpc.aio.Channel, path: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+    return cast("grpc.aio.UnaryStreamMultiCallable[bytes, bytes]", channel.unary_stream(path))
+
+
+def raw_stream_unary(channel: grpc.aio.Channel, path: str) -> grpc.aio.StreamUnaryMultiCallable[bytes, bytes]:
+    return cast("grpc.aio.StreamUnaryMultiCallable[bytes, bytes]", channel.stream_unary(path))
+
+
+def raw_stream_stream(channel: grpc.aio.Channel, path: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
+    return cast("grpc.aio.StreamStreamMultiCallable[bytes, bytes]", channel.stream_stream(path))
+
 
 
 @dataclass
@@ -93,15 +110,15 @@ async def _send_raw(
 
     try:
         if method.client_streaming and method.server_streaming:
-            async for _ in channel.stream_stream(path)(one(), timeout=10, metadata=metadata):
+            async for _ in raw_stream_stream(channel, path)(one(), timeout=10, metadata=metadata):
                 pass
         elif method.client_streaming:
-            await channel.stream_unary(path)(one(), timeout=10, metadata=metadata)
+            await raw_stream_unary(channel, path)(one(), timeout=10, metadata=metadata)
         elif method.server_streaming:
-            async for _ in channel.unary_stream(path)(payload, timeout=10, metadata=metadata):
+            async for _ in raw_unary_stream(channel, path)(payload, timeout=10, metadata=metadata):
                 pass
         else:
-            await channel.unary_unary(path)(payload, timeout=10, metadata=metadata)
+            await raw_unary(channel, path)(payload, timeout=10, metadata=metadata)
     except grpc.aio.AioRpcError as error:
         return error
     return None
@@ -170,7 +187,7 @@ async def test_malformed_messages_are_counted_between_log_lines(caplog: pytest.L
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            check = channel.unary_unary("/t.T/Check")
+            check = raw_unary(channel, "/t.T/Check")
             for _ in range(5):
                 with pytest.raises(grpc.aio.AioRpcError):
                     await check(b"\x0f", timeout=5)

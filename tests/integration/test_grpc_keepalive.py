@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,6 +23,15 @@ from services.common.grpc_server import ServerInterceptor, start_server
 # gRPC pings at most once a second, whatever keepalive_ms asks.
 FAST = Transport(keepalive=Keepalive(keepalive_ms=1000, keepalive_timeout_ms=2000, min_ping_interval_ms=500))
 IDLE_SECONDS = 8.0  # seven pings or more; gRPC's default policy drops the connection after about five
+
+def raw_unary(channel: grpc.aio.Channel, path: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """A unary call of ``path`` sending and answering bytes as they are (identity serializers)."""
+    return cast("grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]", channel.unary_unary(path))
+
+
+def raw_unary_stream(channel: grpc.aio.Channel, path: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+    return cast("grpc.aio.UnaryStreamMultiCallable[bytes, bytes]", channel.unary_stream(path))
+
 
 
 class Peers:
@@ -49,8 +58,8 @@ class Peers:
 
 async def _hold_idle(channel: grpc.aio.Channel, peers: Peers, seconds: float) -> tuple[Any, list[Any]]:
     """Opens a stream, leaves the connection idle, and returns the stream's end and the channel's states."""
-    first_peer = await channel.unary_unary("/t.Peers/Peer")(b"", timeout=5)
-    stream = channel.unary_stream("/t.Peers/Wait")(b"", timeout=seconds + 10)
+    first_peer = await raw_unary(channel, "/t.Peers/Peer")(b"", timeout=5)
+    stream = raw_unary_stream(channel, "/t.Peers/Wait")(b"", timeout=seconds + 10)
 
     async def read() -> Any:
         try:
@@ -70,7 +79,7 @@ async def _hold_idle(channel: grpc.aio.Channel, peers: Peers, seconds: float) ->
         return reader.result(), states
     peers.release.set()
     answer = await asyncio.wait_for(reader, 5)
-    last_peer = await channel.unary_unary("/t.Peers/Peer")(b"", timeout=5)
+    last_peer = await raw_unary(channel, "/t.Peers/Peer")(b"", timeout=5)
     # The same client address: the calls before and after the idle spell
     # travelled on one connection, so no GOAWAY made the channel reconnect.
     assert last_peer == first_peer

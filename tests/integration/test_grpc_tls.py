@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -33,6 +33,11 @@ from services.fraud.server import start_fraud
 from tests.support import attribution_settings, fraud_settings, ts
 
 PEER = "/t.Peers/Peer"
+
+def raw_unary(channel: grpc.aio.Channel, path: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """A unary call of ``path`` sending and answering bytes as they are (identity serializers)."""
+    return cast("grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]", channel.unary_unary(path))
+
 
 
 @dataclass
@@ -96,7 +101,7 @@ async def _call(port: int, transport: Transport | None) -> grpc.StatusCode:
     channel = open_channel(addr, transport) if transport else grpc.aio.insecure_channel(addr)
     async with channel:
         try:
-            await channel.unary_unary(PEER)(b"", timeout=3)
+            await raw_unary(channel, PEER)(b"", timeout=3)
         except grpc.aio.AioRpcError as error:
             return error.code()
     return grpc.StatusCode.OK
@@ -130,7 +135,7 @@ async def test_a_client_certificate_from_another_ca_is_refused(
     other = Pki(tmp_path, "other")
     running = await _server(tls(pki, server_pair, client_auth=True))
     try:
-        stranger = replace(tls(pki, other.issue("attribution"), client_auth=True))
+        stranger = tls(pki, other.issue("attribution"), client_auth=True)
         assert await _call(running.port, stranger) == grpc.StatusCode.UNAVAILABLE
         assert await _call(running.port, tls(pki)) == grpc.StatusCode.UNAVAILABLE  # no certificate at all
         ours = tls(pki, pki.issue("attribution"), client_auth=True)
@@ -188,6 +193,17 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
         assert await _call(running.port, tls(renewed_pki)) == grpc.StatusCode.OK
         assert await _call(running.port, tls(pki)) == grpc.StatusCode.UNAVAILABLE
         assert abs(_expiry("certificate") - (datetime.now(UTC) + timedelta(days=90)).timestamp()) < 120
+    finally:
+        await running.stop(0)
+
+
+async def test_clients_check_the_configured_server_name(pki: Pki) -> None:
+    """A certificate naming the service, not the address dialled: ASCRIBE_TLS_SERVER_NAME."""
+    running = await _server(tls(pki, pki.issue("fraud.internal")))
+    try:
+        assert await _call(running.port, tls(pki)) == grpc.StatusCode.UNAVAILABLE
+        named = Transport(tls=replace(tls(pki).tls, server_name="fraud.internal"))
+        assert await _call(running.port, named) == grpc.StatusCode.OK
     finally:
         await running.stop(0)
 
