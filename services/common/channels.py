@@ -11,7 +11,7 @@ Keepalive: a client pings a connection that has carried no data for
 every 5 minutes and send GOAWAY ``too_many_pings`` after two strikes, which
 dropped the gateway's connection about 2.5 minutes after start. Our servers
 accept pings down to ``min_ping_interval_ms`` (never above the clients'
-interval: ``Transport.from_env`` refuses that), with or without calls.
+interval: ``Keepalive.from_env`` refuses that), with or without calls.
 """
 
 from __future__ import annotations
