@@ -281,6 +281,34 @@ async def oldest_due_pending(conn: Connection | asyncpg.Pool, now: datetime) -> 
     return value if isinstance(value, datetime) else None
 
 
+@dataclass(frozen=True)
+class Rescore:
+    conversion_id: str
+    status: str
+    reasons: Sequence[str]
+    fraud_score: int
+
+
+async def set_rescored(conn: Connection, rows: Sequence[Rescore]) -> set[str]:
+    """Applies a round of re-scores in one statement; answers the ids it changed.
+
+    A conversion that is no longer FLAGGED and waiting for its re-score (a
+    person or a refund got there first) is left alone.
+    """
+    if not rows:
+        return set()
+    changed = await conn.fetch(
+        f"""UPDATE conversions c
+               SET status = r.status, reasons = string_to_array(r.reasons, '{REASONS_SEPARATOR}'),
+                   fraud_score = r.fraud_score, needs_rescore = false, updated_at = now()
+              FROM unnest($1::ascribe_rescore_row[]) AS r
+             WHERE c.id = r.id AND c.status = 'flagged' AND c.needs_rescore
+         RETURNING c.id""",
+        [(r.conversion_id, r.status, REASONS_SEPARATOR.join(r.reasons), r.fraud_score) for r in rows],
+    )
+    return {row["id"] for row in changed}
+
+
 async def rescore_candidates(conn: Connection | asyncpg.Pool, limit: int) -> list[Conversion]:
     """FLAGGED conversions waiting for the fraud service, oldest first (read only)."""
     rows = await conn.fetch(

@@ -52,3 +52,12 @@ CREATE TYPE ascribe_ledger_row AS (
     customer_id    text,
     taken_at       timestamptz
 );
+
+-- A re-scored conversion's new state (the re-scoring job updates a round of
+-- them in one statement).
+CREATE TYPE ascribe_rescore_row AS (
+    id           text,
+    status       text,
+    reasons      text,
+    fraud_score  int
+);
