@@ -450,6 +450,7 @@ EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
 FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
 FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+VISITOR_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
 RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
 RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
 IP_LOOKUP_GOAL = Goal("<= 5 µs per lookup (p99)", "p99_ms", "<=", 0.005)
@@ -602,6 +603,7 @@ class Runner:
         )
         self.ratio(steady, "a.reference_302_1000", of="cpu_us_per_event")
         self.add(steady)
+        self.add(visitor_derivation_case())
 
     # (c) --------------------------------------------------------------
     def conversions(self) -> None:
@@ -945,6 +947,59 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
         goals=[IP_LOOKUP_GOAL],
         note=(
             f"{samples:,} addresses, {hits:,} listed; p50 {percentile(durations, 0.5) / 1000:.2f} µs, "
+            f"p99 {percentile(durations, 0.99) / 1000:.2f} µs"
+        ),
+    )
+
+
+def visitor_derivation_case(samples: int = 100_000) -> CaseResult:
+    """What a click pays for its country (iptocc) and device class (user-agents-ng), in this process.
+
+    Addresses are random IPv4 and IPv6; user agents are the load generator's
+    browsers in many versions (a program's traffic repeats a few thousand
+    user agents), one in twenty a never-seen string that misses the cache.
+    """
+    import random
+    import socket as sockets
+
+    from bench.loadgen import USER_AGENTS
+    from services.attribution.common.visitor import VisitorDerivation, device_of
+
+    key, title = "b.visitor_derivation", "click country and device derivation, one click"
+    rng = random.Random(11)
+    device_of.cache_clear()
+    visitors = VisitorDerivation()
+    known = [ua.replace("126.0", f"{100 + n % 30}.0").replace("17_5", f"{15 + n % 4}_{n % 7}")
+             for n in range(2000) for ua in USER_AGENTS[:1]] + list(USER_AGENTS)
+    pairs = []
+    for n in range(samples):
+        family = 6 if n % 5 else 4
+        ip = sockets.inet_ntop(sockets.AF_INET6 if family == 6 and n % 10 == 0 else sockets.AF_INET,
+                               rng.randbytes(16 if family == 6 and n % 10 == 0 else 4))
+        user_agent = rng.choice(known) if n % 20 else f"{rng.choice(USER_AGENTS)} Build/{n}"
+        pairs.append((ip, user_agent))
+    timer = time.perf_counter_ns
+    durations = []
+    cpu_before = time.process_time()
+    for ip, user_agent in pairs:
+        started = timer()
+        visitors.country(ip)
+        visitors.device(user_agent)
+        durations.append(timer() - started)
+    cpu = time.process_time() - cpu_before
+    durations.sort()
+    return CaseResult(
+        key, title, unit="clicks/s",
+        throughput=samples / (sum(durations) / 1e9),
+        p50_ms=percentile(durations, 0.50) / 1e6,
+        p95_ms=percentile(durations, 0.95) / 1e6,
+        p99_ms=percentile(durations, 0.99) / 1e6,
+        events=samples,
+        cpu_us_per_event=cpu * 1e6 / samples,
+        cpu_seconds={"bench": cpu},
+        goals=[VISITOR_GOAL],
+        note=(
+            f"{samples:,} clicks, 1 in 20 with a new user agent; mean {cpu * 1e6 / samples:.2f} µs, "
             f"p99 {percentile(durations, 0.99) / 1000:.2f} µs"
         ),
     )
