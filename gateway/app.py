@@ -1,4 +1,4 @@
-"""The gateway's HTTP routes: tracking links, postbacks, health and metrics.
+"""The gateway's HTTP routes: tracking links, postbacks and health (/metrics has its own port).
 
 HTTP only: parse and validate (gateway.params), call the attribution service
 (gateway.client), answer 302 or JSON. Every failure becomes a JSON error;
@@ -17,7 +17,6 @@ import grpc
 import orjson
 from aiohttp import web
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
@@ -278,9 +277,6 @@ class Gateway:
             status=200 if attribution else 503,
         )
 
-    async def metrics_page(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     async def unmatched(self, request: web.Request) -> web.StreamResponse:
         """Every path and method no route takes (a catch-all route, so no middleware is needed)."""
         if request.path in ROUTES:
@@ -328,9 +324,9 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     app.router.add_route("POST", "/postback", postback)
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
-    app.router.add_get("/metrics", guarded(gateway.metrics_page, "/metrics"))
     # Last: the router tries a path's own resource first, so this only takes
-    # what no route above does (404, or 405 on a known path).
+    # what no route above does (404, or 405 on a known path). /metrics is one
+    # of those 404s: it lives on ASCRIBE_GATEWAY_METRICS_PORT (gateway.metrics).
     app.router.add_route("*", "/{path:.*}", guarded(gateway.unmatched, None))
     if client is None:
         app.cleanup_ctx.append(_backend_ctx(gateway))
