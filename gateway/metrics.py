@@ -17,7 +17,7 @@ from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
-ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz"})
+ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/openapi.json"})
 
 HTTP_REQUESTS_TOTAL = Counter(
     "ascribe_gateway_requests_total",

@@ -1,4 +1,4 @@
-"""The gateway's /metrics lives on its own port; the tracking port answers it 404 (JSON).
+"""The gateway's /metrics lives on its own port; the tracking port answers it 404 (JSON) and serves /openapi.json.
 
 In-process: the gateway app on a real loopback port, its metrics listener on
 another, as ``python -m gateway`` wires them (tests/e2e/test_fresh_machine.py
@@ -8,6 +8,7 @@ answer without one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import create_app
+from gateway.app import OPENAPI_JSON, create_app
 from gateway.config import Settings
 from gateway.metrics import metrics_listener
 from tests.support import free_port
@@ -85,3 +86,16 @@ async def test_a_metrics_port_in_use_fails_the_start(gateway: Gateway) -> None:
     with pytest.raises(OSError):
         await server.start_server()
     await server.close()
+
+
+async def test_openapi_is_served_on_the_tracking_port(gateway: Gateway) -> None:
+    async with gateway.http.get(f"{gateway.tracking}/openapi.json") as response:
+        assert response.status == 200 and response.content_type == "application/json"
+        body = await response.read()
+    assert body == OPENAPI_JSON
+    assert json.loads(body)["openapi"] == "3.1.0"
+    async with gateway.http.post(f"{gateway.tracking}/openapi.json") as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
+    async with gateway.http.get(f"{gateway.metrics}/openapi.json") as response:
+        assert response.status == 404
