@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.common.env import (
     ConfigError,
@@ -30,6 +31,22 @@ def redis_url_from_env() -> str:
     if not url:
         raise ConfigError("ASCRIBE_REDIS_URL is unset (make run starts an embedded Redis and sets it)")
     return url
+
+
+def ipintel_from_env() -> dict[str, Any]:
+    """The IP list settings: where they are read, where a refresh writes, how often it runs."""
+    refresh_hours = env_float("ASCRIBE_IPINTEL_REFRESH_HOURS", 0.0)
+    if not math.isfinite(refresh_hours) or 0 < refresh_hours < MIN_IPINTEL_REFRESH_HOURS:
+        raise ConfigError(
+            f"ASCRIBE_IPINTEL_REFRESH_HOURS must be 0 (off) or at least {MIN_IPINTEL_REFRESH_HOURS:g}, "
+            f"got {refresh_hours:g}"
+        )
+    configured = env_optional("ASCRIBE_IPINTEL_DIR")
+    return {
+        "ipintel_dir": Path(configured) if configured else None,
+        "ipintel_download_dir": Path(env_str("ASCRIBE_DATA_DIR", ".data")) / "ipintel",
+        "ipintel_refresh_seconds": refresh_hours * 3600,
+    }
 
 
 @dataclass(frozen=True)
@@ -143,13 +160,6 @@ class Settings:
             alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", StoreConfig.alerts_maxlen, minimum=100),
             key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", StoreConfig.key_buckets, minimum=1),
         )
-        refresh_hours = env_float("ASCRIBE_IPINTEL_REFRESH_HOURS", 0.0)
-        if not math.isfinite(refresh_hours) or 0 < refresh_hours < MIN_IPINTEL_REFRESH_HOURS:
-            raise ConfigError(
-                f"ASCRIBE_IPINTEL_REFRESH_HOURS must be 0 (off) or at least {MIN_IPINTEL_REFRESH_HOURS:g}, "
-                f"got {refresh_hours:g}"
-            )
-        ipintel_dir = env_optional("ASCRIBE_IPINTEL_DIR")
         if store.spike_baseline_seconds <= store.spike_window_seconds:
             raise ConfigError("ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS must be longer than the spike window")
         return cls(
@@ -158,9 +168,7 @@ class Settings:
             metrics_host=metrics_host,
             metrics_port=env_int("ASCRIBE_FRAUD_METRICS_PORT", cls.metrics_port),
             internal_token=internal_token,
-            ipintel_dir=Path(ipintel_dir) if ipintel_dir else None,
-            ipintel_download_dir=Path(env_str("ASCRIBE_DATA_DIR", ".data")) / "ipintel",
-            ipintel_refresh_seconds=refresh_hours * 3600,
+            **ipintel_from_env(),
             redis_timeout_ms=env_int("ASCRIBE_FRAUD_REDIS_TIMEOUT_MS", cls.redis_timeout_ms, minimum=1),
             redis_max_connections=env_int(
                 "ASCRIBE_FRAUD_REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=1

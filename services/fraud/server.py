@@ -209,12 +209,12 @@ async def start_fraud(
         intel=intel,
     )
     service.tasks.append(asyncio.create_task(engine.run_surge_monitor(settings.surge_flush_seconds)))
-    if settings.ipintel_refresh_seconds > 0:
-        service.tasks.append(asyncio.create_task(service.refresh_ipintel_forever(settings.ipintel_refresh_seconds)))
     if handle_sighup:
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload_in_background)
             service._sighup_installed = True
         except (NotImplementedError, RuntimeError, ValueError):
             logger.warning("SIGHUP reload of the IP lists is not available here")
+    if settings.ipintel_refresh_seconds > 0:
+        service.tasks.append(asyncio.create_task(service.refresh_ipintel_forever(settings.ipintel_refresh_seconds)))
     return service
