@@ -63,6 +63,7 @@ class Settings:
     # 0: no scheduled refresh (no outbound traffic unless asked for; SIGHUP
     # still reloads what `make ipintel` wrote).
     ipintel_refresh_seconds: float = 0.0
+    # Where a refresh downloads from (the upstream lists; tests serve their own).
     ipintel_sources: tuple[Source, ...] = SOURCES
     # Redis socket timeouts bound how long a check waits on a Redis that hangs;
     # one that is down refuses at once.

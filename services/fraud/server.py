@@ -104,7 +104,7 @@ class FraudService:
         _publish_intel_metrics(intel)
 
     async def refresh_ipintel(self) -> RefreshReport:
-        """Downloads the lists (where `make ipintel` would) and reloads them when any changed."""
+        """Downloads the lists (where `make ipintel` would) and reloads them when any was written."""
         folder = self.intel.refresh_folder
         report = await asyncio.to_thread(
             refresh, folder, self.settings.ipintel_sources, REFRESH_TIMEOUT_SECONDS, self._stopping
