@@ -102,9 +102,8 @@ sleep {wait}
 curl -s -X POST "{gateway}/postback?campaign_id={campaign_id}&{order}&click_id=$CLICK_ID" \\
     -H 'X-Ascribe-Token: {token}'; echo
 
-# 4. A refund reverses it ("status": "reversed") and gives the use back (GetCoupon in step 5
-#    shows "remaining": "150"). The postback of step 3, sent again, would answer the same
-#    conversion and change nothing.
+# 4. A refund reverses it ("status": "reversed") and gives the use back ("coupon_remaining": 150).
+#    The postback of step 3, sent again, would answer the same conversion and change nothing.
 curl -s -X POST '{gateway}/postback?event=refund&campaign_id={campaign_id}&order_id=1001&refund_id=r-1' \\
     -H 'X-Ascribe-Token: {token}'; echo
 

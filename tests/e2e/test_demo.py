@@ -77,7 +77,7 @@ def test_demo_commands_work_today(database_url: str, redis_server_url: str, redi
         assert (conversion["status"], conversion["source"], conversion["affiliate_id"]) == ("pending", "click", "aff-a")
         assert conversion["reasons"] == [] and conversion["payout"] == "4.99"
         assert conversion["coupon_remaining"] == 149
-        assert refund["status"] == "reversed"
+        assert refund["status"] == "reversed" and refund["coupon_remaining"] == 150
 
         calls = list(GRPCURL.finditer(printed))
         assert [call["method"] for call in calls] == ["CreateCoupon", "GetCoupon", "GetConversion", "ListConversions"]

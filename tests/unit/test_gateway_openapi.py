@@ -15,6 +15,7 @@ from gateway import params as gp
 from gateway.app import OPENAPI_JSON
 from gateway.metrics import ROUTES
 from gateway.render import render_conversion
+from services.common import limits
 
 SPEC: dict[str, Any] = json.loads(OPENAPI_JSON)
 REPO = Path(__file__).resolve().parents[2]
@@ -144,8 +145,8 @@ def test_patterns_and_enums_match_the_parsers() -> None:
             accepted = False
         assert accepted == bool(money.fullmatch(sample)), sample
     assert parameters["device"]["schema"]["enum"] == sorted(gp._DEVICES, key=["mobile", "desktop", "tablet"].index)
-    assert parameters["sku"]["schema"]["maxItems"] == gp.SKU_COUNT_MAX
-    assert parameters["sku"]["schema"]["items"]["maxLength"] == gp.SKU_MAX
+    assert parameters["sku"]["schema"]["maxItems"] == limits.SKUS_PER_ORDER
+    assert parameters["sku"]["schema"]["items"]["maxLength"] == limits.SKU
     with pytest.raises(gp.ParamError):
         gp.parse_money("1e5", "amount")
     with pytest.raises(gp.ParamError):
