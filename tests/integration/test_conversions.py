@@ -285,6 +285,48 @@ async def test_fraud_down_flags_then_rescoring_clears(world_without_fraud: World
         await fraud.stop()
 
 
+async def test_an_outage_backlog_is_rescored_in_rounds(world_without_fraud: World, redis_server_url: str,
+                                                   redis_prefix: str, ipintel_dir: object) -> None:
+    """Many rounds in one job run; rejections give their uses back; a person's decision is kept."""
+    world = world_without_fraud
+    await world.campaign()
+    await world.coupon("BACKLOG", usage_limit=1000, allow_all_affiliates=True)
+    spoof = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    requests = [world.request(coupon_code="BACKLOG") for _ in range(440)]
+    requests += [world.request(coupon_code="BACKLOG", ip="198.51.100.30", user_agent=spoof) for _ in range(10)]
+    for start in range(0, len(requests), 150):
+        answer = await world.tracking.RecordConversionBatch(
+            pb.RecordConversionBatchRequest(requests=requests[start:start + 150]), timeout=30
+        )
+        assert {r.conversion.status for r in answer.responses} == {FLAGGED}
+    reviewed = requests[0].order_id
+    await world.tracking.ReviewConversion(
+        pb.ReviewConversionRequest(campaign_id="cmp", order_id=reviewed, approve=True, note="known buyer"), timeout=10
+    )
+    port = int(world.fraud_addr.rsplit(":", 1)[1])
+    fraud = await start_fraud_service(redis_server_url, redis_prefix, Path(str(ipintel_dir)), port)
+    try:
+        lifecycle = world.replicas[0].service.lifecycle
+        changed = 0
+        for _ in range(50):  # the channel reconnects with a short backoff
+            changed += await lifecycle.rescore(round_size=64)  # 7 rounds
+            if changed >= 449:
+                break
+            await asyncio.sleep(0.1)
+        assert changed == 449
+    finally:
+        await fraud.stop()
+    statuses = dict(await world.db.fetch("SELECT status, count(*) FROM conversions GROUP BY status"))
+    assert statuses == {"pending": 440, "rejected": 10}  # the reviewed one is in its hold too
+    assert await world.db.fetchval("SELECT count(*) FROM conversions WHERE needs_rescore") == 0
+    assert await world.used("BACKLOG") == 440 == await world.live_ledger("BACKLOG")
+    rejected = await world.get(requests[-1].order_id)
+    assert "fraud_crawler_spoof" in rejected.reasons and "fraud_unavailable" not in rejected.reasons
+    assert rejected.history[-1].reason == "rescored"
+    kept = await world.get(reviewed)
+    assert kept.status == PENDING and all(event.reason != "rescored" for event in kept.history)
+
+
 async def test_recording_needs_the_internal_token_and_reading_the_admin_token(world: World) -> None:
     await world.campaign()
     guarded = await world.add_replica(internal_token="internal-secret", admin_token="admin-secret")

@@ -14,6 +14,7 @@ import asyncpg
 
 from services.attribution.common.database import Connection, Executor
 from services.attribution.common.models import Click
+from services.attribution.common.reasons import REASONS_SEPARATOR
 
 _INSERT_COLUMNS = (
     "click_id",
@@ -46,7 +47,7 @@ _INSERT_CLICKS = f"""
 INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)})
 SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_coupon_code,
        external_click_id, sub1, sub2, sub3, sub4, sub5, ip::inet, user_agent, referer, country,
-       occurred_at, decision, string_to_array(reasons, ','), fraud_score
+       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score
 FROM unnest($1::ascribe_click_row[])
 """
 
@@ -74,7 +75,7 @@ def _record(click: Click) -> tuple[object, ...]:
         click.country or None,
         click.occurred_at,
         click.decision,
-        ",".join(click.reasons),
+        REASONS_SEPARATOR.join(click.reasons),
         click.fraud_score,
     )
 

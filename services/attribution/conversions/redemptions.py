@@ -105,14 +105,18 @@ async def grant_uses(conn: Connection, keys: Sequence[CouponKey]) -> list[int | 
     return grants
 
 
+def ledger_record(row: LedgerRow) -> tuple[object, ...]:
+    """A ledger row as migration 006's ascribe_ledger_row."""
+    return (row.campaign_id, row.code, row.conversion_id, row.customer_id, row.taken_at)
+
+
 async def insert_ledger(conn: Connection, rows: Sequence[LedgerRow]) -> None:
     if not rows:
         return
     await conn.execute(
         """INSERT INTO redemptions (campaign_id, code, conversion_id, customer_id, taken_at)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])""",
-        [r.campaign_id for r in rows], [r.code for r in rows], [r.conversion_id for r in rows],
-        [r.customer_id for r in rows], [r.taken_at for r in rows],
+           SELECT * FROM unnest($1::ascribe_ledger_row[])""",
+        [ledger_record(r) for r in rows],
     )
 
 
