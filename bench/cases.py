@@ -140,6 +140,13 @@ def percentile(sorted_values: Sequence[int], q: float) -> float:
 # ---------------------------------------------------------------- servers
 
 
+def bench_ipintel_dir() -> str:
+    """ASCRIBE_IPINTEL_DIR when set, else the repository's snapshot (never `make ipintel`'s download)."""
+    from services.fraud.ipintel import REPOSITORY_LISTS
+
+    return os.environ.get("ASCRIBE_IPINTEL_DIR", "").strip() or str(REPOSITORY_LISTS)
+
+
 def with_database(url: str, database: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
@@ -232,10 +239,8 @@ class BenchEnv:
         env = {"ASCRIBE_LOG_FORMAT": "json"}
         if self.redis_key_prefix:
             env["ASCRIBE_FRAUD_KEY_PREFIX"] = self.redis_key_prefix
-        if not os.environ.get("ASCRIBE_IPINTEL_DIR"):
-            shared = REPO.parent / "shared" / "data" / "ipintel"
-            if shared.exists():
-                env["ASCRIBE_IPINTEL_DIR"] = str(shared)
+        # The repository's snapshot unless told otherwise: runs compare only on the same lists.
+        env["ASCRIBE_IPINTEL_DIR"] = bench_ipintel_dir()
         self.stack = Stack(
             database_url=self.database_url, redis_url=self.redis_url, log_dir=self.tmp / "logs", env=env
         )
@@ -904,7 +909,7 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
     from services.fraud.ipintel import NOT_LISTED, IpIntel
 
     key, title = "d.ip_lookup", "fraud IP lists: normalize + lookup, one address"
-    folder = Path(os.environ.get("ASCRIBE_IPINTEL_DIR", REPO.parent / "shared" / "data" / "ipintel"))
+    folder = Path(bench_ipintel_dir())
     intel = IpIntel.load(folder)
     if not intel.available:
         return unavailable(key, title, f"no IP lists in {folder}", [IP_LOOKUP_GOAL])
