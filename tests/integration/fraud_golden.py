@@ -71,19 +71,23 @@ async def story(store: FraudStore) -> list[dict[str, Any]]:
     return steps
 
 
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def stored(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
     """Every key the story left (without the store's prefix): its type and content, and that it expires."""
     found: dict[str, Any] = {}
     async for raw in client.scan_iter(match=f"{prefix}:*", count=1000):
-        name = raw.decode()[len(prefix):]
-        kind = (await client.type(raw)).decode()
+        name = text(raw)[len(prefix):]
+        kind = text(await client.type(raw))
         content: Any
         if name.endswith((":ips", ":devices")):
             content = await client.pfcount(raw)  # HyperLogLog: its count, not its encoding
         elif kind == "hash":
-            content = {k.decode(): v.decode() for k, v in (await client.hgetall(raw)).items()}
+            content = {text(k): text(v) for k, v in (await client.hgetall(raw)).items()}
         else:
-            content = (await client.get(raw) or b"").decode()
+            content = text(await client.get(raw) or b"")
         found[name] = {"type": kind, "content": content, "expires": await client.pttl(raw) > 0}
     return dict(sorted(found.items()))
 
