@@ -7,6 +7,7 @@ RESP client and of redis-py, which is what keeps the two transports equal.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from services.fraud.counters import (
     Window,
 )
 from services.fraud.store import FraudStore, StoreConfig
+from services.fraud.transport import RedisPyTransport, RespTransport
 from tests.integration.fraud_golden import text
 from tests.integration.test_fraud_golden import transport
 
@@ -144,3 +146,23 @@ async def test_an_operation_the_script_does_not_know_fails_the_batch(store: Frau
     batch.add(_Unknown(), "x:1", {})
     with pytest.raises(Unavailable):
         await store.run(batch)
+
+
+async def test_the_transport_is_chosen_once_and_logged(
+    redis_server_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = aioredis.from_url(redis_server_url)
+    with caplog.at_level(logging.INFO, logger="services.fraud.transport"):
+        store = FraudStore(client, StoreConfig(prefix=redis_prefix))
+    try:
+        assert isinstance(store.transport, RespTransport), "a plain TCP standalone Redis gets the RESP client"
+        assert [r.getMessage() for r in caplog.records] == ["fraud counters: RESP client to a standalone Redis"]
+        await store.load_scripts()
+        assert store._single_call
+    finally:
+        await store.aclose()
+        await client.aclose()
+    # A connection the RESP client does not speak (TLS here; never connected) stays with redis-py.
+    tls = aioredis.from_url("rediss://127.0.0.1:1/0")
+    assert isinstance(FraudStore(tls, StoreConfig(prefix=redis_prefix)).transport, RedisPyTransport)
+    await tls.aclose()
