@@ -17,11 +17,11 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.attribution.catalog_validation import CODE_ALPHABET
+from services.attribution.catalog import store
+from services.attribution.catalog.rules import CODE_ALPHABET
+from services.attribution.common.models import Coupon
 from services.attribution.config import Settings
-from services.attribution.models import Coupon
 from services.attribution.server import AttributionService, start_attribution
-from services.attribution.store import catalog as store
 from services.common.errors import FailedPrecondition
 from tests.support import attribution_settings
 

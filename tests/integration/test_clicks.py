@@ -26,9 +26,9 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.attribution.ids import click_created_at, new_click_id
+from services.attribution.clicks.store import release_click_slot, take_click_slot
+from services.attribution.common.ids import click_created_at, new_click_id
 from services.attribution.server import AttributionService, start_attribution
-from services.attribution.store.clicks import release_click_slot, take_click_slot
 from services.fraud.server import start_fraud
 from tests.support import attribution_settings, bad_request_fields, fraud_settings, free_port
 

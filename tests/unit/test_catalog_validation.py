@@ -9,8 +9,8 @@ import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from services.attribution import catalog_validation as rules
-from services.attribution.catalog_convert import (
+from services.attribution.catalog import rules
+from services.attribution.catalog.convert import (
     campaign_from_proto,
     campaign_to_proto,
     coupon_from_proto,

@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from ascribe.fraud.v1 import fraud_pb2
 
-from services.attribution.clicks import (
+from services.attribution.clicks.recorder import (
     ClickInput,
     ClickRecorder,
     apply_verdict,
     redirect_url,
     validate_click,
 )
-from services.attribution.models import Affiliate, Campaign, Coupon
+from services.attribution.common.models import Affiliate, Campaign, Coupon
 from services.common.errors import InvalidArgument, NotFound
 
 NOW = datetime(2025, 7, 1, 12, 0, tzinfo=UTC)

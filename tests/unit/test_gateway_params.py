@@ -19,6 +19,7 @@ from gateway.params import (
     postback_token,
     reversal_request,
 )
+from services.common import limits
 
 CLICK_BASE = "campaign_id=c1&aff_id=a1"
 POSTBACK_BASE = "campaign_id=c1&order_id=o1&amount=49.90"
@@ -100,11 +101,11 @@ def test_click_request_carries_every_parameter() -> None:
         ("aff_id=a1", "campaign_id"),
         ("campaign_id=&aff_id=a1", "campaign_id"),
         ("campaign_id=c1", "aff_id"),
-        (CLICK_BASE + "&sub1=" + "x" * 257, "sub1"),
+        (CLICK_BASE + "&sub1=" + "x" * (limits.SUB_ID + 1), "sub1"),
         (CLICK_BASE + "&sub5=" + "%C3%A9" * 129, "sub5"),  # 258 bytes in 129 characters
-        (CLICK_BASE + "&aff_click_id=" + "x" * 257, "aff_click_id"),
-        (CLICK_BASE + "&coupon=" + "C" * 65, "coupon"),
-        ("campaign_id=" + "c" * 129 + "&aff_id=a1", "campaign_id"),
+        (CLICK_BASE + "&aff_click_id=" + "x" * (limits.EXTERNAL_CLICK_ID + 1), "aff_click_id"),
+        (CLICK_BASE + "&coupon=" + "C" * (limits.COUPON_CODE + 1), "coupon"),
+        ("campaign_id=" + "c" * (limits.CAMPAIGN_ID + 1) + "&aff_id=a1", "campaign_id"),
         (CLICK_BASE + "&sub2=a%00b", "sub2"),
         (CLICK_BASE + "&sub3=a%0Ab", "sub3"),
         (CLICK_BASE + "&aff_id=a2", "aff_id"),  # two different values
@@ -245,13 +246,13 @@ def test_optional_postback_parameters_stay_unset() -> None:
         (POSTBACK_BASE + "&occurred_at=2025-09-24T24:00:00Z", "occurred_at"),
         (POSTBACK_BASE + "&occurred_at=2025-09-24T12:00:00%2B02:60", "occurred_at"),
         (POSTBACK_BASE + "&occurred_at=yesterday", "occurred_at"),
-        (POSTBACK_BASE + "&ua=" + "u" * 1025, "ua"),
-        (POSTBACK_BASE + "&customer_id=" + "c" * 257, "customer_id"),
-        ("campaign_id=c1&order_id=" + "o" * 257 + "&amount=1", "order_id"),
-        (POSTBACK_BASE + "&sku=" + "s" * 129, "sku"),
+        (POSTBACK_BASE + "&ua=" + "u" * (limits.USER_AGENT + 1), "ua"),
+        (POSTBACK_BASE + "&customer_id=" + "c" * (limits.CUSTOMER_ID + 1), "customer_id"),
+        ("campaign_id=c1&order_id=" + "o" * (limits.ORDER_ID + 1) + "&amount=1", "order_id"),
+        (POSTBACK_BASE + "&sku=" + "s" * (limits.SKU + 1), "sku"),
         (POSTBACK_BASE + "&sku=a%01", "sku"),
-        (POSTBACK_BASE + "&click_id=" + "k" * 129, "click_id"),
-        (POSTBACK_BASE + "&coupon=" + "C" * 65, "coupon"),
+        (POSTBACK_BASE + "&click_id=" + "k" * (limits.CLICK_ID + 1), "click_id"),
+        (POSTBACK_BASE + "&coupon=" + "C" * (limits.COUPON_CODE + 1), "coupon"),
         (POSTBACK_BASE + "&amount=50.00", "amount"),  # given twice, differently
     ],
 )
@@ -260,7 +261,7 @@ def test_bad_postback_parameters_name_their_field(query: str, field: str) -> Non
 
 
 def test_too_many_skus() -> None:
-    assert field_of(conversion, POSTBACK_BASE + "&sku=x" * 201) == "sku"
+    assert field_of(conversion, POSTBACK_BASE + "&sku=x" * (limits.SKUS_PER_ORDER + 1)) == "sku"
 
 
 @pytest.mark.parametrize(
@@ -326,7 +327,7 @@ def test_full_refund_leaves_amount_unset() -> None:
         ("campaign_id=c1", "order_id"),
         ("campaign_id=c1&order_id=o1&amount=-3", "amount"),
         ("campaign_id=c1&order_id=o1&amount=1.1234567", "amount"),
-        ("campaign_id=c1&order_id=o1&refund_id=" + "r" * 129, "refund_id"),
+        ("campaign_id=c1&order_id=o1&refund_id=" + "r" * (limits.REFUND_ID + 1), "refund_id"),
     ],
 )
 def test_bad_refund_parameters_name_their_field(query: str, field: str) -> None:

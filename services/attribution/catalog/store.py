@@ -1,0 +1,539 @@
+"""Campaigns, affiliates and coupon codes in PostgreSQL.
+
+Every function takes a connection, or a pool (then it borrows a connection
+for the call), and returns the records of ``services.attribution.common.models``,
+built from rows by ``catalog.rows`` like those of the hot paths.
+Codes passed in are already normalized (``coupon_rules.normalize_code``).
+Changes that must see the row they change (updates, the usage-limit check
+against ``used``) run in one short transaction holding the row lock, so a
+concurrent redemption waits for them and is then judged against the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import asyncpg
+
+from services.attribution.catalog.rows import (
+    AFFILIATE_COLUMNS,
+    CAMPAIGN_COLUMNS,
+    COUPON_COLUMNS,
+    affiliate_from_row,
+    campaign_from_row,
+    coupon_from_row,
+)
+from services.attribution.common.models import Affiliate, Campaign, Coupon, CouponStatus
+from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+
+# asyncpg ships no type information; a pool or a connection (or a pool's proxy).
+Db = Any
+Record = Any
+
+# Bulk generation works in chunks: each statement stays far below the
+# service's statement timeout, and memory stays flat for a million codes.
+GENERATE_CHUNK = 50_000
+# A bulk statement may legitimately outlast the per-statement timeout that
+# protects the hot paths (a slow disk, a large chunk): it gets its own.
+BULK_STATEMENT_TIMEOUT_S = 120
+# Rounds in a row that add no new code before the batch gives up: only a
+# nearly exhausted code space gets there.
+MAX_FRUITLESS_ROUNDS = 5
+
+
+@asynccontextmanager
+async def _connection(db: Db) -> AsyncIterator[Any]:
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            yield conn
+    else:
+        yield db
+
+
+# ---------------------------------------------------------------- ids and secrets
+
+
+def new_id(prefix: str) -> str:
+    """A server-assigned id: the prefix and 96 random bits, URL-safe."""
+    return prefix + secrets.token_urlsafe(12)
+
+
+def new_postback_token() -> str:
+    """192 random bits, URL-safe: a shop pastes it into a header or a parameter."""
+    return secrets.token_urlsafe(24)
+
+
+def hash_postback_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def postback_token_matches(token: str, token_sha256: bytes) -> bool:
+    """Constant-time, so timing does not tell how much of a guess was right."""
+    return bool(token) and hmac.compare_digest(hash_postback_token(token), bytes(token_sha256))
+
+
+# ---------------------------------------------------------------- campaigns
+
+
+async def insert_campaign(db: Db, campaign: Campaign) -> tuple[Campaign, str]:
+    """Stores a new campaign; returns it with its postback token (shown this once)."""
+    token = new_postback_token()
+    try:
+        row = await db.fetchrow(
+            f"""INSERT INTO campaigns (id, name, landing_url, hold_days, click_lookback_days,
+                       max_conversions_per_click, attribution_policy, payout_micros,
+                       payout_percent_bp, currency, postback_token_sha256,
+                       reuse_unique_after_refund, status)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                RETURNING {CAMPAIGN_COLUMNS}""",
+            campaign.id,
+            campaign.name,
+            campaign.landing_url,
+            campaign.hold_days,
+            campaign.click_lookback_days,
+            campaign.max_conversions_per_click,
+            campaign.attribution_policy,
+            campaign.payout_micros,
+            campaign.payout_percent_bp,
+            campaign.currency,
+            hash_postback_token(token),
+            campaign.reuse_unique_after_refund,
+            campaign.status,
+        )
+    except asyncpg.UniqueViolationError:
+        raise AlreadyExists(f"campaign {campaign.id!r} already exists") from None
+    return campaign_from_row(row), token
+
+
+async def find_campaign(db: Db, campaign_id: str) -> Campaign | None:
+    row = await db.fetchrow(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1", campaign_id)
+    return None if row is None else campaign_from_row(row)
+
+
+async def get_campaign(db: Db, campaign_id: str) -> Campaign:
+    campaign = await find_campaign(db, campaign_id)
+    if campaign is None:
+        raise NotFound(f"campaign {campaign_id!r} not found")
+    return campaign
+
+
+async def rotate_postback_token(db: Db, campaign_id: str) -> tuple[Campaign, str]:
+    """Replaces the token in this commit.
+
+    Postbacks are authorized from each replica's catalog cache, so for up to
+    ``ASCRIBE_CATALOG_CACHE_MS`` (1 s) a replica may still take the old token
+    and refuse the new one (401, which a shop retries).
+    """
+    token = new_postback_token()
+    row = await db.fetchrow(
+        f"""UPDATE campaigns SET postback_token_sha256 = $2, updated_at = now()
+            WHERE id = $1 RETURNING {CAMPAIGN_COLUMNS}""",
+        campaign_id,
+        hash_postback_token(token),
+    )
+    if row is None:
+        raise NotFound(f"campaign {campaign_id!r} not found")
+    return campaign_from_row(row), token
+
+
+async def update_campaign(db: Db, campaign_id: str, change: Callable[[Campaign], Campaign]) -> Campaign:
+    """Applies ``change`` to the locked current campaign and stores its result."""
+    async with _connection(db) as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id
+        )
+        if row is None:
+            raise NotFound(f"campaign {campaign_id!r} not found")
+        new = change(campaign_from_row(row))
+        row = await conn.fetchrow(
+            f"""UPDATE campaigns SET name = $2, landing_url = $3, hold_days = $4,
+                       click_lookback_days = $5, max_conversions_per_click = $6,
+                       attribution_policy = $7, payout_micros = $8, payout_percent_bp = $9,
+                       currency = $10, reuse_unique_after_refund = $11, status = $12,
+                       updated_at = now()
+                WHERE id = $1 RETURNING {CAMPAIGN_COLUMNS}""",
+            campaign_id,
+            new.name,
+            new.landing_url,
+            new.hold_days,
+            new.click_lookback_days,
+            new.max_conversions_per_click,
+            new.attribution_policy,
+            new.payout_micros,
+            new.payout_percent_bp,
+            new.currency,
+            new.reuse_unique_after_refund,
+            new.status,
+        )
+        return campaign_from_row(row)
+
+
+async def list_campaigns(db: Db, *, after: str, limit: int) -> list[Campaign]:
+    """Campaigns ordered by id, those after ``after`` ('' for the first page)."""
+    rows = await db.fetch(
+        f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id > $1 ORDER BY id LIMIT $2", after, limit
+    )
+    return [campaign_from_row(row) for row in rows]
+
+
+# ---------------------------------------------------------------- affiliates
+
+
+async def insert_affiliate(db: Db, affiliate: Affiliate) -> Affiliate:
+    try:
+        row = await db.fetchrow(
+            f"""INSERT INTO affiliates (id, name, channel, status) VALUES ($1, $2, $3, $4)
+                RETURNING {AFFILIATE_COLUMNS}""",
+            affiliate.id,
+            affiliate.name,
+            affiliate.channel,
+            affiliate.status,
+        )
+    except asyncpg.UniqueViolationError:
+        raise AlreadyExists(f"affiliate {affiliate.id!r} already exists") from None
+    return affiliate_from_row(row)
+
+
+async def find_affiliate(db: Db, affiliate_id: str) -> Affiliate | None:
+    row = await db.fetchrow(f"SELECT {AFFILIATE_COLUMNS} FROM affiliates WHERE id = $1", affiliate_id)
+    return None if row is None else affiliate_from_row(row)
+
+
+async def get_affiliate(db: Db, affiliate_id: str) -> Affiliate:
+    affiliate = await find_affiliate(db, affiliate_id)
+    if affiliate is None:
+        raise NotFound(f"affiliate {affiliate_id!r} not found")
+    return affiliate
+
+
+async def update_affiliate(db: Db, affiliate_id: str, change: Callable[[Affiliate], Affiliate]) -> Affiliate:
+    async with _connection(db) as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {AFFILIATE_COLUMNS} FROM affiliates WHERE id = $1 FOR UPDATE", affiliate_id
+        )
+        if row is None:
+            raise NotFound(f"affiliate {affiliate_id!r} not found")
+        new = change(affiliate_from_row(row))
+        row = await conn.fetchrow(
+            f"""UPDATE affiliates SET name = $2, channel = $3, status = $4, updated_at = now()
+                WHERE id = $1 RETURNING {AFFILIATE_COLUMNS}""",
+            affiliate_id,
+            new.name,
+            new.channel,
+            new.status,
+        )
+        return affiliate_from_row(row)
+
+
+async def list_affiliates(db: Db, *, after: str, limit: int) -> list[Affiliate]:
+    rows = await db.fetch(
+        f"SELECT {AFFILIATE_COLUMNS} FROM affiliates WHERE id > $1 ORDER BY id LIMIT $2", after, limit
+    )
+    return [affiliate_from_row(row) for row in rows]
+
+
+async def require_affiliates(db: Db, affiliate_ids: Sequence[str]) -> None:
+    """NotFound naming every id that is not an affiliate."""
+    if not affiliate_ids:
+        return
+    rows = await db.fetch("SELECT id FROM affiliates WHERE id = ANY($1::text[])", list(affiliate_ids))
+    known = {row["id"] for row in rows}
+    missing = [affiliate_id for affiliate_id in affiliate_ids if affiliate_id not in known]
+    if missing:
+        raise NotFound(f"affiliate(s) not found: {', '.join(repr(m) for m in missing)}")
+
+
+# ---------------------------------------------------------------- coupons
+
+
+async def insert_coupon(db: Db, coupon: Coupon) -> Coupon:
+    """NotFound for an unknown campaign or affiliate; AlreadyExists for a code the campaign has."""
+    async with _connection(db) as conn, conn.transaction():
+        await _require_campaign(conn, coupon.campaign_id)
+        await require_affiliates(conn, coupon.affiliate_ids)
+        try:
+            row = await conn.fetchrow(
+                f"""INSERT INTO coupons (campaign_id, code, kind, status, valid_from, valid_until,
+                           usage_limit, allow_all_affiliates, affiliate_ids, per_customer_limit,
+                           discount_percent_bp, discount_micros, countries, device_types, channels,
+                           skus, min_order_micros, assigned_customer_id, batch_id)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                            $16, $17, $18, $19)
+                    RETURNING {COUPON_COLUMNS}""",
+                coupon.campaign_id,
+                coupon.code,
+                *_rule_values(coupon),
+                coupon.batch_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(
+                f"code {coupon.code!r} already exists in campaign {coupon.campaign_id!r}"
+            ) from None
+        except asyncpg.ForeignKeyViolationError:
+            # The campaign went away between the check and the insert.
+            raise NotFound(f"campaign {coupon.campaign_id!r} not found") from None
+        return coupon_from_row(row)
+
+
+async def find_coupon(db: Db, campaign_id: str, code: str, *, for_update: bool = False) -> Coupon | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await db.fetchrow(
+        f"SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code = $2{lock}",
+        campaign_id,
+        code,
+    )
+    return None if row is None else coupon_from_row(row)
+
+
+async def get_coupon(db: Db, campaign_id: str, code: str) -> Coupon:
+    coupon = await find_coupon(db, campaign_id, code)
+    if coupon is None:
+        raise NotFound(f"code {code!r} not found in campaign {campaign_id!r}")
+    return coupon
+
+
+async def update_coupon(
+    db: Db,
+    campaign_id: str,
+    code: str,
+    change: Callable[[Coupon], Coupon],
+    *,
+    actor: str = "admin",
+) -> Coupon:
+    """Applies ``change`` to the locked current coupon and stores its result.
+
+    ``change`` sees the current ``used`` under the row lock, so its
+    usage-limit check cannot race a redemption. A status change is recorded
+    in ``coupon_events`` by ``actor``.
+    """
+    async with _connection(db) as conn, conn.transaction():
+        current = await find_coupon(conn, campaign_id, code, for_update=True)
+        if current is None:
+            raise NotFound(f"code {code!r} not found in campaign {campaign_id!r}")
+        new = change(current)
+        await require_affiliates(conn, [a for a in new.affiliate_ids if a not in current.affiliate_ids])
+        try:
+            row = await conn.fetchrow(
+                f"""UPDATE coupons SET kind = $3, status = $4, valid_from = $5, valid_until = $6,
+                           usage_limit = $7, allow_all_affiliates = $8, affiliate_ids = $9,
+                           per_customer_limit = $10, discount_percent_bp = $11,
+                           discount_micros = $12, countries = $13, device_types = $14,
+                           channels = $15, skus = $16, min_order_micros = $17,
+                           assigned_customer_id = $18, updated_at = now()
+                    WHERE campaign_id = $1 AND code = $2
+                    RETURNING {COUPON_COLUMNS}""",
+                campaign_id,
+                code,
+                *_rule_values(new),
+            )
+        except asyncpg.CheckViolationError:
+            # The schema's own guard of used <= usage_limit. Any other CHECK
+            # failing means validation let a bad value through: not the
+            # caller's precondition, so it stays an internal error.
+            if not (new.usage_limit and current.used > new.usage_limit):
+                raise
+            raise FailedPrecondition(
+                f"usage_limit {new.usage_limit} is below the {current.used} uses already taken"
+            ) from None
+        if new.status != current.status:
+            await _record_status_change(conn, current, new.status, actor=actor, detail="")
+        return coupon_from_row(row)
+
+
+async def coupon_events(db: Db, campaign_id: str, code: str) -> list[Record]:
+    """The status history of a code, oldest first (audits and tests)."""
+    return cast(
+        list[Record],
+        await db.fetch(
+            """SELECT at, actor, from_status, to_status, detail FROM coupon_events
+               WHERE campaign_id = $1 AND code = $2 ORDER BY id""",
+            campaign_id,
+            code,
+        ),
+    )
+
+
+async def list_coupons(
+    db: Db, campaign_id: str, *, status: CouponStatus | None, after: str, limit: int
+) -> list[Coupon]:
+    """A campaign's codes ordered by code, those after ``after`` ('' for the first page)."""
+    async with _connection(db) as conn:
+        await _require_campaign(conn, campaign_id)
+        rows = await conn.fetch(
+            f"""SELECT {COUPON_COLUMNS} FROM coupons
+                WHERE campaign_id = $1 AND code > $2 AND ($3::text IS NULL OR status = $3)
+                ORDER BY code LIMIT $4""",
+            campaign_id,
+            after,
+            status,
+            limit,
+        )
+        return [coupon_from_row(row) for row in rows]
+
+
+async def insert_generated_codes(
+    db: Db,
+    template: Coupon,
+    *,
+    batch_id: str,
+    count: int,
+    make_codes: Callable[[int], list[str]],
+    chunk: int = GENERATE_CHUNK,
+) -> int:
+    """Stores ``count`` new codes made by ``make_codes`` with the template's rules.
+
+    All or nothing, in one transaction. Each chunk is COPied straight into
+    ``coupons`` (the fastest way in) inside a savepoint. A code drawn twice,
+    or one the campaign already has, fails the COPY: that chunk alone is
+    then stored with ``INSERT ... ON CONFLICT DO NOTHING``, which skips the
+    clashing codes, and the next round draws that many more. With the code
+    space ``catalog.rules`` requires, that fallback is rare. Returns the
+    number stored (``count``).
+    """
+    async with _connection(db) as conn, conn.transaction():
+        await _require_campaign(conn, template.campaign_id)
+        await require_affiliates(conn, template.affiliate_ids)
+        await conn.execute(f"SET LOCAL statement_timeout = '{BULK_STATEMENT_TIMEOUT_S}s'")
+        stored = 0
+        fruitless = 0
+        while stored < count:
+            # Repeats within a draw would only send the chunk down the slow path.
+            codes = list(dict.fromkeys(make_codes(min(count - stored, chunk))))
+            inserted = await _store_codes(conn, template, batch_id, codes)
+            stored += inserted
+            fruitless = 0 if inserted else fruitless + 1
+            if fruitless >= MAX_FRUITLESS_ROUNDS:
+                raise FailedPrecondition(
+                    "the code space is exhausted for this prefix and length: use a longer length"
+                )
+        return stored
+
+
+# The columns of a coupon after its key, with the value PostgreSQL fills in
+# when a column is left out. A generated batch COPies only the columns where
+# its template differs: asyncpg encodes every field of every row in Python,
+# and a full row costs several times what the usual few columns do.
+_RULE_COLUMNS_AND_DEFAULTS: tuple[tuple[str, object], ...] = (
+    ("kind", None),
+    ("status", "active"),
+    ("valid_from", None),
+    ("valid_until", None),
+    ("usage_limit", 0),
+    ("allow_all_affiliates", False),
+    ("affiliate_ids", []),
+    ("per_customer_limit", 0),
+    ("discount_percent_bp", 0),
+    ("discount_micros", 0),
+    ("countries", []),
+    ("device_types", []),
+    ("channels", []),
+    ("skus", []),
+    ("min_order_micros", 0),
+    ("assigned_customer_id", ""),
+)
+
+
+async def _store_codes(conn: Any, template: Coupon, batch_id: str, codes: list[str]) -> int:
+    """Stores what it can of ``codes``; returns how many were new."""
+    rules = _rule_values(template)
+    columns = ["campaign_id", "code", "batch_id"]
+    values: list[Any] = [batch_id]
+    for (column, default), value in zip(_RULE_COLUMNS_AND_DEFAULTS, rules, strict=True):
+        if value != default:
+            columns.append(column)
+            values.append(value)
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "coupons",
+                records=[(template.campaign_id, code, *values) for code in codes],
+                columns=columns,
+                timeout=BULK_STATEMENT_TIMEOUT_S,
+            )
+        return len(codes)
+    except asyncpg.UniqueViolationError:
+        pass
+    status = await conn.execute(
+        """INSERT INTO coupons (campaign_id, code, kind, status, valid_from, valid_until,
+                  usage_limit, allow_all_affiliates, affiliate_ids, per_customer_limit,
+                  discount_percent_bp, discount_micros, countries, device_types, channels,
+                  skus, min_order_micros, assigned_customer_id, batch_id)
+           SELECT $1, code, $2, $3, $4::timestamptz, $5::timestamptz, $6::bigint, $7::boolean,
+                  $8::text[], $9::int, $10::int, $11::bigint, $12::text[], $13::text[],
+                  $14::text[], $15::text[], $16::bigint, $17, $18
+           FROM unnest($19::text[]) AS code
+           ON CONFLICT (campaign_id, code) DO NOTHING""",
+        template.campaign_id,
+        *rules,
+        batch_id,
+        codes,
+        timeout=BULK_STATEMENT_TIMEOUT_S,
+    )
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def stream_batch(db: Db, batch_id: str, *, prefetch: int = 2000) -> AsyncIterator[Coupon]:
+    """The codes of one generated batch, read through a server-side cursor.
+
+    A snapshot of the batch (one REPEATABLE READ transaction), fetched
+    ``prefetch`` rows at a time, so a million codes never sit in memory.
+    NotFound for an unknown batch, before anything is yielded.
+    """
+    async with _connection(db) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        exists = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM coupons WHERE batch_id = $1)", batch_id)
+        if not exists:
+            raise NotFound(f"batch {batch_id!r} not found")
+        async for row in conn.cursor(
+            f"SELECT {COUPON_COLUMNS} FROM coupons WHERE batch_id = $1", batch_id, prefetch=prefetch
+        ):
+            yield coupon_from_row(row)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _require_campaign(conn: Any, campaign_id: str) -> None:
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM campaigns WHERE id = $1)", campaign_id):
+        raise NotFound(f"campaign {campaign_id!r} not found")
+
+
+def _rule_values(coupon: Coupon) -> list[Any]:
+    """A coupon's column values after its key (campaign_id, code), in INSERT order."""
+    return [
+        coupon.kind,
+        coupon.status,
+        coupon.valid_from,
+        coupon.valid_until,
+        coupon.usage_limit,
+        coupon.allow_all_affiliates,
+        list(coupon.affiliate_ids),
+        coupon.per_customer_limit,
+        coupon.discount_percent_bp,
+        coupon.discount_micros,
+        list(coupon.countries),
+        list(coupon.device_types),
+        list(coupon.channels),
+        list(coupon.skus),
+        coupon.min_order_micros,
+        coupon.assigned_customer_id,
+    ]
+
+
+async def _record_status_change(
+    conn: Any, coupon: Coupon, to_status: CouponStatus, *, actor: str, detail: str
+) -> None:
+    await conn.execute(
+        """INSERT INTO coupon_events (campaign_id, code, actor, from_status, to_status, detail)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        coupon.campaign_id,
+        coupon.code,
+        actor,
+        coupon.status,
+        to_status,
+        detail,
+    )
