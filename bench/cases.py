@@ -848,9 +848,9 @@ async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
     """
     import redis.asyncio as aioredis
 
+    from services.fraud.redis_transport import RedisPyTransport, RedisTransport, RespTransport
     from services.fraud.resp import RespClient
     from services.fraud.store import FraudStore, StoreConfig
-    from services.fraud.transport import RedisPyTransport, RespTransport, Transport
 
     client = aioredis.from_url(env.redis_url)
     prefix = f"{env.redis_key_prefix}bench-transport-{secrets.token_hex(3)}"
@@ -860,7 +860,7 @@ async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
             for name, key in (("RESP client", "resp"), ("redis-py + hiredis", "redis_py")):
                 case = f"d.transport_{key}_{size}"
                 title = f"fraud counters via {name}, {size} click check{'s' if size > 1 else ''} per call"
-                transport: Transport
+                transport: RedisTransport
                 if key == "resp":
                     resp = RespClient.like(client)
                     if resp is None:

@@ -15,7 +15,7 @@ Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
 
 Every key has a TTL. The counters (``counters.py``, one class each, their
 Lua in ``lua/``) run a batch of checks in one round trip, through the
-transport chosen at start-up (``transport.py``). Events of a batch that
+Redis transport chosen at start-up (``redis_transport.py``). Events of a batch that
 share a counter (the same IP, the same code) share one operation that counts
 them all at once; the k-th of them is told the count as it was after the k-th.
 """
@@ -55,16 +55,16 @@ from services.fraud.domain import (
     CouponKind,
 )
 from services.fraud.ipintel import subscriber_key
-from services.fraud.transport import (
+from services.fraud.redis_transport import (
     REDIS_DOWN,
     Call,
+    RedisTransport,
     Result,
     ScriptMissing,
-    Transport,
     redis_unavailable,
     transport_for,
 )
-from services.fraud.transport import (
+from services.fraud.redis_transport import (
     RedisClient as RedisClient,  # the server's type for its clients
 )
 
@@ -131,11 +131,11 @@ def _ms(at: datetime) -> int:
 class FraudStore:
     """Counters, dedup and alerts in Redis; methods raise ``Unavailable`` when it is down."""
 
-    def __init__(self, client: RedisClient, config: StoreConfig, transport: Transport | None = None) -> None:
+    def __init__(self, client: RedisClient, config: StoreConfig, transport: RedisTransport | None = None) -> None:
         # The client serves the alert stream and health checks; the counters
         # go through the transport (chosen here, once, and logged).
         self.client = client
-        self.transport = transport or transport_for(client)
+        self.redis_transport = transport or transport_for(client)
         self.config = config
         self.prefix = f"{config.prefix}:fraud"
         self.alerts_key = f"{self.prefix}:{{alerts}}"
@@ -165,12 +165,12 @@ class FraudStore:
         return f"{self.prefix}:{{b{bucket:02d}}}"
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        await self.redis_transport.aclose()
 
     # -- plumbing --------------------------------------------------------------
 
     async def load_scripts(self) -> None:
-        self._sha, standalone = await self.transport.load(SCRIPT)
+        self._sha, standalone = await self.redis_transport.load(SCRIPT)
         self._single_call = self.config.single_call_when_standalone and standalone
 
     def batch(self) -> Batch:
@@ -179,7 +179,7 @@ class FraudStore:
     async def _pipeline(self, calls: Sequence[Call]) -> list[Result]:
         """One round trip for the script calls; answers (or error values) in call order."""
         assert self._sha is not None
-        return await self.transport.evalsha(self._sha, calls)
+        return await self.redis_transport.evalsha(self._sha, calls)
 
     async def run(self, batch: Batch) -> Answers:
         """Runs a batch in one round trip; its answers, by handle."""

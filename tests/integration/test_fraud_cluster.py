@@ -28,9 +28,9 @@ from services.common import embedded
 from services.fraud.config import Settings
 from services.fraud.domain import ClickEvent
 from services.fraud.ipintel import IpIntelHolder
+from services.fraud.redis_transport import RedisPyTransport
 from services.fraud.server import start_fraud
 from services.fraud.store import FraudStore, StoreConfig
-from services.fraud.transport import RedisPyTransport
 from tests.integration import fraud_golden
 from tests.integration.test_fraud_store_modes import clicks, conversions
 
@@ -122,7 +122,7 @@ async def test_a_cluster_answers_as_a_standalone_redis_does(
     cluster: list[embedded.EmbeddedServer], cluster_store: FraudStore, redis_server_url: str, redis_prefix: str,
     redis_client: aioredis.Redis,  # its teardown drops the standalone store's keys
 ) -> None:
-    assert isinstance(cluster_store.transport, RedisPyTransport), "a cluster goes through redis-py"
+    assert isinstance(cluster_store.redis_transport, RedisPyTransport), "a cluster goes through redis-py"
     assert not cluster_store._single_call, "a cluster takes per-bucket calls"
     standalone = FraudStore(aioredis.from_url(redis_server_url), StoreConfig(prefix=f"{redis_prefix}s"))
     try:

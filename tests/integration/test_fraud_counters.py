@@ -25,8 +25,8 @@ from services.fraud.counters import (
     SpreadAnswer,
     Window,
 )
+from services.fraud.redis_transport import RedisPyTransport, RespTransport
 from services.fraud.store import FraudStore, StoreConfig
-from services.fraud.transport import RedisPyTransport, RespTransport
 from tests.integration.fraud_golden import text
 from tests.integration.test_fraud_golden import transport
 
@@ -152,10 +152,10 @@ async def test_the_transport_is_chosen_once_and_logged(
     redis_server_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = aioredis.from_url(redis_server_url)
-    with caplog.at_level(logging.INFO, logger="services.fraud.transport"):
+    with caplog.at_level(logging.INFO, logger="services.fraud.redis_transport"):
         store = FraudStore(client, StoreConfig(prefix=redis_prefix))
     try:
-        assert isinstance(store.transport, RespTransport), "a plain TCP standalone Redis gets the RESP client"
+        assert isinstance(store.redis_transport, RespTransport), "a plain TCP standalone Redis gets the RESP client"
         assert [r.getMessage() for r in caplog.records] == ["fraud counters: RESP client to a standalone Redis"]
         await store.load_scripts()
         assert store._single_call
@@ -164,5 +164,5 @@ async def test_the_transport_is_chosen_once_and_logged(
         await client.aclose()
     # A connection the RESP client does not speak (TLS here; never connected) stays with redis-py.
     tls = aioredis.from_url("rediss://127.0.0.1:1/0")
-    assert isinstance(FraudStore(tls, StoreConfig(prefix=redis_prefix)).transport, RedisPyTransport)
+    assert isinstance(FraudStore(tls, StoreConfig(prefix=redis_prefix)).redis_transport, RedisPyTransport)
     await tls.aclose()

@@ -12,13 +12,13 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
+from services.fraud.redis_transport import RedisPyTransport, RedisTransport, RespTransport
 from services.fraud.resp import RespClient
 from services.fraud.store import FraudStore
-from services.fraud.transport import RedisPyTransport, RespTransport, Transport
 from tests.integration import fraud_golden
 
 
-def transport(name: str, client: aioredis.Redis) -> Transport:
+def transport(name: str, client: aioredis.Redis) -> RedisTransport:
     if name == "resp":
         resp = RespClient.like(client)
         assert resp is not None

@@ -1,13 +1,18 @@
 """How the counters' script calls reach Redis: the RESP client, or redis-py on a cluster.
 
+(Not the gRPC transport settings, which are ``services.common.channels.Transport``.)
+
 Both do the same two things: load the script (and tell whether the server
 is a cluster), and run a pipeline of EVALSHA calls in one round trip,
 answering each call's reply or its error in its place. The store picks one
 once, when it is made (``transport_for``), and logs which.
 
 - ``RespTransport``: the minimal RESP client (``resp.py``) on one
-  multiplexed connection, ~5x cheaper per round trip than redis-py here.
-  Standalone servers it can reach (TCP or a Unix socket, no TLS).
+  multiplexed connection. Standalone servers it can reach (TCP or a Unix
+  socket, no TLS). A lone click check (bench case ``d.transport_*_1``)
+  costs the caller about 50 µs of CPU through it against 115-140 µs through
+  redis-py even with hiredis, and Redis 50-60 against 70-85 µs; at 100
+  checks a call the two are within a few µs per check.
 - ``RedisPyTransport``: redis-py, whose cluster pipeline sends each shard its
   calls (routed by each call's key, the bucket's tag), the shards in
   parallel: one round trip per shard. Also what a standalone server the
@@ -52,7 +57,7 @@ Call = tuple[bytes, bytes, bytes]
 Result = bytes | Exception
 
 
-class Transport(ABC):
+class RedisTransport(ABC):
     name: str
 
     @abstractmethod
@@ -68,7 +73,7 @@ class Transport(ABC):
         """Closes what the transport opened itself (not the redis-py client it was given)."""
 
 
-class RespTransport(Transport):
+class RespTransport(RedisTransport):
     name = "resp"
 
     def __init__(self, client: RespClient) -> None:
@@ -106,7 +111,7 @@ class RespTransport(Transport):
         await self.client.aclose()
 
 
-class RedisPyTransport(Transport):
+class RedisPyTransport(RedisTransport):
     name = "redis-py"
 
     def __init__(self, client: RedisClient) -> None:
@@ -148,12 +153,12 @@ class RedisPyTransport(Transport):
         pass  # the client is the store's owner's, closed by it
 
 
-def transport_for(client: RedisClient) -> Transport:
+def transport_for(client: RedisClient) -> RedisTransport:
     """The RESP client where it speaks the connection's protocol, else redis-py."""
     if isinstance(client, aioredis.Redis):
         resp = RespClient.like(client)
         if resp is not None:
-            transport: Transport = RespTransport(resp)
+            transport: RedisTransport = RespTransport(resp)
             logger.info("fraud counters: RESP client to a standalone Redis")
             return transport
         logger.info("fraud counters: redis-py (a connection the RESP client does not speak, such as TLS)")
