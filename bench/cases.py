@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -36,6 +36,9 @@ from services.attribution.common.database import Connection
 from services.attribution.migrate import migrate_url
 from services.common import embedded
 from tools.stack import REPO, SERVICES, Stack, StackError, free_port, port_open
+
+if TYPE_CHECKING:
+    from services.fraud.store import FraudStore
 
 AVAILABLE = "ok"
 NOT_AVAILABLE = "not available"
@@ -681,6 +684,16 @@ class Runner:
             self.add(result)
 
         self.add(ip_lookup_case())
+        self.fraud_transports()
+
+    def fraud_transports(self) -> None:
+        """The fraud counters' two transports on the bench's Redis, side by side, per batch size."""
+        import uvloop
+
+        for result in uvloop.run(transport_cases(self.env, self.mode)):
+            if result.key.startswith("d.transport_redis_py"):
+                self.ratio(result, result.key.replace("redis_py", "resp"), of="cpu_us_per_event")
+            self.add(result)
 
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
@@ -827,6 +840,103 @@ class Runner:
             if self.wanted(prefix):
                 step()
         return self.results
+
+
+TRANSPORT_CALLERS = 8
+
+
+async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
+    """Click checks' counters (``FraudStore.count_clicks``) through each transport, in this process.
+
+    The same batches through the RESP client and through redis-py, each from
+    8 concurrent callers for the case's duration: one check per call (what
+    a lone single check pays for its round trip) and ``batch_size`` per call.
+    CPU is this process's (callers and store) plus Redis's, per check.
+    """
+    import redis.asyncio as aioredis
+
+    from services.fraud.redis_transport import RedisPyTransport, RedisTransport, RespTransport
+    from services.fraud.resp import RespClient
+    from services.fraud.store import FraudStore, StoreConfig
+
+    client = aioredis.from_url(env.redis_url)
+    prefix = f"{env.redis_key_prefix}bench-transport-{secrets.token_hex(3)}"
+    results: list[CaseResult] = []
+    try:
+        for size in (1, mode.batch_size):
+            for name, key in (("RESP client", "resp"), ("redis-py + hiredis", "redis_py")):
+                case = f"d.transport_{key}_{size}"
+                title = f"fraud counters via {name}, {size} click check{'s' if size > 1 else ''} per call"
+                transport: RedisTransport
+                if key == "resp":
+                    resp = RespClient.like(client)
+                    if resp is None:
+                        results.append(unavailable(case, title, "the RESP client does not speak this connection"))
+                        continue
+                    transport = RespTransport(resp)
+                else:
+                    transport = RedisPyTransport(client)
+                store = FraudStore(client, StoreConfig(prefix=f"{prefix}-{key}-{size}"), transport)
+                try:
+                    await store.load_scripts()
+                    latencies, elapsed, cpu = await _drive_counters(env, mode, store, size)
+                finally:
+                    await store.aclose()
+                checks = len(latencies) * size
+                result = CaseResult(case, title, unit="checks/s", throughput=checks / elapsed, events=checks)
+                result.p50_ms, result.p95_ms, result.p99_ms = (percentile(latencies, q) / 1000 for q in (0.5, 0.95, 0.99))
+                result.cpu_seconds = {label: round(value, 3) for label, value in cpu.items()}
+                result.cpu_us_per_event = sum(cpu.values()) / max(1, checks) * 1e6
+                result.note = f"{TRANSPORT_CALLERS} callers in this process, CPU of this process and Redis"
+                results.append(result)
+    finally:
+        keys = [found async for found in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await client.aclose()
+    return results
+
+
+async def _drive_counters(
+    env: BenchEnv, mode: Mode, store: FraudStore, size: int
+) -> tuple[list[int], float, dict[str, float]]:
+    """Sorted latencies (µs) of the measured calls, the measured seconds, and the CPU spent."""
+    from services.fraud.domain import ClickEvent
+
+    serial = 0
+
+    def batch() -> list[ClickEvent]:
+        nonlocal serial
+        serial += 1
+        now = datetime.now(UTC)
+        return [
+            ClickEvent(
+                click_id=f"c{serial}-{i}", external_click_id=f"x{serial}-{i}", campaign_id="bench",
+                affiliate_id=f"aff{i % 5}", coupon_code="", ip=f"198.18.{serial % 250}.{i % 250}",
+                user_agent="Mozilla/5.0", occurred_at=now,
+            )
+            for i in range(size)
+        ]
+
+    latencies: list[int] = []
+
+    async def caller(until: float, measured: bool) -> None:
+        while time.perf_counter() < until:
+            events = batch()
+            sent = time.perf_counter()
+            await store.count_clicks(events)
+            if measured:
+                latencies.append(int((time.perf_counter() - sent) * 1e6))
+
+    warm_until = time.perf_counter() + mode.warmup
+    await asyncio.gather(*(caller(warm_until, False) for _ in range(TRANSPORT_CALLERS)))
+    with _measured(env) as cpu:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(started + mode.duration, True) for _ in range(TRANSPORT_CALLERS)))
+        elapsed = time.perf_counter() - started
+    cpu.pop("postgresql", None)  # idle here, and no part of the comparison
+    latencies.sort()
+    return latencies, elapsed, cpu
 
 
 # The live traffic of the re-scoring case: key, title, load kind, rate, successful outcome's prefix.
