@@ -57,6 +57,7 @@ class Mode:
     open_rate: float = 1000.0
     batch_size: int = 100
     rescore_backlog: int = 20_000  # flagged conversions the re-scoring case clears
+    redis_memory_clicks: int = 100_000  # distinct-address clicks of the Redis memory case
     # The naive store takes tens of seconds for 10,000 attempts: too slow for quick mode.
     naive_burst: bool = True
 
@@ -67,7 +68,7 @@ MODES = {
     ),
     "full": Mode(
         "full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000,
-        rescore_backlog=100_000,
+        rescore_backlog=100_000, redis_memory_clicks=1_000_000,
     ),
 }
 
@@ -458,6 +459,7 @@ EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
 FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
 FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+REDIS_BYTES_GOAL = Goal("<= 100 bytes/click", "cpu_us_per_event", "<=", 100)
 VISITOR_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
 RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
 RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
@@ -694,6 +696,7 @@ class Runner:
             if result.key.startswith("d.transport_redis_py"):
                 self.ratio(result, result.key.replace("redis_py", "resp"), of="cpu_us_per_event")
             self.add(result)
+        self.add(uvloop.run(redis_bytes_per_click_case(self.env, self.mode.redis_memory_clicks)))
 
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
@@ -895,6 +898,52 @@ async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
             await client.unlink(*keys[start : start + 1000])
         await client.aclose()
     return results
+
+
+async def redis_bytes_per_click_case(env: BenchEnv, clicks: int) -> CaseResult:
+    """Bytes of Redis a click leaves behind: ``clicks`` from distinct IPv4 addresses, no aff_click_id.
+
+    Through ``FraudStore.count_clicks`` in batches of 100, on the bench's
+    Redis with a prefix of its own; the change in ``used_memory`` divided by
+    the clicks (the figure the steady-state formula multiplies: click rate x
+    the longest window a click's state lives x bytes). The result column
+    carries bytes per click (in place of CPU).
+    """
+    import redis.asyncio as aioredis
+
+    from services.fraud.domain import ClickEvent
+    from services.fraud.store import FraudStore, StoreConfig
+
+    key, title = "d.redis_bytes_per_click", f"Redis memory per click, {clicks:,} clicks from distinct addresses"
+    client = aioredis.from_url(env.redis_url)
+    prefix = f"{env.redis_key_prefix}bench-memory-{secrets.token_hex(3)}"
+    store = FraudStore(client, StoreConfig(prefix=prefix))
+    try:
+        await store.load_scripts()
+        before = int((await client.info("memory"))["used_memory"])
+        now = datetime.now(UTC)
+        for start in range(0, clicks, 100):
+            await store.count_clicks([
+                ClickEvent(
+                    click_id=f"m{n}", external_click_id="", campaign_id="bench", affiliate_id=f"aff{n % 50}",
+                    coupon_code="", ip=f"{10 + (n >> 24) % 200}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}",
+                    user_agent="Mozilla/5.0", occurred_at=now,
+                )
+                for n in range(start, min(start + 100, clicks))
+            ])
+        after = int((await client.info("memory"))["used_memory"])
+    finally:
+        keys = [found async for found in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await store.aclose()
+        await client.aclose()
+    per_click = (after - before) / clicks
+    return CaseResult(
+        key, title, unit="clicks", events=clicks, cpu_us_per_event=per_click, goals=[REDIS_BYTES_GOAL],
+        note=f"{per_click:.0f} bytes per click ({(after - before) / 1e6:.1f} MB for {clicks:,}; "
+             "the CPU column holds bytes per click)",
+    )
 
 
 async def _drive_counters(
