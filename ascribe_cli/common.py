@@ -33,16 +33,10 @@ def connect(ctx: typer.Context) -> Client:
     return Client(target.addr, target.token, target.timeout)
 
 
-def usage_error(message: str) -> typer.BadParameter:
-    return typer.BadParameter(message)
-
-
 def parser(parse: Callable[[str], T]) -> Callable[[str], T]:
     """A value parser as typer wants it: a wrong value is a usage error (exit code 2) naming the option."""
 
     def parse_option(text: str) -> T:
-        if not isinstance(text, str):  # a default typer passes through unchanged
-            return text
         try:
             return parse(text)
         except ValueError as error:

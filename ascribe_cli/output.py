@@ -114,10 +114,6 @@ def csv_cell(value: Any) -> str:
     return str(value)
 
 
-def csv_writer(out: TextIO) -> Any:
-    return csv.writer(out, lineterminator="\n")
-
-
 def field_names(descriptor: MessageDescriptor) -> list[str]:
     return [f.name for f in descriptor.fields]
 
@@ -217,7 +213,7 @@ def write_one(message: Message, fmt: Format) -> None:
 
 def write_csv(messages: Iterable[Message], descriptor: MessageDescriptor, out: TextIO) -> int:
     names = field_names(descriptor)
-    writer = csv_writer(out)
+    writer = csv.writer(out, lineterminator="\n")
     writer.writerow(names)
     count = 0
     for message in messages:

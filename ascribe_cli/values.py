@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 MICROS = 1_000_000
 INT64_MAX = 2**63 - 1
-INT32_MAX = 2**31 - 1
 
 _MONEY = re.compile(r"\d+(\.\d{1,6})?")
 _PERCENT = re.compile(r"\d+(\.\d{1,2})?")
@@ -81,16 +80,6 @@ def instant(text: str, *, end: bool = False) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(at.astimezone(UTC))
     return stamp
-
-
-def non_negative(text: str, *, limit: int = INT32_MAX) -> int:
-    value = text.strip()
-    if not value.isdigit() or not value.isascii():
-        raise ValueError(f"{text!r} is not a whole number >= 0")
-    number = int(value)
-    if number > limit:
-        raise ValueError(f"{text!r} is too large (at most {limit})")
-    return number
 
 
 # ---------------------------------------------------------------- enum words
