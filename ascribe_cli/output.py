@@ -22,10 +22,11 @@ the exit code 1).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TextIO
@@ -214,9 +215,10 @@ def write_one(message: Message, fmt: Format) -> None:
 def write_csv(messages: Iterable[Message], descriptor: MessageDescriptor, out: TextIO) -> int:
     names = field_names(descriptor)
     writer = csv.writer(out, lineterminator="\n")
+    records = _started(messages)
     writer.writerow(names)
     count = 0
-    for message in messages:
+    for message in records:
         values = as_dict(message)
         writer.writerow([csv_cell(values.get(name)) for name in names])
         count += 1
@@ -229,9 +231,10 @@ def write_list(messages: Iterable[Message], descriptor: MessageDescriptor, fmt: 
     if fmt is Format.csv:
         return write_csv(messages, descriptor, out)
     if fmt is Format.json:
-        count = 0
+        records = _started(messages)
         out.write("[")
-        for message in messages:
+        count = 0
+        for message in records:
             body = textwrap.indent(json.dumps(as_dict(message), indent=2, ensure_ascii=False), "  ")
             out.write(("\n" if count == 0 else ",\n") + body)
             count += 1
@@ -240,3 +243,12 @@ def write_list(messages: Iterable[Message], descriptor: MessageDescriptor, fmt: 
     rows = [[human(message, name) for name in columns] for message in messages]
     table_console(out).print(_table(columns, rows))
     return len(rows)
+
+
+def _started(messages: Iterable[Message]) -> Iterator[Message]:
+    """``messages`` once the first page has answered, so a refused list writes nothing at all."""
+    iterator = iter(messages)
+    first = next(iterator, None)
+    if first is None:
+        return iter(())
+    return itertools.chain((first,), iterator)

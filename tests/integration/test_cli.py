@@ -100,8 +100,9 @@ async def test_refused_and_failed_requests_exit_1(cli: Cli) -> None:
     assert (missing.exit_code, missing.stdout) == (1, "")
     assert missing.stderr.startswith("error: NOT_FOUND: campaign 'nope' not found")
 
-    no_token = await cli("campaigns", "list", token=None)
-    assert no_token.exit_code == 1
+    for fmt in ("json", "csv", "table"):
+        no_token = await cli("campaigns", "list", "--format", fmt, token=None)
+        assert (no_token.exit_code, no_token.stdout) == (1, ""), fmt
     assert "UNAUTHENTICATED" in no_token.stderr
 
     await campaign(cli)

@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import typer
 from ascribe.attribution.v1 import attribution_pb2 as pb
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from ascribe_cli import output, values
 from ascribe_cli.app import app
-from ascribe_cli.client import every_page, exported_codes
+from ascribe_cli.client import RequestFailed, every_page, exported_codes
 from ascribe_cli.output import Format
 
 runner = CliRunner()
@@ -142,6 +143,17 @@ def test_json_list_is_one_array_of_proto_named_objects_with_int64_as_strings(cap
 def test_json_of_an_empty_list_is_an_empty_array(captured: io.StringIO) -> None:
     assert output.write_list([], pb.Campaign.DESCRIPTOR, Format.json, ("id",)) == 0
     assert json.loads(captured.getvalue()) == []
+
+
+@pytest.mark.parametrize("fmt", list(Format))
+def test_a_list_whose_first_page_is_refused_writes_nothing(captured: io.StringIO, fmt: Format) -> None:
+    def refused() -> Iterator[pb.Campaign]:
+        raise RequestFailed(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        yield pb.Campaign()
+
+    with pytest.raises(RequestFailed):
+        output.write_list(refused(), pb.Campaign.DESCRIPTOR, fmt, ("id",))
+    assert captured.getvalue() == ""
 
 
 def test_json_of_one_record_is_one_object_with_nested_history(captured: io.StringIO) -> None:
