@@ -30,6 +30,7 @@ import grpc
 from bench import naive_store
 from bench.procstats import CpuMeter, RssSampler
 from bench.redemption_store import RedemptionStore
+from services.attribution.common.database import Connection
 from services.attribution.migrate import migrate_url
 from services.common import embedded
 from tools.stack import REPO, SERVICES, Stack, StackError, free_port, port_open
@@ -832,7 +833,7 @@ def real_store(pool: asyncpg.Pool) -> tuple[TakeFn, Callable[[], Awaitable[None]
 STORE_CAMPAIGN = "bench-store"
 
 
-async def _store_setup(conn: asyncpg.Connection) -> None:
+async def _store_setup(conn: Connection) -> None:
     await conn.execute(
         """INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)
            VALUES ($1, 'bench store', 'https://shop.example/landing', 'EUR', '\\x00'::bytea)

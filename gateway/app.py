@@ -35,16 +35,11 @@ from gateway.params import (
     reversal_request,
 )
 from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
-from services.common.grpc_server import BEARER_REFUSED
 
 logger = logging.getLogger(__name__)
 
 # Postbacks are a few hundred bytes; nothing legitimate needs more.
 MAX_BODY_BYTES = 64 * 1024
-
-# The shared interceptor's message when our own internal token is refused
-# (services/common/grpc_server.py): a gateway misconfiguration, not the caller's fault.
-INTERNAL_TOKEN_REFUSED = BEARER_REFUSED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -132,7 +127,7 @@ def backend_response(error: BackendError, names: dict[str, str], *, visitor: boo
             logger.warning("attribution call failed with %s", error.code.name)
         return unavailable_response()
     status, code = mapped
-    if status == 401 and (visitor or error.message == INTERNAL_TOKEN_REFUSED):
+    if status == 401 and (visitor or error.token_refused):
         logger.error("the attribution service refused ASCRIBE_INTERNAL_TOKEN; check the gateway's setting")
         return unavailable_response()
     return error_response(status, code, error.message, http_field(error.field, names))
@@ -340,8 +335,8 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
 def _backend_ctx(gateway: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
     async def backend(app: web.Application) -> AsyncIterator[None]:
         settings = gateway.settings
-        channel = open_channel(settings.attribution_addr)
-        fraud_channel = open_channel(settings.fraud_addr)
+        channel = open_channel(settings.attribution_addr, settings.transport)
+        fraud_channel = open_channel(settings.fraud_addr, settings.transport)
         gateway.client = AttributionClient(settings, channel, fraud_channel)
         try:
             yield

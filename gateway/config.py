@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
     env_bool,
@@ -69,6 +70,8 @@ class Settings:
     conversion_max_in_flight: int = 2
     conversion_busy_min_batch: int = 24
     shutdown_grace_seconds: float = 4.0
+    # Keepalive and TLS of its channels to attribution and fraud.
+    transport: Transport = field(default_factory=Transport)
 
     @property
     def deadline_seconds(self) -> float:
@@ -127,4 +130,5 @@ class Settings:
             conversion_busy_min_batch=env_int(
                 "ASCRIBE_GATEWAY_CONVERSION_BUSY_MIN_BATCH", cls.conversion_busy_min_batch, minimum=1
             ),
+            transport=Transport.from_env(serves=False),
         )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
     env_bool,
     env_int,
     env_optional,
     env_str,
+    health_addr_from_env,
     require_token_off_loopback,
     split_host_port,
 )
@@ -47,6 +49,10 @@ class Settings:
     catalog_cache_ms: int = 1000
     approval_interval_ms: int = 5000
     rescore_interval_ms: int = 10000
+    # Keepalive and TLS of its server and of its channel to fraud.
+    transport: Transport = field(default_factory=Transport)
+    # A plaintext port answering only grpc.health.v1.Health (probes, under TLS).
+    health_addr: str | None = None
 
     def __repr__(self) -> str:  # secrets never reach the logs
         return (
@@ -85,4 +91,6 @@ class Settings:
                 "ASCRIBE_APPROVAL_INTERVAL_MS", cls.approval_interval_ms, minimum=10
             ),
             rescore_interval_ms=env_int("ASCRIBE_RESCORE_INTERVAL_MS", cls.rescore_interval_ms, minimum=10),
+            transport=Transport.from_env(serves=True),
+            health_addr=health_addr_from_env("ASCRIBE_ATTRIBUTION_HEALTH_ADDR"),
         )

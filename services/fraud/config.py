@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
     env_bool,
@@ -12,6 +13,7 @@ from services.common.env import (
     env_int,
     env_optional,
     env_str,
+    health_addr_from_env,
     require_token_off_loopback,
     split_host_port,
 )
@@ -50,6 +52,12 @@ class Settings:
     surge_flush_seconds: float = 10.0
     rules: Rules = field(default_factory=Rules)
     store: StoreConfig = field(default_factory=StoreConfig)
+    transport: Transport = field(default_factory=Transport)
+    # A plaintext port answering only grpc.health.v1.Health (probes, under TLS).
+    health_addr: str | None = None
+    # Under mutual TLS, the client certificate identities (SAN DNS names, else
+    # the CN) that may call FraudService; empty: any certificate of the CA.
+    allowed_clients: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:  # secrets (the token, a password in the URL) never reach the logs
         return (
@@ -130,6 +138,12 @@ class Settings:
             alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", StoreConfig.alerts_maxlen, minimum=100),
             key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", StoreConfig.key_buckets, minimum=1),
         )
+        transport = Transport.from_env(serves=True)
+        allowed_clients = frozenset(
+            name.strip() for name in env_str("ASCRIBE_FRAUD_ALLOWED_CLIENTS", "").split(",") if name.strip()
+        )
+        if allowed_clients and not transport.tls.client_auth:
+            raise ConfigError("ASCRIBE_FRAUD_ALLOWED_CLIENTS needs ASCRIBE_TLS_CLIENT_AUTH=1 (client certificates)")
         if store.spike_baseline_seconds <= store.spike_window_seconds:
             raise ConfigError("ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS must be longer than the spike window")
         return cls(
@@ -150,4 +164,7 @@ class Settings:
             max_future_seconds=env_int("ASCRIBE_FRAUD_MAX_FUTURE_SECONDS", cls.max_future_seconds),
             rules=rules,
             store=store,
+            transport=transport,
+            health_addr=health_addr_from_env("ASCRIBE_FRAUD_HEALTH_ADDR"),
+            allowed_clients=allowed_clients,
         )

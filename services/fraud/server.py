@@ -36,6 +36,17 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     return {f"/{FRAUD_SERVICE}/{method.name}": settings.internal_token for method in service.methods}
 
 
+def allowed_clients(settings: Settings) -> dict[str, frozenset[str]]:
+    """Under mutual TLS with ASCRIBE_FRAUD_ALLOWED_CLIENTS, only those identities call FraudService.
+
+    Health and reflection stay open to any client the TLS handshake accepts
+    (the gateway's readiness probe asks fraud's health with its own certificate).
+    """
+    if not settings.allowed_clients:
+        return {}
+    return {method: settings.allowed_clients for method in required_tokens(settings)}
+
+
 def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> RedisClient:
     """A client whose every call is bounded: a hung Redis costs a timeout, a dead one fails at once.
 
@@ -155,7 +166,9 @@ async def start_fraud(
         addr=settings.addr,
         service_names=[FRAUD_SERVICE],
         register=register,
-        interceptor=ServerInterceptor(required_tokens(settings)),
+        interceptor=ServerInterceptor(required_tokens(settings), peer_identities=allowed_clients(settings)),
+        transport=settings.transport,
+        health_addr=settings.health_addr,
     )
     service = FraudService(
         settings=settings,

@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
+from asyncpg.pool import PoolConnectionProxy
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store
@@ -334,7 +335,7 @@ class ClickRecorder:
         self._fraud = fraud
         # The writer keeps its connections: giving one back to the pool costs
         # a reset round trip, once per flush otherwise.
-        self._writer_conns: list[asyncpg.Connection] = []
+        self._writer_conns: list[PoolConnectionProxy] = []
         # One item is the rows of one RPC, so a RecordClickBatch commits as a whole.
         self._writer: MicroBatcher[Sequence[Click], None] = MicroBatcher(
             self._flush,
@@ -456,7 +457,7 @@ class ClickRecorder:
         rows = [row for group in groups for row in group]
         CLICK_FLUSH_ROWS.observe(len(rows))
         started = time.perf_counter()
-        conn: asyncpg.Connection | None = None
+        conn: PoolConnectionProxy | None = None
         try:
             conn = await self._writer_connection()
             await store.insert_clicks(conn, rows)
@@ -470,7 +471,7 @@ class ClickRecorder:
         CLICK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         return [None] * len(groups)
 
-    async def _writer_connection(self) -> asyncpg.Connection:
+    async def _writer_connection(self) -> PoolConnectionProxy:
         while self._writer_conns:
             conn = self._writer_conns.pop()
             if not conn.is_closed():
@@ -478,7 +479,7 @@ class ClickRecorder:
             await self._give_back(conn)
         return await self._pool.acquire()
 
-    async def _give_back(self, conn: asyncpg.Connection) -> None:
+    async def _give_back(self, conn: PoolConnectionProxy) -> None:
         # The pool replaces a broken connection; failing to hand one back
         # must not turn a failed flush into an unhandled error.
         try:

@@ -81,6 +81,18 @@ def is_owned(coupon: Coupon) -> bool:
     return coupon.kind in ("exclusive", "unique") and bool(owners(coupon))
 
 
+def sole_selected_affiliate(coupon: Coupon | None) -> str | None:
+    """The one affiliate a GENERAL code was handed to, if it names exactly one.
+
+    With one selected affiliate there is no doubt whose code it is, so a sale
+    with the code and no click credits that affiliate, as an EXCLUSIVE code
+    would; with all affiliates, or two or more, nobody can be told apart.
+    """
+    if coupon is None or coupon.kind != "general" or coupon.allow_all_affiliates:
+        return None
+    return coupon.affiliate_ids[0] if len(coupon.affiliate_ids) == 1 else None
+
+
 def affiliate_may_carry(coupon: Coupon, affiliate_id: str) -> bool:
     """May this affiliate carry the code on its links and be credited through it?
 
@@ -127,7 +139,8 @@ def credit(
     """
     if coupon is None or not is_owned(coupon):
         if click_affiliate_id is None:
-            return Credit(None, "none")
+            sole = sole_selected_affiliate(coupon)
+            return Credit(sole, "coupon") if sole else Credit(None, "none")
         if coupon is not None and not affiliate_may_carry(coupon, click_affiliate_id):
             return Credit(click_affiliate_id, "click", (AFFILIATE_NOT_ALLOWED,))
         return Credit(click_affiliate_id, "click")

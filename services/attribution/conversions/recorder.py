@@ -35,7 +35,7 @@ from services.attribution.catalog.cache import CatalogCache
 from services.attribution.catalog.store import postback_token_matches
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules, ids
-from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, retry_aborted
+from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, Connection, retry_aborted
 from services.attribution.common.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
 from services.attribution.common.reasons import (
     CUSTOMER_LIMIT_REACHED,
@@ -240,7 +240,7 @@ class ConversionRecorder:
 
     async def _judge(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         cases: list[_Case],
         verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
     ) -> list[Conversion]:
@@ -284,7 +284,7 @@ class ConversionRecorder:
             CONVERSIONS_TOTAL.labels(conversion.status).inc()
         return conversions
 
-    async def _load_clicks(self, conn: asyncpg.Connection, cases: list[_Case]) -> dict[str, Click]:
+    async def _load_clicks(self, conn: Connection, cases: list[_Case]) -> dict[str, Click]:
         named: list[tuple[str, datetime]] = []
         for case in cases:
             if case.input.click_id:
@@ -296,7 +296,7 @@ class ConversionRecorder:
 
     async def _judge_statically(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         case: _Case,
         clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],
@@ -356,7 +356,7 @@ class ConversionRecorder:
 
     async def _take_limits(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         cases: list[_Case],
         clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],
