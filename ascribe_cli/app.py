@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from ascribe_cli import affiliates, campaigns, codes, conversions, coupons
-from ascribe_cli.client import DEFAULT_ADDR, RequestFailed
+from ascribe_cli.client import DEFAULT_ADDR, RequestFailed, Tls
 from ascribe_cli.common import Target
 
 TOKEN_VARIABLE = "ASCRIBE_ADMIN_TOKEN"
@@ -39,7 +39,8 @@ app = typer.Typer(
     name="ascribe",
     help=(
         "Manage ascribe over its gRPC API: campaigns, affiliates, coupon codes, generated batches "
-        f"and conversions. The admin token is read from {TOKEN_VARIABLE}."
+        f"and conversions. The admin token is read from {TOKEN_VARIABLE}; with ASCRIBE_TLS_CA set "
+        "(and ASCRIBE_TLS_CERT, ASCRIBE_TLS_KEY for mutual TLS) the connection uses TLS, as the services do."
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -63,4 +64,8 @@ def root(
         typer.Option(min=0.001, help="seconds each call may take (default 30; 900 for codes generate and export)"),
     ] = None,
 ) -> None:
-    ctx.obj = Target(addr=addr, token=os.environ.get(TOKEN_VARIABLE) or None, timeout=timeout)
+    try:
+        tls = Tls.from_env(os.environ)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {error.filename}: {error.strerror}", param_hint="ASCRIBE_TLS_*") from None
+    ctx.obj = Target(addr=addr, token=os.environ.get(TOKEN_VARIABLE) or None, timeout=timeout, tls=tls)

@@ -8,8 +8,9 @@ exits 1 on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -76,14 +77,48 @@ def request_failed(error: grpc.RpcError, addr: str) -> RequestFailed:
     return RequestFailed(code, message, violations)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The services' TLS settings as a client uses them (README, gRPC transport): read from the same files."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Tls | None:
+        """None without ``ASCRIBE_TLS_CA`` (plaintext); OSError for a file that cannot be read."""
+        ca = env.get("ASCRIBE_TLS_CA")
+        if not ca:
+            return None
+        cert, key = env.get("ASCRIBE_TLS_CERT"), env.get("ASCRIBE_TLS_KEY")
+        # A client certificate is presented when there is one: mutual TLS needs it, TLS ignores it.
+        return cls(
+            ca=Path(ca).read_bytes(),
+            cert=Path(cert).read_bytes() if cert and key else None,
+            key=Path(key).read_bytes() if cert and key else None,
+            server_name=env.get("ASCRIBE_TLS_SERVER_NAME") or None,
+        )
+
+    def channel(self, addr: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(addr, credentials, options=options)
+
+
 class Client:
     """One channel to the attribution service, closed with the ``with`` block."""
 
-    def __init__(self, addr: str, token: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, addr: str, token: str | None = None, timeout: float | None = None, tls: Tls | None = None
+    ) -> None:
         self.addr = addr
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(addr)
+        self._channel = tls.channel(addr) if tls else grpc.insecure_channel(addr)
         self.catalog = attribution_pb2_grpc.CatalogServiceStub(self._channel)
         self.tracking = attribution_pb2_grpc.TrackingServiceStub(self._channel)
 

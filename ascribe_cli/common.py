@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ascribe_cli import values
-from ascribe_cli.client import Client
+from ascribe_cli.client import Client, Tls
 from ascribe_cli.output import Format
 
 T = TypeVar("T")
@@ -26,11 +26,12 @@ class Target:
     addr: str
     token: str | None
     timeout: float | None
+    tls: Tls | None = None
 
 
 def connect(ctx: typer.Context) -> Client:
     target: Target = ctx.obj
-    return Client(target.addr, target.token, target.timeout)
+    return Client(target.addr, target.token, target.timeout, target.tls)
 
 
 def parser(parse: Callable[[str], T]) -> Callable[[str], T]:

@@ -11,13 +11,17 @@ import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from typer.testing import CliRunner, Result
 
 from ascribe_cli.app import app
 from services.attribution.server import start_attribution
+from services.common.channels import Transport
+from services.common.tls import TlsSettings
 from tests.support import attribution_settings, free_port
 
 ADMIN_TOKEN = "cli-test-token"
@@ -178,3 +182,39 @@ async def test_codes_generate_then_export_in_both_formats(cli: Cli) -> None:
     unknown = await cli("codes", "export", "bat_unknown")
     assert (unknown.exit_code, unknown.stdout) == (1, "")
     assert "NOT_FOUND" in unknown.stderr
+
+
+async def test_the_cli_speaks_mutual_tls_with_the_services_settings(database_url: str, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    files = {"ca": tmp_path / "ca.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    for name in ("attribution", "admin"):
+        leaf = ca.issue_cert(name, "127.0.0.1")
+        files[f"{name}.crt"] = tmp_path / f"{name}.crt"
+        files[f"{name}.key"] = tmp_path / f"{name}.key"
+        files[f"{name}.crt"].write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(files[f"{name}.key"]))
+    transport = Transport(tls=TlsSettings(
+        cert_file=files["attribution.crt"], key_file=files["attribution.key"], ca_file=files["ca"], client_auth=True,
+    ))
+    service = await start_attribution(attribution_settings(database_url, "127.0.0.1:9", transport=transport))
+    addr = f"127.0.0.1:{service.port}"
+
+    async def run(env: dict[str, str | None]) -> Result:
+        args = ["--addr", addr, "--timeout", "5", "campaigns", "list", "--format", "json"]
+        return await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
+
+    try:
+        mutual = await run({"ASCRIBE_TLS_CA": str(files["ca"]), "ASCRIBE_TLS_CERT": str(files["admin.crt"]),
+                            "ASCRIBE_TLS_KEY": str(files["admin.key"])})
+        assert (mutual.exit_code, json.loads(mutual.stdout)) == (0, []), mutual.output
+        # Without a client certificate, or in plaintext, the server refuses: exit code 1.
+        no_certificate = await run({"ASCRIBE_TLS_CA": str(files["ca"]), "ASCRIBE_TLS_CERT": None,
+                                    "ASCRIBE_TLS_KEY": None})
+        assert (no_certificate.exit_code, no_certificate.stdout) == (1, "")
+        plaintext = await run({"ASCRIBE_TLS_CA": None})
+        assert (plaintext.exit_code, plaintext.stdout) == (1, "")
+        unreadable = await run({"ASCRIBE_TLS_CA": str(tmp_path / "missing.pem")})
+        assert unreadable.exit_code == 2 and "missing.pem" in unreadable.stderr
+    finally:
+        await service.stop(0.5)
