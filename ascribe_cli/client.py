@@ -45,7 +45,7 @@ class RequestFailed(Exception):
         return f"{self.code.name}: {self.message}"
 
     def lines(self) -> list[str]:
-        """What a person reads: the status and message, then one ``field: message`` line per violation."""
+        """What a person reads: the status and message, or the status and one ``field: message`` line per violation."""
         if self.violations:
             # The message repeats the violations ("a: ...; b: ..."): one line each reads better.
             return [f"error: {self.code.name}", *(f"{name}: {text}" for name, text in self.violations)]
