@@ -27,9 +27,9 @@ app = typer.Typer(help="Campaigns: where clicks land and how conversions pay.", 
 COLUMNS = ("id", "name", "status", "currency", "payout_micros", "payout_percent_bp", "hold_days", "landing_url")
 
 IdArgument = Annotated[str, typer.Argument(help="the campaign's id")]
-PayoutOption = Annotated[int | None, typer.Option("--payout", parser=MONEY, help=f"fixed payout per conversion: {MONEY_HELP}")]
+PayoutOption = Annotated[int | None, typer.Option("--payout", parser=MONEY, metavar="AMOUNT", help=f"fixed payout per conversion: {MONEY_HELP}")]
 PayoutPercentOption = Annotated[
-    int | None, typer.Option("--payout-percent", parser=PERCENT, help=f"payout as a share of the amount: {PERCENT_HELP}")
+    int | None, typer.Option("--payout-percent", parser=PERCENT, metavar="PERCENT", help=f"payout as a share of the amount: {PERCENT_HELP}")
 ]
 HoldDaysOption = Annotated[int | None, typer.Option(min=0, help="days before a conversion is approved (default 30)")]
 LookbackOption = Annotated[int | None, typer.Option(min=1, help="how old a click or order may be, in days (default 30)")]

@@ -64,7 +64,7 @@ def generate(
     count: Annotated[int, typer.Option(min=1, max=1_000_000, help="how many codes")],
     prefix: Annotated[str, typer.Option(help="the start of every code (A-Z 0-9 - _)")] = "",
     length: Annotated[int | None, typer.Option(min=1, help="random characters after the prefix (server default 10)")] = None,
-    owner: Annotated[str | None, typer.Option("--affiliate", help="the affiliate that owns every code")] = None,
+    owner: Annotated[str | None, typer.Option("--affiliate", metavar="ID", help="the affiliate that owns every code")] = None,
     status: StatusOption = None,
     valid_from: ValidFromOption = None,
     valid_until: ValidUntilOption = None,

@@ -29,12 +29,12 @@ def list_(
     ctx: typer.Context,
     campaign_id: CampaignArgument,
     status: Annotated[ConversionStatus | None, typer.Option(help="only this status (flagged: the review queue)")] = None,
-    affiliate_id: Annotated[str | None, typer.Option("--affiliate", help="only conversions credited to it")] = None,
+    affiliate_id: Annotated[str | None, typer.Option("--affiliate", metavar="ID", help="only conversions credited to it")] = None,
     received_from: Annotated[
-        Timestamp | None, typer.Option("--from", parser=FROM, help=f"received at or after: {START_HELP}")
+        Timestamp | None, typer.Option("--from", parser=FROM, metavar="TIME", help=f"received at or after: {START_HELP}")
     ] = None,
     received_to: Annotated[
-        Timestamp | None, typer.Option("--to", parser=TO, help=f"received before: {END_HELP}")
+        Timestamp | None, typer.Option("--to", parser=TO, metavar="TIME", help=f"received before: {END_HELP}")
     ] = None,
     fmt: FormatOption = Format.table,
     page_size: PageSizeOption = PAGE_SIZE,

@@ -47,32 +47,32 @@ StatusOption = Annotated[
     typer.Option(help="active redeems; hold flags conversions for review; pending, rejected, paused refuse them"),
 ]
 ValidFromOption = Annotated[
-    Bound | None, typer.Option(parser=START, help=f"first moment the code is valid: {START_HELP}; none: no start")
+    Bound | None, typer.Option(parser=START, metavar="TIME", help=f"first moment the code is valid: {START_HELP}; none: no start")
 ]
 ValidUntilOption = Annotated[
-    Bound | None, typer.Option(parser=END, help=f"end of validity (exclusive): {END_HELP}; none: no end")
+    Bound | None, typer.Option(parser=END, metavar="TIME", help=f"end of validity (exclusive): {END_HELP}; none: no end")
 ]
 PerCustomerOption = Annotated[
     int | None, typer.Option(min=0, help="uses per customer id (0: no limit; then a customer id is optional)")
 ]
 AffiliateOption = Annotated[
-    list[str] | None, typer.Option("--affiliate", help="an affiliate that may carry the code (repeat; the first owns it)")
+    list[str] | None, typer.Option("--affiliate", metavar="ID", help="an affiliate that may carry the code (repeat; the first owns it)")
 ]
 AllAffiliatesOption = Annotated[
     bool | None, typer.Option("--all-affiliates/--selected-affiliates", show_default=False,
                               help="every affiliate may carry the code, or only those given with --affiliate")
 ]
-DiscountOption = Annotated[int | None, typer.Option("--discount", parser=MONEY, help=f"fixed discount: {MONEY_HELP}")]
+DiscountOption = Annotated[int | None, typer.Option("--discount", parser=MONEY, metavar="AMOUNT", help=f"fixed discount: {MONEY_HELP}")]
 DiscountPercentOption = Annotated[
-    int | None, typer.Option("--discount-percent", parser=PERCENT, help=f"discount as {PERCENT_HELP}")
+    int | None, typer.Option("--discount-percent", parser=PERCENT, metavar="PERCENT", help=f"discount as {PERCENT_HELP}")
 ]
-CountryOption = Annotated[list[str] | None, typer.Option("--country", help="an allowed ISO country, e.g. DE (repeat)")]
+CountryOption = Annotated[list[str] | None, typer.Option("--country", metavar="CC", help="an allowed ISO country, e.g. DE (repeat)")]
 DeviceOption = Annotated[list[Device] | None, typer.Option("--device", help="an allowed device (repeat)")]
-ChannelOption = Annotated[list[str] | None, typer.Option("--channel", help="an allowed affiliate channel (repeat)")]
-SkuOption = Annotated[list[str] | None, typer.Option("--sku", help="the order must hold one of these SKUs (repeat)")]
-MinOrderOption = Annotated[int | None, typer.Option("--min-order", parser=MONEY, help=f"minimum order: {MONEY_HELP}")]
+ChannelOption = Annotated[list[str] | None, typer.Option("--channel", metavar="CHANNEL", help="an allowed affiliate channel (repeat)")]
+SkuOption = Annotated[list[str] | None, typer.Option("--sku", metavar="SKU", help="the order must hold one of these SKUs (repeat)")]
+MinOrderOption = Annotated[int | None, typer.Option("--min-order", parser=MONEY, metavar="AMOUNT", help=f"minimum order: {MONEY_HELP}")]
 CustomerOption = Annotated[
-    str | None, typer.Option("--customer", help="the one customer id the code redeems for (a personal code)")
+    str | None, typer.Option("--customer", metavar="ID", help="the one customer id the code redeems for (a personal code)")
 ]
 
 
