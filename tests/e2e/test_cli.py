@@ -126,6 +126,13 @@ async def test_the_installed_command_manages_a_running_stack(ascribe: Ascribe) -
     assert [(c["order_id"], c["reasons"], c["amount_micros"]) for c in queue] == [
         ("order-1", ["coupon_on_hold"], "49900000"),
     ]
+    # Received today (or just past midnight): a date-only --to counts the whole day.
+    recent = (await ascribe(
+        "conversions", "list", "cmp", "--from", today.isoformat(), "--to", str(today + timedelta(days=1)), "-f", "json",
+    )).json()
+    assert [c["order_id"] for c in recent] == ["order-1"]
+    before_today = (await ascribe("conversions", "list", "cmp", "--to", str(today - timedelta(days=1)), "-f", "csv"))
+    assert before_today.code == 0 and before_today.stdout.splitlines()[1:] == []
     reviewed = (await ascribe(
         "conversions", "review", "cmp", "order-1", "--approve", "--note", "checked by hand", "-f", "json",
     )).json()
