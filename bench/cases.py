@@ -8,6 +8,7 @@ module that is absent) makes its case "not available", never the whole run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -51,6 +53,7 @@ class Mode:
     concurrency: int = 64
     open_rate: float = 1000.0
     batch_size: int = 100
+    rescore_backlog: int = 20_000  # flagged conversions the re-scoring case clears
     # The naive store takes tens of seconds for 10,000 attempts: too slow for quick mode.
     naive_burst: bool = True
 
@@ -59,7 +62,10 @@ MODES = {
     "quick": Mode(
         "quick", duration=3.0, warmup=0.5, store_duration=2.0, codes=100, generate=50_000, naive_burst=False
     ),
-    "full": Mode("full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000),
+    "full": Mode(
+        "full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000,
+        rescore_backlog=100_000,
+    ),
 }
 
 
@@ -444,6 +450,8 @@ EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
 FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
 FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
+RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
 IP_LOOKUP_GOAL = Goal("<= 5 µs per lookup (p99)", "p99_ms", "<=", 0.005)
 
 
@@ -737,15 +745,147 @@ class Runner:
         result.extra["seconds"] = round(elapsed, 2)
         self.add(result)
 
+    # (g) --------------------------------------------------------------
+    def rescore(self) -> None:
+        """An outage's backlog of FLAGGED conversions cleared by the re-scoring job under live traffic.
+
+        The same live load (500 clicks/s and 100 postbacks/s) runs first
+        without a backlog, as the reference for its latency.
+        """
+        backlog = self.mode.rescore_backlog
+        key, title = "g.rescore_backlog", f"re-scoring {backlog:,} conversions flagged in a fraud outage"
+        reason = self.service_missing("fraud", "attribution", "gateway") or self.ensure_catalog()
+        if reason:
+            self.add(unavailable(key, title, reason, [RESCORE_GOAL]))
+            for live_key, live_title, *_ in _LIVE_LOADS:
+                self.add(unavailable(live_key, live_title, reason, [RESCORE_LIVE_GOAL]))
+            return
+        for reference in self._live_loads(self.mode.duration, reference=True):
+            self.add(reference)
+        assert self.env.stack is not None and self.catalog is not None
+        asyncio.run(_seed_flagged(self.env.database_url, self.catalog.campaign_id, backlog))
+        # The job looks for work every ASCRIBE_RESCORE_INTERVAL_MS (10 s by
+        # default), then drains; the live load covers the wait and the drain.
+        duration = 10.0 + backlog / 2000 + 5.0
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            live = pool.submit(self._live_loads, duration, reference=False)
+            drained = asyncio.run(_watch_backlog(self.env.database_url, backlog, timeout=duration + 60))
+            live_results = live.result()
+        result = CaseResult(key, title, unit="conv/s", goals=[RESCORE_GOAL], events=backlog - drained.left)
+        if drained.seconds:
+            result.throughput = (backlog - drained.left) / drained.seconds
+            result.note = (f"{backlog - drained.left:,} re-scored in {drained.seconds:.1f} s after the job "
+                           f"started on them; {drained.left:,} left")
+        else:
+            result.status = FAILED
+            result.note = f"the job did not start on the backlog in {duration + 60:.0f} s"
+        self.add(result)
+        for live_result in live_results:
+            self.ratio(live_result, live_result.key.replace("rescore_live", "live_reference"), of="p99_ms")
+            self.add(live_result)
+
+    def _live_loads(self, duration: float, *, reference: bool) -> list[CaseResult]:
+        """The clicks and postbacks of _LIVE_LOADS, at once, each in its own load generator."""
+        assert self.env.stack is not None and self.catalog is not None
+        stack, catalog = self.env.stack, self.catalog
+        params = {
+            "click": {"campaign_id": catalog.campaign_id, "affiliate_id": catalog.affiliate_id},
+            "postback": {"campaign_id": catalog.campaign_id, "token": catalog.token, "codes": catalog.codes},
+        }
+        with concurrent.futures.ThreadPoolExecutor(len(_LIVE_LOADS)) as pool:
+            futures = [
+                pool.submit(
+                    self.load_case,
+                    live_key.replace("rescore_live", "live_reference") if reference else live_key,
+                    live_title.replace("while re-scoring", "(reference: no backlog)") if reference else live_title,
+                    {"kind": kind, "mode": "open", "rate": rate, "duration": duration,
+                     "target": stack.gateway_url, "params": params[kind]},
+                    ok=_starts_with(ok_prefix), goals=[] if reference else [RESCORE_LIVE_GOAL], unit="events/s",
+                )
+                for live_key, live_title, kind, rate, ok_prefix in _LIVE_LOADS
+            ]
+            results = [future.result() for future in futures]
+        for result in results:
+            # Two loads (and the job) share the machine: CPU per event here is
+            # not comparable with the other cases.
+            result.note += "; CPU shared with the other live load"
+        return results
+
     def run(self) -> dict[str, CaseResult]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
-            ("d", self.fraud), ("e", self.store), ("f", self.generate),
+            ("d", self.fraud), ("e", self.store), ("f", self.generate), ("g", self.rescore),
         ]
         for prefix, step in steps:
             if self.wanted(prefix):
                 step()
         return self.results
+
+
+# The live traffic of the re-scoring case: key, title, load kind, rate, successful outcome's prefix.
+_LIVE_LOADS = (
+    ("g.rescore_live_clicks", "live clicks at 500/s while re-scoring", "click", 500.0, "302"),
+    ("g.rescore_live_conversions", "live conversions at 100/s while re-scoring", "postback", 100.0, "200:"),
+)
+
+
+def _starts_with(prefix: str) -> Callable[[str], bool]:
+    return lambda outcome: outcome.startswith(prefix)
+
+
+async def _seed_flagged(database_url: str, campaign_id: str, count: int) -> None:
+    """``count`` conversions as a fraud outage leaves them: FLAGGED, fraud_unavailable, waiting for a re-score."""
+    now = datetime.now(UTC)
+    rows = [
+        (f"bench-rescore-{i:07d}", campaign_id, f"bench-rescore-{i}", b"bench", "flagged", "fraud_unavailable",
+         None, "none", None, None, None, None, 25_000_000, 0, 0, "EUR", 0, now + timedelta(days=30), None, 0,
+         True, False, False, False, now, now, "{}")
+        for i in range(count)
+    ]
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await conn.execute(
+            """INSERT INTO conversions (id, campaign_id, order_id, fingerprint, status, reasons, affiliate_id,
+                      source, click_id, click_created_at, coupon_code, customer_id, amount_micros,
+                      discount_micros, refunded_micros, currency, payout_micros, hold_until, coupon_remaining,
+                      fraud_score, needs_rescore, holds_coupon_use, holds_customer_use, holds_click_slot,
+                      received_at, occurred_at, request)
+               SELECT id, campaign_id, order_id, fingerprint, status, string_to_array(reasons, ','),
+                      affiliate_id, source, click_id, click_created_at, coupon_code, customer_id, amount_micros,
+                      discount_micros, refunded_micros, currency, payout_micros, hold_until, coupon_remaining,
+                      fraud_score, needs_rescore, holds_coupon_use, holds_customer_use, holds_click_slot,
+                      received_at, occurred_at, request::jsonb
+                 FROM unnest($1::ascribe_conversion_row[])""",
+            rows,
+            timeout=120,
+        )
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Drained:
+    seconds: float  # from the first re-scored conversion to the last (0: the job never started)
+    left: int
+
+
+async def _watch_backlog(database_url: str, backlog: int, timeout: float) -> Drained:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    started: float | None = None
+    left = backlog
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            left = int(await conn.fetchval("SELECT count(*) FROM conversions WHERE needs_rescore"))
+            now = time.monotonic()
+            if started is None and left < backlog:
+                started = now
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    return Drained(time.monotonic() - started if started is not None else 0.0, left)
 
 
 def ip_lookup_case(samples: int = 200_000) -> CaseResult:

@@ -142,7 +142,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
     clicks = ClickRpcs(ClickRecorder(pool, cache, fraud))
     recorder = ConversionRecorder(pool, cache, fraud, clock=clock)
-    lifecycle = Lifecycle(pool, cache, fraud, clock=clock)
+    lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
     catalog = CatalogServicer(pool)
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
     report = ReportServicer()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 # client splits it into calls of its own size), one transaction. Large enough
 # that an outage's backlog clears at thousands a second, small enough that a
 # round's transaction stays short beside live traffic.
-RESCORE_ROUND = 500
+RESCORE_ROUND = 250
 
 ALERT_CURSOR = "leak_response"
 
@@ -59,11 +60,13 @@ class Lifecycle:
         fraud: FraudClient,
         *,
         clock: Callable[[], datetime] = utcnow,
+        rescore_per_second: float = 2500.0,
     ) -> None:
         self._pool = pool
         self._cache = cache
         self._fraud = fraud
         self.clock = clock
+        self._rescore_per_second = rescore_per_second
 
     async def _campaign(self, campaign_id: str, conn: Connection | None = None) -> Campaign:
         campaign = await self._cache.campaign(campaign_id, conn)
@@ -265,7 +268,8 @@ class Lifecycle:
         Works through the backlog round after round while rounds come back
         full and the fraud service answers every check (so an outage's
         backlog clears at the speed of the batches, not one round per job
-        interval), yielding to live requests between rounds. A round is one
+        interval), paced to at most ``rescore_per_second`` so that live
+        clicks and postbacks keep their latency. A round is one
         read of candidates, their clicks in one query, one batched fraud call
         outside any transaction, then one short transaction that applies
         every verdict but the rejections under the orders' locks; a rejection
@@ -274,11 +278,12 @@ class Lifecycle:
         """
         changed = 0
         while True:
+            started = time.monotonic()
             round_changed, go_on = await self._rescore_round(round_size)
             changed += round_changed
             if not go_on:
                 return changed
-            await asyncio.sleep(0)
+            await asyncio.sleep(max(0.0, round_size / self._rescore_per_second - (time.monotonic() - started)))
 
     async def _rescore_round(self, round_size: int) -> tuple[int, bool]:
         now = self.clock()
