@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -36,6 +36,9 @@ from services.attribution.common.database import Connection
 from services.attribution.migrate import migrate_url
 from services.common import embedded
 from tools.stack import REPO, SERVICES, Stack, StackError, free_port, port_open
+
+if TYPE_CHECKING:
+    from services.fraud.store import FraudStore
 
 AVAILABLE = "ok"
 NOT_AVAILABLE = "not available"
@@ -140,6 +143,13 @@ def percentile(sorted_values: Sequence[int], q: float) -> float:
 # ---------------------------------------------------------------- servers
 
 
+def bench_ipintel_dir() -> str:
+    """ASCRIBE_IPINTEL_DIR when set, else the repository's snapshot (never `make ipintel`'s download)."""
+    from services.fraud.ipintel import REPOSITORY_LISTS
+
+    return os.environ.get("ASCRIBE_IPINTEL_DIR", "").strip() or str(REPOSITORY_LISTS)
+
+
 def with_database(url: str, database: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
@@ -232,10 +242,8 @@ class BenchEnv:
         env = {"ASCRIBE_LOG_FORMAT": "json"}
         if self.redis_key_prefix:
             env["ASCRIBE_FRAUD_KEY_PREFIX"] = self.redis_key_prefix
-        if not os.environ.get("ASCRIBE_IPINTEL_DIR"):
-            shared = REPO.parent / "shared" / "data" / "ipintel"
-            if shared.exists():
-                env["ASCRIBE_IPINTEL_DIR"] = str(shared)
+        # The repository's snapshot unless told otherwise: runs compare only on the same lists.
+        env["ASCRIBE_IPINTEL_DIR"] = bench_ipintel_dir()
         self.stack = Stack(
             database_url=self.database_url, redis_url=self.redis_url, log_dir=self.tmp / "logs", env=env
         )
@@ -450,6 +458,7 @@ EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
 FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
 FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+VISITOR_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
 RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
 RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
 IP_LOOKUP_GOAL = Goal("<= 5 µs per lookup (p99)", "p99_ms", "<=", 0.005)
@@ -602,6 +611,7 @@ class Runner:
         )
         self.ratio(steady, "a.reference_302_1000", of="cpu_us_per_event")
         self.add(steady)
+        self.add(visitor_derivation_case())
 
     # (c) --------------------------------------------------------------
     def conversions(self) -> None:
@@ -674,6 +684,16 @@ class Runner:
             self.add(result)
 
         self.add(ip_lookup_case())
+        self.fraud_transports()
+
+    def fraud_transports(self) -> None:
+        """The fraud counters' two transports on the bench's Redis, side by side, per batch size."""
+        import uvloop
+
+        for result in uvloop.run(transport_cases(self.env, self.mode)):
+            if result.key.startswith("d.transport_redis_py"):
+                self.ratio(result, result.key.replace("redis_py", "resp"), of="cpu_us_per_event")
+            self.add(result)
 
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
@@ -822,6 +842,103 @@ class Runner:
         return self.results
 
 
+TRANSPORT_CALLERS = 8
+
+
+async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
+    """Click checks' counters (``FraudStore.count_clicks``) through each transport, in this process.
+
+    The same batches through the RESP client and through redis-py, each from
+    8 concurrent callers for the case's duration: one check per call (what
+    a lone single check pays for its round trip) and ``batch_size`` per call.
+    CPU is this process's (callers and store) plus Redis's, per check.
+    """
+    import redis.asyncio as aioredis
+
+    from services.fraud.redis_transport import RedisPyTransport, RedisTransport, RespTransport
+    from services.fraud.resp import RespClient
+    from services.fraud.store import FraudStore, StoreConfig
+
+    client = aioredis.from_url(env.redis_url)
+    prefix = f"{env.redis_key_prefix}bench-transport-{secrets.token_hex(3)}"
+    results: list[CaseResult] = []
+    try:
+        for size in (1, mode.batch_size):
+            for name, key in (("RESP client", "resp"), ("redis-py + hiredis", "redis_py")):
+                case = f"d.transport_{key}_{size}"
+                title = f"fraud counters via {name}, {size} click check{'s' if size > 1 else ''} per call"
+                transport: RedisTransport
+                if key == "resp":
+                    resp = RespClient.like(client)
+                    if resp is None:
+                        results.append(unavailable(case, title, "the RESP client does not speak this connection"))
+                        continue
+                    transport = RespTransport(resp)
+                else:
+                    transport = RedisPyTransport(client)
+                store = FraudStore(client, StoreConfig(prefix=f"{prefix}-{key}-{size}"), transport)
+                try:
+                    await store.load_scripts()
+                    latencies, elapsed, cpu = await _drive_counters(env, mode, store, size)
+                finally:
+                    await store.aclose()
+                checks = len(latencies) * size
+                result = CaseResult(case, title, unit="checks/s", throughput=checks / elapsed, events=checks)
+                result.p50_ms, result.p95_ms, result.p99_ms = (percentile(latencies, q) / 1000 for q in (0.5, 0.95, 0.99))
+                result.cpu_seconds = {label: round(value, 3) for label, value in cpu.items()}
+                result.cpu_us_per_event = sum(cpu.values()) / max(1, checks) * 1e6
+                result.note = f"{TRANSPORT_CALLERS} callers in this process, CPU of this process and Redis"
+                results.append(result)
+    finally:
+        keys = [found async for found in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await client.aclose()
+    return results
+
+
+async def _drive_counters(
+    env: BenchEnv, mode: Mode, store: FraudStore, size: int
+) -> tuple[list[int], float, dict[str, float]]:
+    """Sorted latencies (µs) of the measured calls, the measured seconds, and the CPU spent."""
+    from services.fraud.domain import ClickEvent
+
+    serial = 0
+
+    def batch() -> list[ClickEvent]:
+        nonlocal serial
+        serial += 1
+        now = datetime.now(UTC)
+        return [
+            ClickEvent(
+                click_id=f"c{serial}-{i}", external_click_id=f"x{serial}-{i}", campaign_id="bench",
+                affiliate_id=f"aff{i % 5}", coupon_code="", ip=f"198.18.{serial % 250}.{i % 250}",
+                user_agent="Mozilla/5.0", occurred_at=now,
+            )
+            for i in range(size)
+        ]
+
+    latencies: list[int] = []
+
+    async def caller(until: float, measured: bool) -> None:
+        while time.perf_counter() < until:
+            events = batch()
+            sent = time.perf_counter()
+            await store.count_clicks(events)
+            if measured:
+                latencies.append(int((time.perf_counter() - sent) * 1e6))
+
+    warm_until = time.perf_counter() + mode.warmup
+    await asyncio.gather(*(caller(warm_until, False) for _ in range(TRANSPORT_CALLERS)))
+    with _measured(env) as cpu:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(started + mode.duration, True) for _ in range(TRANSPORT_CALLERS)))
+        elapsed = time.perf_counter() - started
+    cpu.pop("postgresql", None)  # idle here, and no part of the comparison
+    latencies.sort()
+    return latencies, elapsed, cpu
+
+
 # The live traffic of the re-scoring case: key, title, load kind, rate, successful outcome's prefix.
 _LIVE_LOADS = (
     ("g.rescore_live_clicks", "live clicks at 500/s while re-scoring", "click", 500.0, "302"),
@@ -902,7 +1019,7 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
     from services.fraud.ipintel import NOT_LISTED, IpIntel
 
     key, title = "d.ip_lookup", "fraud IP lists: normalize + lookup, one address"
-    folder = Path(os.environ.get("ASCRIBE_IPINTEL_DIR", REPO.parent / "shared" / "data" / "ipintel"))
+    folder = Path(bench_ipintel_dir())
     intel = IpIntel.load(folder)
     if not intel.available:
         return unavailable(key, title, f"no IP lists in {folder}", [IP_LOOKUP_GOAL])
@@ -945,6 +1062,59 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
         goals=[IP_LOOKUP_GOAL],
         note=(
             f"{samples:,} addresses, {hits:,} listed; p50 {percentile(durations, 0.5) / 1000:.2f} µs, "
+            f"p99 {percentile(durations, 0.99) / 1000:.2f} µs"
+        ),
+    )
+
+
+def visitor_derivation_case(samples: int = 100_000) -> CaseResult:
+    """What a click pays for its country (iptocc) and device class (user-agents-ng), in this process.
+
+    Addresses are random IPv4 and IPv6; user agents are the load generator's
+    browsers in many versions (a program's traffic repeats a few thousand
+    user agents), one in twenty a never-seen string that misses the cache.
+    """
+    import random
+    import socket as sockets
+
+    from bench.loadgen import USER_AGENTS
+    from services.attribution.common.visitor import VisitorDerivation, device_of
+
+    key, title = "b.visitor_derivation", "click country and device derivation, one click"
+    rng = random.Random(11)
+    device_of.cache_clear()
+    visitors = VisitorDerivation()
+    known = [ua.replace("126.0", f"{100 + n % 30}.0").replace("17_5", f"{15 + n % 4}_{n % 7}")
+             for n in range(2000) for ua in USER_AGENTS[:1]] + list(USER_AGENTS)
+    pairs = []
+    for n in range(samples):
+        family = 6 if n % 5 else 4
+        ip = sockets.inet_ntop(sockets.AF_INET6 if family == 6 and n % 10 == 0 else sockets.AF_INET,
+                               rng.randbytes(16 if family == 6 and n % 10 == 0 else 4))
+        user_agent = rng.choice(known) if n % 20 else f"{rng.choice(USER_AGENTS)} Build/{n}"
+        pairs.append((ip, user_agent))
+    timer = time.perf_counter_ns
+    durations = []
+    cpu_before = time.process_time()
+    for ip, user_agent in pairs:
+        started = timer()
+        visitors.country(ip)
+        visitors.device(user_agent)
+        durations.append(timer() - started)
+    cpu = time.process_time() - cpu_before
+    durations.sort()
+    return CaseResult(
+        key, title, unit="clicks/s",
+        throughput=samples / (sum(durations) / 1e9),
+        p50_ms=percentile(durations, 0.50) / 1e6,
+        p95_ms=percentile(durations, 0.95) / 1e6,
+        p99_ms=percentile(durations, 0.99) / 1e6,
+        events=samples,
+        cpu_us_per_event=cpu * 1e6 / samples,
+        cpu_seconds={"bench": cpu},
+        goals=[VISITOR_GOAL],
+        note=(
+            f"{samples:,} clicks, 1 in 20 with a new user agent; mean {cpu * 1e6 / samples:.2f} µs, "
             f"p99 {percentile(durations, 0.99) / 1000:.2f} µs"
         ),
     )

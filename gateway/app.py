@@ -1,4 +1,4 @@
-"""The gateway's HTTP routes: tracking links, postbacks, health and metrics.
+"""The gateway's HTTP routes: tracking links, postbacks and health (/metrics has its own port).
 
 HTTP only: parse and validate (gateway.params), call the attribution service
 (gateway.client), answer 302 or JSON. Every failure becomes a JSON error;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -17,7 +18,6 @@ import grpc
 import orjson
 from aiohttp import web
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
@@ -61,6 +61,10 @@ _HTTP_ERROR_CODES = {
 
 # What ``web.json_response`` would send, built once.
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+# The OpenAPI 3.1 description of these routes, written by hand beside them and
+# checked against the parsers by tests/unit/test_gateway_openapi.py.
+OPENAPI_JSON = (Path(__file__).resolve().parent / "openapi.json").read_bytes()
 
 
 def json_body_response(body: bytes, status: int = 200) -> web.Response:
@@ -273,8 +277,8 @@ class Gateway:
             status=200 if attribution else 503,
         )
 
-    async def metrics_page(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return json_body_response(OPENAPI_JSON)
 
     async def unmatched(self, request: web.Request) -> web.StreamResponse:
         """Every path and method no route takes (a catch-all route, so no middleware is needed)."""
@@ -323,9 +327,10 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     app.router.add_route("POST", "/postback", postback)
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
-    app.router.add_get("/metrics", guarded(gateway.metrics_page, "/metrics"))
+    app.router.add_get("/openapi.json", guarded(gateway.openapi, "/openapi.json"))
     # Last: the router tries a path's own resource first, so this only takes
-    # what no route above does (404, or 405 on a known path).
+    # what no route above does (404, or 405 on a known path). /metrics is one
+    # of those 404s: it lives on ASCRIBE_GATEWAY_METRICS_PORT (gateway.metrics).
     app.router.add_route("*", "/{path:.*}", guarded(gateway.unmatched, None))
     if client is None:
         app.cleanup_ctx.append(_backend_ctx(gateway))

@@ -18,6 +18,7 @@ from services.attribution.clicks import store as click_store
 from services.attribution.clicks.recorder import ClickRecorder
 from services.attribution.clicks.servicer import ClickRpcs
 from services.attribution.common.database import DATABASE_UNAVAILABLE, Connection
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.config import Settings
 from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.servicer import ConversionRpcs
@@ -140,8 +141,10 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
     )
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
-    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud))
-    recorder = ConversionRecorder(pool, cache, fraud, clock=clock)
+    visitors = VisitorDerivation(settings.geoip_db)
+    logger.info("visitor countries from %s", visitors.source)
+    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud, visitors=visitors))
+    recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors)
     lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
     catalog = CatalogServicer(pool)
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))

@@ -490,3 +490,23 @@ async def test_a_code_of_one_selected_affiliate_credits_it_without_a_click(world
     pair = await world.convert(coupon_code="PAIR")
     assert (pair.affiliate_id, pair.source) == ("", pb.ATTRIBUTION_SOURCE_NONE)
     assert "restriction_channel" in pair.reasons  # credited to nobody: the channel is "direct"
+
+
+async def test_a_postbacks_country_and_device_come_from_what_was_sent_else_its_ip_and_ua_else_its_click(
+    world: World,
+) -> None:
+    await world.campaign()
+    await world.affiliate("A")
+    await world.coupon("DEONLY", allow_all_affiliates=True, countries=["DE"], device_types=[pb.DEVICE_TYPE_MOBILE])
+    iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"
+    derived = await world.convert(coupon_code="DEONLY", ip="87.160.0.1", user_agent=iphone)
+    assert "restriction_country" not in derived.reasons and "restriction_device" not in derived.reasons
+    elsewhere = await world.convert(coupon_code="DEONLY", ip="8.8.8.8", user_agent=iphone)
+    assert "restriction_country" in elsewhere.reasons
+    sent = await world.convert(coupon_code="DEONLY", ip="8.8.8.8", country="DE", device_type=pb.DEVICE_TYPE_MOBILE)
+    assert "restriction_country" not in sent.reasons and "restriction_device" not in sent.reasons
+    click_id = await world.click("A", ip="87.160.0.2", user_agent=iphone)
+    from_click = await world.convert(coupon_code="DEONLY", click_id=click_id)
+    assert "restriction_country" not in from_click.reasons and "restriction_device" not in from_click.reasons
+    nothing = await world.convert(coupon_code="DEONLY")
+    assert "restriction_country" in nothing.reasons  # an order's unknown country fails a country rule

@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
@@ -36,13 +36,14 @@ from services.attribution.clicks import store
 from services.attribution.common import ids
 from services.attribution.common.coupon_rules import click_tracking_reasons, is_valid_code, normalize_code
 from services.attribution.common.database import DATABASE_FAILURES
-from services.attribution.common.models import Campaign, Click, ClickDecision
+from services.attribution.common.models import Campaign, Click, ClickDecision, DeviceType
 from services.attribution.common.reasons import (
     AFFILIATE_INACTIVE,
     CAMPAIGN_INACTIVE,
     FRAUD_UNAVAILABLE,
     UNKNOWN_AFFILIATE,
 )
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.metrics import (
     CLICK_FLUSH_FAILURES_TOTAL,
@@ -107,6 +108,7 @@ class ValidClick:
     referer: str
     country: str  # upper-case alpha-2; "" when unknown
     occurred_at: datetime
+    device_type: DeviceType | None = None  # from the user agent (``ClickRecorder`` derives it)
     # False for a code no coupon can have (``SAVE 10``): the click is still
     # recorded and redirected, with the code untracked as ``unknown_coupon``.
     coupon_well_formed: bool = True
@@ -307,6 +309,7 @@ class _Judged:
             country=click.country or None,
             reasons=tuple(self.reasons),
             fraud_score=self.fraud_score,
+            device_type=click.device_type,
         )
 
     def outcome(self) -> ClickOutcome:
@@ -327,12 +330,14 @@ class ClickRecorder:
         cache: CatalogCache,
         fraud: FraudClient,
         *,
+        visitors: VisitorDerivation | None = None,
         max_rpcs_per_flush: int = 256,
         flushes_in_flight: int = 1,
     ) -> None:
         self._pool = pool
         self._cache = cache
         self._fraud = fraud
+        self._visitors = visitors or VisitorDerivation()
         # The writer keeps its connections: giving one back to the pool costs
         # a reset round trip, once per flush otherwise.
         self._writer_conns: list[PoolConnectionProxy] = []
@@ -409,8 +414,16 @@ class ClickRecorder:
         for conn in conns:
             await self._pool.release(conn)
 
+    def _with_visitor(self, click: ValidClick) -> ValidClick:
+        """The visitor's country (unless the caller sent one) and device, from the IP and user agent."""
+        return replace(
+            click,
+            country=click.country or self._visitors.country(click.ip),
+            device_type=self._visitors.device(click.user_agent),
+        )
+
     async def _judge(self, inp: ClickInput, now: datetime) -> _Judged:
-        click = validate_click(inp, now)
+        click = self._with_visitor(validate_click(inp, now))
         try:
             campaign = await self._cache.campaign(click.campaign_id)
             if campaign is None:
@@ -434,7 +447,9 @@ class ClickRecorder:
         decision: ClickDecision = "rejected" if reasons else "accepted"
         tracked = ""
         if click.coupon_code:
-            code_reasons = click_tracking_reasons(coupon, click.affiliate_id, click.occurred_at)
+            code_reasons = click_tracking_reasons(
+                coupon, click.affiliate_id, click.occurred_at, click.country, click.device_type
+            )
             if code_reasons:
                 reasons.extend(code_reasons)
             else:

@@ -37,18 +37,19 @@ _INSERT_COLUMNS = (
     "decision",
     "reasons",
     "fraud_score",
+    "device_type",
 )
 _SELECT_COLUMNS = ", ".join((*_INSERT_COLUMNS, "conversions"))
 
-# One parameter, an array of rows (migration 005's ascribe_click_row, fields
+# One parameter, an array of rows (migration 007's ascribe_click_row_v2, fields
 # in _INSERT_COLUMNS order), so any number of rows is one statement that
 # asyncpg prepares once.
 _INSERT_CLICKS = f"""
 INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)})
 SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_coupon_code,
        external_click_id, sub1, sub2, sub3, sub4, sub5, ip::inet, user_agent, referer, country,
-       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score
-FROM unnest($1::ascribe_click_row[])
+       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score, device_type
+FROM unnest($1::ascribe_click_row_v2[])
 """
 
 
@@ -77,6 +78,7 @@ def _record(click: Click) -> tuple[object, ...]:
         click.decision,
         REASONS_SEPARATOR.join(click.reasons),
         click.fraud_score,
+        click.device_type,
     )
 
 
@@ -109,6 +111,7 @@ def click_from_row(row: asyncpg.Record) -> Click:
         reasons=tuple(row["reasons"]),
         fraud_score=row["fraud_score"],
         conversions=row["conversions"],
+        device_type=row["device_type"],
     )
 
 
@@ -172,7 +175,7 @@ async def fetch_clicks(
         return {}
     rows = await conn.fetch(
         """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
-                  c.decision, c.conversions
+                  c.decision, c.conversions, c.country, c.device_type
              FROM clicks c
              JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
                ON c.click_id = k.click_id AND c.created_at = k.created_at""",

@@ -105,13 +105,28 @@ def affiliate_may_carry(coupon: Coupon, affiliate_id: str) -> bool:
     return affiliate_id in coupon.affiliate_ids
 
 
-def click_tracking_reasons(coupon: Coupon | None, affiliate_id: str, at: datetime) -> list[str]:
-    """Why coupon tracking does not begin with this click (empty: it does)."""
+def click_tracking_reasons(
+    coupon: Coupon | None,
+    affiliate_id: str,
+    at: datetime,
+    country: str = "",
+    device_type: DeviceType | None = None,
+) -> list[str]:
+    """Why coupon tracking does not begin with this click (empty: it does).
+
+    The code's country and device rules apply as they do to its orders, but
+    a visitor whose country or device is unknown is not turned away from the
+    code: only one known to be excluded is.
+    """
     if coupon is None:
         return [UNKNOWN_COUPON]
     reasons = status_reasons(coupon) + validity_reasons(coupon, at)
     if not affiliate_may_carry(coupon, affiliate_id):
         reasons.append(AFFILIATE_NOT_ALLOWED)
+    if coupon.countries and country and country not in coupon.countries:
+        reasons.append(RESTRICTION_COUNTRY)
+    if coupon.device_types and device_type is not None and device_type not in coupon.device_types:
+        reasons.append(RESTRICTION_DEVICE)
     if coupon.remaining == 0:
         reasons.append(USAGE_LIMIT_REACHED)
     return reasons

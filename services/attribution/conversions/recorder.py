@@ -43,6 +43,7 @@ from services.attribution.common.reasons import (
     UNKNOWN_COUPON,
     USAGE_LIMIT_REACHED,
 )
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.conversions import redemptions, store
 from services.attribution.conversions.rules import (
     ConversionInput,
@@ -109,6 +110,7 @@ class ConversionRecorder:
         fraud: FraudClient,
         *,
         clock: Callable[[], datetime] = utcnow,
+        visitors: VisitorDerivation | None = None,
         max_batch: int = 128,
         max_in_flight: int = 4,
     ) -> None:
@@ -116,6 +118,7 @@ class ConversionRecorder:
         self._cache = cache
         self._fraud = fraud
         self.clock = clock
+        self._visitors = visitors or VisitorDerivation()
         self._batcher: MicroBatcher[ConversionInput, Conversion] = MicroBatcher(
             self._flush, max_batch=max_batch, max_in_flight=max_in_flight,
             size_histogram=CONVERSION_BATCH_SIZE, name="conversions",
@@ -132,6 +135,13 @@ class ConversionRecorder:
 
     async def record(self, input: ConversionInput) -> Conversion:
         """Judges and commits one conversion (batched with concurrent ones)."""
+        # A country or device the shop did not send comes from the customer's
+        # IP and user agent (neither is part of the order's content).
+        input = replace(
+            input,
+            country=input.country or self._visitors.country(input.ip),
+            device_type=input.device_type or self._visitors.device(input.user_agent),
+        )
         with CONVERSION_SECONDS.time():
             rejudged = 0
             while True:
