@@ -130,6 +130,7 @@ class Device(StrEnum):
     mobile = "mobile"
     desktop = "desktop"
     tablet = "tablet"
+    other = "other"
 
 
 # Each word enum beside the proto enum it stands for.
