@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
+from gateway import protocol_errors
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
 from gateway.config import Settings
@@ -91,7 +92,10 @@ def unavailable_response(message: str = "the attribution service is unavailable;
 
 
 def param_error_response(error: ParamError) -> web.Response:
-    return error_response(error.status, error.code, error.message, error.field)
+    response = error_response(error.status, error.code, error.message, error.field)
+    if error.status == 408:
+        response.force_close()  # the rest of the body may still be on its way
+    return response
 
 
 # The attribution service names proto fields; the caller knows HTTP parameters.
@@ -218,21 +222,29 @@ class Gateway:
 
     async def _read_form(self, request: web.Request, params: Params) -> None:
         content_type = request.content_type
-        if content_type == "application/x-www-form-urlencoded":
-            parse_body(await request.read(), params)
-        elif content_type == "multipart/form-data":
-            form = await request.post()
-            for name, value in form.items():
-                if not isinstance(value, str):
-                    raise ParamError(name, f"{name} must be a plain form field, not a file")
-                params.setdefault(name, []).append(value)
-        else:
+        if content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
             raise ParamError(
                 None,
                 "send parameters in the query or as application/x-www-form-urlencoded",
                 code="unsupported_media_type",
                 status=415,
             )
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_ms / 1000):
+                if content_type == "application/x-www-form-urlencoded":
+                    parse_body(await request.read(), params)
+                    return
+                form = await request.post()
+        except TimeoutError:
+            raise ParamError(
+                None, "the request body did not arrive in time", code="request_timeout", status=408
+            ) from None
+        except ValueError as error:  # aiohttp's multipart reader: no boundary, no field name, ...
+            raise ParamError(None, "malformed multipart/form-data body", code="malformed_body") from error
+        for name, value in form.items():
+            if not isinstance(value, str):
+                raise ParamError(name, f"{name} must be a plain form field, not a file")
+            params.setdefault(name, []).append(value)
 
     async def _conversion(self, rpc_request: pb.RecordConversionRequest) -> web.Response:
         try:
@@ -319,6 +331,7 @@ class Gateway:
 def create_app(settings: Settings, client: AttributionClient | None = None) -> web.Application:
     """The aiohttp application; without ``client`` it opens its own channels at start-up."""
     gateway = Gateway(settings, client)
+    protocol_errors.install()
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     guarded = gateway.guarded
     app.router.add_get("/click", guarded(gateway.click, "/click"), allow_head=False)

@@ -74,6 +74,9 @@ class Settings:
     conversion_max_in_flight: int = 2
     conversion_busy_min_batch: int = 24
     shutdown_grace_seconds: float = 4.0
+    # A POST body that has not arrived whole by then is answered 408 and its
+    # connection closed (a body that never comes held one for minutes).
+    body_timeout_ms: int = 10_000
     # Keepalive and TLS of its channels to attribution and fraud.
     transport: Transport = field(default_factory=Transport)
 
@@ -130,6 +133,7 @@ class Settings:
                 "ASCRIBE_GATEWAY_HEALTH_DEADLINE_MS", cls.health_deadline_ms, minimum=1
             ),
             access_log=env_bool("ASCRIBE_GATEWAY_ACCESS_LOG", cls.access_log),
+            body_timeout_ms=env_int("ASCRIBE_GATEWAY_BODY_TIMEOUT_MS", cls.body_timeout_ms, minimum=1),
             click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", cls.click_max_batch, minimum=1),
             click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", cls.click_linger_ms, minimum=0),
             batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", cls.batch_conversions),

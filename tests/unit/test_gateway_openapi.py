@@ -144,7 +144,7 @@ def test_patterns_and_enums_match_the_parsers() -> None:
         except gp.ParamError:
             accepted = False
         assert accepted == bool(money.fullmatch(sample)), sample
-    assert parameters["device"]["schema"]["enum"] == sorted(gp._DEVICES, key=["mobile", "desktop", "tablet"].index)
+    assert parameters["device"]["schema"]["enum"] == sorted(gp._DEVICES, key=["mobile", "desktop", "tablet", "other"].index)
     assert parameters["sku"]["schema"]["maxItems"] == limits.SKUS_PER_ORDER
     assert parameters["sku"]["schema"]["items"]["maxLength"] == limits.SKU
     with pytest.raises(gp.ParamError):
