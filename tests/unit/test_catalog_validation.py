@@ -10,7 +10,6 @@ from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from services.attribution.catalog import rules
-from services.attribution.common import code_check
 from services.attribution.catalog.convert import (
     campaign_from_proto,
     campaign_to_proto,
@@ -20,6 +19,7 @@ from services.attribution.catalog.convert import (
     encode_page_token,
     from_timestamp,
 )
+from services.attribution.common import code_check
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.timestamps import to_timestamp
 

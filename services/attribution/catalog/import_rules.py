@@ -128,11 +128,13 @@ def parse_csv(data: bytes, campaign_id: str) -> list[ImportRow]:
             break
         row_problems: list[tuple[str, str]] = []
         coupon = _coupon(dict(zip(names, cells, strict=True)), campaign_id, line, row_problems)
-        if not row_problems:
-            try:
-                rules.validate_coupon(coupon, field=f"line {line}")
-            except InvalidArgument as error:
-                row_problems.extend(error.violations)
+        try:
+            rules.validate_coupon(coupon, field=f"line {line}")
+        except InvalidArgument as error:
+            # A cell that could not be read was left unset: its column is
+            # already reported, whatever validation says about the gap.
+            unread = {field for field, _ in row_problems}
+            row_problems.extend(v for v in error.violations if v[0] not in unread)
         code = normalize_code(coupon.code)
         if code and code in first_line:
             row_problems.append((f"line {line}.code", f"{code} is already on line {first_line[code]}"))

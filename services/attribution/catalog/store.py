@@ -31,7 +31,7 @@ from services.attribution.catalog.rows import (
     campaign_from_row,
     coupon_from_row,
 )
-from services.attribution.common.code_check import CodeShape, split_block
+from services.attribution.common.code_check import CodeShape, sorted_block, split_block
 from services.attribution.common.models import Affiliate, Campaign, Coupon, CouponStatus
 from services.common.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
 
@@ -394,9 +394,10 @@ async def insert_generated_codes(
 
     ``make_block(n)`` returns n codes of the batch's shape back to back (see
     ``code_check.random_code_block``). All or nothing, in one transaction
-    that also records the batch (``code_batches``). Each chunk is one COPY in
-    text format, its rows assembled from the block with slice assignments, so
-    no code ever becomes a Python object on the fast path. A code drawn twice,
+    that also records the batch (``code_batches``). Each chunk is sorted
+    (``code_check.sorted_block`` says why) and sent as one COPY in text
+    format, its rows assembled from the block with slice assignments, so no
+    code becomes a ``str`` on the fast path. A code drawn twice,
     or one the campaign already has, fails the chunk's COPY: that chunk alone
     (its savepoint rolled back) is then stored with ``INSERT ... ON CONFLICT
     DO NOTHING``, which skips the clashing codes, and the next round draws
@@ -412,7 +413,7 @@ async def insert_generated_codes(
         stored = 0
         fruitless = 0
         while stored < count:
-            block = make_block(min(count - stored, chunk))
+            block = sorted_block(make_block(min(count - stored, chunk)), width)
             inserted = await _store_block(conn, template, batch_id, block, width, columns, head, tail)
             stored += inserted
             fruitless = 0 if inserted else fruitless + 1

@@ -133,6 +133,17 @@ def random_code_block(count: int, prefix: str, length: int) -> bytes:
     return bytes(block)
 
 
+def sorted_block(block: bytes, width: int) -> bytes:
+    """The same codes in ascending order.
+
+    PostgreSQL inserts sorted keys into the primary-key B-tree leaf after
+    leaf instead of at random places all over it: measured on this project's
+    2-core machine, a 100,000-code chunk COPied sorted took 20-35 % less
+    time, the Python sort included.
+    """
+    return b"".join(sorted([block[start : start + width] for start in range(0, len(block), width)]))
+
+
 def split_block(block: bytes, width: int) -> list[str]:
     """The codes of a block as strings (the slow path only: collisions, tests)."""
     text = block.decode("ascii")
