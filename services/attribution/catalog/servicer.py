@@ -24,6 +24,7 @@ from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 from google.protobuf.message import Message
 
 from services.attribution.catalog import import_rules, rules, store
+from services.attribution.catalog.assigner import CodeAssigner
 from services.attribution.catalog.convert import (
     affiliate_from_proto,
     affiliate_to_proto,
@@ -52,6 +53,7 @@ T = TypeVar("T")
 class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._assigner = CodeAssigner(pool)
 
     # ------------------------------------------------------------ campaigns
 
@@ -230,7 +232,7 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         self, request: attribution_pb2.AssignCodeRequest, context: Context
     ) -> attribution_pb2.Coupon:
         rules.validate_assign_code(request)
-        coupon = await store.assign_code(self._pool, request.campaign_id, request.batch_id, request.customer_id)
+        coupon = await self._assigner.assign(request.campaign_id, request.batch_id, request.customer_id)
         return coupon_to_proto(coupon)
 
     async def ImportCodes(

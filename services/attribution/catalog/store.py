@@ -663,6 +663,50 @@ _ASSIGN_SKIPPING = _ASSIGN.format(skip="SKIP LOCKED")
 _ASSIGN_WAITING = _ASSIGN.format(skip="")
 
 
+# Many customers of one batch in one statement (catalog.assigner batches
+# concurrent AssignCode calls): the codes they already have, and for the
+# others as many free codes as there are of them, paired in order.
+_ASSIGN_MANY = f"""
+WITH mine AS (
+    SELECT assigned_customer_id AS customer, code AS mine_code FROM coupons
+     WHERE batch_id = $2 AND campaign_id = $1 AND assigned_customer_id = ANY($3::text[])
+), needy AS (
+    SELECT customer, row_number() OVER (ORDER BY customer) AS n
+      FROM (SELECT DISTINCT customer FROM unnest($3::text[]) AS customer) wanted
+     WHERE customer NOT IN (SELECT customer FROM mine)
+), free AS (
+    SELECT free_campaign_id, free_code, row_number() OVER () AS n FROM (
+        SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
+         WHERE batch_id = $2 AND assigned_customer_id = '' AND campaign_id = $1
+           AND used = 0 AND status = 'active'
+         LIMIT $4 FOR UPDATE SKIP LOCKED
+    ) locked
+), taken AS (
+    UPDATE coupons SET assigned_customer_id = needy.customer, updated_at = now()
+      FROM free JOIN needy USING (n)
+     WHERE campaign_id = free_campaign_id AND code = free_code
+    RETURNING {COUPON_COLUMNS}
+)
+SELECT * FROM taken
+UNION ALL
+SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code IN (SELECT mine_code FROM mine)
+"""
+
+
+async def assign_codes(db: Db, campaign_id: str, batch_id: str, customers: Sequence[str]) -> dict[str, Coupon]:
+    """Each customer's code of the batch, taking free ones for those who have none, in one statement.
+
+    A customer may be missing from the answer: when the free codes that were
+    not locked by someone else ran out. The unique index refuses a second
+    code for a customer that a concurrent call (another replica) gave one
+    meanwhile (UniqueViolationError). In both cases the caller asks for
+    those customers one by one (``assign_code``), which settles them.
+    """
+    wanted = sorted(set(customers))
+    rows = await db.fetch(_ASSIGN_MANY, campaign_id, batch_id, wanted, len(wanted))
+    return {row["assigned_customer_id"]: coupon_from_row(row) for row in rows}
+
+
 async def assign_code(db: Db, campaign_id: str, batch_id: str, customer_id: str) -> Coupon:
     """The batch's code for ``customer_id``: the one it has, or the next free one.
 
