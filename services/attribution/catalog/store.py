@@ -430,6 +430,11 @@ async def insert_generated_codes(
             shape.length,
             stored,
         )
+        # Statistics that still describe the table before the batch made the
+        # planner sort a whole batch to hand out one code (AssignCode: 70 ms a
+        # call instead of under one) until autovacuum's ANALYZE, up to a
+        # minute later. A sample of the table, committed with the batch.
+        await conn.execute("ANALYZE coupons")
         return stored
 
 
@@ -665,7 +670,10 @@ _ASSIGN_WAITING = _ASSIGN.format(skip="")
 
 # Many customers of one batch in one statement (catalog.assigner batches
 # concurrent AssignCode calls): the codes they already have, and for the
-# others as many free codes as there are of them, paired in order.
+# others as many free codes as there are of them, paired in order. The free
+# codes are read through the primary key in code order, from a mark, and
+# stop at the LIMIT (GenerateCodes analyzes the table so that the planner
+# knows a batch is large and does not sort all of it instead).
 _ASSIGN_MANY = f"""
 WITH mine AS (
     SELECT assigned_customer_id AS customer, code AS mine_code FROM coupons
@@ -677,9 +685,9 @@ WITH mine AS (
 ), free AS (
     SELECT free_campaign_id, free_code, row_number() OVER () AS n FROM (
         SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
-         WHERE batch_id = $2 AND assigned_customer_id = '' AND campaign_id = $1
+         WHERE campaign_id = $1 AND code > $5 AND batch_id = $2 AND assigned_customer_id = ''
            AND used = 0 AND status = 'active'
-         LIMIT $4 FOR UPDATE SKIP LOCKED
+         ORDER BY code LIMIT $4 FOR UPDATE SKIP LOCKED
     ) locked
 ), taken AS (
     UPDATE coupons SET assigned_customer_id = needy.customer, updated_at = now()
@@ -693,8 +701,15 @@ SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code IN (SELECT 
 """
 
 
-async def assign_codes(db: Db, campaign_id: str, batch_id: str, customers: Sequence[str]) -> dict[str, Coupon]:
+async def assign_codes(
+    db: Db, campaign_id: str, batch_id: str, customers: Sequence[str], *, after: str = ""
+) -> dict[str, Coupon]:
     """Each customer's code of the batch, taking free ones for those who have none, in one statement.
+
+    Free codes are taken in code order from just after ``after`` (the last
+    code the caller took), through the primary key: a scan that always began
+    at the batch's first code would walk past every code assigned so far,
+    ever longer as the batch is handed out.
 
     A customer may be missing from the answer: when the free codes that were
     not locked by someone else ran out. The unique index refuses a second
@@ -703,7 +718,7 @@ async def assign_codes(db: Db, campaign_id: str, batch_id: str, customers: Seque
     those customers one by one (``assign_code``), which settles them.
     """
     wanted = sorted(set(customers))
-    rows = await db.fetch(_ASSIGN_MANY, campaign_id, batch_id, wanted, len(wanted))
+    rows = await db.fetch(_ASSIGN_MANY, campaign_id, batch_id, wanted, len(wanted), after)
     return {row["assigned_customer_id"]: coupon_from_row(row) for row in rows}
 
 
