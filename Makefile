@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
-SHARED_IPINTEL := $(abspath ../shared/data/ipintel)
 BENCH ?= quick
 PYTEST_ARGS ?=
 
@@ -49,19 +48,19 @@ typecheck: gen/.stamp
 	$(VENV)/bin/mypy services gateway tools bench
 
 unit: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 integration: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
 e2e: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 test: gen/.stamp lint typecheck
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$${ASCRIBE_IPINTEL_DIR:-$(SHARED_IPINTEL)} $(PY) -m bench --mode $(BENCH)
+	$(PY) -m bench --mode $(BENCH)
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The gateway's HTTP routes: tracking links, postbacks, health and metrics.
+"""The gateway's HTTP routes: tracking links, postbacks and health (/metrics has its own port).
 
 HTTP only: parse and validate (gateway.params), call the attribution service
 (gateway.client), answer 302 or JSON. Every failure becomes a JSON error;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -17,7 +18,6 @@ import grpc
 import orjson
 from aiohttp import web
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
@@ -35,16 +35,11 @@ from gateway.params import (
     reversal_request,
 )
 from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
-from services.common.grpc_server import BEARER_REFUSED
 
 logger = logging.getLogger(__name__)
 
 # Postbacks are a few hundred bytes; nothing legitimate needs more.
 MAX_BODY_BYTES = 64 * 1024
-
-# The shared interceptor's message when our own internal token is refused
-# (services/common/grpc_server.py): a gateway misconfiguration, not the caller's fault.
-INTERNAL_TOKEN_REFUSED = BEARER_REFUSED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,6 +61,10 @@ _HTTP_ERROR_CODES = {
 
 # What ``web.json_response`` would send, built once.
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+# The OpenAPI 3.1 description of these routes, written by hand beside them and
+# checked against the parsers by tests/unit/test_gateway_openapi.py.
+OPENAPI_JSON = (Path(__file__).resolve().parent / "openapi.json").read_bytes()
 
 
 def json_body_response(body: bytes, status: int = 200) -> web.Response:
@@ -132,7 +131,7 @@ def backend_response(error: BackendError, names: dict[str, str], *, visitor: boo
             logger.warning("attribution call failed with %s", error.code.name)
         return unavailable_response()
     status, code = mapped
-    if status == 401 and (visitor or error.message == INTERNAL_TOKEN_REFUSED):
+    if status == 401 and (visitor or error.token_refused):
         logger.error("the attribution service refused ASCRIBE_INTERNAL_TOKEN; check the gateway's setting")
         return unavailable_response()
     return error_response(status, code, error.message, http_field(error.field, names))
@@ -278,8 +277,8 @@ class Gateway:
             status=200 if attribution else 503,
         )
 
-    async def metrics_page(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return json_body_response(OPENAPI_JSON)
 
     async def unmatched(self, request: web.Request) -> web.StreamResponse:
         """Every path and method no route takes (a catch-all route, so no middleware is needed)."""
@@ -328,9 +327,10 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     app.router.add_route("POST", "/postback", postback)
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
-    app.router.add_get("/metrics", guarded(gateway.metrics_page, "/metrics"))
+    app.router.add_get("/openapi.json", guarded(gateway.openapi, "/openapi.json"))
     # Last: the router tries a path's own resource first, so this only takes
-    # what no route above does (404, or 405 on a known path).
+    # what no route above does (404, or 405 on a known path). /metrics is one
+    # of those 404s: it lives on ASCRIBE_GATEWAY_METRICS_PORT (gateway.metrics).
     app.router.add_route("*", "/{path:.*}", guarded(gateway.unmatched, None))
     if client is None:
         app.cleanup_ctx.append(_backend_ctx(gateway))
@@ -340,8 +340,8 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
 def _backend_ctx(gateway: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
     async def backend(app: web.Application) -> AsyncIterator[None]:
         settings = gateway.settings
-        channel = open_channel(settings.attribution_addr)
-        fraud_channel = open_channel(settings.fraud_addr)
+        channel = open_channel(settings.attribution_addr, settings.transport)
+        fraud_channel = open_channel(settings.fraud_addr, settings.transport)
         gateway.client = AttributionClient(settings, channel, fraud_channel)
         try:
             yield

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
@@ -249,31 +248,15 @@ _DEVICES = {
     "mobile": pb.DEVICE_TYPE_MOBILE,
     "desktop": pb.DEVICE_TYPE_DESKTOP,
     "tablet": pb.DEVICE_TYPE_TABLET,
+    "other": pb.DEVICE_TYPE_OTHER,
 }
 
 
 def parse_device(value: str, field: str = "device") -> pb.DeviceType.ValueType:
     device = _DEVICES.get(value.lower())
     if device is None:
-        raise ParamError(field, f"{field} must be one of mobile, desktop, tablet")
+        raise ParamError(field, f"{field} must be one of mobile, desktop, tablet, other")
     return device
-
-
-@lru_cache(maxsize=4096)
-def device_from_user_agent(user_agent: str) -> pb.DeviceType.ValueType:
-    """A coarse device class from a user agent, for a postback without ``device``."""
-    ua = user_agent.lower()
-    if (
-        "ipad" in ua
-        or "tablet" in ua
-        or "kindle" in ua
-        or "silk/" in ua
-        or ("android" in ua and "mobile" not in ua)
-    ):
-        return pb.DEVICE_TYPE_TABLET
-    if "mobi" in ua or "iphone" in ua or "ipod" in ua or "android" in ua or "windows phone" in ua:
-        return pb.DEVICE_TYPE_MOBILE
-    return pb.DEVICE_TYPE_DESKTOP
 
 
 # A dotted quad in canonical form (no leading zeros) is already what
@@ -353,10 +336,10 @@ def conversion_request(params: Params, token: str) -> pb.RecordConversionRequest
     user_agent = get_one(params, "ua", limits.USER_AGENT)
     request.user_agent = user_agent
     device = get_one(params, "device", 16)
+    # Without ``device`` the attribution service derives it from ``ua``
+    # (services/attribution/common/visitor.py: one derivation for clicks and orders).
     if device:
         request.device_type = parse_device(device)
-    elif user_agent:
-        request.device_type = device_from_user_agent(user_agent)
     skus = params.get("sku")
     if skus:
         request.skus.extend(_skus(skus))

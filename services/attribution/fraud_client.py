@@ -29,14 +29,6 @@ from services.common.timestamps import set_timestamp
 
 logger = logging.getLogger(__name__)
 
-# gRPC's default reconnect backoff grows to two minutes; a sidecar that comes
-# back should be used again within seconds.
-FRAUD_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
-
 # Requests per outgoing call; one caller's group is never split across calls
 # unless it alone is larger than this.
 MAX_CALL_REQUESTS = 1000

@@ -17,15 +17,17 @@ from services.attribution.catalog.servicer import CatalogServicer
 from services.attribution.clicks import store as click_store
 from services.attribution.clicks.recorder import ClickRecorder
 from services.attribution.clicks.servicer import ClickRpcs
-from services.attribution.common.database import DATABASE_UNAVAILABLE
+from services.attribution.common.database import DATABASE_UNAVAILABLE, Connection
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.config import Settings
 from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.servicer import ConversionRpcs
-from services.attribution.fraud_client import FRAUD_CHANNEL_OPTIONS, FraudClient
+from services.attribution.fraud_client import FraudClient
 from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
 from services.attribution.migrate import migrate
 from services.attribution.reports.servicer import ReportServicer
 from services.attribution.tracking_servicer import TrackingServicer
+from services.common.channels import open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.timestamps import utcnow
 
@@ -60,7 +62,7 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     return tokens
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
+async def _keep_session(conn: Connection) -> None:
     """What a connection going back to the pool needs: nothing beyond asyncpg's own rollback.
 
     asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
@@ -134,14 +136,16 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     async with pool.acquire() as conn:
         await migrate(conn)
         await click_store.ensure_click_partitions(conn, 1, 7)
-    fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
+    fraud_channel = open_channel(settings.fraud_addr, settings.transport)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
     )
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
-    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud))
-    recorder = ConversionRecorder(pool, cache, fraud, clock=clock)
-    lifecycle = Lifecycle(pool, cache, fraud, clock=clock)
+    visitors = VisitorDerivation(settings.geoip_db)
+    logger.info("visitor countries from %s", visitors.source)
+    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud, visitors=visitors))
+    recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors)
+    lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
     catalog = CatalogServicer(pool)
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
     report = ReportServicer()
@@ -157,6 +161,8 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
         register=register,
         interceptor=ServerInterceptor(required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE),
+        transport=settings.transport,
+        health_addr=settings.health_addr,
     )
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,

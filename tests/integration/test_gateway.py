@@ -189,18 +189,6 @@ async def test_readyz_is_503_without_attribution(dead_gateway: TestClient[Any, A
     assert (await response.json())["checks"]["attribution"] == "unavailable"
 
 
-async def test_metrics_on_the_gateway_port(gateway: TestClient[Any, Any]) -> None:
-    await gateway.get("/healthz")
-    await gateway.get("/click")  # a 400
-    response = await gateway.get("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    text = await response.text()
-    assert 'ascribe_gateway_requests_total{route="/healthz",status="200"}' in text
-    assert 'ascribe_gateway_requests_total{route="/click",status="400"}' in text
-    assert "ascribe_gateway_request_duration_seconds_bucket" in text
-
-
 # ---------------------------------------------------------------- rejected before any RPC
 # Against a gateway whose attribution service does not exist: a 400 (not a 503)
 # proves the request was refused before any call went out.

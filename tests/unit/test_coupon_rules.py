@@ -65,6 +65,7 @@ def test_click_tracking_needs_an_allowed_affiliate_and_a_live_code() -> None:
 
 GENERAL_ALL = coupon(allow_all_affiliates=True)
 GENERAL_SELECTED = coupon(affiliate_ids=("A",))
+GENERAL_TWO_SELECTED = coupon(affiliate_ids=("A", "B"))
 EXCLUSIVE_B = coupon(kind="exclusive", affiliate_ids=("B",))
 UNIQUE_B = coupon(kind="unique", affiliate_ids=("B",), usage_limit=1)
 UNIQUE_NO_OWNER = coupon(kind="unique", usage_limit=1)
@@ -80,6 +81,9 @@ UNIQUE_NO_OWNER = coupon(kind="unique", usage_limit=1)
         (GENERAL_SELECTED, "A", ("A", "click", ())),
         (GENERAL_SELECTED, "B", ("B", "click", ("affiliate_not_allowed",))),
         (GENERAL_ALL, None, (None, "none", ())),
+        (GENERAL_SELECTED, None, ("A", "coupon", ())),
+        (GENERAL_TWO_SELECTED, None, (None, "none", ())),
+        (GENERAL_TWO_SELECTED, "B", ("B", "click", ())),
         (EXCLUSIVE_B, "B", ("B", "click", ())),
         (EXCLUSIVE_B, None, ("B", "coupon", ())),
         (UNIQUE_B, "B", ("B", "click", ())),

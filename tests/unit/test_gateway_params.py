@@ -10,7 +10,6 @@ from gateway.params import (
     Params,
     click_request,
     conversion_request,
-    device_from_user_agent,
     parse_body,
     parse_money,
     parse_timestamp,
@@ -281,21 +280,11 @@ def test_rfc3339_times(text: str, expected: str) -> None:
     assert parse_timestamp(text, "occurred_at").ToJsonString() == expected
 
 
-@pytest.mark.parametrize(
-    ("user_agent", "device"),
-    [
-        ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148", pb.DEVICE_TYPE_MOBILE),
-        ("Mozilla/5.0 (Linux; Android 14; Pixel 8) Mobile Safari/537.36", pb.DEVICE_TYPE_MOBILE),
-        ("Mozilla/5.0 (Linux; Android 13; SM-X700) Safari/537.36", pb.DEVICE_TYPE_TABLET),
-        ("Mozilla/5.0 (iPad; CPU OS 16_0 like Mac OS X)", pb.DEVICE_TYPE_TABLET),
-        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/126.0", pb.DEVICE_TYPE_DESKTOP),
-    ],
-)
-def test_device_derived_from_user_agent(user_agent: str, device: int) -> None:
-    assert device_from_user_agent(user_agent) == device
+def test_device_is_left_to_the_attribution_service_without_a_device_parameter() -> None:
     params: Params = parse_urlencoded(POSTBACK_BASE)
-    params["ua"] = [user_agent]
-    assert conversion_request(params, "t").device_type == device
+    params["ua"] = ["Mozilla/5.0 (iPad; CPU OS 16_0 like Mac OS X)"]
+    request = conversion_request(params, "t")
+    assert request.device_type == pb.DEVICE_TYPE_UNSPECIFIED and request.user_agent.startswith("Mozilla")
 
 
 def test_explicit_device_wins_over_user_agent() -> None:

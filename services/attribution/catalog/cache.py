@@ -9,15 +9,15 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
 from services.attribution.catalog.store import find_affiliate, find_campaign, find_code_shapes, find_coupon
 from services.attribution.common.code_check import CodeShape
+from services.attribution.common.database import Connection, Executor
 from services.attribution.common.models import Affiliate, Campaign, Coupon
 
-Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 T = TypeVar("T")
 
 
@@ -51,7 +51,7 @@ class CatalogCache:
         self,
         key: tuple[str, ...],
         load: Callable[[Executor], Awaitable[T | None]],
-        conn: asyncpg.Connection | None,
+        conn: Connection | None,
     ) -> T | None:
         if self._ttl <= 0:
             return await load(conn or self._pool)
@@ -84,20 +84,20 @@ class CatalogCache:
                 del self._entries[old]
         self._entries[key] = (time.monotonic() + self._ttl, value)
 
-    async def campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign | None:
+    async def campaign(self, campaign_id: str, conn: Connection | None = None) -> Campaign | None:
         return await self._lookup(("campaign", campaign_id), lambda c: find_campaign(c, campaign_id), conn)
 
-    async def affiliate(self, affiliate_id: str, conn: asyncpg.Connection | None = None) -> Affiliate | None:
+    async def affiliate(self, affiliate_id: str, conn: Connection | None = None) -> Affiliate | None:
         return await self._lookup(("affiliate", affiliate_id), lambda c: find_affiliate(c, affiliate_id), conn)
 
     async def coupon(
-        self, campaign_id: str, code: str, conn: asyncpg.Connection | None = None
+        self, campaign_id: str, code: str, conn: Connection | None = None
     ) -> Coupon | None:
         return await self._lookup(
             ("coupon", campaign_id, code), lambda c: find_coupon(c, campaign_id, code), conn
         )
 
-    async def code_shapes(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> tuple[CodeShape, ...]:
+    async def code_shapes(self, campaign_id: str, conn: Connection | None = None) -> tuple[CodeShape, ...]:
         """The shapes of the campaign's generated batches (read only for codes it does not have).
 
         A campaign has a handful of batches, so one small entry per campaign

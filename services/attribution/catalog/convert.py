@@ -60,6 +60,10 @@ _DEVICES = EnumWords(attribution_pb2.DeviceType, "DEVICE_TYPE_")
 # Public enum helpers for the tracking and report code.
 
 
+def device_type_to_proto(device: DeviceType | None) -> attribution_pb2.DeviceType.ValueType:
+    return _DEVICES.number(device) if device else attribution_pb2.DEVICE_TYPE_UNSPECIFIED
+
+
 def device_type_from_proto(value: int) -> DeviceType | None:
     """None for DEVICE_TYPE_UNSPECIFIED (or a value this build does not know)."""
     word = _DEVICES.words.get(value)

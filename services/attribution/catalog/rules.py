@@ -301,7 +301,7 @@ def _check_coupon_rules(
         if device == attribution_pb2.DEVICE_TYPE_UNSPECIFIED or not _is_enum_value(
             attribution_pb2.DeviceType.DESCRIPTOR, device
         ):
-            v.add(f"{field}.device_types[{i}]", "a DEVICE_TYPE_MOBILE, _DESKTOP or _TABLET")
+            v.add(f"{field}.device_types[{i}]", "a DEVICE_TYPE_MOBILE, _DESKTOP, _TABLET or _OTHER")
     _check_list_size(v, f"{field}.channels", coupon.channels)
     for i, channel in enumerate(coupon.channels):
         if not CHANNEL_PATTERN.fullmatch(normalize_channel(channel)):

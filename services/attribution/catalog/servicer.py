@@ -38,8 +38,7 @@ from services.attribution.catalog.convert import (
 )
 from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
-from services.common.errors import DomainError, InvalidArgument
-from services.common.grpc_server import status_for
+from services.common.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -237,18 +236,6 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
 
     async def ImportCodes(
         self, request_iterator: AsyncIterator[attribution_pb2.ImportCodesRequest], context: Context
-    ) -> attribution_pb2.ImportCodesResponse:
-        # The server's interceptor turns domain errors into statuses for unary
-        # and server-streaming RPCs; a client stream passes through it as is
-        # (services/common/grpc_server.py), so this one maps its own.
-        try:
-            return await self._import_codes(request_iterator)
-        except DomainError as error:
-            await context.abort_with_status(status_for(error))
-            raise  # abort_with_status raises; this keeps the type checker sure of it
-
-    async def _import_codes(
-        self, request_iterator: AsyncIterator[attribution_pb2.ImportCodesRequest]
     ) -> attribution_pb2.ImportCodesResponse:
         campaign_id = ""
         pieces: list[bytes] = []

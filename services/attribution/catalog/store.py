@@ -760,7 +760,7 @@ async def _require_campaign(conn: Any, campaign_id: str) -> None:
 
 
 async def _lock_campaign(conn: Any, campaign_id: str) -> None:
-    """What the dropped foreign key did per row, once per transaction (migration 006).
+    """What the dropped foreign key did per row, once per transaction (migration 008).
 
     Every insert into ``coupons`` calls this in its transaction first: the
     campaign exists, and FOR KEY SHARE keeps it from being deleted or

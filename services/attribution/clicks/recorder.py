@@ -23,12 +23,13 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
+from asyncpg.pool import PoolConnectionProxy
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store
@@ -40,7 +41,7 @@ from services.attribution.common.coupon_rules import (
     normalize_code,
 )
 from services.attribution.common.database import DATABASE_FAILURES
-from services.attribution.common.models import Campaign, Click, ClickDecision
+from services.attribution.common.models import Campaign, Click, ClickDecision, DeviceType
 from services.attribution.common.reasons import (
     AFFILIATE_INACTIVE,
     CAMPAIGN_INACTIVE,
@@ -48,6 +49,7 @@ from services.attribution.common.reasons import (
     UNKNOWN_AFFILIATE,
     UNKNOWN_COUPON,
 )
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.metrics import (
     CLICK_FLUSH_FAILURES_TOTAL,
@@ -112,6 +114,7 @@ class ValidClick:
     referer: str
     country: str  # upper-case alpha-2; "" when unknown
     occurred_at: datetime
+    device_type: DeviceType | None = None  # from the user agent (``ClickRecorder`` derives it)
     # False for a code no coupon can have (``SAVE 10``): the click is still
     # recorded and redirected, with the code untracked as ``unknown_coupon``.
     coupon_well_formed: bool = True
@@ -312,6 +315,7 @@ class _Judged:
             country=click.country or None,
             reasons=tuple(self.reasons),
             fraud_score=self.fraud_score,
+            device_type=click.device_type,
         )
 
     def outcome(self) -> ClickOutcome:
@@ -332,15 +336,17 @@ class ClickRecorder:
         cache: CatalogCache,
         fraud: FraudClient,
         *,
+        visitors: VisitorDerivation | None = None,
         max_rpcs_per_flush: int = 256,
         flushes_in_flight: int = 1,
     ) -> None:
         self._pool = pool
         self._cache = cache
         self._fraud = fraud
+        self._visitors = visitors or VisitorDerivation()
         # The writer keeps its connections: giving one back to the pool costs
         # a reset round trip, once per flush otherwise.
-        self._writer_conns: list[asyncpg.Connection] = []
+        self._writer_conns: list[PoolConnectionProxy] = []
         # One item is the rows of one RPC, so a RecordClickBatch commits as a whole.
         self._writer: MicroBatcher[Sequence[Click], None] = MicroBatcher(
             self._flush,
@@ -414,8 +420,16 @@ class ClickRecorder:
         for conn in conns:
             await self._pool.release(conn)
 
+    def _with_visitor(self, click: ValidClick) -> ValidClick:
+        """The visitor's country (unless the caller sent one) and device, from the IP and user agent."""
+        return replace(
+            click,
+            country=click.country or self._visitors.country(click.ip),
+            device_type=self._visitors.device(click.user_agent),
+        )
+
     async def _judge(self, inp: ClickInput, now: datetime) -> _Judged:
-        click = validate_click(inp, now)
+        click = self._with_visitor(validate_click(inp, now))
         try:
             campaign = await self._cache.campaign(click.campaign_id)
             if campaign is None:
@@ -446,7 +460,8 @@ class ClickRecorder:
         tracked = ""
         if click.coupon_code:
             code_reasons = click_tracking_reasons(
-                coupon, click.affiliate_id, click.occurred_at, missing_reason=missing_reason
+                coupon, click.affiliate_id, click.occurred_at, click.country, click.device_type,
+                missing_reason=missing_reason,
             )
             if code_reasons:
                 reasons.extend(code_reasons)
@@ -470,7 +485,7 @@ class ClickRecorder:
         rows = [row for group in groups for row in group]
         CLICK_FLUSH_ROWS.observe(len(rows))
         started = time.perf_counter()
-        conn: asyncpg.Connection | None = None
+        conn: PoolConnectionProxy | None = None
         try:
             conn = await self._writer_connection()
             await store.insert_clicks(conn, rows)
@@ -484,7 +499,7 @@ class ClickRecorder:
         CLICK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         return [None] * len(groups)
 
-    async def _writer_connection(self) -> asyncpg.Connection:
+    async def _writer_connection(self) -> PoolConnectionProxy:
         while self._writer_conns:
             conn = self._writer_conns.pop()
             if not conn.is_closed():
@@ -492,7 +507,7 @@ class ClickRecorder:
             await self._give_back(conn)
         return await self._pool.acquire()
 
-    async def _give_back(self, conn: asyncpg.Connection) -> None:
+    async def _give_back(self, conn: PoolConnectionProxy) -> None:
         # The pool replaces a broken connection; failing to hand one back
         # must not turn a failed flush into an unhandled error.
         try:

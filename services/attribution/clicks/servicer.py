@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
+from services.attribution.catalog.convert import device_type_to_proto
 from services.attribution.clicks.recorder import ClickInput, ClickOutcome, ClickRecorder
 from services.attribution.common.batch_errors import error_proto
 from services.attribution.common.models import Click
@@ -90,6 +91,7 @@ def click_proto(click: Click) -> pb.Click:
         reasons=click.reasons,
         fraud_score=click.fraud_score,
         conversions=click.conversions,
+        device_type=device_type_to_proto(click.device_type),
     )
     set_timestamp(message.occurred_at, click.occurred_at)
     # A click is received when its id is made: the id carries that time.

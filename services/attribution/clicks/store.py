@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TypeAlias
 
 import asyncpg
 
+from services.attribution.common.database import Connection, Executor
 from services.attribution.common.models import Click
+from services.attribution.common.reasons import REASONS_SEPARATOR
 
 _INSERT_COLUMNS = (
     "click_id",
@@ -36,21 +37,21 @@ _INSERT_COLUMNS = (
     "decision",
     "reasons",
     "fraud_score",
+    "device_type",
 )
 _SELECT_COLUMNS = ", ".join((*_INSERT_COLUMNS, "conversions"))
 
-# One parameter, an array of rows (migration 005's ascribe_click_row, fields
+# One parameter, an array of rows (migration 007's ascribe_click_row_v2, fields
 # in _INSERT_COLUMNS order), so any number of rows is one statement that
 # asyncpg prepares once.
 _INSERT_CLICKS = f"""
 INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)})
 SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_coupon_code,
        external_click_id, sub1, sub2, sub3, sub4, sub5, ip::inet, user_agent, referer, country,
-       occurred_at, decision, string_to_array(reasons, ','), fraud_score
-FROM unnest($1::ascribe_click_row[])
+       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score, device_type
+FROM unnest($1::ascribe_click_row_v2[])
 """
 
-Executor: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 
 
 def _record(click: Click) -> tuple[object, ...]:
@@ -75,12 +76,13 @@ def _record(click: Click) -> tuple[object, ...]:
         click.country or None,
         click.occurred_at,
         click.decision,
-        ",".join(click.reasons),
+        REASONS_SEPARATOR.join(click.reasons),
         click.fraud_score,
+        click.device_type,
     )
 
 
-async def insert_clicks(conn: asyncpg.Connection, clicks: Sequence[Click]) -> None:
+async def insert_clicks(conn: Connection, clicks: Sequence[Click]) -> None:
     """Writes the clicks with one statement: all of them are committed, or none.
 
     Run outside a transaction, the statement is its own commit, so a group
@@ -109,6 +111,7 @@ def click_from_row(row: asyncpg.Record) -> Click:
         reasons=tuple(row["reasons"]),
         fraud_score=row["fraud_score"],
         conversions=row["conversions"],
+        device_type=row["device_type"],
     )
 
 
@@ -122,7 +125,7 @@ async def get_click(conn: Executor, click_id: str, created_at: datetime) -> Clic
 
 
 async def take_click_slot(
-    conn: asyncpg.Connection, click_id: str, created_at: datetime, max_per_click: int
+    conn: Connection, click_id: str, created_at: datetime, max_per_click: int
 ) -> bool:
     """Counts one more live conversion on the click, unless it is at its limit.
 
@@ -143,7 +146,7 @@ async def take_click_slot(
     return row is not None
 
 
-async def release_click_slot(conn: asyncpg.Connection, click_id: str, created_at: datetime) -> bool:
+async def release_click_slot(conn: Connection, click_id: str, created_at: datetime) -> bool:
     """Gives back one live conversion of the click (a refund, a rejection on review).
 
     False when there was none to give back (the count never goes below zero).
@@ -165,14 +168,14 @@ async def ensure_click_partitions(conn: Executor, days_back: int, days_ahead: in
 
 
 async def fetch_clicks(
-    conn: asyncpg.Connection, clicks: Sequence[tuple[str, datetime]]
+    conn: Connection, clicks: Sequence[tuple[str, datetime]]
 ) -> dict[str, Click]:
     """The clicks named by postbacks; the time in each id selects one partition."""
     if not clicks:
         return {}
     rows = await conn.fetch(
         """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
-                  c.decision, c.conversions
+                  c.decision, c.conversions, c.country, c.device_type
              FROM clicks c
              JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
                ON c.click_id = k.click_id AND c.created_at = k.created_at""",

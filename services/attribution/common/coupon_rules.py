@@ -96,6 +96,18 @@ def is_owned(coupon: Coupon) -> bool:
     return coupon.kind in ("exclusive", "unique") and bool(owners(coupon))
 
 
+def sole_selected_affiliate(coupon: Coupon | None) -> str | None:
+    """The one affiliate a GENERAL code was handed to, if it names exactly one.
+
+    With one selected affiliate there is no doubt whose code it is, so a sale
+    with the code and no click credits that affiliate, as an EXCLUSIVE code
+    would; with all affiliates, or two or more, nobody can be told apart.
+    """
+    if coupon is None or coupon.kind != "general" or coupon.allow_all_affiliates:
+        return None
+    return coupon.affiliate_ids[0] if len(coupon.affiliate_ids) == 1 else None
+
+
 def affiliate_may_carry(coupon: Coupon, affiliate_id: str) -> bool:
     """May this affiliate carry the code on its links and be credited through it?
 
@@ -109,18 +121,30 @@ def affiliate_may_carry(coupon: Coupon, affiliate_id: str) -> bool:
 
 
 def click_tracking_reasons(
-    coupon: Coupon | None, affiliate_id: str, at: datetime, *, missing_reason: str = UNKNOWN_COUPON
+    coupon: Coupon | None,
+    affiliate_id: str,
+    at: datetime,
+    country: str = "",
+    device_type: DeviceType | None = None,
+    *,
+    missing_reason: str = UNKNOWN_COUPON,
 ) -> list[str]:
     """Why coupon tracking does not begin with this click (empty: it does).
 
-    ``missing_reason`` is the word for a code the campaign does not have
-    (``missing_code_reason``).
+    The code's country and device rules apply as they do to its orders, but
+    a visitor whose country or device is unknown is not turned away from the
+    code: only one known to be excluded is. ``missing_reason`` is the word
+    for a code the campaign does not have (``missing_code_reason``).
     """
     if coupon is None:
         return [missing_reason]
     reasons = status_reasons(coupon) + validity_reasons(coupon, at)
     if not affiliate_may_carry(coupon, affiliate_id):
         reasons.append(AFFILIATE_NOT_ALLOWED)
+    if coupon.countries and country and country not in coupon.countries:
+        reasons.append(RESTRICTION_COUNTRY)
+    if coupon.device_types and device_type is not None and device_type not in coupon.device_types:
+        reasons.append(RESTRICTION_DEVICE)
     if coupon.remaining == 0:
         reasons.append(USAGE_LIMIT_REACHED)
     return reasons
@@ -148,7 +172,8 @@ def credit(
     """
     if coupon is None or not is_owned(coupon):
         if click_affiliate_id is None:
-            return Credit(None, "none")
+            sole = sole_selected_affiliate(coupon)
+            return Credit(sole, "coupon") if sole else Credit(None, "none")
         if coupon is not None and not affiliate_may_carry(coupon, click_affiliate_id):
             return Credit(click_affiliate_id, "click", (AFFILIATE_NOT_ALLOWED,))
         return Credit(click_affiliate_id, "click")

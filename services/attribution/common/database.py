@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from services.common.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A connection of our own or one borrowed from the pool (a proxy to it): the
+# store functions take either.
+Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
+# Where a read can run: a connection, or the pool (which lends one for the call).
+Executor: TypeAlias = "Connection | asyncpg.Pool"
 
 # PostgreSQL down, restarting, or too slow for the statement timeout.
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (

@@ -16,7 +16,7 @@ CampaignStatus = Literal["active", "paused", "ended"]
 AffiliateStatus = Literal["active", "paused"]
 CouponKind = Literal["general", "exclusive", "unique"]
 CouponStatus = Literal["active", "pending", "rejected", "hold", "paused"]
-DeviceType = Literal["mobile", "desktop", "tablet"]
+DeviceType = Literal["mobile", "desktop", "tablet", "other"]
 ClickDecision = Literal["accepted", "flagged", "rejected"]
 ConversionStatus = Literal["pending", "approved", "rejected", "reversed", "flagged"]
 AttributionSource = Literal["click", "coupon", "none"]
@@ -104,6 +104,7 @@ class Click:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     fraud_score: int = 0
     conversions: int = 0
+    device_type: DeviceType | None = None
 
 
 @dataclass(frozen=True)

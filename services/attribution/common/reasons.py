@@ -43,6 +43,10 @@ CURRENCY_MISMATCH = "currency_mismatch"
 USAGE_LIMIT_REACHED = "usage_limit_reached"
 CUSTOMER_LIMIT_REACHED = "customer_limit_reached"
 
+# A list of reasons inside one text field of a row (the multi-row writes'
+# row types): the words are snake_case, so a comma never occurs in one.
+REASONS_SEPARATOR = ","
+
 # Fraud.
 FRAUD_PREFIX = "fraud_"
 FRAUD_UNAVAILABLE = "fraud_unavailable"
@@ -99,5 +103,5 @@ def rejects_statically(reason: str) -> bool:
 
 # Every reason word above, for the contract test.
 ALL = frozenset(
-    value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, str) and name != "FRAUD_PREFIX"
+    value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, str) and name not in ("FRAUD_PREFIX", "REASONS_SEPARATOR")
 )

@@ -35,7 +35,7 @@ from services.attribution.catalog.cache import CatalogCache
 from services.attribution.catalog.store import postback_token_matches
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules, ids
-from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, retry_aborted
+from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, Connection, retry_aborted
 from services.attribution.common.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
 from services.attribution.common.reasons import (
     CUSTOMER_LIMIT_REACHED,
@@ -43,6 +43,7 @@ from services.attribution.common.reasons import (
     UNKNOWN_COUPON,
     USAGE_LIMIT_REACHED,
 )
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.conversions import redemptions, store
 from services.attribution.conversions.rules import (
     ConversionInput,
@@ -109,6 +110,7 @@ class ConversionRecorder:
         fraud: FraudClient,
         *,
         clock: Callable[[], datetime] = utcnow,
+        visitors: VisitorDerivation | None = None,
         max_batch: int = 128,
         max_in_flight: int = 4,
     ) -> None:
@@ -116,6 +118,7 @@ class ConversionRecorder:
         self._cache = cache
         self._fraud = fraud
         self.clock = clock
+        self._visitors = visitors or VisitorDerivation()
         self._batcher: MicroBatcher[ConversionInput, Conversion] = MicroBatcher(
             self._flush, max_batch=max_batch, max_in_flight=max_in_flight,
             size_histogram=CONVERSION_BATCH_SIZE, name="conversions",
@@ -132,6 +135,13 @@ class ConversionRecorder:
 
     async def record(self, input: ConversionInput) -> Conversion:
         """Judges and commits one conversion (batched with concurrent ones)."""
+        # A country or device the shop did not send comes from the customer's
+        # IP and user agent (neither is part of the order's content).
+        input = replace(
+            input,
+            country=input.country or self._visitors.country(input.ip),
+            device_type=input.device_type or self._visitors.device(input.user_agent),
+        )
         with CONVERSION_SECONDS.time():
             rejudged = 0
             while True:
@@ -240,7 +250,7 @@ class ConversionRecorder:
 
     async def _judge(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         cases: list[_Case],
         verdicts: dict[tuple[str, str], fraud_pb2.Verdict | None],
     ) -> list[Conversion]:
@@ -284,7 +294,7 @@ class ConversionRecorder:
             CONVERSIONS_TOTAL.labels(conversion.status).inc()
         return conversions
 
-    async def _load_clicks(self, conn: asyncpg.Connection, cases: list[_Case]) -> dict[str, Click]:
+    async def _load_clicks(self, conn: Connection, cases: list[_Case]) -> dict[str, Click]:
         named: list[tuple[str, datetime]] = []
         for case in cases:
             if case.input.click_id:
@@ -296,7 +306,7 @@ class ConversionRecorder:
 
     async def _judge_statically(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         case: _Case,
         clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],
@@ -361,7 +371,7 @@ class ConversionRecorder:
 
     async def _take_limits(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         cases: list[_Case],
         clicks: dict[str, Click],
         coupons: dict[tuple[str, str], Coupon | None],

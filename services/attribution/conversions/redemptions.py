@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
+from services.attribution.common.database import Connection
 
 CouponKey = tuple[str, str]  # (campaign_id, code)
 
@@ -33,7 +33,7 @@ class LedgerRow:
     taken_at: datetime
 
 
-async def lock_counters(conn: asyncpg.Connection, keys: Sequence[CouponKey]) -> dict[CouponKey, CouponCounter]:
+async def lock_counters(conn: Connection, keys: Sequence[CouponKey]) -> dict[CouponKey, CouponCounter]:
     """Locks the coupons' rows (sorted, so batches never deadlock) and reads their counters."""
     ordered = sorted(set(keys))
     if not ordered:
@@ -51,7 +51,7 @@ async def lock_counters(conn: asyncpg.Connection, keys: Sequence[CouponKey]) -> 
     return {(r["campaign_id"], r["code"]): CouponCounter(r["used"], r["usage_limit"]) for r in rows}
 
 
-async def add_uses(conn: asyncpg.Connection, deltas: dict[CouponKey, int]) -> None:
+async def add_uses(conn: Connection, deltas: dict[CouponKey, int]) -> None:
     """Applies signed use deltas (the UPDATE locks any row not locked yet, in key order)."""
     items = sorted((key, delta) for key, delta in deltas.items() if delta)
     if not items:
@@ -66,10 +66,20 @@ async def add_uses(conn: asyncpg.Connection, deltas: dict[CouponKey, int]) -> No
     )
 
 
+async def remaining_uses(conn: Connection, key: CouponKey) -> int | None:
+    """A code's uses left now (None: unlimited, or no such code)."""
+    value: int | None = await conn.fetchval(
+        "SELECT usage_limit - used FROM coupons WHERE campaign_id = $1 AND code = $2 AND usage_limit > 0",
+        key[0],
+        key[1],
+    )
+    return value
+
+
 UNKNOWN_CODE = "unknown"  # a grant for a code that no longer exists
 
 
-async def grant_uses(conn: asyncpg.Connection, keys: Sequence[CouponKey]) -> list[int | str | None]:
+async def grant_uses(conn: Connection, keys: Sequence[CouponKey]) -> list[int | str | None]:
     """One use for each entry of ``keys``, granted in order up to each code's limit.
 
     The codes' rows are locked once (sorted), and each counter moves by what
@@ -95,18 +105,22 @@ async def grant_uses(conn: asyncpg.Connection, keys: Sequence[CouponKey]) -> lis
     return grants
 
 
-async def insert_ledger(conn: asyncpg.Connection, rows: Sequence[LedgerRow]) -> None:
+def ledger_record(row: LedgerRow) -> tuple[object, ...]:
+    """A ledger row as migration 006's ascribe_ledger_row."""
+    return (row.campaign_id, row.code, row.conversion_id, row.customer_id, row.taken_at)
+
+
+async def insert_ledger(conn: Connection, rows: Sequence[LedgerRow]) -> None:
     if not rows:
         return
     await conn.execute(
         """INSERT INTO redemptions (campaign_id, code, conversion_id, customer_id, taken_at)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])""",
-        [r.campaign_id for r in rows], [r.code for r in rows], [r.conversion_id for r in rows],
-        [r.customer_id for r in rows], [r.taken_at for r in rows],
+           SELECT * FROM unnest($1::ascribe_ledger_row[])""",
+        [ledger_record(r) for r in rows],
     )
 
 
-async def release_ledger(conn: asyncpg.Connection, conversion_id: str, reason: str) -> bool:
+async def release_ledger(conn: Connection, conversion_id: str, reason: str) -> bool:
     """Marks the conversion's live ledger row released; False when it held none."""
     status = await conn.execute(
         """UPDATE redemptions SET released_at = now(), release_reason = $2
@@ -118,7 +132,7 @@ async def release_ledger(conn: asyncpg.Connection, conversion_id: str, reason: s
 
 
 async def take_customer_use(
-    conn: asyncpg.Connection, key: CouponKey, customer_id: str, limit: int
+    conn: Connection, key: CouponKey, customer_id: str, limit: int
 ) -> bool:
     """One use of a code by one customer, if under the per-customer limit."""
     row = await conn.fetchrow(
@@ -135,7 +149,7 @@ async def take_customer_use(
     return row is not None
 
 
-async def release_customer_use(conn: asyncpg.Connection, key: CouponKey, customer_id: str) -> None:
+async def release_customer_use(conn: Connection, key: CouponKey, customer_id: str) -> None:
     await conn.execute(
         """UPDATE customer_usage SET used = used - 1
             WHERE campaign_id = $1 AND code = $2 AND customer_id = $3 AND used > 0""",

@@ -163,14 +163,17 @@ def judge_static(
                 reasons.append(AFFILIATE_INACTIVE)
 
     if coupon is not None:
+        # The postback's country and device (sent, or derived from its IP and
+        # user agent), else those of the click it is credited through.
+        credited_click = eligible_click if credit.source == "click" else None
         order = coupon_rules.Order(
             occurred_at=input.occurred_at,
             amount_micros=input.amount_micros,
             discount_micros=input.discount_micros,
             currency=input.currency,
             customer_id=input.customer_id,
-            country=input.country,
-            device_type=input.device_type,
+            country=input.country or (credited_click.country or "" if credited_click else ""),
+            device_type=input.device_type or (credited_click.device_type if credited_click else None),
             skus=input.skus,
         )
         reasons.extend(

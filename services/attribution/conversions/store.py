@@ -10,8 +10,10 @@ from typing import Any
 
 import asyncpg
 
+from services.attribution.common.database import Connection
 from services.attribution.common.models import Conversion, ConversionEvent
-from services.attribution.conversions.redemptions import LedgerRow
+from services.attribution.common.reasons import REASONS_SEPARATOR
+from services.attribution.conversions.redemptions import LedgerRow, ledger_record
 
 OrderKey = tuple[str, str]  # (campaign_id, order_id)
 
@@ -34,7 +36,7 @@ def _order_lock_keys(keys: Sequence[OrderKey]) -> list[str]:
     return sorted({f"{campaign_id}\x1f{order_id}" for campaign_id, order_id in keys})
 
 
-async def lock_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> None:
+async def lock_orders(conn: Connection, keys: Sequence[OrderKey]) -> None:
     """Serializes concurrent copies of the same orders, on every replica.
 
     Transaction-scoped advisory locks, taken in a fixed order so two batches
@@ -48,7 +50,7 @@ async def lock_orders(conn: asyncpg.Connection, keys: Sequence[OrderKey]) -> Non
 
 
 async def lock_and_fetch_orders(
-    conn: asyncpg.Connection, keys: Sequence[OrderKey]
+    conn: Connection, keys: Sequence[OrderKey]
 ) -> dict[OrderKey, Conversion]:
     """``lock_orders``, then the stored conversions of those orders, in one round trip.
 
@@ -67,7 +69,7 @@ async def lock_and_fetch_orders(
 
 
 async def get_by_order(
-    conn: asyncpg.Connection | asyncpg.Pool, campaign_id: str, order_id: str, *, for_update: bool = False
+    conn: Connection | asyncpg.Pool, campaign_id: str, order_id: str, *, for_update: bool = False
 ) -> Conversion | None:
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(
@@ -96,45 +98,27 @@ def _record(c: Conversion) -> tuple[Any, ...]:
     )
 
 
-_CONVERSION_ARRAY_TYPES = [
-    "text", "text", "text", "bytea", "text", "text", "text", "text", "text", "timestamptz", "text", "text",
-    "bigint", "bigint", "bigint", "text", "bigint", "timestamptz", "bigint", "int", "bool", "bool", "bool",
-    "bool", "timestamptz", "timestamptz", "text",
-]
 _EVENT_COLUMNS = ["conversion_id", "at", "from_status", "to_status", "reason", "actor", "note", "amount_micros"]
-_EVENT_ARRAY_TYPES = ["text", "timestamptz", "text", "text", "text", "text", "text", "bigint"]
 _LEDGER_COLUMNS = ["campaign_id", "code", "conversion_id", "customer_id", "taken_at"]
-_LEDGER_ARRAY_TYPES = ["text", "text", "text", "text", "timestamptz"]
-_REASON_SEPARATOR = "\x1f"
+_FROM_ROW = {"reasons": f"string_to_array(reasons, '{REASONS_SEPARATOR}')", "request": "request::jsonb"}
 
-
-def _unnest(types: Sequence[str], first: int) -> str:
-    return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
-
-
-def _select_list(columns: Sequence[str]) -> str:
-    converted = {"reasons": "string_to_array(reasons, E'\\x1f')", "request": "request::jsonb"}
-    return ", ".join(converted.get(c, c) for c in columns)
-
-
-_N_CONV = len(_INSERT_COLUMNS)
-_N_EVENT = len(_EVENT_COLUMNS)
 # Conversions, their first history events and their ledger rows in one
-# statement: one round trip per batch instead of three COPYs (each of which
-# costs asyncpg an extra round trip to introspect the table).
+# statement: one round trip per batch. Each travels as one array of rows of
+# migration 006's row types (the idiom of every multi-row write here), with
+# the reason words comma-joined and the request as JSON text.
 _INSERT_JUDGED = f"""
 WITH new_conversions AS (
     INSERT INTO conversions ({", ".join(_INSERT_COLUMNS)})
-    SELECT {_select_list(_INSERT_COLUMNS)}
-      FROM unnest({_unnest(_CONVERSION_ARRAY_TYPES, 1)}) AS t({", ".join(_INSERT_COLUMNS)})
+    SELECT {", ".join(_FROM_ROW.get(c, c) for c in _INSERT_COLUMNS)}
+      FROM unnest($1::ascribe_conversion_row[])
     RETURNING 1
 ), new_events AS (
     INSERT INTO conversion_events ({", ".join(_EVENT_COLUMNS)})
-    SELECT * FROM unnest({_unnest(_EVENT_ARRAY_TYPES, _N_CONV + 1)})
+    SELECT * FROM unnest($2::ascribe_event_row[])
     RETURNING 1
 ), new_uses AS (
     INSERT INTO redemptions ({", ".join(_LEDGER_COLUMNS)})
-    SELECT * FROM unnest({_unnest(_LEDGER_ARRAY_TYPES, _N_CONV + _N_EVENT + 1)})
+    SELECT * FROM unnest($3::ascribe_ledger_row[])
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM new_conversions), (SELECT count(*) FROM new_events),
@@ -142,12 +126,8 @@ SELECT (SELECT count(*) FROM new_conversions), (SELECT count(*) FROM new_events)
 """
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
-
-
 async def insert_judged(
-    conn: asyncpg.Connection,
+    conn: Connection,
     conversions: Sequence[Conversion],
     events: Sequence[EventRow],
     ledger: Sequence[LedgerRow],
@@ -156,18 +136,17 @@ async def insert_judged(
     records = []
     for c in conversions:
         record = list(_record(c))
-        record[5] = _REASON_SEPARATOR.join(c.reasons)
+        record[5] = REASONS_SEPARATOR.join(c.reasons)
         records.append(tuple(record))
     await conn.execute(
         _INSERT_JUDGED,
-        *_columns(records, _N_CONV),
-        *_columns([_event_record(e) for e in events], _N_EVENT),
-        *_columns([(r.campaign_id, r.code, r.conversion_id, r.customer_id, r.taken_at) for r in ledger],
-                  len(_LEDGER_COLUMNS)),
+        records,
+        [_event_record(e) for e in events],
+        [ledger_record(r) for r in ledger],
     )
 
 
-async def replace_conversion(conn: asyncpg.Connection, c: Conversion) -> None:
+async def replace_conversion(conn: Connection, c: Conversion) -> None:
     """A re-judged order: the row takes the new outcome; its history keeps the old one."""
     assignments = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(_INSERT_COLUMNS[3:]))
     await conn.execute(
@@ -188,16 +167,16 @@ def _event_record(e: EventRow) -> tuple[Any, ...]:
             e.event.actor, e.event.note, e.event.amount_micros)
 
 
-async def insert_events(conn: asyncpg.Connection, events: Sequence[EventRow]) -> None:
+async def insert_events(conn: Connection, events: Sequence[EventRow]) -> None:
     if events:
         await conn.execute(
             f"INSERT INTO conversion_events ({', '.join(_EVENT_COLUMNS)}) "
-            f"SELECT * FROM unnest({_unnest(_EVENT_ARRAY_TYPES, 1)})",
-            *_columns([_event_record(e) for e in events], _N_EVENT),
+            "SELECT * FROM unnest($1::ascribe_event_row[])",
+            [_event_record(e) for e in events],
         )
 
 
-async def history(conn: asyncpg.Connection | asyncpg.Pool, conversion_id: str) -> list[ConversionEvent]:
+async def history(conn: Connection | asyncpg.Pool, conversion_id: str) -> list[ConversionEvent]:
     rows = await conn.fetch(
         """SELECT from_status, to_status, at, reason, actor, note, amount_micros
              FROM conversion_events WHERE conversion_id = $1 ORDER BY id""",
@@ -207,7 +186,7 @@ async def history(conn: asyncpg.Connection | asyncpg.Pool, conversion_id: str) -
 
 
 async def update_state(
-    conn: asyncpg.Connection,
+    conn: Connection,
     conversion_id: str,
     *,
     status: str,
@@ -234,7 +213,7 @@ async def update_state(
 
 
 async def list_conversions(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Connection | asyncpg.Pool,
     *,
     campaign_id: str,
     status: str | None,
@@ -262,7 +241,7 @@ async def list_conversions(
 
 
 async def refund_exists(
-    conn: asyncpg.Connection, campaign_id: str, order_id: str, refund_id: str
+    conn: Connection, campaign_id: str, order_id: str, refund_id: str
 ) -> int | None:
     """The amount of an earlier refund with this id, or None."""
     value = await conn.fetchval(
@@ -273,7 +252,7 @@ async def refund_exists(
 
 
 async def insert_refund(
-    conn: asyncpg.Connection, campaign_id: str, order_id: str, refund_id: str, amount_micros: int, reason: str
+    conn: Connection, campaign_id: str, order_id: str, refund_id: str, amount_micros: int, reason: str
 ) -> None:
     await conn.execute(
         """INSERT INTO refunds (campaign_id, order_id, refund_id, amount_micros, reason)
@@ -282,7 +261,7 @@ async def insert_refund(
     )
 
 
-async def lock_due_pending(conn: asyncpg.Connection, now: datetime, limit: int) -> list[Conversion]:
+async def lock_due_pending(conn: Connection, now: datetime, limit: int) -> list[Conversion]:
     """PENDING conversions whose hold has passed, locked so each is approved once across replicas."""
     rows = await conn.fetch(
         f"""SELECT {CONVERSION_COLUMNS} FROM conversions
@@ -295,14 +274,42 @@ async def lock_due_pending(conn: asyncpg.Connection, now: datetime, limit: int) 
     return [conversion_from_row(r) for r in rows]
 
 
-async def oldest_due_pending(conn: asyncpg.Connection | asyncpg.Pool, now: datetime) -> datetime | None:
+async def oldest_due_pending(conn: Connection | asyncpg.Pool, now: datetime) -> datetime | None:
     value = await conn.fetchval(
         "SELECT min(hold_until) FROM conversions WHERE status = 'pending' AND hold_until <= $1", now
     )
     return value if isinstance(value, datetime) else None
 
 
-async def rescore_candidates(conn: asyncpg.Connection | asyncpg.Pool, limit: int) -> list[Conversion]:
+@dataclass(frozen=True)
+class Rescore:
+    conversion_id: str
+    status: str
+    reasons: Sequence[str]
+    fraud_score: int
+
+
+async def set_rescored(conn: Connection, rows: Sequence[Rescore]) -> set[str]:
+    """Applies a round of re-scores in one statement; answers the ids it changed.
+
+    A conversion that is no longer FLAGGED and waiting for its re-score (a
+    person or a refund got there first) is left alone.
+    """
+    if not rows:
+        return set()
+    changed = await conn.fetch(
+        f"""UPDATE conversions c
+               SET status = r.status, reasons = string_to_array(r.reasons, '{REASONS_SEPARATOR}'),
+                   fraud_score = r.fraud_score, needs_rescore = false, updated_at = now()
+              FROM unnest($1::ascribe_rescore_row[]) AS r
+             WHERE c.id = r.id AND c.status = 'flagged' AND c.needs_rescore
+         RETURNING c.id""",
+        [(r.conversion_id, r.status, REASONS_SEPARATOR.join(r.reasons), r.fraud_score) for r in rows],
+    )
+    return {row["id"] for row in changed}
+
+
+async def rescore_candidates(conn: Connection | asyncpg.Pool, limit: int) -> list[Conversion]:
     """FLAGGED conversions waiting for the fraud service, oldest first (read only)."""
     rows = await conn.fetch(
         f"""SELECT {CONVERSION_COLUMNS} FROM conversions

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -23,15 +24,12 @@ from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules
-from services.attribution.common.database import retry_aborted
+from services.attribution.common.database import Connection, retry_aborted
 from services.attribution.common.models import Campaign, Conversion, ConversionEvent, ConversionStatus
-from services.attribution.common.reasons import (
-    FLAGGING_REASONS,
-    FRAUD_UNAVAILABLE,
-)
 from services.attribution.conversions import redemptions, store
 from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
 from services.attribution.lifecycle import store as lifecycle_store
+from services.attribution.lifecycle.rules import rescore_outcome
 from services.attribution.metrics import (
     APPROVAL_LAG_SECONDS,
     APPROVED_TOTAL,
@@ -45,6 +43,12 @@ from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
 
+# Conversions re-scored per round: one candidates read, one fraud call (the
+# client splits it into calls of its own size), one transaction. Large enough
+# that an outage's backlog clears at thousands a second, small enough that a
+# round's transaction stays short beside live traffic.
+RESCORE_ROUND = 250
+
 ALERT_CURSOR = "leak_response"
 
 
@@ -56,13 +60,15 @@ class Lifecycle:
         fraud: FraudClient,
         *,
         clock: Callable[[], datetime] = utcnow,
+        rescore_per_second: float = 2500.0,
     ) -> None:
         self._pool = pool
         self._cache = cache
         self._fraud = fraud
         self.clock = clock
+        self._rescore_per_second = rescore_per_second
 
-    async def _campaign(self, campaign_id: str, conn: asyncpg.Connection | None = None) -> Campaign:
+    async def _campaign(self, campaign_id: str, conn: Connection | None = None) -> Campaign:
         campaign = await self._cache.campaign(campaign_id, conn)
         if campaign is None:
             raise NotFound(f"campaign {campaign_id!r} not found")
@@ -98,10 +104,10 @@ class Lifecycle:
                 if earlier is not None:
                     if amount_micros is not None and amount_micros != earlier:
                         raise AlreadyExists(f"refund {refund_id!r} was already applied with another amount")
-                    return await self._with_history(conn, conversion)
+                    return await self._refund_answer(conn, conversion)
             elif conversion.status == "reversed":
                 # A refund without an id is a full one: idempotent by the state it leaves.
-                return await self._with_history(conn, conversion)
+                return await self._refund_answer(conn, conversion)
             if conversion.status in ("rejected", "reversed"):
                 raise FailedPrecondition(f"a {conversion.status} conversion cannot be refunded")
             remaining = conversion.amount_micros - conversion.refunded_micros
@@ -139,10 +145,23 @@ class Lifecycle:
                 actor="shop", note=f"refund {refund_id or '(full)'}{clawback}", amount_micros=amount,
             ))])
             REVERSED_TOTAL.labels("full" if full else "partial").inc()
-            return await self._reload(conn, conversion.id, campaign_id, order_id)
+            reloaded = await store.get_by_order(conn, campaign_id, order_id)
+            assert reloaded is not None
+            return await self._refund_answer(conn, reloaded)
+
+    async def _refund_answer(self, conn: Connection, conversion: Conversion) -> Conversion:
+        """A refund answers with the code's uses left now, after the use it may have given back.
+
+        (The stored ``coupon_remaining`` is what was left when the order took
+        its use; a shop reading a refund's answer wants today's figure.)
+        """
+        if conversion.coupon_code and conversion.coupon_remaining is not None:
+            now = await redemptions.remaining_uses(conn, (conversion.campaign_id, conversion.coupon_code))
+            conversion = replace(conversion, coupon_remaining=now)
+        return await self._with_history(conn, conversion)
 
     async def _give_back(
-        self, conn: asyncpg.Connection, conversion: Conversion, campaign: Campaign, *, reason: str,
+        self, conn: Connection, conversion: Conversion, campaign: Campaign, *, reason: str,
         consume_unique: bool,
     ) -> None:
         """Returns what the conversion holds, in lock order: customer use, click slot, code use.
@@ -164,13 +183,13 @@ class Lifecycle:
                 await redemptions.add_uses(conn, {key: -1})  # its UPDATE locks the row
                 await redemptions.release_ledger(conn, conversion.id, reason)
 
-    async def _reload(self, conn: asyncpg.Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:
+    async def _reload(self, conn: Connection, conversion_id: str, campaign_id: str, order_id: str) -> Conversion:
         conversion = await store.get_by_order(conn, campaign_id, order_id)
         assert conversion is not None
         return await self._with_history(conn, conversion)
 
     @staticmethod
-    async def _with_history(conn: asyncpg.Connection, conversion: Conversion) -> Conversion:
+    async def _with_history(conn: Connection, conversion: Conversion) -> Conversion:
         """What every answer of the lifecycle carries: the row and its history, a retry's included."""
         return replace(conversion, history=tuple(await store.history(conn, conversion.id)))
 
@@ -243,85 +262,127 @@ class Lifecycle:
 
     # ------------------------------------------------------------ re-scoring
 
-    async def rescore(self, limit: int = 200) -> int:
+    async def rescore(self, round_size: int = RESCORE_ROUND) -> int:
         """Checks again the conversions flagged only because fraud was unavailable.
 
-        The fraud call happens outside any transaction; each verdict is then
-        applied in a short transaction of its own that takes the recording
-        path's locks in its order and skips a conversion that a person, a
-        refund or another replica has changed meanwhile.
+        Works through the backlog round after round while rounds come back
+        full and the fraud service answers every check (so an outage's
+        backlog clears at the speed of the batches, not one round per job
+        interval), paced to at most ``rescore_per_second`` so that live
+        clicks and postbacks keep their latency. A round is one
+        read of candidates, their clicks in one query, one batched fraud call
+        outside any transaction, then one short transaction that applies
+        every verdict but the rejections under the orders' locks; a rejection
+        gives its uses back in a transaction of its own, in the recording
+        path's lock order. Answers how many conversions changed.
         """
-        now = self.clock()
-        candidates = await store.rescore_candidates(self._pool, limit)
-        if not candidates:
-            return 0
-        async with self._pool.acquire() as conn:
-            requests = [await self._fraud_request(conn, c) for c in candidates]
-        verdicts = await self._fraud.check_conversions(requests)
         changed = 0
+        while True:
+            started = time.monotonic()
+            round_changed, go_on = await self._rescore_round(round_size)
+            changed += round_changed
+            if not go_on:
+                return changed
+            await asyncio.sleep(max(0.0, round_size / self._rescore_per_second - (time.monotonic() - started)))
+
+    async def _rescore_round(self, round_size: int) -> tuple[int, bool]:
+        now = self.clock()
+        candidates = await store.rescore_candidates(self._pool, round_size)
+        if not candidates:
+            return 0, False
+        async with self._pool.acquire() as conn:
+            requests = await self._fraud_requests(conn, candidates)
+        verdicts = await self._fraud.check_conversions(requests)
+        answered: list[tuple[Conversion, fraud_pb2.Verdict]] = []
+        rejected: list[tuple[Conversion, fraud_pb2.Verdict]] = []
         for candidate, verdict in zip(candidates, verdicts, strict=True):
             if verdict is None:
                 RESCORED_TOTAL.labels("unavailable").inc()
-            elif await self._apply_rescore(candidate.campaign_id, candidate.order_id, verdict, now):
-                changed += 1
-        return changed
+            elif verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
+                rejected.append((candidate, verdict))
+            else:
+                answered.append((candidate, verdict))
+        changed = await retry_aborted(lambda: self._apply_rescores(answered, now), "re-scoring round")
+        for candidate, verdict in rejected:
+            changed += await self._reject_rescored(candidate, verdict, now)
+        unanswered = len(answered) + len(rejected) < len(candidates)
+        return changed, len(candidates) == round_size and not unanswered
 
-    async def _apply_rescore(
-        self, campaign_id: str, order_id: str, verdict: fraud_pb2.Verdict, now: datetime
-    ) -> bool:
+    async def _apply_rescores(self, answered: list[tuple[Conversion, fraud_pb2.Verdict]], now: datetime) -> int:
+        if not answered:
+            return 0
+        rows: list[store.Rescore] = []
+        events: list[store.EventRow] = []
+        for candidate, verdict in answered:
+            outcome = rescore_outcome(candidate.reasons, candidate.hold_until, verdict.action,
+                                      fraud_reasons(verdict), now)
+            rows.append(store.Rescore(candidate.id, outcome.status, outcome.reasons, verdict.score))
+            events.append(store.EventRow(candidate.id, ConversionEvent(
+                from_status="flagged", to_status=outcome.status, at=now, reason="rescored", actor="system",
+                note=",".join(s.code for s in verdict.signals),
+            )))
         async with self._pool.acquire() as conn, conn.transaction():
-            await store.lock_orders(conn, [(campaign_id, order_id)])
-            conversion = await store.get_by_order(conn, campaign_id, order_id, for_update=True)
+            # The orders' locks, as every change of a conversion takes them;
+            # set_rescored then skips any that a person or a refund changed
+            # since the candidates were read.
+            await store.lock_orders(conn, [(c.campaign_id, c.order_id) for c, _ in answered])
+            changed = await store.set_rescored(conn, rows)
+            await store.insert_events(conn, [e for e in events if e.conversion_id in changed])
+        for row in rows:
+            if row.conversion_id in changed:
+                RESCORED_TOTAL.labels(row.status).inc()
+        return len(changed)
+
+    async def _reject_rescored(self, candidate: Conversion, verdict: fraud_pb2.Verdict, now: datetime) -> bool:
+        return await retry_aborted(lambda: self._reject_rescored_once(candidate, verdict, now), "re-scoring")
+
+    async def _reject_rescored_once(self, candidate: Conversion, verdict: fraud_pb2.Verdict, now: datetime) -> bool:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_orders(conn, [(candidate.campaign_id, candidate.order_id)])
+            conversion = await store.get_by_order(conn, candidate.campaign_id, candidate.order_id, for_update=True)
             if conversion is None or conversion.status != "flagged" or not conversion.needs_rescore:
                 return False
-            reasons = [r for r in conversion.reasons if r != FRAUD_UNAVAILABLE]
-            released = False
-            if verdict.action == fraud_pb2.VERDICT_ACTION_REJECT:
-                status: ConversionStatus = "rejected"
-                reasons += fraud_reasons(verdict)
-                campaign = await self._campaign(conversion.campaign_id, conn)
-                await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
-                released = True
-            elif verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW or any(r in FLAGGING_REASONS for r in reasons):
-                status = "flagged"
-                reasons += fraud_reasons(verdict) if verdict.action == fraud_pb2.VERDICT_ACTION_REVIEW else []
-            else:
-                status = "approved" if conversion.hold_until and conversion.hold_until <= now else "pending"
-            RESCORED_TOTAL.labels(status).inc()
+            outcome = rescore_outcome(conversion.reasons, conversion.hold_until, verdict.action,
+                                      fraud_reasons(verdict), now)
+            campaign = await self._campaign(conversion.campaign_id, conn)
+            await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
+            RESCORED_TOTAL.labels(outcome.status).inc()
             await store.update_state(
-                conn, conversion.id, status=status, reasons=reasons,
-                refunded_micros=conversion.refunded_micros,
-                payout_micros=0 if released else conversion.payout_micros, released=released,
+                conn, conversion.id, status=outcome.status, reasons=outcome.reasons,
+                refunded_micros=conversion.refunded_micros, payout_micros=0, released=True,
                 needs_rescore=False, fraud_score=verdict.score, hold_until=conversion.hold_until,
             )
             await store.insert_events(conn, [store.EventRow(conversion.id, ConversionEvent(
-                from_status="flagged", to_status=status, at=now, reason="rescored", actor="system",
+                from_status="flagged", to_status=outcome.status, at=now, reason="rescored", actor="system",
                 note=",".join(s.code for s in verdict.signals),
             ))])
             return True
 
-    async def _fraud_request(self, conn: asyncpg.Connection, c: Conversion) -> fraud_pb2.CheckConversionRequest:
-        request = c.request
-        coupon = await self._cache.coupon(c.campaign_id, c.coupon_code, conn) if c.coupon_code else None
-        click_time = None
-        if c.click_id and c.click_created_at:
-            clicks = await click_store.fetch_clicks(conn, [(c.click_id, c.click_created_at)])
-            if c.click_id in clicks:
-                click_time = clicks[c.click_id].occurred_at
-        return conversion_check(
-            order_id=c.order_id,
-            campaign_id=c.campaign_id,
-            affiliate_id=c.affiliate_id,
-            click_id=c.click_id,
-            click_time=click_time,
-            coupon_code=c.coupon_code,
-            coupon_kind=coupon.kind if coupon else None,
-            customer_id=c.customer_id,
-            ip=str(request.get("ip") or ""),
-            user_agent=str(request.get("user_agent") or ""),
-            occurred_at=c.occurred_at,
-            received_at=c.received_at,
-        )
+    async def _fraud_requests(
+        self, conn: Connection, candidates: list[Conversion]
+    ) -> list[fraud_pb2.CheckConversionRequest]:
+        """The fraud checks of a round: codes from the cache, the named clicks' times in one query."""
+        click_keys = [(c.click_id, c.click_created_at) for c in candidates if c.click_id and c.click_created_at]
+        clicks = await click_store.fetch_clicks(conn, click_keys) if click_keys else {}
+        requests = []
+        for c in candidates:
+            coupon = await self._cache.coupon(c.campaign_id, c.coupon_code, conn) if c.coupon_code else None
+            click = clicks.get(c.click_id) if c.click_id else None
+            requests.append(conversion_check(
+                order_id=c.order_id,
+                campaign_id=c.campaign_id,
+                affiliate_id=c.affiliate_id,
+                click_id=c.click_id,
+                click_time=click.occurred_at if click else None,
+                coupon_code=c.coupon_code,
+                coupon_kind=coupon.kind if coupon else None,
+                customer_id=c.customer_id,
+                ip=str(c.request.get("ip") or ""),
+                user_agent=str(c.request.get("user_agent") or ""),
+                occurred_at=c.occurred_at,
+                received_at=c.received_at,
+            ))
+        return requests
 
     # ------------------------------------------------------------ leak response
 

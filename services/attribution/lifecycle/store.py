@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from services.attribution.common.database import Connection
 
-async def set_status(conn: asyncpg.Connection, conversion_ids: Sequence[str], status: str) -> None:
+
+async def set_status(conn: Connection, conversion_ids: Sequence[str], status: str) -> None:
     await conn.execute(
         "UPDATE conversions SET status = $2, updated_at = now() WHERE id = ANY($1::text[])",
         list(conversion_ids),
@@ -15,7 +17,7 @@ async def set_status(conn: asyncpg.Connection, conversion_ids: Sequence[str], st
     )
 
 
-async def hold_unique_code(conn: asyncpg.Connection, campaign_id: str, code: str, detail: str) -> bool:
+async def hold_unique_code(conn: Connection, campaign_id: str, code: str, detail: str) -> bool:
     """ACTIVE UNIQUE code -> HOLD, with the change in the code's history."""
     row = await conn.fetchrow(
         """UPDATE coupons SET status = 'hold', updated_at = now()
@@ -36,12 +38,12 @@ async def hold_unique_code(conn: asyncpg.Connection, campaign_id: str, code: str
     return True
 
 
-async def get_alert_cursor(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> str | None:
+async def get_alert_cursor(conn: Connection | asyncpg.Pool, name: str) -> str | None:
     value = await conn.fetchval("SELECT after_id FROM alert_cursor WHERE name = $1", name)
     return str(value) if value is not None else None
 
 
-async def set_alert_cursor(conn: asyncpg.Connection | asyncpg.Pool, name: str, after_id: str) -> None:
+async def set_alert_cursor(conn: Connection | asyncpg.Pool, name: str, after_id: str) -> None:
     await conn.execute(
         """INSERT INTO alert_cursor (name, after_id) VALUES ($1, $2)
            ON CONFLICT (name) DO UPDATE SET after_id = EXCLUDED.after_id""",
