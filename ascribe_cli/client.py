@@ -188,11 +188,7 @@ def every_page(fetch: Callable[[str], tuple[Iterable[Item], str]]) -> Iterator[I
             return
 
 
-def exported_codes(replies: Iterable[pb.Coupon]) -> Iterator[str]:
-    """The codes of an ExportCodes stream: the one place that knows what its messages carry.
-
-    Today one ``Coupon`` a message; when the stream becomes ``ExportCodesChunk``
-    (many codes a message), this becomes ``for chunk in replies: yield from chunk.codes``.
-    """
-    for coupon in replies:
-        yield coupon.code
+def exported_codes(replies: Iterable[pb.ExportCodesChunk]) -> Iterator[str]:
+    """The codes of an ExportCodes stream (many codes a message)."""
+    for chunk in replies:
+        yield from chunk.codes

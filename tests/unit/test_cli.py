@@ -215,7 +215,8 @@ def test_every_page_is_followed() -> None:
 
 
 def test_exported_codes_reads_the_codes_of_the_stream() -> None:
-    assert list(exported_codes([pb.Coupon(code="A1B2"), pb.Coupon(code="C3D4")])) == ["A1B2", "C3D4"]
+    chunks = [pb.ExportCodesChunk(codes=["A1B2", "C3D4"]), pb.ExportCodesChunk(), pb.ExportCodesChunk(codes=["E5F6"])]
+    assert list(exported_codes(chunks)) == ["A1B2", "C3D4", "E5F6"]
 
 
 # ---------------------------------------------------------------- usage (exit code 2) and help
