@@ -157,6 +157,14 @@ class Client:
         finally:
             replies.cancel()
 
+    def upload(
+        self, method: grpc.StreamUnaryMultiCallable[Request, Reply], requests: Iterator[Request], timeout: float
+    ) -> Reply:
+        """A client-streaming call: ``requests`` go out as they are read, one answer comes back."""
+        try:
+            return method(requests, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise request_failed(error, self.addr) from None
 
 
 class Pending(Generic[Reply]):

@@ -1,4 +1,4 @@
-"""``ascribe codes``: generate batches of UNIQUE codes and export them.
+"""``ascribe codes``: generate, import, export and hand out batches of codes.
 
 GenerateCodes is one unary call: the server reports nothing until the whole
 batch is committed, so ``generate`` shows an indeterminate progress bar with
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -40,7 +42,10 @@ from ascribe_cli.coupons import (
 from ascribe_cli.output import Format, stderr_console, stdout, write_one
 from ascribe_cli.values import CouponKind
 
-app = typer.Typer(help="Batches of generated UNIQUE codes.", no_args_is_help=True)
+app = typer.Typer(help="Batches of codes: generated or imported, exported, handed out.", no_args_is_help=True)
+
+# An imported file travels in pieces of this size (the server reads them in order).
+IMPORT_PIECE_BYTES = 256 * 1024
 
 # Progress is redrawn this often while a call runs, and an export's count
 # every this many codes (a redraw per code would cost more than the code).
@@ -147,3 +152,74 @@ def export(
     seconds = time.monotonic() - started
     console.print(f"exported {count:,} codes in {seconds:.2f} s ({_rate(count, seconds)})", markup=False)
 
+
+
+@app.command("import")
+def import_codes(
+    ctx: typer.Context,
+    campaign_id: Annotated[str, typer.Argument(help="the campaign the codes join")],
+    path: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="CSV with a header row: code, kind, ...")
+    ],
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Import codes the shop already has (all or nothing); prints the new batch id and count.
+
+    Columns are Coupon's field names (code required; kind, status,
+    valid_from, valid_until, usage_limit, affiliate_ids, countries, ...; lists
+    separated by ';'); a bad row is named by its line and column.
+    """
+
+    def pieces() -> Iterator[pb.ImportCodesRequest]:
+        with path.open("rb") as file:
+            first = True
+            while piece := file.read(IMPORT_PIECE_BYTES):
+                yield pb.ImportCodesRequest(campaign_id=campaign_id if first else "", csv=piece)
+                first = False
+
+    started = time.monotonic()
+    with connect(ctx) as client:
+        reply = client.upload(client.catalog.ImportCodes, pieces(), client.deadline(BULK_DEADLINE_SECONDS))
+    seconds = time.monotonic() - started
+    stderr_console().print(
+        f"imported {reply.imported:,} codes in {seconds:.2f} s; batch {reply.batch_id}", markup=False
+    )
+    write_one(reply, fmt)
+
+
+@app.command()
+def assign(
+    ctx: typer.Context,
+    campaign_id: Annotated[str, typer.Argument(help="the batch's campaign")],
+    batch_id: Annotated[str, typer.Argument(help="a batch of generate or import")],
+    customer_id: Annotated[str | None, typer.Argument(help="who gets a code (or --customers FILE)")] = None,
+    customers: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="a file of customer ids, one a line (a 'customer_id' header is skipped)"),
+    ] = None,
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Hand the next free code of a batch to a customer (the same customer always gets the same code).
+
+    With --customers, every customer of the file gets one: CSV lines
+    ``customer_id,code`` on stdout, in the file's order.
+    """
+    if (customer_id is None) == (customers is None):
+        raise typer.BadParameter("give one CUSTOMER_ID or --customers FILE")
+    with connect(ctx) as client:
+        if customer_id is not None:
+            write_one(client.call(client.catalog.AssignCode, pb.AssignCodeRequest(
+                campaign_id=campaign_id, batch_id=batch_id, customer_id=customer_id,
+            )), fmt)
+            return
+        assert customers is not None
+        out = stdout()
+        out.write("customer_id,code\n")
+        for line in customers.read_text(encoding="utf-8-sig").splitlines():
+            customer = line.split(",")[0].strip()
+            if not customer or customer == "customer_id":
+                continue
+            coupon = client.call(client.catalog.AssignCode, pb.AssignCodeRequest(
+                campaign_id=campaign_id, batch_id=batch_id, customer_id=customer,
+            ))
+            out.write(f"{customer},{coupon.code}\n")

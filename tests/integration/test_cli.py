@@ -185,6 +185,34 @@ async def test_codes_generate_then_export_in_both_formats(cli: Cli) -> None:
     assert "NOT_FOUND" in unknown.stderr
 
 
+async def test_codes_import_then_assign_one_customer_and_a_file_of_them(cli: Cli, tmp_path: Path) -> None:
+    await campaign(cli)
+    csv_file = tmp_path / "shop.csv"
+    csv_file.write_text("\ufeffcode,kind,valid_until\nSHOP-A1,unique,2030-01-31\nSHOP-B2,unique,\nSHOP-C3,unique,\n")
+    imported = await cli("codes", "import", "cmp", str(csv_file), "--format", "json")
+    assert imported.exit_code == 0, imported.output
+    batch = json.loads(imported.stdout)
+    assert batch["imported"] == 3 and "imported 3 codes" in imported.stderr
+
+    first = await cli.json("codes", "assign", "cmp", batch["batch_id"], "cust-1")
+    again = await cli.json("codes", "assign", "cmp", batch["batch_id"], "cust-1")
+    assert first["code"] == again["code"] and first["assigned_customer_id"] == "cust-1"
+
+    customers = tmp_path / "customers.csv"
+    customers.write_text("customer_id\ncust-2\ncust-1\n")
+    lines = (await cli.ok("codes", "assign", "cmp", batch["batch_id"], "--customers", str(customers))).splitlines()
+    assert lines[0] == "customer_id,code" and lines[2] == f"cust-1,{first['code']}"
+    handed = {line.split(",")[1] for line in lines[1:]}
+    assert len(handed) == 2 and handed <= {"SHOP-A1", "SHOP-B2", "SHOP-C3"}
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("code,valid_until\nOK-1,2030-01-31\nOK-2,not a date\n")
+    refused = await cli("codes", "import", "cmp", str(bad))
+    assert refused.exit_code == 1 and "line 3" in refused.stderr and refused.stdout == ""
+    usage = await cli("codes", "assign", "cmp", batch["batch_id"])
+    assert usage.exit_code == 2
+
+
 async def test_the_cli_speaks_mutual_tls_with_the_services_settings(database_url: str, tmp_path: Path) -> None:
     ca = trustme.CA()
     files = {"ca": tmp_path / "ca.pem"}
