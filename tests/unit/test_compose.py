@@ -175,6 +175,10 @@ def test_prometheus_scrapes_every_service_and_loads_the_rules(compose: dict[str,
     }
     # Reachable from the Prometheus container, not only on the service's own loopback.
     assert fraud["ASCRIBE_FRAUD_METRICS_HOST"] == attribution["ASCRIBE_ATTRIBUTION_METRICS_HOST"] == "0.0.0.0"
+    gateway = _env(compose, "gateway")
+    # The gateway's metrics listen where its tracking port does unless told otherwise.
+    assert gateway.get("ASCRIBE_GATEWAY_METRICS_HOST", gateway["ASCRIBE_GATEWAY_HOST"]) == "0.0.0.0"
+    assert int(gateway.get("ASCRIBE_GATEWAY_METRICS_PORT", _gateway_metrics_port())) == _gateway_metrics_port()
     for job in targets:
         assert job in service["depends_on"], job
 

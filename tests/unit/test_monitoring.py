@@ -23,8 +23,6 @@ ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yml"
 
 # Metrics that the scrape adds or prometheus_client exposes by itself.
 STANDARD = {"up", "process_cpu_seconds"}
-# Being added by another branch (the IP lists' refresh): drop once merged.
-PENDING = {"ascribe_fraud_ipintel_age_seconds"}
 
 _DEFINED = re.compile(r"""["']((?:ascribe|grpc)_[a-z0-9_]+)["']""")
 _USED = re.compile(r"\b((?:ascribe|grpc_server|grpc_client|process)_[a-z0-9_]+|up)\b(?!\s*\()")
@@ -126,7 +124,7 @@ def test_the_dashboard_has_both_views(dashboard: dict[str, Any]) -> None:
 
 
 def test_every_query_reads_a_metric_we_expose(dashboard: dict[str, Any]) -> None:
-    known = defined_metrics() | STANDARD | PENDING
+    known = defined_metrics() | STANDARD
     for title, expr in _exprs(dashboard):
         used = used_metrics(expr)
         assert used, (title, expr)
