@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto run demo migrate test unit integration e2e lint typecheck bench ipintel clean
+.PHONY: install proto run demo migrate test unit integration e2e lint typecheck bench ipintel prometheus-rules clean
 
 # The pinned requirements, then the project itself, editable (so .venv/bin/ascribe
 # runs this checkout's code); a changed pyproject.toml (entry point, packages)
@@ -63,6 +63,10 @@ e2e: gen/.stamp
 
 test: gen/.stamp lint typecheck
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The Prometheus configuration and the alert rules' unit tests (promtool: Debian's prometheus package).
+prometheus-rules:
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules alerts_test.yml
 
 bench: gen/.stamp
 	$(PY) -m bench --mode $(BENCH)

@@ -11,11 +11,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from ascribe.attribution.v1 import attribution_pb2 as pb
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
 
 logger = logging.getLogger(__name__)
+
+# As the attribution server's grpc_service label names it.
+TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
 
 ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/openapi.json"})
 
@@ -42,8 +46,9 @@ CONVERSIONS_TOTAL = Counter(
 )
 UPSTREAM_ERRORS_TOTAL = Counter(
     "ascribe_gateway_upstream_errors_total",
-    "Attribution calls that failed, by RPC and gRPC status code.",
-    ["method", "code"],
+    "Attribution calls (or entries of a batch) that failed, by RPC and gRPC status code.",
+    # The grpc_* names of the server side, so one query joins both ends.
+    ["grpc_method", "grpc_code"],
 )
 BACKEND_UP = Gauge(
     "ascribe_gateway_backend_up",
@@ -51,8 +56,8 @@ BACKEND_UP = Gauge(
     ["backend"],
 )
 
-CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels("attribution", "RecordClickBatch")
-CONVERSION_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels("attribution", "RecordConversionBatch")
+CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordClickBatch")
+CONVERSION_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordConversionBatch")
 
 
 class RequestMetrics:

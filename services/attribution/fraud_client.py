@@ -98,7 +98,7 @@ class _BatchedCheck:
         self._method = method
         self._call = call
         self._batch_type = batch_type
-        self._size = GRPC_CLIENT_BATCH_SIZE.labels("fraud", method)
+        self._size = GRPC_CLIENT_BATCH_SIZE.labels(fraud_pb2.DESCRIPTOR.services_by_name["FraudService"].full_name, method)
         self._unavailable = FRAUD_UNAVAILABLE_TOTAL.labels(kind)
         # A group (a list of requests) is one batcher item, so the checks of
         # one caller's batch always travel together.

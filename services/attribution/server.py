@@ -24,6 +24,7 @@ from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.servicer import ConversionRpcs
 from services.attribution.fraud_client import FraudClient
 from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
+from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
 from services.attribution.reports.servicer import ReportServicer
 from services.attribution.tracking_servicer import TrackingServicer
@@ -133,6 +134,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         # Start-up parameters: they hold for the whole session, whatever a reset does.
         server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
     )
+    POOLS.watch(pool)
     async with pool.acquire() as conn:
         await migrate(conn)
         await click_store.ensure_click_partitions(conn, 1, 7)

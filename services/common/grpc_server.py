@@ -31,7 +31,12 @@ from grpc_status import rpc_status
 
 from services.common.channels import Transport, server_options
 from services.common.errors import DomainError, InvalidArgument
-from services.common.metrics import GRPC_HANDLING_SECONDS, GRPC_REQUESTS_TOTAL
+from services.common.metrics import (
+    GRPC_SERVER_HANDLED_TOTAL,
+    GRPC_SERVER_HANDLING_SECONDS,
+    GRPC_SERVER_STARTED_TOTAL,
+    grpc_type,
+)
 from services.common.status_details import token_refused_status
 from services.common.tls import ServerCertificates
 
@@ -184,23 +189,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str, authorized: bool
     ) -> grpc.RpcMethodHandler[Any, Any]:
         service, method = _split_method(full_method)
+        labels = (grpc_type(handler), service, method)
         decode: _Decode = handler.request_deserializer
         serialize = handler.response_serializer
         allowed = self._peer_identities.get(full_method)
         # request_deserializer None: grpc hands the wrapper the raw bytes.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, method, authorized, allowed, self._one(decode)),
+                self._wrap_unary(handler.unary_unary, labels, authorized, allowed, self._one(decode)),
                 response_serializer=serialize,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, service, method, authorized, allowed, self._each(decode)),
+                self._wrap_unary(handler.stream_unary, labels, authorized, allowed, self._each(decode)),
                 response_serializer=serialize,
             )
         behavior = handler.unary_stream or handler.stream_stream
         prepare = self._one(decode) if handler.unary_stream is not None else self._each(decode)
-        wrapped = self._wrap_stream(behavior, service, method, authorized, allowed, prepare)
+        wrapped = self._wrap_stream(behavior, labels, authorized, allowed, prepare)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(wrapped, response_serializer=serialize)
         return grpc.stream_stream_rpc_method_handler(wrapped, response_serializer=serialize)
@@ -249,18 +255,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(
         self,
         behavior: Any,
-        service: str,
-        method: str,
+        labels: tuple[str, str, str],
         authorized: bool,
         allowed: frozenset[str] | None,
         prepare: Callable[[Any, str, str], Any],
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-        handling_seconds = GRPC_HANDLING_SECONDS.labels(service, method)
-        count = self._counter(service, method)
+        _, service, method = labels
+        handling_seconds = GRPC_SERVER_HANDLING_SECONDS.labels(*labels)
+        started_total = GRPC_SERVER_STARTED_TOTAL.labels(*labels)
+        count = self._counter(labels)
         check = self._check_caller
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            started_total.inc()
             code = grpc.StatusCode.OK
             try:
                 if not authorized or allowed is not None:
@@ -283,8 +291,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(
         self,
         behavior: Any,
-        service: str,
-        method: str,
+        labels: tuple[str, str, str],
         authorized: bool,
         allowed: frozenset[str] | None,
         prepare: Callable[[Any, str, str], Any],
@@ -292,10 +299,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         # No handling-time histogram here: a stream (WatchAlerts, the batch
         # streams) lives for minutes or hours and would only blur the unary
         # latencies. ``request`` is a stream method's request iterator.
-        count = self._counter(service, method)
+        _, service, method = labels
+        started_total = GRPC_SERVER_STARTED_TOTAL.labels(*labels)
+        count = self._counter(labels)
         check = self._check_caller
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started_total.inc()
             code = grpc.StatusCode.OK
             try:
                 if not authorized or allowed is not None:
@@ -316,15 +326,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     @staticmethod
-    def _counter(service: str, method: str) -> Callable[[grpc.StatusCode], None]:
-        """Counts an RPC's outcome; the OK child is bound once, the rare codes looked up."""
-        ok_total = GRPC_REQUESTS_TOTAL.labels(service, method, grpc.StatusCode.OK.name)
+    def _counter(labels: tuple[str, str, str]) -> Callable[[grpc.StatusCode], None]:
+        """Counts an RPC's outcome; the OK child is bound once, the rare codes looked up.
+
+        ``grpc_code`` is the StatusCode's name (``OK``, ``UNAVAILABLE``), as
+        py-grpc-prometheus writes it.
+        """
+        ok_total = GRPC_SERVER_HANDLED_TOTAL.labels(*labels, grpc.StatusCode.OK.name)
 
         def count(code: grpc.StatusCode) -> None:
             if code is grpc.StatusCode.OK:
                 ok_total.inc()
             else:
-                GRPC_REQUESTS_TOTAL.labels(service, method, code.name).inc()
+                GRPC_SERVER_HANDLED_TOTAL.labels(*labels, code.name).inc()
 
         return count
 

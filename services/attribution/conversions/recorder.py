@@ -54,7 +54,7 @@ from services.attribution.conversions.rules import (
     judge_static,
 )
 from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
-from services.attribution.metrics import CONVERSION_BATCH_SIZE, CONVERSION_SECONDS, CONVERSIONS_TOTAL
+from services.attribution.metrics import CONVERSION_BATCH_SIZE, CONVERSION_SECONDS, count_judged
 from services.common.batcher import MicroBatcher
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.common.timestamps import utcnow
@@ -290,8 +290,7 @@ class ConversionRecorder:
             if case.previous is not None:
                 await store.replace_conversion(conn, conversion)
         await store.insert_judged(conn, new, events, ledger)
-        for conversion in conversions:
-            CONVERSIONS_TOTAL.labels(conversion.status).inc()
+        count_judged(conversions)
         return conversions
 
     async def _load_clicks(self, conn: Connection, cases: list[_Case]) -> dict[str, Click]:
