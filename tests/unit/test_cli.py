@@ -269,7 +269,7 @@ def test_the_command_tree_is_what_the_readme_shows() -> None:
         "campaigns create", "campaigns show", "campaigns list", "campaigns update",
         "affiliates create", "affiliates show", "affiliates list", "affiliates update",
         "coupons create", "coupons show", "coupons list", "coupons update",
-        "codes generate", "codes export",
+        "codes generate", "codes export", "codes import", "codes assign",
         "conversions list", "conversions show", "conversions review",
     }
 
