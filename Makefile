@@ -12,9 +12,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install proto run demo migrate test unit integration e2e lint typecheck bench ipintel clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The pinned requirements, then the project itself, editable (so .venv/bin/ascribe
+# runs this checkout's code); a changed pyproject.toml (entry point, packages)
+# installs again. The image's build stage runs `make install` before it has
+# copied pyproject.toml: there only the requirements are installed.
+$(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(if $(wildcard pyproject.toml),$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .)
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,7 +50,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 typecheck: gen/.stamp
-	$(VENV)/bin/mypy services gateway tools bench
+	$(VENV)/bin/mypy services gateway tools bench ascribe_cli
 
 unit: gen/.stamp
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -57,6 +57,7 @@ class Mode:
     open_rate: float = 1000.0
     batch_size: int = 100
     rescore_backlog: int = 20_000  # flagged conversions the re-scoring case clears
+    redis_memory_clicks: int = 100_000  # distinct-address clicks of the Redis memory case
     # The naive store takes tens of seconds for 10,000 attempts: too slow for quick mode.
     naive_burst: bool = True
 
@@ -67,7 +68,7 @@ MODES = {
     ),
     "full": Mode(
         "full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000,
-        rescore_backlog=100_000,
+        rescore_backlog=100_000, redis_memory_clicks=1_000_000,
     ),
 }
 
@@ -458,6 +459,7 @@ EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
 FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
 FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+REDIS_BYTES_GOAL = Goal("<= 100 bytes/click", "cpu_us_per_event", "<=", 100)
 VISITOR_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
 RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
 RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
@@ -694,6 +696,7 @@ class Runner:
             if result.key.startswith("d.transport_redis_py"):
                 self.ratio(result, result.key.replace("redis_py", "resp"), of="cpu_us_per_event")
             self.add(result)
+        self.add(uvloop.run(redis_bytes_per_click_case(self.env, self.mode.redis_memory_clicks)))
 
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
@@ -724,15 +727,73 @@ class Runner:
 
     # (f) --------------------------------------------------------------
     def generate(self) -> None:
-        key, title = "f.generate_codes", f"{self.mode.generate:,} unique codes via GenerateCodes"
+        """Codes at scale (issue 15): the COPY floor, GenerateCodes, ExportCodes, AssignCode.
+
+        The floor and the row-by-row reference run in this process straight
+        against PostgreSQL, into the same ``coupons`` table (same indexes,
+        constraints and columns as the generated rows) in the same run; the
+        floor's rows are built before the clock starts, so it is PostgreSQL's
+        own cost of taking them.
+        """
         reason = self.ensure_catalog()
+        count = self.mode.generate
+        keys = [
+            ("f.copy_floor", f"floor: bare COPY of {count:,} prepared rows into coupons"),
+            ("f.generate_codes", f"{count:,} unique codes via GenerateCodes"),
+            ("f.insert_row_by_row", f"reference: {ROW_BY_ROW:,} codes inserted row by row"),
+            ("f.export_codes", f"ExportCodes of the {count:,}-code batch"),
+            ("f.assign_codes", "AssignCode, 64 concurrent callers"),
+        ]
         if reason:
-            self.add(unavailable(key, title, reason))
+            for key, title in keys:
+                self.add(unavailable(key, title, reason))
             return
+        assert self.env.stack is not None and self.catalog is not None
+        self.add(asyncio.run(_copy_floor(self.env, keys[0][1], count)))
+        generated = self._generate_codes(keys[1][1], count)
+        self.add(asyncio.run(_row_by_row(self.env, keys[2][1])))
+        if generated is None:
+            for key, title in keys[3:]:
+                self.add(unavailable(key, title, "GenerateCodes failed"))
+            return
+        self.add(self._export_codes(keys[3][1], generated, count))
+        self.add(self._unary_floor())
+        assign = self._assign_codes(keys[4][1], generated)
+        self.ratio(assign, "f.unary_floor")
+        self.add(assign)
+
+    def _unary_floor(self) -> CaseResult:
+        """The same 64 callers on the attribution server's health Check: what any unary call costs here."""
+        assert self.env.stack is not None
+        title = "reference: grpc.health Check on the attribution server, 64 concurrent callers"
+        meter = CpuMeter(self.env.cpu_groups())
+        before = meter.snapshot()
+        ok, refused, latencies, elapsed = asyncio.run(_unary_load(
+            self.env.stack.addr("attribution"), None, self.mode.concurrency, self.mode.store_duration,
+        ))
+        cpu = CpuMeter.delta(before, meter.snapshot())
+        latencies.sort()
+        result = CaseResult(
+            "f.unary_floor", title, unit="calls/s", throughput=ok / elapsed, events=ok, errors=refused,
+            p50_ms=percentile(latencies, 0.5) / 1e6, p95_ms=percentile(latencies, 0.95) / 1e6,
+            p99_ms=percentile(latencies, 0.99) / 1e6,
+        )
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, ok) * 1e6
+        result.note = "the gRPC floor of AssignCode: the same client, server, interceptors and concurrency"
+        return result
+
+    def _generate_codes(self, title: str, count: int) -> str | None:
+        key = "f.generate_codes"
         assert self.env.stack is not None and self.catalog is not None
         from ascribe.attribution.v1 import attribution_pb2 as pb
         from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
 
+        goals = [
+            Goal(f"all {count:,} stored", "exact", ">=", 1),
+            Goal("1,000,000 in <= 5 s (200,000 codes/s)", "throughput", ">=", 200_000),
+            Goal(">= 0.8x the COPY floor", "ratio", ">=", 0.8),
+        ]
         meter = CpuMeter(self.env.cpu_groups())
         with grpc.insecure_channel(self.env.stack.addr("attribution")) as channel, \
                 RssSampler(self.env.stack.pids()) as rss:
@@ -745,25 +806,104 @@ class Runner:
                             campaign_id=self.catalog.campaign_id, kind=pb.COUPON_KIND_UNIQUE,
                             usage_limit=1, allow_all_affiliates=True,
                         ),
-                        count=self.mode.generate, prefix="G", length=12,
+                        count=count, prefix="G", length=GENERATED_LENGTH,
                     ),
                     timeout=900,
                 )
             except grpc.RpcError as error:
-                self.add(unavailable(key, title, rpc_reason(error, "GenerateCodes")))
-                return
+                self.add(unavailable(key, title, rpc_reason(error, "GenerateCodes"), goals))
+                return None
             elapsed = time.perf_counter() - started
             cpu = CpuMeter.delta(before, meter.snapshot())
         stored = asyncio.run(_count_batch(self.env.database_url, reply.batch_id))
         result = CaseResult(key, title, unit="codes/s", throughput=reply.generated / elapsed, events=stored)
-        result.exact = stored == self.mode.generate == reply.generated
-        result.goals = [Goal(f"all {self.mode.generate:,} stored", "exact", ">=", 1)]
+        result.exact = stored == count == reply.generated
+        result.goals = goals
         result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
         result.cpu_us_per_event = sum(cpu.values()) / max(1, stored) * 1e6
         result.peak_rss_mb = rss.peak_mb()
-        result.note = f"{elapsed:.1f} s, {stored:,} rows stored"
+        attribution_rss = result.peak_rss_mb.get("attribution")
+        result.note = (
+            f"{elapsed:.1f} s, {stored:,} rows stored, {reply.random_bits} random bits a code"
+            + (f", attribution peak RSS {attribution_rss:.0f} MB (goal <= 300)" if attribution_rss else "")
+        )
         result.extra["seconds"] = round(elapsed, 2)
+        result.extra["attribution_peak_rss_mb"] = attribution_rss
+        self.ratio(result, "f.copy_floor")
         self.add(result)
+        return reply.batch_id
+
+    def _export_codes(self, title: str, batch_id: str, count: int) -> CaseResult:
+        assert self.env.stack is not None
+        from ascribe.attribution.v1 import attribution_pb2 as pb
+        from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
+
+        goals = [
+            Goal(f"all {count:,} exported once", "exact", ">=", 1),
+            Goal("1,000,000 in <= 3 s (333,334 codes/s)", "throughput", ">=", 333_334),
+        ]
+        meter = CpuMeter(self.env.cpu_groups())
+        codes: set[str] = set()
+        received = messages = 0
+        with grpc.insecure_channel(
+            self.env.stack.addr("attribution"), options=[("grpc.max_receive_message_length", 64 << 20)]
+        ) as channel, RssSampler(self.env.stack.pids()) as rss:
+            before = meter.snapshot()
+            started = time.perf_counter()
+            try:
+                for chunk in pb_grpc.CatalogServiceStub(channel).ExportCodes(
+                    pb.ExportCodesRequest(batch_id=batch_id), timeout=600
+                ):
+                    messages += 1
+                    received += len(chunk.codes)
+                    codes.update(chunk.codes)
+            except grpc.RpcError as error:
+                return unavailable("f.export_codes", title, rpc_reason(error, "ExportCodes"), goals)
+            elapsed = time.perf_counter() - started
+            cpu = CpuMeter.delta(before, meter.snapshot())
+        result = CaseResult(
+            "f.export_codes", title, unit="codes/s", throughput=received / elapsed, events=received, goals=goals
+        )
+        result.exact = received == len(codes) == count
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, received) * 1e6
+        result.peak_rss_mb = rss.peak_mb()
+        result.note = f"{elapsed:.2f} s, {received:,} codes in {messages:,} messages"
+        result.extra["seconds"] = round(elapsed, 2)
+        return result
+
+    def _assign_codes(self, title: str, batch_id: str) -> CaseResult:
+        assert self.env.stack is not None and self.catalog is not None
+        goals = [
+            Goal(">= 2,000 assignments/s", "throughput", ">=", 2000),
+            Goal("no code given twice", "exact", ">=", 1),
+        ]
+        meter = CpuMeter(self.env.cpu_groups())
+        before = meter.snapshot()
+        try:
+            ok, refused, latencies, elapsed = asyncio.run(_unary_load(
+                self.env.stack.addr("attribution"), (self.catalog.campaign_id, batch_id),
+                self.mode.concurrency, self.mode.store_duration,
+            ))
+        except grpc.RpcError as error:
+            return unavailable("f.assign_codes", title, rpc_reason(error, "AssignCode"), goals)
+        cpu = CpuMeter.delta(before, meter.snapshot())
+        assigned, distinct = asyncio.run(_count_assigned(self.env.database_url, batch_id))
+        latencies.sort()
+        result = CaseResult(
+            "f.assign_codes", title, unit="codes/s", throughput=ok / elapsed, events=ok, errors=refused,
+            p50_ms=percentile(latencies, 0.5) / 1e6, p95_ms=percentile(latencies, 0.95) / 1e6,
+            p99_ms=percentile(latencies, 0.99) / 1e6, goals=goals,
+        )
+        # The warm-up call assigned one more code, to a customer outside the count.
+        result.exact = assigned == distinct == ok + 1 and refused == 0
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, ok) * 1e6
+        result.note = (
+            f"{ok:,} codes assigned to {ok:,} customers in {elapsed:.1f} s, {assigned:,} rows assigned "
+            f"({distinct:,} distinct customers, one row per code); CPU includes the bench's gRPC clients"
+        )
+        return result
 
     # (g) --------------------------------------------------------------
     def rescore(self) -> None:
@@ -895,6 +1035,52 @@ async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
             await client.unlink(*keys[start : start + 1000])
         await client.aclose()
     return results
+
+
+async def redis_bytes_per_click_case(env: BenchEnv, clicks: int) -> CaseResult:
+    """Bytes of Redis a click leaves behind: ``clicks`` from distinct IPv4 addresses, no aff_click_id.
+
+    Through ``FraudStore.count_clicks`` in batches of 100, on the bench's
+    Redis with a prefix of its own; the change in ``used_memory`` divided by
+    the clicks (the figure the steady-state formula multiplies: click rate x
+    the longest window a click's state lives x bytes). The result column
+    carries bytes per click (in place of CPU).
+    """
+    import redis.asyncio as aioredis
+
+    from services.fraud.domain import ClickEvent
+    from services.fraud.store import FraudStore, StoreConfig
+
+    key, title = "d.redis_bytes_per_click", f"Redis memory per click, {clicks:,} clicks from distinct addresses"
+    client = aioredis.from_url(env.redis_url)
+    prefix = f"{env.redis_key_prefix}bench-memory-{secrets.token_hex(3)}"
+    store = FraudStore(client, StoreConfig(prefix=prefix))
+    try:
+        await store.load_scripts()
+        before = int((await client.info("memory"))["used_memory"])
+        now = datetime.now(UTC)
+        for start in range(0, clicks, 100):
+            await store.count_clicks([
+                ClickEvent(
+                    click_id=f"m{n}", external_click_id="", campaign_id="bench", affiliate_id=f"aff{n % 50}",
+                    coupon_code="", ip=f"{10 + (n >> 24) % 200}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}",
+                    user_agent="Mozilla/5.0", occurred_at=now,
+                )
+                for n in range(start, min(start + 100, clicks))
+            ])
+        after = int((await client.info("memory"))["used_memory"])
+    finally:
+        keys = [found async for found in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await store.aclose()
+        await client.aclose()
+    per_click = (after - before) / clicks
+    return CaseResult(
+        key, title, unit="clicks", events=clicks, cpu_us_per_event=per_click, goals=[REDIS_BYTES_GOAL],
+        note=f"{per_click:.0f} bytes per click ({(after - before) / 1e6:.1f} MB for {clicks:,}; "
+             "the CPU column holds bytes per click)",
+    )
 
 
 async def _drive_counters(
@@ -1065,6 +1251,149 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
             f"p99 {percentile(durations, 0.99) / 1000:.2f} µs"
         ),
     )
+
+
+ROW_BY_ROW = 10_000
+GENERATED_LENGTH = 12
+
+
+async def _bench_campaign(conn: asyncpg.Connection, campaign_id: str) -> None:
+    await conn.execute(
+        """INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)
+           VALUES ($1, 'bench reference', 'https://shop.example/', 'USD', '\\x00')""",
+        campaign_id,
+    )
+
+
+async def _copy_floor(env: BenchEnv, title: str, count: int) -> CaseResult:
+    """PostgreSQL's own cost of taking ``count`` coupon rows by COPY, rows prepared beforehand."""
+    from services.attribution.catalog import store
+    from services.attribution.common import code_check
+    from services.attribution.common.models import Coupon
+
+    conn = await asyncpg.connect(env.database_url, timeout=10)
+    try:
+        campaign_id = f"floor_{secrets.token_hex(4)}"
+        await _bench_campaign(conn, campaign_id)
+        template = Coupon(campaign_id=campaign_id, code="", kind="unique", usage_limit=1, allow_all_affiliates=True)
+        columns, head, tail = store._copy_row_parts(template, f"bat_{campaign_id}")
+        width = 1 + GENERATED_LENGTH + 1
+        rows = store.copy_rows(code_check.random_code_block(count, "G", GENERATED_LENGTH), width, head, tail)
+
+        async def source() -> Any:
+            view = memoryview(rows)
+            for start in range(0, len(view), 1 << 20):
+                yield view[start : start + (1 << 20)]
+
+        meter = CpuMeter(env.cpu_groups(services=False))
+        before = meter.snapshot()
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_to_table("coupons", source=source(), columns=columns, timeout=900)
+        elapsed = time.perf_counter() - started
+        cpu = CpuMeter.delta(before, meter.snapshot())
+    finally:
+        await conn.close()
+    result = CaseResult("f.copy_floor", title, unit="codes/s", throughput=count / elapsed, events=count)
+    result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+    result.cpu_us_per_event = sum(cpu.values()) / count * 1e6
+    result.note = (
+        f"{elapsed:.1f} s; one COPY in text format of the columns GenerateCodes sends, codes in random "
+        "order, into the same table with the same indexes and constraints, in one transaction"
+    )
+    result.extra["seconds"] = round(elapsed, 2)
+    return result
+
+
+async def _row_by_row(env: BenchEnv, title: str) -> CaseResult:
+    """The naive way: one INSERT statement per code, one transaction."""
+    from services.attribution.common import code_check
+
+    conn = await asyncpg.connect(env.database_url, timeout=10)
+    try:
+        campaign_id = f"rows_{secrets.token_hex(4)}"
+        await _bench_campaign(conn, campaign_id)
+        width = 1 + GENERATED_LENGTH + 1
+        codes = code_check.split_block(code_check.random_code_block(ROW_BY_ROW, "R", GENERATED_LENGTH), width)
+        batch_id = f"bat_{campaign_id}"
+        started = time.perf_counter()
+        async with conn.transaction():
+            for code in codes:
+                await conn.execute(
+                    """INSERT INTO coupons (campaign_id, code, batch_id, kind, usage_limit, allow_all_affiliates)
+                       VALUES ($1, $2, $3, 'unique', 1, true)""",
+                    campaign_id, code, batch_id,
+                )
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    result = CaseResult("f.insert_row_by_row", title, unit="codes/s", throughput=ROW_BY_ROW / elapsed, events=ROW_BY_ROW)
+    result.note = f"{elapsed:.1f} s: one INSERT round trip per code (a million would take {elapsed * 100:.0f} s)"
+    return result
+
+
+async def _unary_load(
+    addr: str, assign_in: tuple[str, str] | None, callers: int, duration: float
+) -> tuple[int, int, list[int], float]:
+    """``callers`` concurrent loops for ``duration`` s of AssignCode (each call a new
+    customer of the batch ``assign_in`` names: campaign, batch), or of health Checks."""
+    from ascribe.attribution.v1 import attribution_pb2 as pb
+    from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ok = refused = 0
+    latencies: list[int] = []
+    customers = iter(range(10**9))
+    async with grpc.aio.insecure_channel(addr) as channel:
+        catalog = pb_grpc.CatalogServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def call() -> object:
+            if assign_in is None:
+                return await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            return await catalog.AssignCode(
+                pb.AssignCodeRequest(
+                    campaign_id=assign_in[0], batch_id=assign_in[1], customer_id=f"cust-{next(customers)}"
+                ),
+                timeout=30,
+            )
+
+        await call()  # warm-up: the channel connects
+        deadline = time.perf_counter() + duration
+
+        async def caller() -> None:
+            nonlocal ok, refused
+            while time.perf_counter() < deadline:
+                started = time.perf_counter_ns()
+                try:
+                    await call()
+                except grpc.aio.AioRpcError:
+                    refused += 1
+                    continue
+                latencies.append(time.perf_counter_ns() - started)
+                ok += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = time.perf_counter() - started
+    return ok, refused, latencies, elapsed
+
+
+async def _count_assigned(database_url: str, batch_id: str) -> tuple[int, int]:
+    """(codes of the batch assigned to a bench customer, distinct customers among them)."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS assigned, count(DISTINCT assigned_customer_id) AS distinct_customers
+               FROM coupons WHERE batch_id = $1 AND assigned_customer_id <> ''""",
+            batch_id,
+        )
+        assert row is not None  # an aggregate always answers one row
+        return int(row["assigned"]), int(row["distinct_customers"])
+    finally:
+        await conn.close()
+
+
 
 
 def visitor_derivation_case(samples: int = 100_000) -> CaseResult:

@@ -148,7 +148,7 @@ class FraudStore:
         self._key_prefix = f"{self.prefix}:".encode()
         cfg = config
         self.dedup = Dedup(ttl_ms=cfg.dedup_ttl_seconds * 1000)
-        self.ip_clicks = Window(windows_ms=(60_000, 3_600_000), ttl_ms=2 * 3600 * 1000)
+        self.ip_clicks = Window(windows_ms=(60_000, 3_600_000))
         self.ip_conversions = OncePerOrder(window_ms=86_400_000, ttl_ms=2 * 86400 * 1000)
         self.code_spread = Spread(max_distinct=cfg.code_max_distinct, ttl_ms=cfg.code_spread_ttl_seconds * 1000)
         self.affiliate_burst = Spike(

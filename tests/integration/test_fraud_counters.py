@@ -68,7 +68,7 @@ async def test_dedup_keeps_the_first_owner(store: FraudStore, redis_client: aior
 
 
 async def test_window_slides_over_its_buckets(store: FraudStore, redis_client: aioredis.Redis) -> None:
-    window = Window(windows_ms=(60_000, 3_600_000), ttl_ms=7_200_000)
+    window = Window(windows_ms=(60_000, 3_600_000))
     seen = []
     for at, inc in ((0, 3), (30_000, 2), (90_000, 1), (200_000, 0)):
         batch = store.batch()
@@ -76,11 +76,27 @@ async def test_window_slides_over_its_buckets(store: FraudStore, redis_client: a
         seen.append((await store.run(batch))[handle])
     # At 90 s the previous minute (5) counts half: 5 * 0.5 + 1; at 200 s it is gone.
     assert seen == [(3.0, 3.0), (5.0, 5.0), (3.5, 6.0), (0.0, 6.0)]
-    name = key(store, "ip:1.2.3.4")
-    state = {text(k): text(v) for k, v in (await redis_client.hgetall(name)).items()}
-    assert state == {"1b": str(T0 // 60_000 + 3), "1c": "0", "1p": "0",
-                     "2b": str(T0 // 3_600_000), "2c": "6", "2p": "0"}
-    assert 0 < await redis_client.pttl(name) <= 7_200_000
+    # The family's IPs share one hash per hour, a field each: the minute
+    # (relative to the hour), its count, the previous minute's, the hour's count.
+    hour = key(store, "ip:1.2.3.4").removesuffix("1.2.3.4") + f"#{T0 // 3_600_000}"
+    assert text(await redis_client.hget(hour, "1.2.3.4")) == "3,0,0,6"
+    assert 3_600_000 < await redis_client.pttl(hour) <= 2 * 3_600_000 + Window.SLACK_MS
+
+
+async def test_window_carries_its_counts_across_the_longest_bucket(store: FraudStore) -> None:
+    """The hour after: the last hour counts by its elapsed fraction, the last minute too."""
+    window = Window(windows_ms=(60_000, 3_600_000))
+    answers = []
+    for at, inc in ((3_600_000 - 30_000, 4), (3_600_000 + 15_000, 1), (2 * 3_600_000 + 1, 1)):
+        batch = store.batch()
+        handle = window.add(batch, "ip:5.6.7.8", T0 + at, inc)
+        answers.append((await store.run(batch))[handle])
+    assert answers[0] == (4.0, 4.0)
+    # 15 s into the new hour: the previous minute (4) at 3/4, the previous hour (4) almost whole.
+    minute, hour = answers[1]
+    assert minute == 4 * 0.75 + 1
+    assert hour == pytest.approx(4 * (1 - 15_000 / 3_600_000) + 1, abs=0.001)
+    assert answers[2] == (1.0, pytest.approx(1 + 1 * (1 - 1 / 3_600_000), abs=0.001))
 
 
 async def test_spike_against_the_subjects_own_rate(store: FraudStore) -> None:

@@ -15,6 +15,8 @@ CONTRACT_REASONS = {
     "campaign_inactive", "restriction_country", "restriction_device", "restriction_channel", "restriction_sku",
     "below_min_order", "currency_mismatch", "unknown_click", "click_rejected", "click_outside_lookback",
     "postback_too_late",
+    # Added by issue 15 (codes at scale).
+    "coupon_mistyped",
 }
 CONTRACT_FRAUD_REASONS = {
     "fraud_duplicate_click_id", "fraud_tor_exit", "fraud_datacenter_ip", "fraud_vpn_ip", "fraud_bot_user_agent",

@@ -13,7 +13,8 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 
-from services.attribution.catalog.store import find_affiliate, find_campaign, find_coupon
+from services.attribution.catalog.store import find_affiliate, find_campaign, find_code_shapes, find_coupon
+from services.attribution.common.code_check import CodeShape
 from services.attribution.common.database import Connection, Executor
 from services.attribution.common.models import Affiliate, Campaign, Coupon
 
@@ -95,3 +96,13 @@ class CatalogCache:
         return await self._lookup(
             ("coupon", campaign_id, code), lambda c: find_coupon(c, campaign_id, code), conn
         )
+
+    async def code_shapes(self, campaign_id: str, conn: Connection | None = None) -> tuple[CodeShape, ...]:
+        """The shapes of the campaign's generated batches (read only for codes it does not have).
+
+        A campaign has a handful of batches, so one small entry per campaign
+        tells every mistyped code from an unknown one until it expires; a
+        batch generated moments ago is recognized within the cache's TTL.
+        """
+        shapes = await self._lookup(("shapes", campaign_id), lambda c: find_code_shapes(c, campaign_id), conn)
+        return shapes or ()

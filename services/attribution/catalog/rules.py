@@ -7,13 +7,13 @@ checked are the normalized ones that will be stored (codes and countries
 upper-cased, channels lower-cased), so the same normalizers are used by
 ``catalog.convert`` when it builds the domain records.
 
-Generated UNIQUE codes are drawn here too: their alphabet and the length a
-batch needs are rules about codes, not storage.
+The shape of generated UNIQUE codes is decided here too (the length a batch
+needs is a rule about codes, not storage); the alphabet, the check symbol and
+the drawing are ``common.code_check``'s.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ from ascribe.attribution.v1 import attribution_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 
+from services.attribution.common import code_check
 from services.attribution.common.coupon_rules import CODE_RULE, is_valid_code, normalize_code
 from services.common import limits, timestamps
 from services.common.errors import FailedPrecondition, InvalidArgument, Violations
@@ -41,11 +42,12 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
 MAX_GENERATED_CODES = 1_000_000
+# 10 random symbols are 50 bits: a guesser needs about 10^15 tries per hit
+# (the issue asks for at least 40 bits unless the caller wants shorter codes).
 DEFAULT_GENERATED_LENGTH = 10
 MIN_GENERATED_LENGTH = 4
-# Codes people read aloud and type: no 0/O or 1/I. 32 symbols, so each random
-# byte maps to one symbol without bias (256 is a multiple of 32).
-CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+# Codes people read aloud and type: Crockford's base32 (code_check explains).
+CODE_ALPHABET = code_check.ALPHABET
 # The code space must dwarf the batch so that collisions stay rare and the
 # top-up rounds short (expected collisions of a batch are about count / 2x).
 CODE_SPACE_FACTOR = 100
@@ -219,6 +221,8 @@ def validate_generate_codes(request: attribution_pb2.GenerateCodesRequest) -> No
         v.add("template", "required: the campaign and rules every generated code inherits")
     if template.code:
         v.add("template.code", "must be empty: every generated code is drawn at random")
+    if template.assigned_customer_id:
+        v.add("template.assigned_customer_id", "must be empty: AssignCode gives each customer one code of the batch")
     if template.kind not in (attribution_pb2.COUPON_KIND_UNSPECIFIED, attribution_pb2.COUPON_KIND_UNIQUE):
         v.add("template.kind", "generated codes are COUPON_KIND_UNIQUE")
     _check_coupon_rules(v, template, "template", kind=attribution_pb2.COUPON_KIND_UNIQUE)
@@ -231,10 +235,11 @@ def validate_generate_codes(request: attribution_pb2.GenerateCodesRequest) -> No
     length = generated_length(request.length)
     if length < MIN_GENERATED_LENGTH:
         v.add("length", f"at least {MIN_GENERATED_LENGTH} random characters")
-    elif len(prefix) + length > limits.COUPON_CODE:
+    elif len(prefix) + length + 1 > limits.COUPON_CODE:
         v.add(
             "length",
-            f"prefix and random part together must fit {limits.COUPON_CODE} characters ({len(prefix)} + {length})",
+            f"prefix, random part and check symbol must fit {limits.COUPON_CODE} characters"
+            f" ({len(prefix)} + {length} + 1)",
         )
     elif 1 <= count <= MAX_GENERATED_CODES and len(CODE_ALPHABET) ** length < CODE_SPACE_FACTOR * count:
         v.add("length", f"too short for {count:,} codes: use at least {minimum_length(count)}")
@@ -252,19 +257,9 @@ def minimum_length(count: int) -> int:
     return length
 
 
-_SYMBOL_OF_BYTE = bytes(ord(CODE_ALPHABET[byte % len(CODE_ALPHABET)]) for byte in range(256))
-
-
-def random_codes(count: int, prefix: str, length: int) -> list[str]:
-    """``count`` codes of ``prefix`` + ``length`` symbols from a CSPRNG.
-
-    One ``os.urandom`` call and one ``bytes.translate`` for the whole lot: a
-    million codes take a fraction of a second, which a per-character
-    ``secrets.choice`` would not. Duplicates are possible (rarely); the store
-    tops them up.
-    """
-    symbols = os.urandom(count * length).translate(_SYMBOL_OF_BYTE).decode("ascii")
-    return [prefix + symbols[start : start + length] for start in range(0, count * length, length)]
+def generated_shape(request: attribution_pb2.GenerateCodesRequest) -> code_check.CodeShape:
+    """The shape of the codes a (validated) GenerateCodes request makes."""
+    return code_check.CodeShape(normalize_code(request.prefix), generated_length(request.length))
 
 
 def _check_coupon_rules(
@@ -347,6 +342,18 @@ def validate_id(field: str, value: str) -> None:
     """A required id naming something to read or change."""
     v = Violations()
     _check_id(v, field, value, required=True)
+    v.raise_if_any()
+
+
+def validate_assign_code(request: attribution_pb2.AssignCodeRequest) -> None:
+    v = Violations()
+    _check_id(v, "campaign_id", request.campaign_id, required=True)
+    _check_id(v, "batch_id", request.batch_id, required=True)
+    customer = request.customer_id
+    if not customer.strip():
+        v.add("customer_id", "required: the customer who gets the code")
+    elif len(customer.encode()) > limits.CUSTOMER_ID or customer != customer.strip():
+        v.add("customer_id", f"1..{limits.CUSTOMER_ID} bytes without surrounding spaces")
     v.raise_if_any()
 
 

@@ -23,7 +23,8 @@ import grpc
 from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 from google.protobuf.message import Message
 
-from services.attribution.catalog import rules, store
+from services.attribution.catalog import import_rules, rules, store
+from services.attribution.catalog.assigner import CodeAssigner
 from services.attribution.catalog.convert import (
     affiliate_from_proto,
     affiliate_to_proto,
@@ -35,7 +36,7 @@ from services.attribution.catalog.convert import (
     decode_page_token,
     encode_page_token,
 )
-from services.attribution.common.coupon_rules import normalize_code
+from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
 from services.common.errors import InvalidArgument
 
@@ -51,6 +52,7 @@ T = TypeVar("T")
 class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._assigner = CodeAssigner(pool)
 
     # ------------------------------------------------------------ campaigns
 
@@ -203,25 +205,59 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         self, request: attribution_pb2.GenerateCodesRequest, context: Context
     ) -> attribution_pb2.GenerateCodesResponse:
         rules.validate_generate_codes(request)
-        prefix = normalize_code(request.prefix)
-        length = rules.generated_length(request.length)
+        shape = rules.generated_shape(request)
         batch_id = store.new_id(BATCH_ID_PREFIX)
         template = replace(coupon_from_proto(request.template, kind="unique"), batch_id=batch_id)
         generated = await store.insert_generated_codes(
             self._pool,
             template,
             batch_id=batch_id,
+            shape=shape,
             count=request.count,
-            make_codes=lambda n: rules.random_codes(n, prefix, length),
+            make_block=lambda n: code_check.random_code_block(n, shape.prefix, shape.length),
         )
-        return attribution_pb2.GenerateCodesResponse(batch_id=batch_id, generated=generated)
+        return attribution_pb2.GenerateCodesResponse(
+            batch_id=batch_id, generated=generated, random_bits=code_check.random_bits(shape.length)
+        )
 
     async def ExportCodes(
         self, request: attribution_pb2.ExportCodesRequest, context: Context
-    ) -> AsyncIterator[attribution_pb2.Coupon]:
+    ) -> AsyncIterator[attribution_pb2.ExportCodesChunk]:
         rules.validate_id("batch_id", request.batch_id)
-        async for coupon in store.stream_batch(self._pool, request.batch_id):
-            yield coupon_to_proto(coupon)
+        async for codes in store.stream_batch_codes(self._pool, request.batch_id):
+            yield attribution_pb2.ExportCodesChunk(codes=codes)
+
+    async def AssignCode(
+        self, request: attribution_pb2.AssignCodeRequest, context: Context
+    ) -> attribution_pb2.Coupon:
+        rules.validate_assign_code(request)
+        coupon = await self._assigner.assign(request.campaign_id, request.batch_id, request.customer_id)
+        return coupon_to_proto(coupon)
+
+    async def ImportCodes(
+        self, request_iterator: AsyncIterator[attribution_pb2.ImportCodesRequest], context: Context
+    ) -> attribution_pb2.ImportCodesResponse:
+        campaign_id = ""
+        pieces: list[bytes] = []
+        size = 0
+        async for piece in request_iterator:
+            if piece.campaign_id and campaign_id and piece.campaign_id != campaign_id:
+                raise InvalidArgument.one("campaign_id", "every message names the same campaign (or none)")
+            campaign_id = campaign_id or piece.campaign_id
+            size += len(piece.csv)
+            if size > import_rules.MAX_IMPORT_BYTES:
+                raise InvalidArgument.one("csv", f"more than {import_rules.MAX_IMPORT_BYTES >> 20} MB: split the file")
+            pieces.append(piece.csv)
+        rules.validate_id("campaign_id", campaign_id)
+        rows = import_rules.parse_csv(b"".join(pieces), campaign_id)
+        batch_id = store.new_id(BATCH_ID_PREFIX)
+        imported = await store.insert_imported_codes(
+            self._pool,
+            campaign_id,
+            batch_id,
+            [(row.line, replace(coupon_from_proto(row.coupon), batch_id=batch_id)) for row in rows],
+        )
+        return attribution_pb2.ImportCodesResponse(batch_id=batch_id, imported=imported)
 
 
 def _page(items: list[T], size: int, scope: str, key: Callable[[T], str]) -> tuple[list[T], str]:

@@ -16,10 +16,13 @@ import hmac
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, cast
 
 import asyncpg
+import grpc
 
+from services.attribution.catalog.import_rules import raise_violations
 from services.attribution.catalog.rows import (
     AFFILIATE_COLUMNS,
     CAMPAIGN_COLUMNS,
@@ -28,16 +31,20 @@ from services.attribution.catalog.rows import (
     campaign_from_row,
     coupon_from_row,
 )
+from services.attribution.common.code_check import CodeShape, sorted_block, split_block
 from services.attribution.common.models import Affiliate, Campaign, Coupon, CouponStatus
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
 
 # asyncpg ships no type information; a pool or a connection (or a pool's proxy).
 Db = Any
 Record = Any
 
 # Bulk generation works in chunks: each statement stays far below the
-# service's statement timeout, and memory stays flat for a million codes.
-GENERATE_CHUNK = 50_000
+# service's statement timeout, and memory stays flat for a million codes
+# (a chunk's COPY rows are a few MB).
+GENERATE_CHUNK = 100_000
+# Codes per page of ExportCodes: one cursor fetch, one stream message.
+EXPORT_PAGE = 10_000
 # A bulk statement may legitimately outlast the per-statement timeout that
 # protects the hot paths (a slow disk, a large chunk): it gets its own.
 BULK_STATEMENT_TIMEOUT_S = 120
@@ -254,7 +261,7 @@ async def require_affiliates(db: Db, affiliate_ids: Sequence[str]) -> None:
 async def insert_coupon(db: Db, coupon: Coupon) -> Coupon:
     """NotFound for an unknown campaign or affiliate; AlreadyExists for a code the campaign has."""
     async with _connection(db) as conn, conn.transaction():
-        await _require_campaign(conn, coupon.campaign_id)
+        await _lock_campaign(conn, coupon.campaign_id)
         await require_affiliates(conn, coupon.affiliate_ids)
         try:
             row = await conn.fetchrow(
@@ -274,9 +281,6 @@ async def insert_coupon(db: Db, coupon: Coupon) -> Coupon:
             raise AlreadyExists(
                 f"code {coupon.code!r} already exists in campaign {coupon.campaign_id!r}"
             ) from None
-        except asyncpg.ForeignKeyViolationError:
-            # The campaign went away between the check and the insert.
-            raise NotFound(f"campaign {coupon.campaign_id!r} not found") from None
         return coupon_from_row(row)
 
 
@@ -381,43 +385,62 @@ async def insert_generated_codes(
     template: Coupon,
     *,
     batch_id: str,
+    shape: CodeShape,
     count: int,
-    make_codes: Callable[[int], list[str]],
+    make_block: Callable[[int], bytes],
     chunk: int = GENERATE_CHUNK,
 ) -> int:
-    """Stores ``count`` new codes made by ``make_codes`` with the template's rules.
+    """Stores ``count`` new codes drawn by ``make_block`` with the template's rules.
 
-    All or nothing, in one transaction. Each chunk is COPied straight into
-    ``coupons`` (the fastest way in) inside a savepoint. A code drawn twice,
-    or one the campaign already has, fails the COPY: that chunk alone is
-    then stored with ``INSERT ... ON CONFLICT DO NOTHING``, which skips the
-    clashing codes, and the next round draws that many more. With the code
-    space ``catalog.rules`` requires, that fallback is rare. Returns the
-    number stored (``count``).
+    ``make_block(n)`` returns n codes of the batch's shape back to back (see
+    ``code_check.random_code_block``). All or nothing, in one transaction
+    that also records the batch (``code_batches``). Each chunk is sorted
+    (``code_check.sorted_block`` says why) and sent as one COPY in text
+    format, its rows assembled from the block with slice assignments, so no
+    code becomes a ``str`` on the fast path. A code drawn twice,
+    or one the campaign already has, fails the chunk's COPY: that chunk alone
+    (its savepoint rolled back) is then stored with ``INSERT ... ON CONFLICT
+    DO NOTHING``, which skips the clashing codes, and the next round draws
+    that many more. With the code space ``catalog.rules`` requires, that
+    fallback is rare. Returns the number stored (``count``).
     """
+    width = len(shape.prefix) + shape.length + 1
     async with _connection(db) as conn, conn.transaction():
-        await _require_campaign(conn, template.campaign_id)
+        await _lock_campaign(conn, template.campaign_id)
         await require_affiliates(conn, template.affiliate_ids)
         await conn.execute(f"SET LOCAL statement_timeout = '{BULK_STATEMENT_TIMEOUT_S}s'")
+        columns, head, tail = _copy_row_parts(template, batch_id)
         stored = 0
         fruitless = 0
         while stored < count:
-            # Repeats within a draw would only send the chunk down the slow path.
-            codes = list(dict.fromkeys(make_codes(min(count - stored, chunk))))
-            inserted = await _store_codes(conn, template, batch_id, codes)
+            block = sorted_block(make_block(min(count - stored, chunk)), width)
+            inserted = await _store_block(conn, template, batch_id, block, width, columns, head, tail)
             stored += inserted
             fruitless = 0 if inserted else fruitless + 1
             if fruitless >= MAX_FRUITLESS_ROUNDS:
                 raise FailedPrecondition(
                     "the code space is exhausted for this prefix and length: use a longer length"
                 )
+        await conn.execute(
+            """INSERT INTO code_batches (batch_id, campaign_id, source, prefix, length, codes)
+               VALUES ($1, $2, 'generated', $3, $4, $5)""",
+            batch_id,
+            template.campaign_id,
+            shape.prefix,
+            shape.length,
+            stored,
+        )
+        # Statistics that still describe the table before the batch made the
+        # planner sort a whole batch to hand out one code (AssignCode: 70 ms a
+        # call instead of under one) until autovacuum's ANALYZE, up to a
+        # minute later. A sample of the table, committed with the batch.
+        await conn.execute("ANALYZE coupons")
         return stored
 
 
 # The columns of a coupon after its key, with the value PostgreSQL fills in
 # when a column is left out. A generated batch COPies only the columns where
-# its template differs: asyncpg encodes every field of every row in Python,
-# and a full row costs several times what the usual few columns do.
+# its template differs: every column costs PostgreSQL its parsing per row.
 _RULE_COLUMNS_AND_DEFAULTS: tuple[tuple[str, object], ...] = (
     ("kind", None),
     ("status", "active"),
@@ -436,26 +459,77 @@ _RULE_COLUMNS_AND_DEFAULTS: tuple[tuple[str, object], ...] = (
     ("min_order_micros", 0),
     ("assigned_customer_id", ""),
 )
+# COPY's text format: one row a line, tab between columns, \N for NULL.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SLICE = 1 << 20
 
 
-async def _store_codes(conn: Any, template: Coupon, batch_id: str, codes: list[str]) -> int:
-    """Stores what it can of ``codes``; returns how many were new."""
-    rules = _rule_values(template)
+def copy_text_value(value: object) -> str:
+    """One value in COPY's text format, as PostgreSQL parses it back for its column type."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, datetime):
+        # ISO 8601 with its offset: exact to the microsecond whatever the session's DateStyle.
+        return value.isoformat().translate(_COPY_ESCAPES)
+    if isinstance(value, (list, tuple)):
+        elements = ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in value)
+        return ("{" + elements + "}").translate(_COPY_ESCAPES)
+    return str(value).translate(_COPY_ESCAPES)
+
+
+def _copy_row_parts(template: Coupon, batch_id: str) -> tuple[list[str], bytes, bytes]:
+    """The COPY columns and what every row has before and after its code."""
     columns = ["campaign_id", "code", "batch_id"]
-    values: list[Any] = [batch_id]
-    for (column, default), value in zip(_RULE_COLUMNS_AND_DEFAULTS, rules, strict=True):
+    values: list[object] = [batch_id]
+    for (column, default), value in zip(_RULE_COLUMNS_AND_DEFAULTS, _rule_values(template), strict=True):
         if value != default:
             columns.append(column)
             values.append(value)
+    head = (copy_text_value(template.campaign_id) + "\t").encode()
+    tail = ("\t" + "\t".join(copy_text_value(v) for v in values) + "\n").encode()
+    return columns, head, tail
+
+
+def copy_rows(block: bytes, width: int, head: bytes, tail: bytes) -> bytes:
+    """COPY text rows ``head + code + tail`` for each fixed-width code of ``block``."""
+    count = len(block) // width
+    row = len(head) + width + len(tail)
+    rows = bytearray(head + bytes(width) + tail) * count
+    for j in range(width):
+        rows[len(head) + j :: row] = block[j::width]
+    return bytes(rows)
+
+
+async def _slices(data: bytes) -> AsyncIterator[memoryview]:
+    view = memoryview(data)
+    for start in range(0, len(view), _COPY_SLICE):
+        yield view[start : start + _COPY_SLICE]
+
+
+async def _store_block(
+    conn: Any,
+    template: Coupon,
+    batch_id: str,
+    block: bytes,
+    width: int,
+    columns: list[str],
+    head: bytes,
+    tail: bytes,
+) -> int:
+    """Stores what it can of the codes of ``block``; returns how many were new."""
     try:
         async with conn.transaction():
-            await conn.copy_records_to_table(
+            await conn.copy_to_table(
                 "coupons",
-                records=[(template.campaign_id, code, *values) for code in codes],
+                source=_slices(copy_rows(block, width, head, tail)),
                 columns=columns,
                 timeout=BULK_STATEMENT_TIMEOUT_S,
             )
-        return len(codes)
+        return len(block) // width
     except asyncpg.UniqueViolationError:
         pass
     status = await conn.execute(
@@ -469,29 +543,212 @@ async def _store_codes(conn: Any, template: Coupon, batch_id: str, codes: list[s
            FROM unnest($19::text[]) AS code
            ON CONFLICT (campaign_id, code) DO NOTHING""",
         template.campaign_id,
-        *rules,
+        *_rule_values(template),
         batch_id,
-        codes,
+        split_block(block, width),
         timeout=BULK_STATEMENT_TIMEOUT_S,
     )
     return int(status.rsplit(" ", 1)[1])
 
 
-async def stream_batch(db: Db, batch_id: str, *, prefetch: int = 2000) -> AsyncIterator[Coupon]:
-    """The codes of one generated batch, read through a server-side cursor.
+async def find_code_shapes(db: Db, campaign_id: str) -> tuple[CodeShape, ...]:
+    """The shapes of a campaign's generated batches (for coupon_mistyped)."""
+    rows = await db.fetch(
+        """SELECT DISTINCT prefix, length FROM code_batches
+           WHERE campaign_id = $1 AND source = 'generated' ORDER BY prefix, length""",
+        campaign_id,
+    )
+    return tuple(CodeShape(row["prefix"], row["length"]) for row in rows)
 
-    A snapshot of the batch (one REPEATABLE READ transaction), fetched
-    ``prefetch`` rows at a time, so a million codes never sit in memory.
-    NotFound for an unknown batch, before anything is yielded.
+
+async def stream_batch_codes(db: Db, batch_id: str, *, page: int = EXPORT_PAGE) -> AsyncIterator[list[str]]:
+    """The codes of one batch, ``page`` at a time, read through a server-side cursor.
+
+    A snapshot of the batch (one REPEATABLE READ transaction), so a million
+    codes never sit in memory and a code assigned meanwhile is neither lost
+    nor repeated. NotFound for an unknown batch, before anything is yielded.
     """
     async with _connection(db) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         exists = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM coupons WHERE batch_id = $1)", batch_id)
         if not exists:
             raise NotFound(f"batch {batch_id!r} not found")
-        async for row in conn.cursor(
-            f"SELECT {COUPON_COLUMNS} FROM coupons WHERE batch_id = $1", batch_id, prefetch=prefetch
-        ):
-            yield coupon_from_row(row)
+        cursor = await conn.cursor("SELECT code FROM coupons WHERE batch_id = $1", batch_id)
+        while rows := await cursor.fetch(page):
+            yield [row[0] for row in rows]
+
+
+_IMPORT_COLUMNS = [
+    "campaign_id", "code", "kind", "status", "valid_from", "valid_until", "usage_limit",
+    "allow_all_affiliates", "affiliate_ids", "per_customer_limit", "discount_percent_bp",
+    "discount_micros", "countries", "device_types", "channels", "skus", "min_order_micros",
+    "assigned_customer_id", "batch_id",
+]
+
+
+async def insert_imported_codes(db: Db, campaign_id: str, batch_id: str, rows: Sequence[tuple[int, Coupon]]) -> int:
+    """Stores the codes of an import (``(line, coupon)``), all or nothing.
+
+    In one transaction: the campaign locked, every code checked against the
+    codes the campaign has and every affiliate against the affiliates, each
+    problem named by its line (InvalidArgument, nothing stored); then one
+    COPY and the batch's row.
+    """
+    async with _connection(db) as conn, conn.transaction():
+        await _lock_campaign(conn, campaign_id)
+        existing = {
+            row["code"]
+            for row in await conn.fetch(
+                "SELECT code FROM coupons WHERE campaign_id = $1 AND code = ANY($2::text[])",
+                campaign_id,
+                [coupon.code for _, coupon in rows],
+            )
+        }
+        named = sorted({a for _, coupon in rows for a in coupon.affiliate_ids})
+        known = {
+            row["id"] for row in await conn.fetch("SELECT id FROM affiliates WHERE id = ANY($1::text[])", named)
+        }
+        problems: list[tuple[str, str]] = []
+        for line, coupon in rows:
+            if coupon.code in existing:
+                problems.append((f"line {line}.code", f"{coupon.code} already exists in the campaign"))
+            unknown = [a for a in coupon.affiliate_ids if a not in known]
+            if unknown:
+                problems.append((f"line {line}.affiliate_ids", f"not an affiliate: {', '.join(unknown)}"))
+        raise_violations(problems)
+        try:
+            await conn.copy_records_to_table(
+                "coupons",
+                records=[(campaign_id, coupon.code, *_rule_values(coupon), batch_id) for _, coupon in rows],
+                columns=_IMPORT_COLUMNS,
+                timeout=BULK_STATEMENT_TIMEOUT_S,
+            )
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists("a code of the file was created meanwhile; nothing was imported") from None
+        await conn.execute(
+            """INSERT INTO code_batches (batch_id, campaign_id, source, codes)
+               VALUES ($1, $2, 'imported', $3)""",
+            batch_id,
+            campaign_id,
+            len(rows),
+        )
+        return len(rows)
+
+
+class ResourceExhausted(DomainError):
+    """A batch with no free code left (the contract's RESOURCE_EXHAUSTED)."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# The customer's code of a batch, or else the first free one, taken in the
+# same statement. A free code is unassigned, unused and ACTIVE (a paused or
+# spent code handed to a customer would only disappoint). SKIP LOCKED lets
+# concurrent callers take different codes instead of queueing on one row;
+# the unique index coupons_one_per_customer makes a second code for the same
+# customer fail, and that caller then reads the winner's code.
+_ASSIGN = f"""
+WITH mine AS (
+    SELECT code FROM coupons
+     WHERE batch_id = $2 AND assigned_customer_id = $3 AND campaign_id = $1
+), free AS (
+    SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
+     WHERE batch_id = $2 AND assigned_customer_id = '' AND campaign_id = $1
+       AND used = 0 AND status = 'active' AND NOT EXISTS (SELECT 1 FROM mine)
+     LIMIT 1 FOR UPDATE {{skip}}
+), taken AS (
+    UPDATE coupons SET assigned_customer_id = $3, updated_at = now()
+      FROM free WHERE campaign_id = free_campaign_id AND code = free_code
+    RETURNING {COUPON_COLUMNS}
+)
+SELECT * FROM taken
+UNION ALL
+SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code = (SELECT code FROM mine)
+"""
+_ASSIGN_SKIPPING = _ASSIGN.format(skip="SKIP LOCKED")
+_ASSIGN_WAITING = _ASSIGN.format(skip="")
+
+
+# Many customers of one batch in one statement (catalog.assigner batches
+# concurrent AssignCode calls): the codes they already have, and for the
+# others as many free codes as there are of them, paired in order. The free
+# codes are read through the primary key in code order, from a mark, and
+# stop at the LIMIT (GenerateCodes analyzes the table so that the planner
+# knows a batch is large and does not sort all of it instead).
+_ASSIGN_MANY = f"""
+WITH mine AS (
+    SELECT assigned_customer_id AS customer, code AS mine_code FROM coupons
+     WHERE batch_id = $2 AND campaign_id = $1 AND assigned_customer_id = ANY($3::text[])
+), needy AS (
+    SELECT customer, row_number() OVER (ORDER BY customer) AS n
+      FROM (SELECT DISTINCT customer FROM unnest($3::text[]) AS customer) wanted
+     WHERE customer NOT IN (SELECT customer FROM mine)
+), free AS (
+    SELECT free_campaign_id, free_code, row_number() OVER () AS n FROM (
+        SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
+         WHERE campaign_id = $1 AND code > $5 AND batch_id = $2 AND assigned_customer_id = ''
+           AND used = 0 AND status = 'active'
+         ORDER BY code LIMIT $4 FOR UPDATE SKIP LOCKED
+    ) locked
+), taken AS (
+    UPDATE coupons SET assigned_customer_id = needy.customer, updated_at = now()
+      FROM free JOIN needy USING (n)
+     WHERE campaign_id = free_campaign_id AND code = free_code
+    RETURNING {COUPON_COLUMNS}
+)
+SELECT * FROM taken
+UNION ALL
+SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code IN (SELECT mine_code FROM mine)
+"""
+
+
+async def assign_codes(
+    db: Db, campaign_id: str, batch_id: str, customers: Sequence[str], *, after: str = ""
+) -> dict[str, Coupon]:
+    """Each customer's code of the batch, taking free ones for those who have none, in one statement.
+
+    Free codes are taken in code order from just after ``after`` (the last
+    code the caller took), through the primary key: a scan that always began
+    at the batch's first code would walk past every code assigned so far,
+    ever longer as the batch is handed out.
+
+    A customer may be missing from the answer: when the free codes that were
+    not locked by someone else ran out. The unique index refuses a second
+    code for a customer that a concurrent call (another replica) gave one
+    meanwhile (UniqueViolationError). In both cases the caller asks for
+    those customers one by one (``assign_code``), which settles them.
+    """
+    wanted = sorted(set(customers))
+    rows = await db.fetch(_ASSIGN_MANY, campaign_id, batch_id, wanted, len(wanted), after)
+    return {row["assigned_customer_id"]: coupon_from_row(row) for row in rows}
+
+
+async def assign_code(db: Db, campaign_id: str, batch_id: str, customer_id: str) -> Coupon:
+    """The batch's code for ``customer_id``: the one it has, or the next free one.
+
+    One statement per attempt, so a code is taken atomically. When every
+    free code is locked by concurrent callers (who may still roll back), the
+    second attempt waits for those locks instead of skipping them, so
+    RESOURCE_EXHAUSTED means no free code is left, not that all were busy.
+    NotFound for a batch the campaign does not have.
+    """
+    async with _connection(db) as conn:
+        for statement in (_ASSIGN_SKIPPING, _ASSIGN_WAITING):
+            while True:
+                try:
+                    row = await conn.fetchrow(statement, campaign_id, batch_id, customer_id)
+                except asyncpg.UniqueViolationError:
+                    # The same customer's concurrent call committed a code
+                    # first: the next round finds it as "mine".
+                    continue
+                break
+            if row is not None:
+                return coupon_from_row(row)
+        exists = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM coupons WHERE batch_id = $1 AND campaign_id = $2)", batch_id, campaign_id
+        )
+    if not exists:
+        raise NotFound(f"batch {batch_id!r} not found in campaign {campaign_id!r}")
+    raise ResourceExhausted(f"batch {batch_id!r} has no free code left")
 
 
 # ---------------------------------------------------------------- helpers
@@ -499,6 +756,17 @@ async def stream_batch(db: Db, batch_id: str, *, prefetch: int = 2000) -> AsyncI
 
 async def _require_campaign(conn: Any, campaign_id: str) -> None:
     if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM campaigns WHERE id = $1)", campaign_id):
+        raise NotFound(f"campaign {campaign_id!r} not found")
+
+
+async def _lock_campaign(conn: Any, campaign_id: str) -> None:
+    """What the dropped foreign key did per row, once per transaction (migration 008).
+
+    Every insert into ``coupons`` calls this in its transaction first: the
+    campaign exists, and FOR KEY SHARE keeps it from being deleted or
+    re-keyed until the codes commit.
+    """
+    if await conn.fetchval("SELECT 1 FROM campaigns WHERE id = $1 FOR KEY SHARE", campaign_id) is None:
         raise NotFound(f"campaign {campaign_id!r} not found")
 
 

@@ -34,7 +34,12 @@ from asyncpg.pool import PoolConnectionProxy
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store
 from services.attribution.common import ids
-from services.attribution.common.coupon_rules import click_tracking_reasons, is_valid_code, normalize_code
+from services.attribution.common.coupon_rules import (
+    click_tracking_reasons,
+    is_valid_code,
+    missing_code_reason,
+    normalize_code,
+)
 from services.attribution.common.database import DATABASE_FAILURES
 from services.attribution.common.models import Campaign, Click, ClickDecision, DeviceType
 from services.attribution.common.reasons import (
@@ -42,6 +47,7 @@ from services.attribution.common.reasons import (
     CAMPAIGN_INACTIVE,
     FRAUD_UNAVAILABLE,
     UNKNOWN_AFFILIATE,
+    UNKNOWN_COUPON,
 )
 from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.fraud_client import FraudClient, fraud_reasons
@@ -434,6 +440,12 @@ class ClickRecorder:
                 if click.coupon_code and click.coupon_well_formed
                 else None
             )
+            # Only a code the campaign does not have costs the (cached) batch shapes.
+            missing_reason = (
+                missing_code_reason(click.coupon_code, await self._cache.code_shapes(campaign.id))
+                if click.coupon_code and click.coupon_well_formed and coupon is None
+                else UNKNOWN_COUPON
+            )
         except DATABASE_FAILURES as error:
             logger.warning("catalog lookup failed: %r", error)
             raise Unavailable("the catalog is unavailable") from None
@@ -448,7 +460,8 @@ class ClickRecorder:
         tracked = ""
         if click.coupon_code:
             code_reasons = click_tracking_reasons(
-                coupon, click.affiliate_id, click.occurred_at, click.country, click.device_type
+                coupon, click.affiliate_id, click.occurred_at, click.country, click.device_type,
+                missing_reason=missing_reason,
             )
             if code_reasons:
                 reasons.extend(code_reasons)

@@ -9,10 +9,11 @@ moment of the order). Nothing here does I/O, so every rule is unit-tested.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.attribution.common.code_check import CodeShape
 from services.attribution.common.models import (
     DIRECT_CHANNEL,
     AttributionPolicy,
@@ -25,6 +26,7 @@ from services.attribution.common.reasons import (
     BELOW_MIN_ORDER,
     COUPON_EXPIRED,
     COUPON_INACTIVE,
+    COUPON_MISTYPED,
     COUPON_NOT_YET_VALID,
     COUPON_ON_HOLD,
     CURRENCY_MISMATCH,
@@ -51,6 +53,19 @@ def normalize_code(code: str) -> str:
 
 def is_valid_code(code: str) -> bool:
     return CODE_PATTERN.fullmatch(code) is not None
+
+
+def missing_code_reason(code: str, shapes: Sequence[CodeShape]) -> str:
+    """Why a code the campaign does not have is refused.
+
+    ``coupon_mistyped`` when it has the prefix, length and alphabet of one of
+    the campaign's generated batches but a check symbol that does not fit
+    (someone typed a real code wrong), else ``unknown_coupon``. A well-formed
+    code that is not stored stays ``unknown_coupon``: it was never issued.
+    """
+    if any(shape.is_mistyped(code) for shape in shapes):
+        return COUPON_MISTYPED
+    return UNKNOWN_COUPON
 
 
 def status_reasons(coupon: Coupon) -> list[str]:
@@ -111,15 +126,18 @@ def click_tracking_reasons(
     at: datetime,
     country: str = "",
     device_type: DeviceType | None = None,
+    *,
+    missing_reason: str = UNKNOWN_COUPON,
 ) -> list[str]:
     """Why coupon tracking does not begin with this click (empty: it does).
 
     The code's country and device rules apply as they do to its orders, but
     a visitor whose country or device is unknown is not turned away from the
-    code: only one known to be excluded is.
+    code: only one known to be excluded is. ``missing_reason`` is the word
+    for a code the campaign does not have (``missing_code_reason``).
     """
     if coupon is None:
-        return [UNKNOWN_COUPON]
+        return [missing_reason]
     reasons = status_reasons(coupon) + validity_reasons(coupon, at)
     if not affiliate_may_carry(coupon, affiliate_id):
         reasons.append(AFFILIATE_NOT_ALLOWED)

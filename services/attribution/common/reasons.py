@@ -23,6 +23,9 @@ CLICK_ALREADY_CONVERTED = "click_already_converted"
 
 # The code's own rules.
 UNKNOWN_COUPON = "unknown_coupon"
+# A code shaped like one of the campaign's generated batches (prefix, length,
+# alphabet) whose check symbol does not fit: a typo, not a guess.
+COUPON_MISTYPED = "coupon_mistyped"
 COUPON_INACTIVE = "coupon_inactive"
 COUPON_NOT_YET_VALID = "coupon_not_yet_valid"
 COUPON_EXPIRED = "coupon_expired"
@@ -68,6 +71,7 @@ FIXABLE_REASONS = frozenset(
         UNKNOWN_AFFILIATE,
         AFFILIATE_INACTIVE,
         UNKNOWN_COUPON,
+        COUPON_MISTYPED,
         COUPON_INACTIVE,
         COUPON_NOT_YET_VALID,
         COUPON_EXPIRED,

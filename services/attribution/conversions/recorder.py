@@ -320,7 +320,12 @@ class ConversionRecorder:
         affiliates: dict[str, Affiliate | None] = {
             a: await self._cache.affiliate(a, conn) for a in sorted(candidates)
         }
-        static = judge_static(item, case.campaign, click, coupon, affiliates)
+        missing_reason = (
+            coupon_rules.missing_code_reason(item.coupon_code, await self._cache.code_shapes(item.campaign_id, conn))
+            if item.coupon_code and coupon is None
+            else UNKNOWN_COUPON
+        )
+        static = judge_static(item, case.campaign, click, coupon, affiliates, missing_coupon_reason=missing_reason)
         case.static = static
         case.reasons = list(static.reasons)
 

@@ -126,8 +126,13 @@ def judge_static(
     click: Click | None,
     coupon: Coupon | None,
     affiliates: Mapping[str, Affiliate | None],
+    *,
+    missing_coupon_reason: str = UNKNOWN_COUPON,
 ) -> StaticJudgment:
     """Steps 3 and 4: campaign state and age, click, credit, affiliate, code rules.
+
+    ``missing_coupon_reason`` is the word for a code the campaign does not
+    have (``coupon_rules.missing_code_reason``: unknown or mistyped).
 
     ``affiliates`` holds every affiliate the credit may name (the click's and
     the code's owners), None for an unknown id.
@@ -142,7 +147,7 @@ def judge_static(
     reasons.extend(click_reasons)
 
     if input.coupon_code and coupon is None:
-        reasons.append(UNKNOWN_COUPON)
+        reasons.append(missing_coupon_reason)
     credit = coupon_rules.credit(
         campaign.attribution_policy, coupon, eligible_click.affiliate_id if eligible_click else None
     )
