@@ -73,3 +73,9 @@ bench: gen/.stamp
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The Docker image's install steps in a clean venv, and the three services
+# started from it (no container engine runs here); about 100 s, also in `make test`.
+.PHONY: image-check
+image-check: gen/.stamp
+	$(PY) -m pytest -q tests/integration/test_runtime_image.py $(PYTEST_ARGS)

@@ -91,7 +91,9 @@ def test_ports_match_the_contract(compose: dict[str, Any]) -> None:
 
     assert _published(compose, "fraud") == {DEFAULTS.fraud, DEFAULTS.fraud_metrics}
     assert _published(compose, "attribution") == {DEFAULTS.attribution, DEFAULTS.attribution_metrics}
-    assert _published(compose, "gateway") == {DEFAULTS.gateway}
+    assert int(gateway["ASCRIBE_GATEWAY_METRICS_PORT"]) == DEFAULTS.gateway_metrics == 9103
+    assert gateway["ASCRIBE_GATEWAY_METRICS_HOST"] == "0.0.0.0"  # Prometheus scrapes it from another container
+    assert _published(compose, "gateway") == {DEFAULTS.gateway, DEFAULTS.gateway_metrics}
 
     # Clients name the service by its compose name and its listening port.
     assert attribution["ASCRIBE_FRAUD_ADDR"] == f"fraud:{DEFAULTS.fraud}"
@@ -108,6 +110,14 @@ def test_backends_are_reached_by_service_name(compose: dict[str, Any]) -> None:
     assert _env(compose, "fraud")["ASCRIBE_REDIS_URL"].startswith("redis://redis:6379/")
 
 
+def test_fraud_reads_the_images_ip_lists(compose: dict[str, Any]) -> None:
+    """No ASCRIBE_IPINTEL_DIR: the image's snapshot, or newer lists `make ipintel` put in .data/ipintel."""
+    assert "ASCRIBE_IPINTEL_DIR" not in _env(compose, "fraud")
+    mounts = {target: source for source, target in (str(spec).split(":")[:2] for spec in compose["services"]["fraud"]["volumes"])}
+    assert mounts == {"/app/.data/ipintel": "./.data/ipintel"}
+    assert "COPY data/ipintel data/ipintel" in (REPO / "Dockerfile").read_text()
+
+
 def test_listeners_off_loopback_require_tokens(compose: dict[str, Any]) -> None:
     """Inside containers the services bind 0.0.0.0, which the services refuse without tokens."""
     assert ":?" in _env(compose, "attribution")["ASCRIBE_ADMIN_TOKEN"]
@@ -118,7 +128,7 @@ def test_listeners_off_loopback_require_tokens(compose: dict[str, Any]) -> None:
 def test_dockerfile_is_multi_stage_non_root_and_generates_stubs() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", dockerfile, re.MULTILINE)) >= 2
-    assert "RUN make proto" in dockerfile
+    assert "grpc_tools.protoc" in dockerfile and "COPY --from=build /src/gen gen" in dockerfile
     users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
     for folder in ("services", "gateway", "tools"):
