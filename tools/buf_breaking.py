@@ -3,9 +3,10 @@
 Which protos are "main's":
 - on a branch: main where this branch left it (the merge base), so commits
   that landed on main since are not taken for deletions by this branch;
-- on main (CI runs on a clone of main): the protos before the newest commit on
-  main's first-parent line that changed protos/ (a merged branch is one such
-  commit), or HEAD's when protos/ has uncommitted changes;
+- on main (CI runs on a clone of main): the protos before each of the last
+  five commits on main's first-parent line that changed protos/ (a merged
+  branch is one such commit), so a later commit (a `make buf-format`, say)
+  cannot hide an earlier break; HEAD's when protos/ has uncommitted changes;
 - `--against REV` (make buf-breaking BUF_AGAINST=REV) names any git revision.
 
 A finding passes only when buf.allowed-breaking.toml lists it (rule, file and
@@ -33,6 +34,10 @@ PROTOS = "protos"
 DEFAULT_BUF = REPO / "tools" / "node" / "node_modules" / ".bin" / "buf"
 DEFAULT_ALLOWED = REPO / "buf.allowed-breaking.toml"
 MAIN_REFS = ("main", "origin/main")
+# On main, each of the last few changes to protos/ is checked, not only the
+# newest: a merge followed by `make buf-format` (or any proto commit) must not
+# hide what the merge changed.
+DEFAULT_DEPTH = 5
 
 
 class ToolError(RuntimeError):
@@ -126,8 +131,8 @@ def git(repo: Path, *args: str, check: bool = True) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def choose_baseline(repo: Path = REPO) -> tuple[str, str] | None:
-    """(revision, why that one) for main's protos, or None when history has none."""
+def choose_baselines(repo: Path = REPO, depth: int = DEFAULT_DEPTH) -> list[tuple[str, str]]:
+    """(revision, why that one) for each baseline of main's protos; empty when history has none."""
     head = git(repo, "rev-parse", "HEAD")
     branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
     main = next(
@@ -135,17 +140,16 @@ def choose_baseline(repo: Path = REPO) -> tuple[str, str] | None:
         None,
     )
     if main is not None and branch != "main" and git(repo, "rev-parse", f"{main}^{{commit}}") != head:
-        return git(repo, "merge-base", "HEAD", main), f"where this branch left {main}"
+        return [(git(repo, "merge-base", "HEAD", main), f"where this branch left {main}")]
     if git(repo, "status", "--porcelain", "--", PROTOS):
-        return head, "HEAD: protos/ has uncommitted changes"
-    changed = git(repo, "rev-list", "--first-parent", "-n", "1", "HEAD", "--", PROTOS)
-    if not changed:
-        return None
-    parent = git(repo, "rev-parse", "--verify", "-q", f"{changed}^1", check=False)
-    if not parent:
-        return None
-    subject = git(repo, "log", "-1", "--format=%s", changed)
-    return parent, f"before {changed[:10]} ({subject[:60]}), the newest change to protos/ on this line"
+        return [(head, "HEAD: protos/ has uncommitted changes")]
+    baselines = []
+    for changed in git(repo, "rev-list", "--first-parent", "-n", str(depth), "HEAD", "--", PROTOS).split():
+        parent = git(repo, "rev-parse", "--verify", "-q", f"{changed}^1", check=False)
+        if parent:
+            subject = git(repo, "log", "-1", "--format=%s", changed)
+            baselines.append((parent, f"before {changed[:10]}: {subject[:60]}"))
+    return baselines
 
 
 def export_protos(revision: str, into: Path, repo: Path = REPO) -> Path | None:
@@ -176,29 +180,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--buf", type=Path, default=DEFAULT_BUF, help="the buf executable (make node-tools)")
     parser.add_argument("--against", default="", help="a git revision whose protos/ is the baseline")
+    parser.add_argument(
+        "--depth", type=int, default=DEFAULT_DEPTH, help="on main: how many recent changes to protos/ to check"
+    )
     parser.add_argument("--allowed", type=Path, default=DEFAULT_ALLOWED, help="the allowed breaking changes")
     args = parser.parse_args(argv)
+    findings: list[Finding] = []
     try:
         allowed = load_allowed(args.allowed.read_text())
-        baseline = (git(REPO, "rev-parse", args.against), "--against") if args.against else choose_baseline()
-        if baseline is None:
+        if args.against:
+            baselines = [(git(REPO, "rev-parse", args.against), "--against")]
+        else:
+            baselines = choose_baselines(depth=args.depth)
+        if not baselines:
             print("buf breaking: SKIPPED: no earlier protos/ in this clone's history to compare with")
             return 0
-        revision, why = baseline
-        print(f"buf breaking: protos/ against {revision[:10]} ({why})")
-        with tempfile.TemporaryDirectory(prefix="ascribe-buf-") as folder:
-            against = export_protos(revision, Path(folder))
-            if against is None:
-                print(f"buf breaking: SKIPPED: {revision[:10]} has no protos/")
-                return 0
-            judgment = judge(run_buf(args.buf, against), allowed)
+        for revision, why in baselines:
+            with tempfile.TemporaryDirectory(prefix="ascribe-buf-") as folder:
+                against = export_protos(revision, Path(folder))
+                if against is None:
+                    print(f"buf breaking: {revision[:10]} has no protos/ ({why})")
+                    continue
+                found = run_buf(args.buf, against)
+            print(f"buf breaking: protos/ against {revision[:10]} ({why}): {len(found)} finding(s)")
+            findings.extend(finding for finding in found if finding not in findings)
     except (ToolError, OSError, json.JSONDecodeError) as error:
         print(f"buf breaking: cannot run: {error}", file=sys.stderr)
         return 2
+    judgment = judge(findings, allowed)
     for finding, entry in judgment.allowed:
         print(f"  allowed (issue {entry.issue}): {finding}")
     for entry in judgment.unseen:
-        print(f"  not seen (not made yet, or already in the baseline): {entry.message} [{entry.rule}]")
+        print(f"  not seen (not made yet, or older than these baselines): {entry.message} [{entry.rule}]")
     for finding in judgment.broken:
         print(f"  BREAKING: {finding}", file=sys.stderr)
     if judgment.broken:

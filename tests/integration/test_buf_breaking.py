@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.buf_breaking import DEFAULT_ALLOWED, DEFAULT_BUF, choose_baseline, judge, load_allowed, run_buf
+from tools.buf_breaking import DEFAULT_ALLOWED, DEFAULT_BUF, choose_baselines, judge, load_allowed, run_buf
 from tools.stack import REPO
 
 ATTRIBUTION = Path("protos/ascribe/attribution/v1/attribution.proto")
@@ -70,12 +70,14 @@ def commit(repo: Path, path: str, text: str, subject: str) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
-def test_the_baseline_is_main_where_a_branch_left_it_or_before_mains_last_proto_change(tmp_path: Path) -> None:
+def test_the_baselines_are_main_where_a_branch_left_it_or_before_each_recent_proto_change_on_main(
+    tmp_path: Path,
+) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
     v1 = commit(repo, "protos/a.proto", 'syntax = "proto3";\n', "v1")
-    assert choose_baseline(repo) is None  # nothing before the first protos/
+    assert choose_baselines(repo) == []  # nothing before the first protos/
 
     git(repo, "checkout", "-q", "-b", "feature")
     commit(repo, "protos/a.proto", 'syntax = "proto3";\nmessage A {}\n', "v2")
@@ -83,15 +85,18 @@ def test_the_baseline_is_main_where_a_branch_left_it_or_before_mains_last_proto_
     docs = commit(repo, "README.md", "docs\n", "docs")
     git(repo, "checkout", "-q", "feature")
     # On a branch: main where the branch left it, not main's newer commits.
-    assert choose_baseline(repo) == (v1, "where this branch left main")
+    assert choose_baselines(repo) == [(v1, "where this branch left main")]
 
     git(repo, "checkout", "-q", "main")
     git(repo, "merge", "-q", "--no-ff", "-m", "Merge branch 'feature'", "feature")
     merge = git(repo, "rev-parse", "HEAD")
+    formatted = commit(repo, "protos/a.proto", 'syntax = "proto3";\n\nmessage A {}\n', "protos: buf format")
     commit(repo, "README.md", "docs 2\n", "docs 2")
-    # On main (CI's clone): before the newest first-parent commit that changed protos/.
-    baseline = choose_baseline(repo)
-    assert baseline is not None and baseline[0] == docs and merge[:10] in baseline[1]
+    # On main (CI's clone): before each recent first-parent change to protos/,
+    # so the format commit does not hide what the merge changed.
+    assert [revision for revision, _ in choose_baselines(repo)] == [merge, docs]
+    assert [revision for revision, _ in choose_baselines(repo, depth=1)] == [merge]
+    assert formatted[:10] in choose_baselines(repo)[0][1]
 
     (repo / "protos/a.proto").write_text('syntax = "proto3";\nmessage B {}\n')
-    assert choose_baseline(repo) == (git(repo, "rev-parse", "HEAD"), "HEAD: protos/ has uncommitted changes")
+    assert choose_baselines(repo) == [(git(repo, "rev-parse", "HEAD"), "HEAD: protos/ has uncommitted changes")]
