@@ -6,7 +6,8 @@ Which protos are "main's":
 - on main (CI runs on a clone of main): the protos before each of the last
   five commits on main's first-parent line that changed protos/ (a merged
   branch is one such commit), so a later commit (a `make buf-format`, say)
-  cannot hide an earlier break; HEAD's when protos/ has uncommitted changes;
+  cannot hide an earlier break, back to the `checked_after` commit of the
+  allowed list at most; HEAD's when protos/ has uncommitted changes;
 - `--against REV` (make buf-breaking BUF_AGAINST=REV) names any git revision.
 
 A finding passes only when buf.allowed-breaking.toml lists it (rule, file and
@@ -131,8 +132,23 @@ def git(repo: Path, *args: str, check: bool = True) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def choose_baselines(repo: Path = REPO, depth: int = DEFAULT_DEPTH) -> list[tuple[str, str]]:
-    """(revision, why that one) for each baseline of main's protos; empty when history has none."""
+def checked_after(text: str) -> str | None:
+    """The allowed list's `checked_after`: main's commit before which history is not judged again."""
+    try:
+        value = tomllib.loads(text).get("checked_after")
+    except tomllib.TOMLDecodeError as error:
+        raise ToolError(f"the allowed list: {error}") from error
+    return str(value) if value else None
+
+
+def choose_baselines(
+    repo: Path = REPO, depth: int = DEFAULT_DEPTH, after: str | None = None
+) -> list[tuple[str, str]]:
+    """(revision, why that one) for each baseline of main's protos; empty when there is none.
+
+    On main, a change to protos/ that ``after`` already contains is not judged
+    again (nor any older one).
+    """
     head = git(repo, "rev-parse", "HEAD")
     branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
     main = next(
@@ -145,11 +161,19 @@ def choose_baselines(repo: Path = REPO, depth: int = DEFAULT_DEPTH) -> list[tupl
         return [(head, "HEAD: protos/ has uncommitted changes")]
     baselines = []
     for changed in git(repo, "rev-list", "--first-parent", "-n", str(depth), "HEAD", "--", PROTOS).split():
+        if after and _is_ancestor(repo, changed, after):
+            break
         parent = git(repo, "rev-parse", "--verify", "-q", f"{changed}^1", check=False)
         if parent:
             subject = git(repo, "log", "-1", "--format=%s", changed)
             baselines.append((parent, f"before {changed[:10]}: {subject[:60]}"))
     return baselines
+
+
+def _is_ancestor(repo: Path, commit: str, of: str) -> bool:
+    # 1: not an ancestor; anything else (``of`` unknown to a clone): judge it.
+    result = subprocess.run(["git", "merge-base", "--is-ancestor", commit, of], cwd=repo, check=False)
+    return result.returncode == 0
 
 
 def export_protos(revision: str, into: Path, repo: Path = REPO) -> Path | None:
@@ -187,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     findings: list[Finding] = []
     try:
-        allowed = load_allowed(args.allowed.read_text())
+        text = args.allowed.read_text()
+        allowed = load_allowed(text)
         if args.against:
             baselines = [(git(REPO, "rev-parse", args.against), "--against")]
         else:
-            baselines = choose_baselines(depth=args.depth)
+            baselines = choose_baselines(depth=args.depth, after=checked_after(text))
         if not baselines:
-            print("buf breaking: SKIPPED: no earlier protos/ in this clone's history to compare with")
+            print("buf breaking: OK: protos/ has not changed since checked_after, or has no history here")
             return 0
         for revision, why in baselines:
             with tempfile.TemporaryDirectory(prefix="ascribe-buf-") as folder:

@@ -97,6 +97,9 @@ def test_the_baselines_are_main_where_a_branch_left_it_or_before_each_recent_pro
     assert [revision for revision, _ in choose_baselines(repo)] == [merge, docs]
     assert [revision for revision, _ in choose_baselines(repo, depth=1)] == [merge]
     assert formatted[:10] in choose_baselines(repo)[0][1]
+    # History the allowed list's checked_after already holds is not judged again.
+    assert [revision for revision, _ in choose_baselines(repo, after=merge)] == [merge]
+    assert choose_baselines(repo, after=formatted) == []
 
     (repo / "protos/a.proto").write_text('syntax = "proto3";\nmessage B {}\n')
     assert choose_baselines(repo) == [(git(repo, "rev-parse", "HEAD"), "HEAD: protos/ has uncommitted changes")]

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from tools.buf_breaking import DEFAULT_ALLOWED, Finding, ToolError, judge, load_allowed, parse_findings
+from tools.buf_breaking import (
+    DEFAULT_ALLOWED,
+    Finding,
+    ToolError,
+    checked_after,
+    judge,
+    load_allowed,
+    parse_findings,
+)
 
 EXPORT = Finding(
     rule="RPC_SAME_RESPONSE_TYPE",
@@ -58,3 +66,9 @@ def test_buf_json_findings_are_read_line_by_line() -> None:
         "type": EXPORT.rule, "message": EXPORT.message,
     })
     assert parse_findings(f"{line}\n\n{line}\n") == [EXPORT, EXPORT]
+
+
+def test_checked_after_names_one_commit() -> None:
+    commit = checked_after(DEFAULT_ALLOWED.read_text())
+    assert commit is not None and len(commit) == 40 and int(commit, 16) >= 0
+    assert checked_after('[[allowed]]\nrule = "X"\n') is None
