@@ -172,7 +172,9 @@ def choose_baselines(
 
 def _is_ancestor(repo: Path, commit: str, of: str) -> bool:
     # 1: not an ancestor; anything else (``of`` unknown to a clone): judge it.
-    result = subprocess.run(["git", "merge-base", "--is-ancestor", commit, of], cwd=repo, check=False)
+    result = subprocess.run(
+        ["git", "merge-base", "--is-ancestor", commit, of], cwd=repo, capture_output=True, check=False
+    )
     return result.returncode == 0
 
 
