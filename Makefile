@@ -79,3 +79,40 @@ clean:
 .PHONY: image-check
 image-check: gen/.stamp
 	$(PY) -m pytest -q tests/integration/test_runtime_image.py $(PYTEST_ARGS)
+
+# ---- API hygiene: buf and the Node interop client (tools/node, from npm) ----
+# `make node-tools` installs tools/node's package-lock.json (buf, @grpc/grpc-js,
+# @grpc/proto-loader) into tools/node/node_modules; it does nothing when the
+# lock has not changed since. No install scripts run: none of them is needed.
+NODE_TOOLS := tools/node
+BUF := $(NODE_TOOLS)/node_modules/.bin/buf
+BUF_AGAINST ?=
+
+.PHONY: node-tools buf-lint buf-format buf-format-check buf-breaking buf-check node-interop
+
+$(NODE_TOOLS)/node_modules/.installed: $(NODE_TOOLS)/package.json $(NODE_TOOLS)/package-lock.json
+	cd $(NODE_TOOLS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-tools: $(NODE_TOOLS)/node_modules/.installed
+
+buf-lint: node-tools
+	$(BUF) lint
+
+# Rewrites protos/ in buf's format (run once after merging, then commit).
+buf-format: node-tools
+	$(BUF) format -w
+
+buf-format-check: node-tools
+	$(BUF) format --diff --exit-code
+
+buf-breaking: node-tools $(VENV)/.installed
+	$(PY) -m tools.buf_breaking --buf $(BUF) $(if $(BUF_AGAINST),--against $(BUF_AGAINST))
+
+# What CI runs: lint, the format check and breaking changes; -k reports all
+# three before it fails.
+buf-check:
+	@$(MAKE) --no-print-directory -k buf-lint buf-format-check buf-breaking
+
+node-interop: gen/.stamp node-tools
+	$(PY) -m pytest -q tests/e2e/test_node_interop.py $(PYTEST_ARGS)
