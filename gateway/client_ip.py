@@ -15,6 +15,7 @@ from socket import inet_aton
 
 from gateway.config import IPNetwork
 from gateway.params import CANONICAL_IPV4
+from services.common.ip import normalize_ip
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -67,8 +68,11 @@ class ClientIpResolver:
 
     @staticmethod
     def _normalize(text: str) -> str:
+        # ``ipaddress`` finds the address in a hop ("[v6]:port", "v4:port") and
+        # decides trust; the text passed on is the one canonical form every
+        # layer uses (an address with a zone id, which no layer takes, is none).
         address = _parse(text)
-        return str(address) if address is not None else ""
+        return (normalize_ip(str(address)) or "") if address is not None else ""
 
     def resolve(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> str:
         """The client's address as text ("" when the peer is not an IP, e.g. a unix socket)."""

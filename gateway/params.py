@@ -19,6 +19,7 @@ from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import limits
+from services.common.enum_words import EnumWords
 from services.common.ip import normalize_ip
 
 Params = dict[str, list[str]]
@@ -244,18 +245,13 @@ def parse_timestamp(value: str, field: str) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=nanos)
 
 
-_DEVICES = {
-    "mobile": pb.DEVICE_TYPE_MOBILE,
-    "desktop": pb.DEVICE_TYPE_DESKTOP,
-    "tablet": pb.DEVICE_TYPE_TABLET,
-    "other": pb.DEVICE_TYPE_OTHER,
-}
+_DEVICES = EnumWords(pb.DeviceType, "DEVICE_TYPE_").by_word
 
 
 def parse_device(value: str, field: str = "device") -> pb.DeviceType.ValueType:
     device = _DEVICES.get(value.lower())
     if device is None:
-        raise ParamError(field, f"{field} must be one of mobile, desktop, tablet, other")
+        raise ParamError(field, f"{field} must be one of {', '.join(_DEVICES)}")
     return device
 
 

@@ -8,7 +8,8 @@ traceback (anyone who can reach the port could flood the log). aiohttp has no
 hook for this, so ``install`` replaces that one method, once per process: the
 answer is ``{"error": {"code": "bad_request", ...}}`` with a fixed message,
 the connection is closed as aiohttp does, and refusals are logged at most
-once per interval with a count.
+once per interval with a count. (aiohttp also reports a handler's own
+failure there, as a 500: that one is logged with its traceback.)
 """
 
 from __future__ import annotations
@@ -71,7 +72,13 @@ def _handle_error(
     if request.writer.output_size > 0:
         # As aiohttp does: part of an answer went out, the connection is broken.
         raise ConnectionError("response already started; cannot send an error")
-    _refusals.note(status)
+    if status >= 500:
+        # Not a malformed request: a handler aiohttp runs outside our routes'
+        # guard failed or timed out (the metrics listener's, say). Logged in
+        # full, as aiohttp would, but still answered with the contract's JSON.
+        logger.error("error handling %s %s", request.method, request.path, exc_info=exc)
+    else:
+        _refusals.note(status)
     return json_protocol_error(status)
 
 

@@ -25,6 +25,11 @@ class EnumWords(Generic[V]):
         }
         self.words: dict[int, str] = {int(number): word for word, number in self._numbers.items()}
 
+    @property
+    def by_word(self) -> dict[str, V]:
+        """Every word and its number, in the enum's order (for parsers of words)."""
+        return dict(self._numbers)
+
     def number(self, word: str) -> V:
         """The number of a known word (KeyError otherwise: words come from our own store)."""
         return self._numbers[word]

@@ -6,6 +6,7 @@ from ascribe.fraud.v1 import fraud_pb2
 
 from services.attribution.common import reasons
 from services.fraud import domain
+from services.fraud.store import AlertKind
 
 # ARCHITECTURE.md section 4, Conversion.reasons, as the contract lists them.
 CONTRACT_REASONS = {
@@ -49,4 +50,7 @@ def test_the_fraud_services_enums_are_the_generated_ones() -> None:
         name = "UNSPECIFIED" if kind is domain.CouponKind.NONE else kind.name
         assert fraud_pb2.CouponKind.Value(f"COUPON_KIND_{name}") == kind.value
     assert len(domain.Action) == len(fraud_pb2.VerdictAction.values()) - 1  # UNSPECIFIED is no action
+    kinds = {name: value for name, value in vars(AlertKind).items() if name.isupper()}
+    assert kinds == {name.removeprefix("ALERT_KIND_"): value
+                     for name, value in fraud_pb2.AlertKind.items() if value}
     assert len(domain.CouponKind) == len(fraud_pb2.CouponKind.values())

@@ -30,6 +30,7 @@ from ascribe.attribution.v1 import attribution_pb2
 
 from services.attribution.catalog import rules
 from services.attribution.common.coupon_rules import normalize_code
+from services.common.enum_words import EnumWords
 from services.common.errors import InvalidArgument, Violations
 
 T = TypeVar("T")
@@ -41,23 +42,9 @@ MAX_IMPORT_BYTES = 64 << 20
 MAX_REPORTED_VIOLATIONS = 20
 LIST_SEPARATOR = ";"
 
-_KINDS: dict[str, attribution_pb2.CouponKind.ValueType] = {
-    "general": attribution_pb2.COUPON_KIND_GENERAL,
-    "exclusive": attribution_pb2.COUPON_KIND_EXCLUSIVE,
-    "unique": attribution_pb2.COUPON_KIND_UNIQUE,
-}
-_STATUSES: dict[str, attribution_pb2.CouponStatus.ValueType] = {
-    "active": attribution_pb2.COUPON_STATUS_ACTIVE,
-    "pending": attribution_pb2.COUPON_STATUS_PENDING,
-    "rejected": attribution_pb2.COUPON_STATUS_REJECTED,
-    "hold": attribution_pb2.COUPON_STATUS_HOLD,
-    "paused": attribution_pb2.COUPON_STATUS_PAUSED,
-}
-_DEVICES: dict[str, attribution_pb2.DeviceType.ValueType] = {
-    "mobile": attribution_pb2.DEVICE_TYPE_MOBILE,
-    "desktop": attribution_pb2.DEVICE_TYPE_DESKTOP,
-    "tablet": attribution_pb2.DEVICE_TYPE_TABLET,
-}
+_KINDS = EnumWords(attribution_pb2.CouponKind, "COUPON_KIND_").by_word
+_STATUSES = EnumWords(attribution_pb2.CouponStatus, "COUPON_STATUS_").by_word
+_DEVICES = EnumWords(attribution_pb2.DeviceType, "DEVICE_TYPE_").by_word
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")

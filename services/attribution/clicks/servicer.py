@@ -18,14 +18,11 @@ from services.attribution.clicks.recorder import ClickInput, ClickOutcome, Click
 from services.attribution.common.batch_errors import error_proto
 from services.attribution.common.models import Click
 from services.common.batch_stream import serve_batch_stream
+from services.common.enum_words import EnumWords
 from services.common.errors import DomainError, InvalidArgument
 from services.common.timestamps import set_timestamp
 
-_DECISIONS = {
-    "accepted": pb.CLICK_DECISION_ACCEPTED,
-    "flagged": pb.CLICK_DECISION_FLAGGED,
-    "rejected": pb.CLICK_DECISION_REJECTED,
-}
+_DECISIONS = EnumWords(pb.ClickDecision, "CLICK_DECISION_").by_word
 
 
 def _occurred_at(request: pb.RecordClickRequest) -> datetime | None:

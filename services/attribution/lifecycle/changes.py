@@ -334,7 +334,10 @@ class Lifecycle:
         return len(changed)
 
     async def _reject_rescored(self, candidate: Conversion, verdict: fraud_pb2.Verdict, now: datetime) -> bool:
-        return await retry_aborted(lambda: self._reject_rescored_once(candidate, verdict, now), "re-scoring")
+        rejected = await retry_aborted(lambda: self._reject_rescored_once(candidate, verdict, now), "re-scoring")
+        if rejected:  # counted once committed: an aborted attempt is tried again
+            RESCORED_TOTAL.labels("rejected").inc()
+        return rejected
 
     async def _reject_rescored_once(self, candidate: Conversion, verdict: fraud_pb2.Verdict, now: datetime) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -346,7 +349,6 @@ class Lifecycle:
                                       fraud_reasons(verdict), now)
             campaign = await self._campaign(conversion.campaign_id, conn)
             await self._give_back(conn, conversion, campaign, reason="fraud_rescore", consume_unique=False)
-            RESCORED_TOTAL.labels(outcome.status).inc()
             await store.update_state(
                 conn, conversion.id, status=outcome.status, reasons=outcome.reasons,
                 refunded_micros=conversion.refunded_micros, payout_micros=0, released=True,
