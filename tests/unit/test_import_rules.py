@@ -59,7 +59,7 @@ def test_a_file_with_a_bom_quotes_and_blank_lines() -> None:
 
 def test_every_word_of_the_contracts_enums_is_taken() -> None:
     """The words come from the proto enums: a value added there (DEVICE_TYPE_OTHER) is taken here too."""
-    rows = parse_csv(b"code,kind,status,device_types\nW-1,exclusive,hold,other;desktop\n", "cmp")
+    rows = parse_csv(b"code,kind,status,device_types,affiliate_ids\nW-1,exclusive,hold,other;desktop,aff-1\n", "cmp")
     coupon = rows[0].coupon
     assert (coupon.kind, coupon.status) == (pb.COUPON_KIND_EXCLUSIVE, pb.COUPON_STATUS_HOLD)
     assert list(coupon.device_types) == [pb.DEVICE_TYPE_OTHER, pb.DEVICE_TYPE_DESKTOP]
