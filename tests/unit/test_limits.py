@@ -68,6 +68,12 @@ def test_the_named_limits_are_the_annotations() -> None:
     assert annotated["skus"] == {limits.SKU}
 
 
+def test_every_list_of_a_coupons_rules_has_one_bound() -> None:
+    coupon = apb.Coupon.DESCRIPTOR
+    lists = ("affiliate_ids", "countries", "device_types", "channels", "skus")
+    assert {limits.max_items(coupon, name) for name in lists} == {limits.COUPON_LIST_ITEMS}
+
+
 def test_an_unannotated_field_is_a_loud_error_not_a_silent_zero() -> None:
     with pytest.raises(LookupError):
         limits.max_bytes(apb.RecordClickRequest.DESCRIPTOR, "country")

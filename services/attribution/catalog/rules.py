@@ -34,7 +34,6 @@ CHANNEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 PREFIX_PATTERN = re.compile(r"^[A-Z0-9_-]*$")
 MAX_NAME_LENGTH = 200
 MAX_URL_LENGTH = 2048
-MAX_LIST_ITEMS = 1000  # entries of any repeated field
 MAX_DAYS = 3650
 MAX_BASIS_POINTS = 10_000  # 100 %
 
@@ -461,5 +460,5 @@ def _instant(stamp: timestamp_pb2.Timestamp) -> tuple[int, int]:
 
 
 def _check_list_size(v: Violations, field: str, values: Sequence[object] | Iterable[object]) -> None:
-    if len(list(values)) > MAX_LIST_ITEMS:
-        v.add(field, f"at most {MAX_LIST_ITEMS} entries")
+    if len(list(values)) > limits.COUPON_LIST_ITEMS:
+        v.add(field, f"at most {limits.COUPON_LIST_ITEMS} entries")

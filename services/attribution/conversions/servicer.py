@@ -80,7 +80,7 @@ def conversion_input(request: pb.RecordConversionRequest, received_at: datetime)
         v.add("currency", "must be a three-letter ISO 4217 code")
     code = coupon_rules.normalize_code(request.coupon_code)
     if code and not coupon_rules.is_valid_code(code):
-        v.add("coupon_code", "must be 3 to 64 characters of A-Z 0-9 - _")
+        v.add("coupon_code", coupon_rules.CODE_RULE)
     country = request.country.strip().upper()
     if country and not _COUNTRY.fullmatch(country):
         v.add("country", "must be an ISO 3166-1 alpha-2 code")
