@@ -50,7 +50,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 typecheck: gen/.stamp
-	$(VENV)/bin/mypy services gateway tools bench ascribe_cli
+	$(VENV)/bin/mypy services gateway tools bench ascribe_cli tests
 
 unit: gen/.stamp
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

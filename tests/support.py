@@ -1,4 +1,4 @@
-"""Helpers the integration tests share: in-process services and error details."""
+"""Helpers the integration tests share: in-process services, error details and metric samples."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ascribe.fraud.v1 import fraud_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client.registry import Collector
 
 from services.attribution.config import Settings
 
@@ -83,6 +84,26 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
         if detail.Unpack(bad_request):
             fields.extend(violation.field for violation in bad_request.field_violations)
     return fields
+
+
+def sample(metric: Collector, suffix: str | None = None, **labels: str) -> float | None:
+    """A value read from one of our metric objects, never from the global registry by name.
+
+    ``suffix`` picks the series: by default a counter's ``_total`` or a
+    gauge's value; a histogram's ``_count`` or ``_sum`` must be named.
+    ``labels`` match as in ``get_sample_value``, except that a partial set
+    adds up every series that carries it (none: the metric's total). None
+    when no series matches, as for a label set never used yet.
+    """
+    found: float | None = None
+    for family in metric.collect():
+        if suffix is None and family.type not in ("counter", "gauge"):
+            raise ValueError(f"{family.name} is a {family.type}: name its series (_count, _sum)")
+        name = family.name + (suffix if suffix is not None else "_total" if family.type == "counter" else "")
+        for series in family.samples:
+            if series.name == name and labels.items() <= series.labels.items():
+                found = (found or 0.0) + series.value
+    return found
 
 
 @dataclass

@@ -27,8 +27,8 @@ class LiveWorld:
     stack: Stack
     http: aiohttp.ClientSession
     channel: grpc.aio.Channel
-    catalog: attribution_pb2_grpc.CatalogServiceStub
-    tracking: attribution_pb2_grpc.TrackingServiceStub
+    catalog: attribution_pb2_grpc.CatalogServiceAsyncStub
+    tracking: attribution_pb2_grpc.TrackingServiceAsyncStub
 
     @property
     def url(self) -> str:

@@ -18,6 +18,19 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from services.attribution.server import AttributionService, start_attribution
 from tests.support import Clock, attribution_settings, fraud_settings, free_port, ts
 
+# The conversion tests take ts from here with the world that uses it.
+__all__ = [
+    "BROWSER_UA",
+    "FraudHandle",
+    "Replica",
+    "World",
+    "fraud_service",
+    "start_fraud_service",
+    "ts",
+    "world",
+    "world_without_fraud",
+]
+
 _order_ids = itertools.count(1)
 BROWSER_UA = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -29,8 +42,8 @@ BROWSER_UA = (
 class Replica:
     service: AttributionService
     channel: grpc.aio.Channel
-    catalog: attribution_pb2_grpc.CatalogServiceStub
-    tracking: attribution_pb2_grpc.TrackingServiceStub
+    catalog: attribution_pb2_grpc.CatalogServiceAsyncStub
+    tracking: attribution_pb2_grpc.TrackingServiceAsyncStub
 
 
 @dataclass
@@ -43,11 +56,11 @@ class World:
     tokens: dict[str, str] = field(default_factory=dict)
 
     @property
-    def catalog(self) -> attribution_pb2_grpc.CatalogServiceStub:
+    def catalog(self) -> attribution_pb2_grpc.CatalogServiceAsyncStub:
         return self.replicas[0].catalog
 
     @property
-    def tracking(self) -> attribution_pb2_grpc.TrackingServiceStub:
+    def tracking(self) -> attribution_pb2_grpc.TrackingServiceAsyncStub:
         return self.replicas[0].tracking
 
     async def add_replica(self, **overrides: Any) -> Replica:

@@ -24,13 +24,13 @@ import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.attribution.clicks.store import release_click_slot, take_click_slot
 from services.attribution.common.ids import click_created_at, new_click_id
+from services.attribution.metrics import CLICK_FLUSH_ROWS, FRAUD_AVAILABLE
 from services.attribution.server import AttributionService, start_attribution
 from services.fraud.server import start_fraud
-from tests.support import attribution_settings, bad_request_fields, fraud_settings, free_port
+from tests.support import attribution_settings, bad_request_fields, fraud_settings, free_port, sample
 
 ACCEPTED = pb.CLICK_DECISION_ACCEPTED
 FLAGGED = pb.CLICK_DECISION_FLAGGED
@@ -90,7 +90,7 @@ class SlowFraud(fraud_pb2_grpc.FraudServiceServicer):
 class Harness:
     service: AttributionService
     channel: grpc.aio.Channel
-    tracking: attribution_pb2_grpc.TrackingServiceStub
+    tracking: attribution_pb2_grpc.TrackingServiceAsyncStub
     db: asyncpg.Connection
 
     async def click(self, **fields: Any) -> pb.RecordClickResponse:
@@ -157,8 +157,8 @@ async def seed(db: asyncpg.Connection) -> None:
 
 def flush_stats() -> tuple[float, float]:
     """(flushes, rows) of the click group commit so far."""
-    count = REGISTRY.get_sample_value("ascribe_click_flush_rows_count") or 0.0
-    total = REGISTRY.get_sample_value("ascribe_click_flush_rows_sum") or 0.0
+    count = sample(CLICK_FLUSH_ROWS, "_count") or 0.0
+    total = sample(CLICK_FLUSH_ROWS, "_sum") or 0.0
     return count, total
 
 
@@ -325,6 +325,7 @@ async def test_click_rows_go_to_the_partition_their_id_names(fraud_down: Harness
     row = await fraud_down.db.fetchrow(
         "SELECT tableoid::regclass::text AS part, created_at FROM clicks WHERE click_id = $1", response.click_id
     )
+    assert row is not None
     assert row["created_at"] == click_created_at(response.click_id)
     assert row["part"] == "clicks_" + click_created_at(response.click_id).strftime("%Y%m%d")
 
@@ -441,7 +442,8 @@ async def test_a_failed_group_commit_fails_its_clicks_with_unavailable(fraud_dow
 
 async def test_late_fraud_answers_flag_within_the_deadline(start_harness: StartHarness) -> None:
     server = grpc.aio.server()
-    fraud_pb2_grpc.add_FraudServiceServicer_to_server(SlowFraud(), server)
+    # Only CheckClickBatch is answered; the other RPCs stay UNIMPLEMENTED (the stub base class).
+    fraud_pb2_grpc.add_FraudServiceServicer_to_server(SlowFraud(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -577,5 +579,5 @@ async def check_fraud_stop(harness: Harness, fraud_service: RunningFraud) -> Non
     assert {r.decision for r in during} == {FLAGGED}
     assert all("fraud_unavailable" in r.reasons for r in during)
     assert await harness.rows() == 60
-    fraud_gauge = REGISTRY.get_sample_value("ascribe_fraud_available")
+    fraud_gauge = sample(FRAUD_AVAILABLE)
     assert fraud_gauge == 0

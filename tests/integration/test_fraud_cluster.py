@@ -189,7 +189,7 @@ async def test_the_service_checks_and_alerts_through_the_cluster(
     service = await start_fraud(settings, handle_sighup=False, intel=shared_intel)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)
             batch = pb.CheckClickBatchRequest(requests=[
                 pb.CheckClickRequest(click_id=f"c-{i}", campaign_id="camp", affiliate_id="aff",
                                      ip="81.2.69.7", user_agent=BROWSER)
@@ -229,7 +229,7 @@ async def test_a_cluster_that_is_down_answers_unavailable(
     service = await start_fraud(settings, handle_sighup=False, intel=shared_intel)  # starts all the same
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.CheckClick(

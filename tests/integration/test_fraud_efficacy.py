@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -112,7 +113,7 @@ class Generator:
         self.tor = _entries(ipintel_dir / "tor-exit-nodes.txt")
         self.datacenter = [p for p in _entries(ipintel_dir / "datacenter-ipv4.txt") if "/" in p]
         self.vpn = [p for p in _entries(ipintel_dir / "vpn-ipv4.txt") if "/" in p]
-        self.shared: list[list[object]] = []
+        self.shared: list[list[Any]] = []  # [ip, times handed out]
         self.counter = 0
         self.used_ips: set[str] = set()
 
@@ -283,7 +284,7 @@ class Generator:
         return out
 
 
-def batches(items: list[tuple[datetime, object, str]]) -> Iterator[list[tuple[datetime, object, str]]]:
+def batches(items: list[tuple[datetime, Any, str]]) -> Iterator[list[tuple[datetime, Any, str]]]:
     for start in range(0, len(items), BATCH):
         yield items[start : start + BATCH]
 
@@ -306,11 +307,11 @@ async def test_efficacy_on_synthetic_traffic(fraud: FraudService, ipintel_dir: P
     traffic = Generator(ipintel_dir, datetime.now(UTC) - timedelta(hours=8)).traffic()
     results: list[tuple[str, pb.Verdict, str]] = []  # (label, verdict, event)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
-        stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
-        for chunk in batches(traffic.clicks):  # type: ignore[arg-type]
+        stub = fraud_pb2_grpc.FraudServiceStub(channel)
+        for chunk in batches(traffic.clicks):
             answer = await stub.CheckClickBatch(pb.CheckClickBatchRequest(requests=[r for _, r, _ in chunk]))
             results.extend((label, verdict, "click") for (_, _, label), verdict in zip(chunk, answer.verdicts, strict=True))
-        for chunk in batches(traffic.conversions):  # type: ignore[arg-type]
+        for chunk in batches(traffic.conversions):
             answer = await stub.CheckConversionBatch(
                 pb.CheckConversionBatchRequest(requests=[r for _, r, _ in chunk])
             )

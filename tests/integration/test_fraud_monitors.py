@@ -23,14 +23,14 @@ import pytest
 import redis.asyncio as aioredis
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.fraud.config import Settings
 from services.fraud.domain import ClickEvent
 from services.fraud.ipintel import IpIntelHolder
+from services.fraud.metrics import ALERTS_TOTAL, CHECK_SECONDS, SIGNALS_TOTAL, VERDICTS_TOTAL
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import Alert, FraudStore, StoreConfig
-from tests.support import signal_codes, ts
+from tests.support import sample, signal_codes, ts
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -126,7 +126,7 @@ async def start(
         service = await start_fraud(settings, handle_sighup=False, intel=shared_intel)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         running.append((service, channel))
-        return Fraud(service, fraud_pb2_grpc.FraudServiceStub(channel))  # type: ignore[misc]
+        return Fraud(service, fraud_pb2_grpc.FraudServiceStub(channel))
 
     yield start_one
     for service, channel in running:
@@ -145,11 +145,6 @@ def tor_ips(ipintel_dir: Path, shared_intel: IpIntelHolder) -> list[str]:
             ips.append(ip)
     assert len(ips) >= 300, "the Tor list is too short for these tests"
     return ips
-
-
-def sample(name: str, **labels: str) -> float:
-    """A sample of the default registry; a label set never used yet counts 0."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # ---------------------------------------------------------------- history
@@ -215,7 +210,7 @@ async def test_affiliate_burst_alerts_once_naming_the_affiliate(start: StartFrau
     now = datetime.now(UTC)
     # Both affiliates usually send 20 clicks per 5 minutes, one batch a window.
     assert await click_history(fraud.store, ["aff-burst", "aff-calm"], 20, FULL_HISTORY, now, batches=1) == []
-    alerts_before = sample("ascribe_fraud_alerts_total", kind="affiliate_burst")
+    alerts_before = sample(ALERTS_TOTAL, kind="affiliate_burst") or 0.0
 
     # The burst's clicks share one timestamp, so the window holds exactly what
     # was sent plus what is left of the previous window (at most its 20).
@@ -238,7 +233,7 @@ async def test_affiliate_burst_alerts_once_naming_the_affiliate(start: StartFrau
         await fraud.stub.CheckClick(click(n, "aff-burst", now))
     await fraud.clicks([click(1000 + n, "aff-burst", now) for n in range(300)])
     assert await fraud.alerts(after_id=alerts[0].id) == [], "more than one alert for one burst"
-    assert sample("ascribe_fraud_alerts_total", kind="affiliate_burst") - alerts_before == 1
+    assert (sample(ALERTS_TOTAL, kind="affiliate_burst") or 0.0) - alerts_before == 1
 
 
 async def test_a_burst_after_the_episode_alerts_again(start: StartFraud) -> None:
@@ -297,7 +292,7 @@ async def test_rule_surge_alerts_once_naming_the_rule(start: StartFraud, tor_ips
     # bot_user_agent usually fires 12 times per 5 minutes, tor_exit 60 times.
     usual = {"bot_user_agent": 12, "tor_exit": 60}
     assert await signal_history(fraud.store, usual, FULL_HISTORY, now) == []
-    surges_before = sample("ascribe_fraud_alerts_total", kind="rule_surge")
+    surges_before = sample(ALERTS_TOTAL, kind="rule_surge") or 0.0
 
     await bot_clicks(fraud, 150)  # more than 5 times usual, and above the minimum of 100
     await tor_clicks(fraud, tor_ips[:120])  # twice usual: not a surge
@@ -306,7 +301,7 @@ async def test_rule_surge_alerts_once_naming_the_rule(start: StartFraud, tor_ips
     alerts = await fraud.alerts()
     assert [a.kind for a in alerts] == [SURGE]
     assert "bot_user_agent" in alerts[0].detail and "tor_exit" not in alerts[0].detail
-    assert sample("ascribe_fraud_alerts_total", kind="rule_surge") - surges_before == 1
+    assert (sample(ALERTS_TOTAL, kind="rule_surge") or 0.0) - surges_before == 1
 
     # The next period surges as well: the same episode, no second alert.
     await bot_clicks(fraud, 150, first=150)
@@ -348,12 +343,12 @@ async def test_checks_move_the_signal_verdict_and_latency_metrics(start: StartFr
     timings = [(event, mode) for event in ("click", "conversion") for mode in ("single", "batch")]
 
     def read() -> dict[str, float]:
-        values = {f"signal {code}": sample("ascribe_fraud_signals_total", code=code) for code in counted_codes}
+        values = {f"signal {code}": sample(SIGNALS_TOTAL, code=code) or 0.0 for code in counted_codes}
         for event, action in verdict_labels:
-            values[f"verdict {event} {action}"] = sample("ascribe_fraud_verdicts_total", event=event, action=action)
+            values[f"verdict {event} {action}"] = sample(VERDICTS_TOTAL, event=event, action=action) or 0.0
         for event, mode in timings:
-            values[f"checks {event} {mode}"] = sample("ascribe_fraud_check_seconds_count", event=event, mode=mode)
-            values[f"seconds {event} {mode}"] = sample("ascribe_fraud_check_seconds_sum", event=event, mode=mode)
+            values[f"checks {event} {mode}"] = sample(CHECK_SECONDS, "_count", event=event, mode=mode) or 0.0
+            values[f"seconds {event} {mode}"] = sample(CHECK_SECONDS, "_sum", event=event, mode=mode) or 0.0
         return values
 
     before = read()

@@ -7,16 +7,18 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.common import embedded
 from services.fraud.config import Settings
+from services.fraud.metrics import REDIS_ERRORS_TOTAL
 from services.fraud.server import start_fraud
 from services.fraud.store import StoreConfig
+from tests.support import sample
 
 DEADLINE_SECONDS = 1.0
 # Shorter than the socket timeout (200 ms here), with room for a loaded CI machine.
@@ -38,7 +40,7 @@ async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipin
     request = pb.CheckClickRequest(click_id="c", campaign_id="camp", ip="81.2.69.142", user_agent="Mozilla/5.0 (X11)")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)
             assert (await stub.CheckClick(request, timeout=DEADLINE_SECONDS)).action == pb.VERDICT_ACTION_ALLOW
 
             # A hung Redis (stopped, not dead) costs the socket timeout, not the caller's deadline.
@@ -54,7 +56,8 @@ async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipin
                 # A caller's deadline shorter than the socket timeout (the
                 # attribution service's is 50 ms): the check still answers
                 # UNAVAILABLE inside it, and the metric counts the hung Redis.
-                errors_before = REGISTRY.get_sample_value("ascribe_fraud_redis_errors_total") or 0.0
+                errors_before = sample(REDIS_ERRORS_TOTAL) or 0.0
+                message: Any  # each call's own request type
                 for call, message in (
                     (stub.CheckClick, request),
                     (stub.CheckClickBatch, pb.CheckClickBatchRequest(requests=[request] * 3)),
@@ -66,7 +69,7 @@ async def test_redis_down_answers_unavailable_then_recovers(tmp_path: Path, ipin
                     except grpc.aio.AioRpcError as error:
                         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
                     assert time.monotonic() - started < SHORT_DEADLINE_SECONDS + 0.1
-                errors = REGISTRY.get_sample_value("ascribe_fraud_redis_errors_total") or 0.0
+                errors = sample(REDIS_ERRORS_TOTAL) or 0.0
                 assert errors - errors_before >= 2
             finally:
                 os.kill(redis_server.process.pid, signal.SIGCONT)

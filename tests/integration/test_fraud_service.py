@@ -7,10 +7,10 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -75,7 +75,7 @@ async def fraud(
 @pytest.fixture
 async def stub(fraud: FraudService) -> AsyncIterator[fraud_pb2_grpc.FraudServiceAsyncStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
-        yield fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+        yield fraud_pb2_grpc.FraudServiceStub(channel)
 
 
 def click(**fields: object) -> pb.CheckClickRequest:
@@ -297,7 +297,7 @@ async def test_exclusive_code_without_click_adds_a_little(stub: fraud_pb2_grpc.F
 
 async def test_bad_input_names_the_field(stub: fraud_pb2_grpc.FraudServiceAsyncStub) -> None:
     future = ts(datetime.now(UTC) + timedelta(days=2))
-    cases: list[tuple[object, str]] = [
+    cases: list[tuple[Awaitable[object], str]] = [
         (stub.CheckClick(click(ip="999.1.1.1")), "ip"),
         (stub.CheckClick(click(occurred_at=future)), "occurred_at"),
         (stub.CheckClick(click(user_agent="x" * 5000)), "user_agent"),
@@ -308,7 +308,7 @@ async def test_bad_input_names_the_field(stub: fraud_pb2_grpc.FraudServiceAsyncS
     ]
     for pending, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await pending  # type: ignore[misc]
+            await pending
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(caught.value) == [field]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -362,7 +362,7 @@ async def test_single_checks_within_the_linger_share_a_round_trip(
     round_trips = RoundTrips(service, monkeypatch)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)
             started = time.monotonic()
             first = await stub.CheckClick(click(ip="86.151.0.1"))
             # After a quiet spell a check goes out at once, not after the linger.
@@ -406,8 +406,8 @@ async def test_watch_alerts_resumes_after_id(fraud: FraudService, stub: fraud_pb
     reader = asyncio.ensure_future(live.read())
     await asyncio.sleep(0.3)
     await fraud.engine.store.add_alerts([Alert(kind=AlertKind.AFFILIATE_BURST, detail="new one", affiliate_id="a")])
-    first = await reader
-    assert first.detail == "new one" and first.kind == pb.ALERT_KIND_AFFILIATE_BURST  # type: ignore[union-attr]
+    first = cast(pb.Alert, await reader)
+    assert first.detail == "new one" and first.kind == pb.ALERT_KIND_AFFILIATE_BURST
     live.cancel()
 
 
@@ -425,7 +425,7 @@ async def test_internal_token_is_required_when_set(
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.CheckClick(click())
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -466,7 +466,7 @@ async def test_sighup_reloads_the_ip_lists(
     service = await start_fraud(settings_for(redis_server_url, redis_prefix, tmp_path))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+            stub = fraud_pb2_grpc.FraudServiceStub(channel)
             assert not (await stub.CheckClick(click(ip="185.220.101.2"))).signals
             (tmp_path / "tor-exit-nodes.txt").write_text("185.220.101.1\n185.220.101.2\n")
             os.kill(os.getpid(), signal.SIGHUP)
@@ -503,7 +503,7 @@ def click_stream(
     method: str = "CheckClickStream",
     max_age_seconds: float = 30.0,
 ) -> tuple[BatchStream[pb.CheckClickBatchRequest, pb.VerdictBatch], Opened]:
-    stub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[misc]
+    stub = fraud_pb2_grpc.FraudServiceStub(channel)
     opened = Opened(
         lambda: channel.stream_stream(
             f"/ascribe.fraud.v1.FraudService/{method}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -67,12 +68,12 @@ async def stores(
         await store.client.aclose()
 
 
-async def keys_of(client: aioredis.Redis, prefix: str) -> dict[str, int]:
+async def keys_of(client: aioredis.Redis, prefix: str) -> dict[str, str]:
     """Key names without the store's prefix, each with its type's first letter."""
-    found = {}
+    found: dict[str, str] = {}
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         name = key.decode()
-        found[name[len(prefix):]] = (await client.type(key)).decode()
+        found[name[len(prefix):]] = cast(bytes, await client.type(key)).decode()
     return found
 
 

@@ -31,7 +31,7 @@ async def server_port() -> AsyncIterator[int]:
 
 async def test_a_client_streaming_method_needs_its_token(server_port: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel:
-        upload = channel.stream_unary("/t.T/Upload")
+        upload: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary("/t.T/Upload")
 
         async def three() -> AsyncIterator[bytes]:
             for chunk in (b"a", b"b", b"c"):

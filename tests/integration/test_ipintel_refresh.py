@@ -18,14 +18,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
-from prometheus_client import REGISTRY
 
 from services.fraud.config import Settings
 from services.fraud.ipintel import MANIFEST, IpList, read_manifest
 from services.fraud.ipintel_download import Source
+from services.fraud.metrics import IPINTEL_AGE_SECONDS, IPINTEL_ENTRIES, IPINTEL_REFRESHES_TOTAL
 from services.fraud.server import FraudService, start_fraud
 from services.fraud.store import StoreConfig
-from tests.support import signal_codes
+from tests.support import sample, signal_codes
 
 OLD_TOR, NEW_TOR = "198.51.100.7", "198.51.100.8"
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
@@ -80,34 +80,30 @@ async def start(redis_url: str, prefix: str, folder: Path, upstream: Upstream, r
 async def tor_signal(service: FraudService, ip: str) -> bool:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         stub = fraud_pb2_grpc.FraudServiceStub(channel)
-        verdict = await stub.CheckClick(  # type: ignore[misc]
+        verdict = await stub.CheckClick(
             pb.CheckClickRequest(click_id=f"c-{ip}", campaign_id="camp", affiliate_id="aff", ip=ip, user_agent=BROWSER),
             timeout=5,
         )
     return "tor_exit" in signal_codes(verdict)
 
 
-def sample(name: str, **labels: str) -> float | None:
-    return REGISTRY.get_sample_value(name, labels)
-
-
 async def test_missing_lists_are_downloaded_at_once_then_on_schedule(
     tmp_path: Path, upstream: Upstream, redis_server_url: str, redis_prefix: str, redis_client: aioredis.Redis
 ) -> None:
     folder = tmp_path / "lists"  # nothing yet: every list is missing, so the first refresh does not wait
-    ok_before = sample("ascribe_fraud_ipintel_refreshes_total", result="ok") or 0.0
+    ok_before = sample(IPINTEL_REFRESHES_TOTAL, result="ok") or 0.0
     service = await start(redis_server_url, redis_prefix, folder, upstream, refresh_seconds=1.5)
     try:
         assert not service.intel.current.available
-        assert sample("ascribe_fraud_ipintel_age_seconds", list="tor") == float("inf")
+        assert sample(IPINTEL_AGE_SECONDS, list="tor") == float("inf")
         async with asyncio.timeout(10):
             while not service.intel.current.available:
                 await asyncio.sleep(0.05)
         assert await tor_signal(service, OLD_TOR)
         assert not await tor_signal(service, NEW_TOR)
-        age = sample("ascribe_fraud_ipintel_age_seconds", list="tor")
+        age = sample(IPINTEL_AGE_SECONDS, list="tor")
         assert age is not None and 0 <= age < 30
-        assert sample("ascribe_fraud_ipintel_entries", list="tor") == 1
+        assert sample(IPINTEL_ENTRIES, list="tor") == 1
         assert set(read_manifest(folder)) == set(upstream.lists)
         assert "MIT (test)" in (folder / MANIFEST).read_text()
 
@@ -117,7 +113,7 @@ async def test_missing_lists_are_downloaded_at_once_then_on_schedule(
             while not await tor_signal(service, NEW_TOR):
                 await asyncio.sleep(0.1)
         assert not await tor_signal(service, OLD_TOR)
-        assert (sample("ascribe_fraud_ipintel_refreshes_total", result="ok") or 0.0) >= ok_before + 2
+        assert (sample(IPINTEL_REFRESHES_TOTAL, result="ok") or 0.0) >= ok_before + 2
     finally:
         await service.stop(grace_seconds=0.5)
 
@@ -133,7 +129,7 @@ async def test_a_bad_download_keeps_the_lists_in_use(
         assert upstream.hits == hits  # refresh off (the default): no download at all
         report = await service.refresh_ipintel()
         assert not report.failed and await tor_signal(service, OLD_TOR)
-        failed_before = sample("ascribe_fraud_ipintel_refreshes_total", result="failed") or 0.0
+        failed_before = sample(IPINTEL_REFRESHES_TOTAL, result="failed") or 0.0
         # A captive portal's page instead of the list: nothing parses, the file is not replaced.
         upstream.lists["tor-exit-nodes.txt"] = "<html>Please log in</html>\n"
         del upstream.lists["vpn-ipv4.txt"]  # and a 404
@@ -142,6 +138,6 @@ async def test_a_bad_download_keeps_the_lists_in_use(
         assert (folder / "tor-exit-nodes.txt").read_text() == f"{OLD_TOR}\n"
         assert await tor_signal(service, OLD_TOR)
         assert service.intel.current.counts[IpList.VPN] == 1
-        assert sample("ascribe_fraud_ipintel_refreshes_total", result="failed") == failed_before + 1
+        assert sample(IPINTEL_REFRESHES_TOTAL, result="failed") == failed_before + 1
     finally:
         await service.stop(grace_seconds=0.5)

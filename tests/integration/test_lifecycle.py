@@ -211,6 +211,7 @@ async def test_a_leaking_unique_code_is_put_on_hold(world: World) -> None:
         await asyncio.sleep(0.1)
     assert (await world.get_coupon("VIP-0001")).status == pb.COUPON_STATUS_HOLD
     event = await world.db.fetchrow("SELECT actor, to_status FROM coupon_events WHERE code = 'VIP-0001'")
+    assert event is not None
     assert (event["actor"], event["to_status"]) == ("leak_response", "hold")
     assert await world.db.fetchval("SELECT after_id FROM alert_cursor WHERE name = 'leak_response'")
 

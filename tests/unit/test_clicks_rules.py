@@ -94,7 +94,7 @@ def test_small_clock_skew_is_allowed_and_an_overlong_referer_cut() -> None:
 # ---------------------------------------------------------------- verdicts
 
 
-def verdict(action: int, *signals: str, score: int = 10) -> fraud_pb2.Verdict:
+def verdict(action: fraud_pb2.VerdictAction.ValueType, *signals: str, score: int = 10) -> fraud_pb2.Verdict:
     return fraud_pb2.Verdict(
         action=action, score=score, signals=[fraud_pb2.Signal(code=code, weight=10) for code in signals]
     )

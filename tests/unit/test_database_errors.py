@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from services.attribution.server import DATABASE_UNAVAILABLE
+from services.attribution.common.database import DATABASE_UNAVAILABLE
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,34 @@
+"""tests.support.sample reads a metric object the way get_sample_value reads the registry."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import Counter, Gauge, Histogram
+
+from tests.support import sample
+
+
+def test_a_counter_reads_its_total_per_label_set_or_summed() -> None:
+    counter = Counter("t_events", "Events.", ["event", "action"], registry=None)
+    assert sample(counter, event="click", action="allow") is None  # never used yet
+    counter.labels("click", "allow").inc(2)
+    counter.labels("click", "reject").inc()
+    counter.labels("conversion", "allow").inc(4)
+    assert sample(counter, event="click", action="allow") == 2
+    assert sample(counter, event="click") == 3
+    assert sample(counter) == 7
+    assert sample(counter, event="refund") is None
+
+
+def test_a_gauge_reads_its_value_and_a_histogram_the_series_named() -> None:
+    gauge = Gauge("t_up", "Up.", registry=None)
+    assert sample(gauge) == 0
+    gauge.set(float("inf"))
+    assert sample(gauge) == float("inf")
+    histogram = Histogram("t_rows", "Rows.", buckets=(1, 10), registry=None)
+    histogram.observe(3)
+    histogram.observe(5)
+    assert (sample(histogram, "_count"), sample(histogram, "_sum")) == (2, 8)
+    assert sample(histogram, "_bucket", le="10.0") == 2
+    with pytest.raises(ValueError, match="name its series"):
+        sample(histogram)
