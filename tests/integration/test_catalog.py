@@ -751,7 +751,7 @@ async def test_a_large_batch_is_stored_whole_and_exported_whole(client: Client) 
         timeout=300,
     )
     assert generated.generated == 100_000
-    codes = set()
+    codes: set[str] = set()
     async for chunk in client.stub.ExportCodes(
         pb.ExportCodesRequest(batch_id=generated.batch_id), metadata=AUTH, timeout=600
     ):

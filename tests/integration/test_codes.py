@@ -30,7 +30,7 @@ async def _generate(world: World, count: int, prefix: str = "VIP", length: int =
     return reply.batch_id
 
 
-async def _export(stub: attribution_pb2_grpc.CatalogServiceStub, batch_id: str) -> list[str]:
+async def _export(stub: attribution_pb2_grpc.CatalogServiceAsyncStub, batch_id: str) -> list[str]:
     return [code async for chunk in stub.ExportCodes(pb.ExportCodesRequest(batch_id=batch_id), timeout=60)
             for code in chunk.codes]
 
@@ -72,8 +72,8 @@ async def test_a_mistyped_code_is_told_from_an_unknown_one_on_clicks_and_convers
     converted = await world.convert(coupon_code=mistyped, customer_id="c1")
     assert converted.status == pb.CONVERSION_STATUS_REJECTED
     assert list(converted.reasons) == ["coupon_mistyped"]
-    unknown = await world.convert(coupon_code=never_issued, customer_id="c1")
-    assert list(unknown.reasons) == ["unknown_coupon"]
+    guessed = await world.convert(coupon_code=never_issued, customer_id="c1")
+    assert list(guessed.reasons) == ["unknown_coupon"]
     # A mistyped code is a reason the shop can fix: the same order with the right code is judged anew.
     fixed = await world.convert(order_id=converted.order_id, coupon_code=code, customer_id="c1")
     assert fixed.status in (pb.CONVERSION_STATUS_PENDING, pb.CONVERSION_STATUS_APPROVED)
@@ -97,7 +97,7 @@ async def test_a_failed_batch_leaves_no_code_and_no_shape(world: World) -> None:
 # ---------------------------------------------------------------- AssignCode
 
 
-async def _assign(stub: attribution_pb2_grpc.CatalogServiceStub, batch_id: str, customer: str) -> pb.Coupon:
+async def _assign(stub: attribution_pb2_grpc.CatalogServiceAsyncStub, batch_id: str, customer: str) -> pb.Coupon:
     return await stub.AssignCode(
         pb.AssignCodeRequest(campaign_id="cmp", batch_id=batch_id, customer_id=customer), timeout=30
     )

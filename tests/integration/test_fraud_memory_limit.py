@@ -38,7 +38,7 @@ async def test_at_the_limit_checks_are_unavailable_and_nothing_is_evicted(tmp_pa
     service = await start_fraud(settings, handle_sighup=False)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            stub: fraud_pb2_grpc.FraudServiceAsyncStub = fraud_pb2_grpc.FraudServiceStub(channel)  # type: ignore[assignment]
+            stub: fraud_pb2_grpc.FraudServiceAsyncStub = fraud_pb2_grpc.FraudServiceStub(channel)
             first = await stub.CheckClick(click(0, external="x-1"), timeout=5)
             assert first.action == pb.VERDICT_ACTION_ALLOW
             dedup_keys = [key async for key in client.scan_iter(match="limit:*xc:*")]
