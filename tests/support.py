@@ -86,24 +86,31 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
     return fields
 
 
-def sample(metric: Collector, suffix: str | None = None, **labels: str) -> float | None:
+def sample(
+    metric: Collector, suffix: str | None = None, *, family: str | None = None, **labels: str
+) -> float | None:
     """A value read from one of our metric objects, never from the global registry by name.
 
     ``suffix`` picks the series: by default a counter's ``_total`` or a
     gauge's value; a histogram's ``_count`` or ``_sum`` must be named.
+    ``family`` picks one of the metrics a collector yields several of.
     ``labels`` match as in ``get_sample_value``, except that a partial set
     adds up every series that carries it (none: the metric's total). None
     when no series matches, as for a label set never used yet.
     """
-    found: float | None = None
-    for family in metric.collect():
-        if suffix is None and family.type not in ("counter", "gauge"):
-            raise ValueError(f"{family.name} is a {family.type}: name its series (_count, _sum)")
-        name = family.name + (suffix if suffix is not None else "_total" if family.type == "counter" else "")
-        for series in family.samples:
-            if series.name == name and labels.items() <= series.labels.items():
-                found = (found or 0.0) + series.value
-    return found
+    collected = list(metric.collect())
+    matching = [found for found in collected if family in (None, found.name)]
+    if len(matching) != 1:
+        raise ValueError(f"name one of {[found.name for found in collected]} as family")
+    (chosen,) = matching
+    if suffix is None and chosen.type not in ("counter", "gauge"):
+        raise ValueError(f"{chosen.name} is a {chosen.type}: name its series (_count, _sum)")
+    name = chosen.name + (suffix if suffix is not None else "_total" if chosen.type == "counter" else "")
+    value: float | None = None
+    for series in chosen.samples:
+        if series.name == name and labels.items() <= series.labels.items():
+            value = (value or 0.0) + series.value
+    return value
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Metrics of the shared interceptor and the PostgreSQL pool, read back from the registry."""
+"""Metrics of the shared interceptor and the PostgreSQL pool, read back from their metric objects."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from prometheus_client import REGISTRY, generate_latest
 from services.attribution.metrics import POOLS
 from services.common.errors import NotFound
 from services.common.grpc_server import ServerInterceptor
+from services.common.metrics import (
+    GRPC_SERVER_HANDLED_TOTAL,
+    GRPC_SERVER_HANDLING_SECONDS,
+    GRPC_SERVER_STARTED_TOTAL,
+)
+from tests.support import sample
 
 SERVICE = "t.Metrics"
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def _echo(request: bytes, context: Any) -> bytes:
@@ -59,14 +61,14 @@ async def test_rpcs_are_counted_with_the_conventional_labels(channel: grpc.aio.C
     upload = {"grpc_type": "client_stream", "grpc_service": SERVICE, "grpc_method": "Upload"}
     watch = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": "Watch"}
     before = {
-        "started echo": sample("grpc_server_started_total", **echo),
-        "ok echo": sample("grpc_server_handled_total", **echo, grpc_code="OK"),
-        "not found echo": sample("grpc_server_handled_total", **echo, grpc_code="NOT_FOUND"),
-        "timed echo": sample("grpc_server_handling_seconds_count", **echo),
-        "ok upload": sample("grpc_server_handled_total", **upload, grpc_code="OK"),
-        "timed upload": sample("grpc_server_handling_seconds_count", **upload),
-        "started watch": sample("grpc_server_started_total", **watch),
-        "ok watch": sample("grpc_server_handled_total", **watch, grpc_code="OK"),
+        "started echo": sample(GRPC_SERVER_STARTED_TOTAL, **echo) or 0.0,
+        "ok echo": sample(GRPC_SERVER_HANDLED_TOTAL, **echo, grpc_code="OK") or 0.0,
+        "not found echo": sample(GRPC_SERVER_HANDLED_TOTAL, **echo, grpc_code="NOT_FOUND") or 0.0,
+        "timed echo": sample(GRPC_SERVER_HANDLING_SECONDS, "_count", **echo) or 0.0,
+        "ok upload": sample(GRPC_SERVER_HANDLED_TOTAL, **upload, grpc_code="OK") or 0.0,
+        "timed upload": sample(GRPC_SERVER_HANDLING_SECONDS, "_count", **upload) or 0.0,
+        "started watch": sample(GRPC_SERVER_STARTED_TOTAL, **watch) or 0.0,
+        "ok watch": sample(GRPC_SERVER_HANDLED_TOTAL, **watch, grpc_code="OK") or 0.0,
     }
 
     call_echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{SERVICE}/Echo")
@@ -86,14 +88,14 @@ async def test_rpcs_are_counted_with_the_conventional_labels(channel: grpc.aio.C
     assert [message async for message in call_watch(b"x", timeout=5)] == [b"x"] * 3
 
     after = {
-        "started echo": sample("grpc_server_started_total", **echo),
-        "ok echo": sample("grpc_server_handled_total", **echo, grpc_code="OK"),
-        "not found echo": sample("grpc_server_handled_total", **echo, grpc_code="NOT_FOUND"),
-        "timed echo": sample("grpc_server_handling_seconds_count", **echo),
-        "ok upload": sample("grpc_server_handled_total", **upload, grpc_code="OK"),
-        "timed upload": sample("grpc_server_handling_seconds_count", **upload),
-        "started watch": sample("grpc_server_started_total", **watch),
-        "ok watch": sample("grpc_server_handled_total", **watch, grpc_code="OK"),
+        "started echo": sample(GRPC_SERVER_STARTED_TOTAL, **echo) or 0.0,
+        "ok echo": sample(GRPC_SERVER_HANDLED_TOTAL, **echo, grpc_code="OK") or 0.0,
+        "not found echo": sample(GRPC_SERVER_HANDLED_TOTAL, **echo, grpc_code="NOT_FOUND") or 0.0,
+        "timed echo": sample(GRPC_SERVER_HANDLING_SECONDS, "_count", **echo) or 0.0,
+        "ok upload": sample(GRPC_SERVER_HANDLED_TOTAL, **upload, grpc_code="OK") or 0.0,
+        "timed upload": sample(GRPC_SERVER_HANDLING_SECONDS, "_count", **upload) or 0.0,
+        "started watch": sample(GRPC_SERVER_STARTED_TOTAL, **watch) or 0.0,
+        "ok watch": sample(GRPC_SERVER_HANDLED_TOTAL, **watch, grpc_code="OK") or 0.0,
     }
     assert {key: after[key] - before[key] for key in before} == {
         "started echo": 3, "ok echo": 2, "not found echo": 1, "timed echo": 3,
@@ -101,7 +103,7 @@ async def test_rpcs_are_counted_with_the_conventional_labels(channel: grpc.aio.C
         # Streams are counted, not timed: a stream's life would blur the latencies.
         "started watch": 1, "ok watch": 1,
     }
-    assert sample("grpc_server_handling_seconds_count", **watch) == 0
+    assert (sample(GRPC_SERVER_HANDLING_SECONDS, "_count", **watch) or 0.0) == 0
     page = generate_latest(REGISTRY)
     assert b"_created" not in page
     assert b"ascribe_grpc_server_requests_total" not in page  # the old name is gone, not doubled
@@ -111,24 +113,24 @@ async def test_pool_gauges_show_use_and_waiters(database_url: str) -> None:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     POOLS.watch(pool)
     try:
-        assert sample("ascribe_db_pool_max_connections") >= 2
-        baseline_in_use = sample("ascribe_db_pool_connections_in_use")
-        baseline_waiting = sample("ascribe_db_pool_waiting_acquires")
+        assert (sample(POOLS, family="ascribe_db_pool_max_connections") or 0.0) >= 2
+        baseline_in_use = sample(POOLS, family="ascribe_db_pool_connections_in_use") or 0.0
+        baseline_waiting = sample(POOLS, family="ascribe_db_pool_waiting_acquires") or 0.0
         first, second = await pool.acquire(), await pool.acquire()
         waiter = asyncio.ensure_future(pool.acquire())
         await asyncio.sleep(0.05)
         assert not waiter.done()
-        assert sample("ascribe_db_pool_connections_in_use") - baseline_in_use == 2
-        assert sample("ascribe_db_pool_waiting_acquires") - baseline_waiting == 1
+        assert (sample(POOLS, family="ascribe_db_pool_connections_in_use") or 0.0) - baseline_in_use == 2
+        assert (sample(POOLS, family="ascribe_db_pool_waiting_acquires") or 0.0) - baseline_waiting == 1
         await pool.release(first)
         third = await asyncio.wait_for(waiter, 5)
-        assert sample("ascribe_db_pool_waiting_acquires") - baseline_waiting == 0
+        assert (sample(POOLS, family="ascribe_db_pool_waiting_acquires") or 0.0) - baseline_waiting == 0
         await pool.release(second)
         await pool.release(third)
-        assert sample("ascribe_db_pool_connections_in_use") - baseline_in_use == 0
-        max_open = sample("ascribe_db_pool_max_connections")
+        assert (sample(POOLS, family="ascribe_db_pool_connections_in_use") or 0.0) - baseline_in_use == 0
+        max_open = sample(POOLS, family="ascribe_db_pool_max_connections") or 0.0
         await pool.close()
     finally:
         pool.terminate()  # after a failed assertion: close() would wait for the borrowed connections
     # A closed pool drops out of the sums.
-    assert sample("ascribe_db_pool_max_connections") == max_open - 2
+    assert (sample(POOLS, family="ascribe_db_pool_max_connections") or 0.0) == max_open - 2

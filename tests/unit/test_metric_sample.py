@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from tests.support import sample
 
@@ -32,3 +36,16 @@ def test_a_gauge_reads_its_value_and_a_histogram_the_series_named() -> None:
     assert sample(histogram, "_bucket", le="10.0") == 2
     with pytest.raises(ValueError, match="name its series"):
         sample(histogram)
+
+
+class Pools(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("t_pool_size", "Open.", value=3)
+        yield GaugeMetricFamily("t_pool_in_use", "Lent.", value=1)
+
+
+def test_a_collector_of_several_metrics_reads_the_family_named() -> None:
+    assert sample(Pools(), family="t_pool_in_use") == 1
+    assert sample(Pools(), family="t_pool_size") == 3
+    with pytest.raises(ValueError, match="t_pool_size"):
+        sample(Pools())
