@@ -129,11 +129,18 @@ class Ports:
         }[name]
 
 
+# Looked up once here, never between fork and exec: dlopen() or dlsym() in
+# the child of a process with threads (gRPC's, once a health check ran) can
+# wait forever on a loader lock another thread held at the fork, and Popen
+# with it.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: the kernel sends SIGTERM when
     # the launcher dies, even by SIGKILL, so a child can never outlive it.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from services.attribution.store import clicks as click_store
 from services.attribution.store.lookups import CatalogCache
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
+from services.common.readiness import follow_dependency, postgres_probe
 
 logger = logging.getLogger(__name__)
 
@@ -186,4 +187,9 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     if settings.background_jobs:
         service.tasks = _background_jobs(service)
+    # A pooled connection may still answer a stopped postmaster: the probe connects afresh.
+    service.tasks.append(await follow_dependency(
+        running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        postgres_probe(settings.database_url), "PostgreSQL",
+    ))
     return service
