@@ -25,7 +25,7 @@ from services.attribution.store import clicks as click_store
 from services.attribution.store.lookups import CatalogCache
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
-from services.common.readiness import follow_dependency, postgres_probe
+from services.common.readiness import first_attempt, follow_dependency, postgres_probe
 
 logger = logging.getLogger(__name__)
 
@@ -145,18 +145,33 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
 
 async def start_attribution(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> AttributionService:
     """Starts the service; ``clock`` is injectable so tests need not sleep."""
-    pool = await asyncpg.create_pool(
-        settings.database_url,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        reset=_keep_session,
-        command_timeout=settings.db_statement_timeout_ms / 1000,
-        # Start-up parameters: they hold for the whole session, whatever a reset does.
-        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
-    )
-    async with pool.acquire() as conn:
-        await migrate(conn)
-        await click_store.ensure_click_partitions(conn, 1, 7)
+    def open_pool(min_size: int) -> asyncpg.Pool:
+        return asyncpg.create_pool(
+            settings.database_url,
+            min_size=min_size,
+            max_size=settings.db_pool_max,
+            # asyncpg's default, 60 s, would hold start-up that long on a stopped server.
+            timeout=5,
+            reset=_keep_session,
+            command_timeout=settings.db_statement_timeout_ms / 1000,
+            # Start-up parameters: they hold for the whole session, whatever a reset does.
+            server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
+        )
+
+    try:
+        pool = await open_pool(settings.db_pool_min)
+    except DATABASE_UNAVAILABLE as error:
+        # (Re)started while PostgreSQL is down: come up live but not ready and
+        # connect on demand once it answers, rather than exit and be restarted in a loop.
+        logger.warning("PostgreSQL is unavailable at start-up (%r); its pool connects on demand", error)
+        pool = await open_pool(0)
+
+    async def prepare_database() -> None:
+        async with pool.acquire(timeout=5) as conn:
+            await migrate(conn)
+            await click_store.ensure_click_partitions(conn, 1, 7)
+
+    pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
     fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
@@ -190,6 +205,6 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     # A pooled connection may still answer a stopped postmaster: the probe connects afresh.
     service.tasks.append(await follow_dependency(
         running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
-        postgres_probe(settings.database_url), "PostgreSQL",
+        postgres_probe(settings.database_url), "PostgreSQL", prepare=pending,
     ))
     return service

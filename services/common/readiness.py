@@ -75,8 +75,30 @@ def redis_probe(redis_url: str, *, cluster: bool = False, timeout: float = PROBE
     return probe
 
 
+async def first_attempt(
+    step: Probe, unavailable: tuple[type[BaseException], ...], dependency: str
+) -> Probe | None:
+    """Runs a start-up ``step`` that needs the dependency; returns it, to run later, when the dependency is down.
+
+    A process restarted while its database is down must still come up (live,
+    not ready) rather than exit and be restarted in a loop; any other error
+    is a real start-up failure and propagates.
+    """
+    try:
+        await step()
+    except unavailable as error:
+        logger.warning("%s is unavailable at start-up (%s); not ready until it answers", dependency, error)
+        return step
+    return None
+
+
 class Readiness:
-    """Keeps ``names`` of a health servicer in step with what ``probe`` says about a dependency."""
+    """Keeps ``names`` of a health servicer in step with what ``probe`` says about a dependency.
+
+    ``prepare``, when given, is a start-up step that could not run yet (see
+    `first_attempt`): each check retries it until it succeeds once, and the
+    service is not ready before.
+    """
 
     def __init__(
         self,
@@ -86,25 +108,32 @@ class Readiness:
         dependency: str,
         *,
         interval: float = PROBE_INTERVAL,
+        prepare: Probe | None = None,
     ) -> None:
         self._health = health_servicer
         self._names = ["", *(name for name in names if name)]
         self._probe = probe
         self._dependency = dependency
         self._interval = interval
+        self._prepare = prepare
         self.ready: bool | None = None
+
+    async def mark(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in self._names:
+            await self._health.set(name, status)
 
     async def check(self) -> bool:
         """One probe; sets the health names when the answer changed."""
         try:
+            if self._prepare is not None:
+                await self._prepare()
+                self._prepare = None
             await self._probe()
             ready, why = True, ""
         except Exception as error:  # any failure of the probe means "unusable"
             ready, why = False, f"{type(error).__name__}: {error}".rstrip(": ")
         if ready != self.ready:
-            status = SERVING if ready else NOT_SERVING
-            for name in self._names:
-                await self._health.set(name, status)
+            await self.mark(SERVING if ready else NOT_SERVING)
             if ready:
                 logger.info("%s answers: ready", self._dependency)
             else:
@@ -129,9 +158,13 @@ async def follow_dependency(
     dependency: str,
     *,
     interval: float = PROBE_INTERVAL,
+    prepare: Probe | None = None,
 ) -> asyncio.Task[None]:
     """Marks the process live, probes once, then keeps probing in a task the caller cancels on stop."""
     await health_servicer.set(LIVENESS_SERVICE, SERVING)
-    readiness = Readiness(health_servicer, names, probe, dependency, interval=interval)
+    readiness = Readiness(health_servicer, names, probe, dependency, interval=interval, prepare=prepare)
+    # The server started SERVING; until the first probe answers (a hung
+    # dependency takes its whole timeout, a deferred step longer) we do not know.
+    await readiness.mark(NOT_SERVING)
     await readiness.check()
     return asyncio.create_task(readiness.run(), name=f"readiness of {dependency}")

@@ -237,3 +237,26 @@ def test_start_up_warnings_reach_the_console(tmp_path: Path) -> None:
         assert [line for line in warnings if f"fraud | {line}" not in output] == [], output
     finally:
         assert run.stop() == 0
+
+
+def test_a_service_restarted_while_postgres_is_paused_is_up_but_not_ready(make_run: MakeRun) -> None:
+    old = make_run.pids()
+    os.kill(old["postgres"], signal.SIGSTOP)
+    try:
+        os.kill(old["attribution"], signal.SIGKILL)
+        # Live (its gRPC health "liveness"), although its database answers nobody.
+        live = _wait_for(
+            lambda: _health(make_run.addr("attribution"), LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING,
+            SERVING_AGAIN_WITHIN,
+        )
+        up_line = f"attribution (pid {make_run.pids()['attribution']}) is up again"
+        _wait_for(lambda: up_line in make_run.output(), 2.0)
+        assert _readyz(make_run)[0] == 503
+        assert _health(make_run.addr("attribution"), TRACKING_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        os.kill(old["postgres"], signal.SIGCONT)
+    ready = _wait_for(lambda: _readyz(make_run)[0] == 200, SERVING_AGAIN_WITHIN)
+    print(f"\nattribution live {live:.2f}s after kill -9 with PostgreSQL paused; ready {ready:.2f}s after SIGCONT")
+    campaign_id = _campaign(make_run)
+    assert _stored_click(make_run, _click(make_run, campaign_id))
+    assert make_run.pids()["postgres"] == old["postgres"]
