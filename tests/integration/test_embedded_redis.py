@@ -1,0 +1,78 @@
+"""The embedded Redis: started means loaded, and its append-only file cannot grow without bound."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from services.common import embedded
+
+VALUE = b"x" * 1024
+
+
+def _aof_size(data_dir: Path) -> int:
+    return sum(path.stat().st_size for path in data_dir.glob("appendonly*.aof*"))
+
+
+def _churn(client: redis.Redis, megabytes: int) -> None:
+    """Writes ``megabytes`` to the append-only file while the data stays tiny (every key deleted again)."""
+    for batch in range(megabytes):
+        pipe = client.pipeline(transaction=False)
+        for i in range(1024):
+            pipe.set(f"churn:{batch}:{i}", VALUE)
+            pipe.delete(f"churn:{batch}:{i}")
+        pipe.execute()
+
+
+def _wait_for_rewrite(client: redis.Redis, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = client.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the rewrite did not finish")
+
+
+def test_the_append_only_file_is_rewritten_while_it_runs(tmp_path: Path) -> None:
+    server = embedded.start_redis(tmp_path / "redis")
+    try:
+        client = redis.Redis(port=server.port)
+        _churn(client, 3 * embedded.REDIS_AOF_REWRITE_MIN_SIZE // (1024 * 1024))
+        time.sleep(0.3)  # serverCron starts the rewrite
+        _wait_for_rewrite(client)
+        assert _aof_size(server.data_dir) < embedded.REDIS_AOF_REWRITE_MIN_SIZE * 2
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_a_restart_waits_for_the_data_to_load_then_compacts_a_bloated_file(tmp_path: Path) -> None:
+    data_dir = tmp_path / "redis"
+    # A file written without automatic rewrites, like the ones earlier versions left behind.
+    server = embedded.start_redis(data_dir, extra_args=["--auto-aof-rewrite-percentage", "0"])
+    try:
+        client = redis.Redis(port=server.port)
+        client.set("acknowledged", b"kept")
+        _churn(client, 48)
+        client.close()
+    finally:
+        server.stop()
+    bloated = _aof_size(data_dir)
+    assert bloated > 48 * 1024 * 1024
+
+    server = embedded.start_redis(data_dir, port=server.port)
+    try:
+        client = redis.Redis(port=server.port)
+        # Started means loaded: the first command is answered, not refused with LOADING.
+        assert client.get("acknowledged") == b"kept"
+        time.sleep(0.2)
+        _wait_for_rewrite(client)
+        compacted = _aof_size(data_dir)
+        assert compacted < 1024 * 1024, (bloated, compacted)
+        assert client.get("acknowledged") == b"kept"
+        client.close()
+    finally:
+        server.stop()
