@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2
 
 from services.common.readiness import Readiness
 from tools.run import is_warning
 from tools.supervisor import Backoff, ConfigurationError, State, Supervisor, describe_exit
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Clock:
@@ -194,3 +198,10 @@ async def test_readiness_is_not_ready_until_a_deferred_start_up_step_has_run() -
     readiness = Readiness(Recorder(), [], probe, "dep", prepare=prepare)  # type: ignore[arg-type]
     assert [await readiness.check() for _ in range(3)] == [False, True, True]
     assert runs == ["prepare", "prepare", "probe", "probe"]
+
+
+def test_docker_compose_restarts_what_make_run_supervises() -> None:
+    """The same processes as `make run` supervises, restarted by Docker when they exit."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name in ("postgres", "redis", "fraud", "attribution", "gateway"):
+        assert compose["services"][name].get("restart") in ("always", "unless-stopped"), name
