@@ -71,3 +71,30 @@ def test_a_restart_waits_for_the_data_to_load_then_compacts_a_bloated_file(tmp_p
         client.close()
     finally:
         server.stop()
+
+
+def test_start_returns_only_once_the_data_is_loaded(tmp_path: Path) -> None:
+    """Redis listens before it has loaded its file; started means loaded (no LOADING for the first callers)."""
+    data_dir = tmp_path / "redis"
+    server = embedded.start_redis(data_dir)
+    try:
+        client = redis.Redis(port=server.port)
+        pipe = client.pipeline(transaction=False)
+        for i in range(10_000):
+            pipe.set(f"k{i}", "v")
+        pipe.execute()
+        client.close()
+    finally:
+        server.stop()
+
+    started = time.monotonic()
+    # key-load-delay (Redis's own testing setting) slows the load to about a second.
+    server = embedded.start_redis(data_dir, port=server.port, extra_args=["--key-load-delay", "100"])
+    try:
+        took = time.monotonic() - started
+        client = redis.Redis(port=server.port, socket_timeout=10)
+        assert client.info("persistence")["loading"] == 0, took
+        assert client.dbsize() == 10_000
+        client.close()
+    finally:
+        server.stop()
