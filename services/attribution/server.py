@@ -25,7 +25,7 @@ from services.attribution.store import clicks as click_store
 from services.attribution.store.lookups import CatalogCache
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
-from services.common.readiness import first_attempt, follow_dependency, postgres_probe
+from services.common.readiness import Probe, first_attempt, follow_dependency, postgres_probe
 
 logger = logging.getLogger(__name__)
 
@@ -158,20 +158,22 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
             server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
         )
 
-    try:
-        pool = await open_pool(settings.db_pool_min)
-    except DATABASE_UNAVAILABLE as error:
-        # (Re)started while PostgreSQL is down: come up live but not ready and
-        # connect on demand once it answers, rather than exit and be restarted in a loop.
-        logger.warning("PostgreSQL is unavailable at start-up (%r); its pool connects on demand", error)
-        pool = await open_pool(0)
-
     async def prepare_database() -> None:
         async with pool.acquire(timeout=5) as conn:
             await migrate(conn)
             await click_store.ensure_click_partitions(conn, 1, 7)
 
-    pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
+    try:
+        pool = await open_pool(settings.db_pool_min)
+    except DATABASE_UNAVAILABLE as error:
+        # (Re)started while PostgreSQL is down: come up live but not ready,
+        # connect on demand and migrate once it answers (readiness retries
+        # ``pending``), rather than exit and be restarted in a loop.
+        logger.warning("PostgreSQL is unavailable at start-up (%r); not ready until it answers", error)
+        pool = await open_pool(0)
+        pending: Probe | None = prepare_database
+    else:
+        pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
     fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
