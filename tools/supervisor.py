@@ -76,7 +76,7 @@ class Unit(Protocol):
         """None while the process runs; its return code (negative: killed by that signal) once it exited."""
 
     def is_up(self) -> bool:
-        """Whether the process serves; bounded by about CHECK_TIMEOUT."""
+        """Whether the process serves: quick (CHECK_TIMEOUT for a service, 2 s at most for PostgreSQL)."""
 
     def reap(self) -> None:
         """After an exit: ends whatever the process left behind (its process group) and waits for it."""
@@ -205,9 +205,6 @@ class Supervisor:
 
     def state(self, name: str) -> State:
         return self._watches[name].state
-
-    def restarts_pending(self) -> list[str]:
-        return [name for name, watch in self._watches.items() if watch.state is not State.UP]
 
     def poll(self) -> None:
         for watch in self._watches.values():
