@@ -4,18 +4,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
-SHARED_IPINTEL := $(abspath ../shared/data/ipintel)
 BENCH ?= quick
 PYTEST_ARGS ?=
 
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install proto run demo migrate test unit integration e2e lint typecheck bench ipintel clean
+.PHONY: install proto run demo migrate test unit integration e2e lint typecheck bench ipintel prometheus-rules clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The pinned requirements, then the project itself, editable (so .venv/bin/ascribe
+# runs this checkout's code); a changed pyproject.toml (entry point, packages)
+# installs again. The image's build stage runs `make install` before it has
+# copied pyproject.toml: there only the requirements are installed.
+$(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(if $(wildcard pyproject.toml),$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .)
 	touch $@
 
 install: $(VENV)/.installed
@@ -46,22 +50,26 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 typecheck: gen/.stamp
-	$(VENV)/bin/mypy services gateway tools bench
+	$(VENV)/bin/mypy services gateway tools bench ascribe_cli
 
 unit: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 integration: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
 e2e: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 test: gen/.stamp lint typecheck
-	ASCRIBE_IPINTEL_DIR=$(SHARED_IPINTEL) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The Prometheus configuration and the alert rules' unit tests (promtool: Debian's prometheus package).
+prometheus-rules:
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool test rules alerts_test.yml
 
 bench: gen/.stamp
-	ASCRIBE_IPINTEL_DIR=$${ASCRIBE_IPINTEL_DIR:-$(SHARED_IPINTEL)} $(PY) -m bench --mode $(BENCH)
+	$(PY) -m bench --mode $(BENCH)
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,9 +8,8 @@ module that is absent) makes its case "not available", never the whole run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import importlib
-import inspect
 import json
 import os
 import resource
@@ -22,8 +21,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -31,9 +31,14 @@ import grpc
 
 from bench import naive_store
 from bench.procstats import CpuMeter, RssSampler
+from bench.redemption_store import RedemptionStore
+from services.attribution.common.database import Connection
 from services.attribution.migrate import migrate_url
 from services.common import embedded
 from tools.stack import REPO, SERVICES, Stack, StackError, free_port, port_open
+
+if TYPE_CHECKING:
+    from services.fraud.store import FraudStore
 
 AVAILABLE = "ok"
 NOT_AVAILABLE = "not available"
@@ -51,6 +56,8 @@ class Mode:
     concurrency: int = 64
     open_rate: float = 1000.0
     batch_size: int = 100
+    rescore_backlog: int = 20_000  # flagged conversions the re-scoring case clears
+    redis_memory_clicks: int = 100_000  # distinct-address clicks of the Redis memory case
     # The naive store takes tens of seconds for 10,000 attempts: too slow for quick mode.
     naive_burst: bool = True
 
@@ -59,7 +66,10 @@ MODES = {
     "quick": Mode(
         "quick", duration=3.0, warmup=0.5, store_duration=2.0, codes=100, generate=50_000, naive_burst=False
     ),
-    "full": Mode("full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000),
+    "full": Mode(
+        "full", duration=20.0, warmup=3.0, store_duration=10.0, codes=1000, generate=1_000_000,
+        rescore_backlog=100_000, redis_memory_clicks=1_000_000,
+    ),
 }
 
 
@@ -132,6 +142,13 @@ def percentile(sorted_values: Sequence[int], q: float) -> float:
 
 
 # ---------------------------------------------------------------- servers
+
+
+def bench_ipintel_dir() -> str:
+    """ASCRIBE_IPINTEL_DIR when set, else the repository's snapshot (never `make ipintel`'s download)."""
+    from services.fraud.ipintel import REPOSITORY_LISTS
+
+    return os.environ.get("ASCRIBE_IPINTEL_DIR", "").strip() or str(REPOSITORY_LISTS)
 
 
 def with_database(url: str, database: str) -> str:
@@ -226,10 +243,8 @@ class BenchEnv:
         env = {"ASCRIBE_LOG_FORMAT": "json"}
         if self.redis_key_prefix:
             env["ASCRIBE_FRAUD_KEY_PREFIX"] = self.redis_key_prefix
-        if not os.environ.get("ASCRIBE_IPINTEL_DIR"):
-            shared = REPO.parent / "shared" / "data" / "ipintel"
-            if shared.exists():
-                env["ASCRIBE_IPINTEL_DIR"] = str(shared)
+        # The repository's snapshot unless told otherwise: runs compare only on the same lists.
+        env["ASCRIBE_IPINTEL_DIR"] = bench_ipintel_dir()
         self.stack = Stack(
             database_url=self.database_url, redis_url=self.redis_url, log_dir=self.tmp / "logs", env=env
         )
@@ -444,6 +459,10 @@ EXACT_GOAL = Goal("exactly 150, no error", "exact", ">=", 1)
 FRAUD_P99_GOAL = Goal("p99 <= 5 ms at 1,000/s", "p99_ms", "<=", 5)
 FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
+REDIS_BYTES_GOAL = Goal("<= 100 bytes/click", "cpu_us_per_event", "<=", 100)
+VISITOR_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
+RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
+RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
 IP_LOOKUP_GOAL = Goal("<= 5 µs per lookup (p99)", "p99_ms", "<=", 0.005)
 
 
@@ -594,6 +613,7 @@ class Runner:
         )
         self.ratio(steady, "a.reference_302_1000", of="cpu_us_per_event")
         self.add(steady)
+        self.add(visitor_derivation_case())
 
     # (c) --------------------------------------------------------------
     def conversions(self) -> None:
@@ -666,6 +686,17 @@ class Runner:
             self.add(result)
 
         self.add(ip_lookup_case())
+        self.fraud_transports()
+
+    def fraud_transports(self) -> None:
+        """The fraud counters' two transports on the bench's Redis, side by side, per batch size."""
+        import uvloop
+
+        for result in uvloop.run(transport_cases(self.env, self.mode)):
+            if result.key.startswith("d.transport_redis_py"):
+                self.ratio(result, result.key.replace("redis_py", "resp"), of="cpu_us_per_event")
+            self.add(result)
+        self.add(uvloop.run(redis_bytes_per_click_case(self.env, self.mode.redis_memory_clicks)))
 
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
@@ -686,8 +717,7 @@ class Runner:
 
     # (e) --------------------------------------------------------------
     def store(self) -> None:
-        real, why = find_real_store()
-        results = asyncio.run(store_cases(self.env, self.mode, real, why))
+        results = asyncio.run(store_cases(self.env, self.mode, real_store, "RedemptionStore.take"))
         for result in results:
             if result.key == "e.store_hot":
                 self.ratio(result, "e.store_hot_naive")
@@ -697,15 +727,73 @@ class Runner:
 
     # (f) --------------------------------------------------------------
     def generate(self) -> None:
-        key, title = "f.generate_codes", f"{self.mode.generate:,} unique codes via GenerateCodes"
+        """Codes at scale (issue 15): the COPY floor, GenerateCodes, ExportCodes, AssignCode.
+
+        The floor and the row-by-row reference run in this process straight
+        against PostgreSQL, into the same ``coupons`` table (same indexes,
+        constraints and columns as the generated rows) in the same run; the
+        floor's rows are built before the clock starts, so it is PostgreSQL's
+        own cost of taking them.
+        """
         reason = self.ensure_catalog()
+        count = self.mode.generate
+        keys = [
+            ("f.copy_floor", f"floor: bare COPY of {count:,} prepared rows into coupons"),
+            ("f.generate_codes", f"{count:,} unique codes via GenerateCodes"),
+            ("f.insert_row_by_row", f"reference: {ROW_BY_ROW:,} codes inserted row by row"),
+            ("f.export_codes", f"ExportCodes of the {count:,}-code batch"),
+            ("f.assign_codes", "AssignCode, 64 concurrent callers"),
+        ]
         if reason:
-            self.add(unavailable(key, title, reason))
+            for key, title in keys:
+                self.add(unavailable(key, title, reason))
             return
+        assert self.env.stack is not None and self.catalog is not None
+        self.add(asyncio.run(_copy_floor(self.env, keys[0][1], count)))
+        generated = self._generate_codes(keys[1][1], count)
+        self.add(asyncio.run(_row_by_row(self.env, keys[2][1])))
+        if generated is None:
+            for key, title in keys[3:]:
+                self.add(unavailable(key, title, "GenerateCodes failed"))
+            return
+        self.add(self._export_codes(keys[3][1], generated, count))
+        self.add(self._unary_floor())
+        assign = self._assign_codes(keys[4][1], generated)
+        self.ratio(assign, "f.unary_floor")
+        self.add(assign)
+
+    def _unary_floor(self) -> CaseResult:
+        """The same 64 callers on the attribution server's health Check: what any unary call costs here."""
+        assert self.env.stack is not None
+        title = "reference: grpc.health Check on the attribution server, 64 concurrent callers"
+        meter = CpuMeter(self.env.cpu_groups())
+        before = meter.snapshot()
+        ok, refused, latencies, elapsed = asyncio.run(_unary_load(
+            self.env.stack.addr("attribution"), None, self.mode.concurrency, self.mode.store_duration,
+        ))
+        cpu = CpuMeter.delta(before, meter.snapshot())
+        latencies.sort()
+        result = CaseResult(
+            "f.unary_floor", title, unit="calls/s", throughput=ok / elapsed, events=ok, errors=refused,
+            p50_ms=percentile(latencies, 0.5) / 1e6, p95_ms=percentile(latencies, 0.95) / 1e6,
+            p99_ms=percentile(latencies, 0.99) / 1e6,
+        )
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, ok) * 1e6
+        result.note = "the gRPC floor of AssignCode: the same client, server, interceptors and concurrency"
+        return result
+
+    def _generate_codes(self, title: str, count: int) -> str | None:
+        key = "f.generate_codes"
         assert self.env.stack is not None and self.catalog is not None
         from ascribe.attribution.v1 import attribution_pb2 as pb
         from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
 
+        goals = [
+            Goal(f"all {count:,} stored", "exact", ">=", 1),
+            Goal("1,000,000 in <= 5 s (200,000 codes/s)", "throughput", ">=", 200_000),
+            Goal(">= 0.8x the COPY floor", "ratio", ">=", 0.8),
+        ]
         meter = CpuMeter(self.env.cpu_groups())
         with grpc.insecure_channel(self.env.stack.addr("attribution")) as channel, \
                 RssSampler(self.env.stack.pids()) as rss:
@@ -718,35 +806,389 @@ class Runner:
                             campaign_id=self.catalog.campaign_id, kind=pb.COUPON_KIND_UNIQUE,
                             usage_limit=1, allow_all_affiliates=True,
                         ),
-                        count=self.mode.generate, prefix="G", length=12,
+                        count=count, prefix="G", length=GENERATED_LENGTH,
                     ),
                     timeout=900,
                 )
             except grpc.RpcError as error:
-                self.add(unavailable(key, title, rpc_reason(error, "GenerateCodes")))
-                return
+                self.add(unavailable(key, title, rpc_reason(error, "GenerateCodes"), goals))
+                return None
             elapsed = time.perf_counter() - started
             cpu = CpuMeter.delta(before, meter.snapshot())
         stored = asyncio.run(_count_batch(self.env.database_url, reply.batch_id))
         result = CaseResult(key, title, unit="codes/s", throughput=reply.generated / elapsed, events=stored)
-        result.exact = stored == self.mode.generate == reply.generated
-        result.goals = [Goal(f"all {self.mode.generate:,} stored", "exact", ">=", 1)]
+        result.exact = stored == count == reply.generated
+        result.goals = goals
         result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
         result.cpu_us_per_event = sum(cpu.values()) / max(1, stored) * 1e6
         result.peak_rss_mb = rss.peak_mb()
-        result.note = f"{elapsed:.1f} s, {stored:,} rows stored"
+        attribution_rss = result.peak_rss_mb.get("attribution")
+        result.note = (
+            f"{elapsed:.1f} s, {stored:,} rows stored, {reply.random_bits} random bits a code"
+            + (f", attribution peak RSS {attribution_rss:.0f} MB (goal <= 300)" if attribution_rss else "")
+        )
         result.extra["seconds"] = round(elapsed, 2)
+        result.extra["attribution_peak_rss_mb"] = attribution_rss
+        self.ratio(result, "f.copy_floor")
         self.add(result)
+        return reply.batch_id
+
+    def _export_codes(self, title: str, batch_id: str, count: int) -> CaseResult:
+        assert self.env.stack is not None
+        from ascribe.attribution.v1 import attribution_pb2 as pb
+        from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
+
+        goals = [
+            Goal(f"all {count:,} exported once", "exact", ">=", 1),
+            Goal("1,000,000 in <= 3 s (333,334 codes/s)", "throughput", ">=", 333_334),
+        ]
+        meter = CpuMeter(self.env.cpu_groups())
+        codes: set[str] = set()
+        received = messages = 0
+        with grpc.insecure_channel(
+            self.env.stack.addr("attribution"), options=[("grpc.max_receive_message_length", 64 << 20)]
+        ) as channel, RssSampler(self.env.stack.pids()) as rss:
+            before = meter.snapshot()
+            started = time.perf_counter()
+            try:
+                for chunk in pb_grpc.CatalogServiceStub(channel).ExportCodes(
+                    pb.ExportCodesRequest(batch_id=batch_id), timeout=600
+                ):
+                    messages += 1
+                    received += len(chunk.codes)
+                    codes.update(chunk.codes)
+            except grpc.RpcError as error:
+                return unavailable("f.export_codes", title, rpc_reason(error, "ExportCodes"), goals)
+            elapsed = time.perf_counter() - started
+            cpu = CpuMeter.delta(before, meter.snapshot())
+        result = CaseResult(
+            "f.export_codes", title, unit="codes/s", throughput=received / elapsed, events=received, goals=goals
+        )
+        result.exact = received == len(codes) == count
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, received) * 1e6
+        result.peak_rss_mb = rss.peak_mb()
+        result.note = f"{elapsed:.2f} s, {received:,} codes in {messages:,} messages"
+        result.extra["seconds"] = round(elapsed, 2)
+        return result
+
+    def _assign_codes(self, title: str, batch_id: str) -> CaseResult:
+        assert self.env.stack is not None and self.catalog is not None
+        goals = [
+            Goal(">= 2,000 assignments/s", "throughput", ">=", 2000),
+            Goal("no code given twice", "exact", ">=", 1),
+        ]
+        meter = CpuMeter(self.env.cpu_groups())
+        before = meter.snapshot()
+        try:
+            ok, refused, latencies, elapsed = asyncio.run(_unary_load(
+                self.env.stack.addr("attribution"), (self.catalog.campaign_id, batch_id),
+                self.mode.concurrency, self.mode.store_duration,
+            ))
+        except grpc.RpcError as error:
+            return unavailable("f.assign_codes", title, rpc_reason(error, "AssignCode"), goals)
+        cpu = CpuMeter.delta(before, meter.snapshot())
+        assigned, distinct = asyncio.run(_count_assigned(self.env.database_url, batch_id))
+        latencies.sort()
+        result = CaseResult(
+            "f.assign_codes", title, unit="codes/s", throughput=ok / elapsed, events=ok, errors=refused,
+            p50_ms=percentile(latencies, 0.5) / 1e6, p95_ms=percentile(latencies, 0.95) / 1e6,
+            p99_ms=percentile(latencies, 0.99) / 1e6, goals=goals,
+        )
+        # The warm-up call assigned one more code, to a customer outside the count.
+        result.exact = assigned == distinct == ok + 1 and refused == 0
+        result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+        result.cpu_us_per_event = sum(cpu.values()) / max(1, ok) * 1e6
+        result.note = (
+            f"{ok:,} codes assigned to {ok:,} customers in {elapsed:.1f} s, {assigned:,} rows assigned "
+            f"({distinct:,} distinct customers, one row per code); CPU includes the bench's gRPC clients"
+        )
+        return result
+
+    # (g) --------------------------------------------------------------
+    def rescore(self) -> None:
+        """An outage's backlog of FLAGGED conversions cleared by the re-scoring job under live traffic.
+
+        The same live load (500 clicks/s and 100 postbacks/s) runs first
+        without a backlog, as the reference for its latency.
+        """
+        backlog = self.mode.rescore_backlog
+        key, title = "g.rescore_backlog", f"re-scoring {backlog:,} conversions flagged in a fraud outage"
+        reason = self.service_missing("fraud", "attribution", "gateway") or self.ensure_catalog()
+        if reason:
+            self.add(unavailable(key, title, reason, [RESCORE_GOAL]))
+            for live_key, live_title, *_ in _LIVE_LOADS:
+                self.add(unavailable(live_key, live_title, reason, [RESCORE_LIVE_GOAL]))
+            return
+        for reference in self._live_loads(self.mode.duration, reference=True):
+            self.add(reference)
+        assert self.env.stack is not None and self.catalog is not None
+        asyncio.run(_seed_flagged(self.env.database_url, self.catalog.campaign_id, backlog))
+        # The job looks for work every ASCRIBE_RESCORE_INTERVAL_MS (10 s by
+        # default), then drains; the live load covers the wait and the drain.
+        duration = 10.0 + backlog / 2000 + 5.0
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            live = pool.submit(self._live_loads, duration, reference=False)
+            drained = asyncio.run(_watch_backlog(self.env.database_url, backlog, timeout=duration + 60))
+            live_results = live.result()
+        result = CaseResult(key, title, unit="conv/s", goals=[RESCORE_GOAL], events=backlog - drained.left)
+        if drained.seconds:
+            result.throughput = (backlog - drained.left) / drained.seconds
+            result.note = (f"{backlog - drained.left:,} re-scored in {drained.seconds:.1f} s after the job "
+                           f"started on them; {drained.left:,} left")
+        else:
+            result.status = FAILED
+            result.note = f"the job did not start on the backlog in {duration + 60:.0f} s"
+        self.add(result)
+        for live_result in live_results:
+            self.ratio(live_result, live_result.key.replace("rescore_live", "live_reference"), of="p99_ms")
+            self.add(live_result)
+
+    def _live_loads(self, duration: float, *, reference: bool) -> list[CaseResult]:
+        """The clicks and postbacks of _LIVE_LOADS, at once, each in its own load generator."""
+        assert self.env.stack is not None and self.catalog is not None
+        stack, catalog = self.env.stack, self.catalog
+        params = {
+            "click": {"campaign_id": catalog.campaign_id, "affiliate_id": catalog.affiliate_id},
+            "postback": {"campaign_id": catalog.campaign_id, "token": catalog.token, "codes": catalog.codes},
+        }
+        with concurrent.futures.ThreadPoolExecutor(len(_LIVE_LOADS)) as pool:
+            futures = [
+                pool.submit(
+                    self.load_case,
+                    live_key.replace("rescore_live", "live_reference") if reference else live_key,
+                    live_title.replace("while re-scoring", "(reference: no backlog)") if reference else live_title,
+                    {"kind": kind, "mode": "open", "rate": rate, "duration": duration,
+                     "target": stack.gateway_url, "params": params[kind]},
+                    ok=_starts_with(ok_prefix), goals=[] if reference else [RESCORE_LIVE_GOAL], unit="events/s",
+                )
+                for live_key, live_title, kind, rate, ok_prefix in _LIVE_LOADS
+            ]
+            results = [future.result() for future in futures]
+        for result in results:
+            # Two loads (and the job) share the machine: CPU per event here is
+            # not comparable with the other cases.
+            result.note += "; CPU shared with the other live load"
+        return results
 
     def run(self) -> dict[str, CaseResult]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
-            ("d", self.fraud), ("e", self.store), ("f", self.generate),
+            ("d", self.fraud), ("e", self.store), ("f", self.generate), ("g", self.rescore),
         ]
         for prefix, step in steps:
             if self.wanted(prefix):
                 step()
         return self.results
+
+
+TRANSPORT_CALLERS = 8
+
+
+async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
+    """Click checks' counters (``FraudStore.count_clicks``) through each transport, in this process.
+
+    The same batches through the RESP client and through redis-py, each from
+    8 concurrent callers for the case's duration: one check per call (what
+    a lone single check pays for its round trip) and ``batch_size`` per call.
+    CPU is this process's (callers and store) plus Redis's, per check.
+    """
+    import redis.asyncio as aioredis
+
+    from services.fraud.redis_transport import RedisPyTransport, RedisTransport, RespTransport
+    from services.fraud.resp import RespClient
+    from services.fraud.store import FraudStore, StoreConfig
+
+    client = aioredis.from_url(env.redis_url)
+    prefix = f"{env.redis_key_prefix}bench-transport-{secrets.token_hex(3)}"
+    results: list[CaseResult] = []
+    try:
+        for size in (1, mode.batch_size):
+            for name, key in (("RESP client", "resp"), ("redis-py + hiredis", "redis_py")):
+                case = f"d.transport_{key}_{size}"
+                title = f"fraud counters via {name}, {size} click check{'s' if size > 1 else ''} per call"
+                transport: RedisTransport
+                if key == "resp":
+                    resp = RespClient.like(client)
+                    if resp is None:
+                        results.append(unavailable(case, title, "the RESP client does not speak this connection"))
+                        continue
+                    transport = RespTransport(resp)
+                else:
+                    transport = RedisPyTransport(client)
+                store = FraudStore(client, StoreConfig(prefix=f"{prefix}-{key}-{size}"), transport)
+                try:
+                    await store.load_scripts()
+                    latencies, elapsed, cpu = await _drive_counters(env, mode, store, size)
+                finally:
+                    await store.aclose()
+                checks = len(latencies) * size
+                result = CaseResult(case, title, unit="checks/s", throughput=checks / elapsed, events=checks)
+                result.p50_ms, result.p95_ms, result.p99_ms = (percentile(latencies, q) / 1000 for q in (0.5, 0.95, 0.99))
+                result.cpu_seconds = {label: round(value, 3) for label, value in cpu.items()}
+                result.cpu_us_per_event = sum(cpu.values()) / max(1, checks) * 1e6
+                result.note = f"{TRANSPORT_CALLERS} callers in this process, CPU of this process and Redis"
+                results.append(result)
+    finally:
+        keys = [found async for found in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await client.aclose()
+    return results
+
+
+async def redis_bytes_per_click_case(env: BenchEnv, clicks: int) -> CaseResult:
+    """Bytes of Redis a click leaves behind: ``clicks`` from distinct IPv4 addresses, no aff_click_id.
+
+    Through ``FraudStore.count_clicks`` in batches of 100, on the bench's
+    Redis with a prefix of its own; the change in ``used_memory`` divided by
+    the clicks (the figure the steady-state formula multiplies: click rate x
+    the longest window a click's state lives x bytes). The result column
+    carries bytes per click (in place of CPU).
+    """
+    import redis.asyncio as aioredis
+
+    from services.fraud.domain import ClickEvent
+    from services.fraud.store import FraudStore, StoreConfig
+
+    key, title = "d.redis_bytes_per_click", f"Redis memory per click, {clicks:,} clicks from distinct addresses"
+    client = aioredis.from_url(env.redis_url)
+    prefix = f"{env.redis_key_prefix}bench-memory-{secrets.token_hex(3)}"
+    store = FraudStore(client, StoreConfig(prefix=prefix))
+    try:
+        await store.load_scripts()
+        before = int((await client.info("memory"))["used_memory"])
+        now = datetime.now(UTC)
+        for start in range(0, clicks, 100):
+            await store.count_clicks([
+                ClickEvent(
+                    click_id=f"m{n}", external_click_id="", campaign_id="bench", affiliate_id=f"aff{n % 50}",
+                    coupon_code="", ip=f"{10 + (n >> 24) % 200}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}",
+                    user_agent="Mozilla/5.0", occurred_at=now,
+                )
+                for n in range(start, min(start + 100, clicks))
+            ])
+        after = int((await client.info("memory"))["used_memory"])
+    finally:
+        keys = [found async for found in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await store.aclose()
+        await client.aclose()
+    per_click = (after - before) / clicks
+    return CaseResult(
+        key, title, unit="clicks", events=clicks, cpu_us_per_event=per_click, goals=[REDIS_BYTES_GOAL],
+        note=f"{per_click:.0f} bytes per click ({(after - before) / 1e6:.1f} MB for {clicks:,}; "
+             "the CPU column holds bytes per click)",
+    )
+
+
+async def _drive_counters(
+    env: BenchEnv, mode: Mode, store: FraudStore, size: int
+) -> tuple[list[int], float, dict[str, float]]:
+    """Sorted latencies (µs) of the measured calls, the measured seconds, and the CPU spent."""
+    from services.fraud.domain import ClickEvent
+
+    serial = 0
+
+    def batch() -> list[ClickEvent]:
+        nonlocal serial
+        serial += 1
+        now = datetime.now(UTC)
+        return [
+            ClickEvent(
+                click_id=f"c{serial}-{i}", external_click_id=f"x{serial}-{i}", campaign_id="bench",
+                affiliate_id=f"aff{i % 5}", coupon_code="", ip=f"198.18.{serial % 250}.{i % 250}",
+                user_agent="Mozilla/5.0", occurred_at=now,
+            )
+            for i in range(size)
+        ]
+
+    latencies: list[int] = []
+
+    async def caller(until: float, measured: bool) -> None:
+        while time.perf_counter() < until:
+            events = batch()
+            sent = time.perf_counter()
+            await store.count_clicks(events)
+            if measured:
+                latencies.append(int((time.perf_counter() - sent) * 1e6))
+
+    warm_until = time.perf_counter() + mode.warmup
+    await asyncio.gather(*(caller(warm_until, False) for _ in range(TRANSPORT_CALLERS)))
+    with _measured(env) as cpu:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(started + mode.duration, True) for _ in range(TRANSPORT_CALLERS)))
+        elapsed = time.perf_counter() - started
+    cpu.pop("postgresql", None)  # idle here, and no part of the comparison
+    latencies.sort()
+    return latencies, elapsed, cpu
+
+
+# The live traffic of the re-scoring case: key, title, load kind, rate, successful outcome's prefix.
+_LIVE_LOADS = (
+    ("g.rescore_live_clicks", "live clicks at 500/s while re-scoring", "click", 500.0, "302"),
+    ("g.rescore_live_conversions", "live conversions at 100/s while re-scoring", "postback", 100.0, "200:"),
+)
+
+
+def _starts_with(prefix: str) -> Callable[[str], bool]:
+    return lambda outcome: outcome.startswith(prefix)
+
+
+async def _seed_flagged(database_url: str, campaign_id: str, count: int) -> None:
+    """``count`` conversions as a fraud outage leaves them: FLAGGED, fraud_unavailable, waiting for a re-score."""
+    now = datetime.now(UTC)
+    rows = [
+        (f"bench-rescore-{i:07d}", campaign_id, f"bench-rescore-{i}", b"bench", "flagged", "fraud_unavailable",
+         None, "none", None, None, None, None, 25_000_000, 0, 0, "EUR", 0, now + timedelta(days=30), None, 0,
+         True, False, False, False, now, now, "{}")
+        for i in range(count)
+    ]
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await conn.execute(
+            """INSERT INTO conversions (id, campaign_id, order_id, fingerprint, status, reasons, affiliate_id,
+                      source, click_id, click_created_at, coupon_code, customer_id, amount_micros,
+                      discount_micros, refunded_micros, currency, payout_micros, hold_until, coupon_remaining,
+                      fraud_score, needs_rescore, holds_coupon_use, holds_customer_use, holds_click_slot,
+                      received_at, occurred_at, request)
+               SELECT id, campaign_id, order_id, fingerprint, status, string_to_array(reasons, ','),
+                      affiliate_id, source, click_id, click_created_at, coupon_code, customer_id, amount_micros,
+                      discount_micros, refunded_micros, currency, payout_micros, hold_until, coupon_remaining,
+                      fraud_score, needs_rescore, holds_coupon_use, holds_customer_use, holds_click_slot,
+                      received_at, occurred_at, request::jsonb
+                 FROM unnest($1::ascribe_conversion_row[])""",
+            rows,
+            timeout=120,
+        )
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Drained:
+    seconds: float  # from the first re-scored conversion to the last (0: the job never started)
+    left: int
+
+
+async def _watch_backlog(database_url: str, backlog: int, timeout: float) -> Drained:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    started: float | None = None
+    left = backlog
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            left = int(await conn.fetchval("SELECT count(*) FROM conversions WHERE needs_rescore"))
+            now = time.monotonic()
+            if started is None and left < backlog:
+                started = now
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    return Drained(time.monotonic() - started if started is not None else 0.0, left)
 
 
 def ip_lookup_case(samples: int = 200_000) -> CaseResult:
@@ -759,10 +1201,11 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
     import random
     import socket as sockets
 
-    from services.fraud.ipintel import NOT_LISTED, IpIntel, normalize_ip
+    from services.common.ip import normalize_ip
+    from services.fraud.ipintel import NOT_LISTED, IpIntel
 
     key, title = "d.ip_lookup", "fraud IP lists: normalize + lookup, one address"
-    folder = Path(os.environ.get("ASCRIBE_IPINTEL_DIR", REPO.parent / "shared" / "data" / "ipintel"))
+    folder = Path(bench_ipintel_dir())
     intel = IpIntel.load(folder)
     if not intel.available:
         return unavailable(key, title, f"no IP lists in {folder}", [IP_LOOKUP_GOAL])
@@ -810,6 +1253,202 @@ def ip_lookup_case(samples: int = 200_000) -> CaseResult:
     )
 
 
+ROW_BY_ROW = 10_000
+GENERATED_LENGTH = 12
+
+
+async def _bench_campaign(conn: asyncpg.Connection, campaign_id: str) -> None:
+    await conn.execute(
+        """INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)
+           VALUES ($1, 'bench reference', 'https://shop.example/', 'USD', '\\x00')""",
+        campaign_id,
+    )
+
+
+async def _copy_floor(env: BenchEnv, title: str, count: int) -> CaseResult:
+    """PostgreSQL's own cost of taking ``count`` coupon rows by COPY, rows prepared beforehand."""
+    from services.attribution.catalog import store
+    from services.attribution.common import code_check
+    from services.attribution.common.models import Coupon
+
+    conn = await asyncpg.connect(env.database_url, timeout=10)
+    try:
+        campaign_id = f"floor_{secrets.token_hex(4)}"
+        await _bench_campaign(conn, campaign_id)
+        template = Coupon(campaign_id=campaign_id, code="", kind="unique", usage_limit=1, allow_all_affiliates=True)
+        columns, head, tail = store._copy_row_parts(template, f"bat_{campaign_id}")
+        width = 1 + GENERATED_LENGTH + 1
+        rows = store.copy_rows(code_check.random_code_block(count, "G", GENERATED_LENGTH), width, head, tail)
+
+        async def source() -> Any:
+            view = memoryview(rows)
+            for start in range(0, len(view), 1 << 20):
+                yield view[start : start + (1 << 20)]
+
+        meter = CpuMeter(env.cpu_groups(services=False))
+        before = meter.snapshot()
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_to_table("coupons", source=source(), columns=columns, timeout=900)
+        elapsed = time.perf_counter() - started
+        cpu = CpuMeter.delta(before, meter.snapshot())
+    finally:
+        await conn.close()
+    result = CaseResult("f.copy_floor", title, unit="codes/s", throughput=count / elapsed, events=count)
+    result.cpu_seconds = {name: round(value, 3) for name, value in cpu.items()}
+    result.cpu_us_per_event = sum(cpu.values()) / count * 1e6
+    result.note = (
+        f"{elapsed:.1f} s; one COPY in text format of the columns GenerateCodes sends, codes in random "
+        "order, into the same table with the same indexes and constraints, in one transaction"
+    )
+    result.extra["seconds"] = round(elapsed, 2)
+    return result
+
+
+async def _row_by_row(env: BenchEnv, title: str) -> CaseResult:
+    """The naive way: one INSERT statement per code, one transaction."""
+    from services.attribution.common import code_check
+
+    conn = await asyncpg.connect(env.database_url, timeout=10)
+    try:
+        campaign_id = f"rows_{secrets.token_hex(4)}"
+        await _bench_campaign(conn, campaign_id)
+        width = 1 + GENERATED_LENGTH + 1
+        codes = code_check.split_block(code_check.random_code_block(ROW_BY_ROW, "R", GENERATED_LENGTH), width)
+        batch_id = f"bat_{campaign_id}"
+        started = time.perf_counter()
+        async with conn.transaction():
+            for code in codes:
+                await conn.execute(
+                    """INSERT INTO coupons (campaign_id, code, batch_id, kind, usage_limit, allow_all_affiliates)
+                       VALUES ($1, $2, $3, 'unique', 1, true)""",
+                    campaign_id, code, batch_id,
+                )
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    result = CaseResult("f.insert_row_by_row", title, unit="codes/s", throughput=ROW_BY_ROW / elapsed, events=ROW_BY_ROW)
+    result.note = f"{elapsed:.1f} s: one INSERT round trip per code (a million would take {elapsed * 100:.0f} s)"
+    return result
+
+
+async def _unary_load(
+    addr: str, assign_in: tuple[str, str] | None, callers: int, duration: float
+) -> tuple[int, int, list[int], float]:
+    """``callers`` concurrent loops for ``duration`` s of AssignCode (each call a new
+    customer of the batch ``assign_in`` names: campaign, batch), or of health Checks."""
+    from ascribe.attribution.v1 import attribution_pb2 as pb
+    from ascribe.attribution.v1 import attribution_pb2_grpc as pb_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ok = refused = 0
+    latencies: list[int] = []
+    customers = iter(range(10**9))
+    async with grpc.aio.insecure_channel(addr) as channel:
+        catalog = pb_grpc.CatalogServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def call() -> object:
+            if assign_in is None:
+                return await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            return await catalog.AssignCode(
+                pb.AssignCodeRequest(
+                    campaign_id=assign_in[0], batch_id=assign_in[1], customer_id=f"cust-{next(customers)}"
+                ),
+                timeout=30,
+            )
+
+        await call()  # warm-up: the channel connects
+        deadline = time.perf_counter() + duration
+
+        async def caller() -> None:
+            nonlocal ok, refused
+            while time.perf_counter() < deadline:
+                started = time.perf_counter_ns()
+                try:
+                    await call()
+                except grpc.aio.AioRpcError:
+                    refused += 1
+                    continue
+                latencies.append(time.perf_counter_ns() - started)
+                ok += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = time.perf_counter() - started
+    return ok, refused, latencies, elapsed
+
+
+async def _count_assigned(database_url: str, batch_id: str) -> tuple[int, int]:
+    """(codes of the batch assigned to a bench customer, distinct customers among them)."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS assigned, count(DISTINCT assigned_customer_id) AS distinct_customers
+               FROM coupons WHERE batch_id = $1 AND assigned_customer_id <> ''""",
+            batch_id,
+        )
+        assert row is not None  # an aggregate always answers one row
+        return int(row["assigned"]), int(row["distinct_customers"])
+    finally:
+        await conn.close()
+
+
+
+
+def visitor_derivation_case(samples: int = 100_000) -> CaseResult:
+    """What a click pays for its country (iptocc) and device class (user-agents-ng), in this process.
+
+    Addresses are random IPv4 and IPv6; user agents are the load generator's
+    browsers in many versions (a program's traffic repeats a few thousand
+    user agents), one in twenty a never-seen string that misses the cache.
+    """
+    import random
+    import socket as sockets
+
+    from bench.loadgen import USER_AGENTS
+    from services.attribution.common.visitor import VisitorDerivation, device_of
+
+    key, title = "b.visitor_derivation", "click country and device derivation, one click"
+    rng = random.Random(11)
+    device_of.cache_clear()
+    visitors = VisitorDerivation()
+    known = [ua.replace("126.0", f"{100 + n % 30}.0").replace("17_5", f"{15 + n % 4}_{n % 7}")
+             for n in range(2000) for ua in USER_AGENTS[:1]] + list(USER_AGENTS)
+    pairs = []
+    for n in range(samples):
+        family = 6 if n % 5 else 4
+        ip = sockets.inet_ntop(sockets.AF_INET6 if family == 6 and n % 10 == 0 else sockets.AF_INET,
+                               rng.randbytes(16 if family == 6 and n % 10 == 0 else 4))
+        user_agent = rng.choice(known) if n % 20 else f"{rng.choice(USER_AGENTS)} Build/{n}"
+        pairs.append((ip, user_agent))
+    timer = time.perf_counter_ns
+    durations = []
+    cpu_before = time.process_time()
+    for ip, user_agent in pairs:
+        started = timer()
+        visitors.country(ip)
+        visitors.device(user_agent)
+        durations.append(timer() - started)
+    cpu = time.process_time() - cpu_before
+    durations.sort()
+    return CaseResult(
+        key, title, unit="clicks/s",
+        throughput=samples / (sum(durations) / 1e9),
+        p50_ms=percentile(durations, 0.50) / 1e6,
+        p95_ms=percentile(durations, 0.95) / 1e6,
+        p99_ms=percentile(durations, 0.99) / 1e6,
+        events=samples,
+        cpu_us_per_event=cpu * 1e6 / samples,
+        cpu_seconds={"bench": cpu},
+        goals=[VISITOR_GOAL],
+        note=(
+            f"{samples:,} clicks, 1 in 20 with a new user agent; mean {cpu * 1e6 / samples:.2f} µs, "
+            f"p99 {percentile(durations, 0.99) / 1000:.2f} µs"
+        ),
+    )
+
+
 async def _count_batch(database_url: str, batch_id: str) -> int:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
@@ -824,58 +1463,16 @@ TakeFn = Callable[[str, str], Awaitable[bool]]
 StoreFactory = Callable[[asyncpg.Pool], tuple[TakeFn, Callable[[], Awaitable[None]]]]
 
 
-def find_real_store() -> tuple[StoreFactory | None, str]:
-    """The lead's store, adapted to ``take(campaign_id, code) -> granted``.
-
-    Accepts either a class ``RedemptionStore(pool)`` with ``take(campaign_id,
-    code)`` answering None when refused, or a module-level async function
-    taking ``(pool, campaign_id, code)`` and answering whether it granted.
-    """
-    try:
-        module = importlib.import_module("services.attribution.store.redemptions")
-    except ImportError as error:
-        return None, f"services/attribution/store/redemptions.py: {_first_line(error)}"
-    store_class = getattr(module, "RedemptionStore", None)
-    if store_class is not None and hasattr(store_class, "take"):
-
-        def from_class(pool: asyncpg.Pool) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
-            store = store_class(pool)
-
-            async def take(campaign_id: str, code: str) -> bool:
-                granted = await store.take(campaign_id, code)
-                return bool(granted) if isinstance(granted, bool) else granted is not None
-
-            async def close() -> None:
-                closer = getattr(store, "close", None)
-                if closer is not None:
-                    await closer()
-
-            return take, close
-
-        return from_class, "RedemptionStore.take"
-    for name, function in inspect.getmembers(module, inspect.iscoroutinefunction):
-        params = list(inspect.signature(function).parameters)
-        if params[:3] == ["pool", "campaign_id", "code"]:
-
-            def from_function(
-                pool: asyncpg.Pool, function: Any = function
-            ) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
-                async def take(campaign_id: str, code: str) -> bool:
-                    return bool(await function(pool, campaign_id, code))
-
-                async def close() -> None:
-                    return None
-
-                return take, close
-
-            return from_function, name
-    return None, "no take-one-use function in services/attribution/store/redemptions.py yet"
+def real_store(pool: asyncpg.Pool) -> tuple[TakeFn, Callable[[], Awaitable[None]]]:
+    """The coalescing redemption store (bench/redemption_store.py) as ``take`` and ``close``."""
+    store = RedemptionStore(pool)
+    return store.take, store.close
 
 
 STORE_CAMPAIGN = "bench-store"
 
 
-async def _store_setup(conn: asyncpg.Connection) -> None:
+async def _store_setup(conn: Connection) -> None:
     await conn.execute(
         """INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)
            VALUES ($1, 'bench store', 'https://shop.example/landing', 'EUR', '\\x00'::bytea)

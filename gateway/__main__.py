@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.access_log import PathOnlyAccessLogger, install_redaction
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.metrics import metrics_listener
 from services.common.env import ConfigError
 from services.common.gc_tuning import tune_gc_after_startup
 from services.common.logs import setup_logging
@@ -32,6 +33,8 @@ def main() -> None:
         tune_gc_after_startup()
 
     app.on_startup.append(after_startup)
+    if settings.metrics_port:
+        app.cleanup_ctx.append(metrics_listener(settings.metrics_host, settings.metrics_port))
     logger.info(
         "gateway serving on http://%s:%d (attribution at %s)",
         settings.host,

@@ -1,4 +1,4 @@
-"""The gateway's HTTP routes: tracking links, postbacks, health and metrics.
+"""The gateway's HTTP routes: tracking links, postbacks and health (/metrics has its own port).
 
 HTTP only: parse and validate (gateway.params), call the attribution service
 (gateway.client), answer 302 or JSON. Every failure becomes a JSON error;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -17,8 +18,8 @@ import grpc
 import orjson
 from aiohttp import web
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from gateway import protocol_errors
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
 from gateway.config import Settings
@@ -35,16 +36,11 @@ from gateway.params import (
     reversal_request,
 )
 from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
-from services.common.grpc_server import BEARER_REFUSED
 
 logger = logging.getLogger(__name__)
 
 # Postbacks are a few hundred bytes; nothing legitimate needs more.
 MAX_BODY_BYTES = 64 * 1024
-
-# The shared interceptor's message when our own internal token is refused
-# (services/common/grpc_server.py): a gateway misconfiguration, not the caller's fault.
-INTERNAL_TOKEN_REFUSED = BEARER_REFUSED
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,6 +62,10 @@ _HTTP_ERROR_CODES = {
 
 # What ``web.json_response`` would send, built once.
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+# The OpenAPI 3.1 description of these routes, written by hand beside them and
+# checked against the parsers by tests/unit/test_gateway_openapi.py.
+OPENAPI_JSON = (Path(__file__).resolve().parent / "openapi.json").read_bytes()
 
 
 def json_body_response(body: bytes, status: int = 200) -> web.Response:
@@ -92,7 +92,10 @@ def unavailable_response(message: str = "the attribution service is unavailable;
 
 
 def param_error_response(error: ParamError) -> web.Response:
-    return error_response(error.status, error.code, error.message, error.field)
+    response = error_response(error.status, error.code, error.message, error.field)
+    if error.status == 408:
+        response.force_close()  # the rest of the body may still be on its way
+    return response
 
 
 # The attribution service names proto fields; the caller knows HTTP parameters.
@@ -132,7 +135,7 @@ def backend_response(error: BackendError, names: dict[str, str], *, visitor: boo
             logger.warning("attribution call failed with %s", error.code.name)
         return unavailable_response()
     status, code = mapped
-    if status == 401 and (visitor or error.message == INTERNAL_TOKEN_REFUSED):
+    if status == 401 and (visitor or error.token_refused):
         logger.error("the attribution service refused ASCRIBE_INTERNAL_TOKEN; check the gateway's setting")
         return unavailable_response()
     return error_response(status, code, error.message, http_field(error.field, names))
@@ -147,12 +150,12 @@ class Gateway:
         self._ips = ClientIpResolver(settings.trusted_proxies)
         self._debug_headers = settings.debug_headers
         self._clicks_by_decision = {
-            number: CLICKS_TOTAL.labels(word) for number, word in DECISION_WORDS.items()
+            number: CLICKS_TOTAL.labels(word) for number, word in DECISION_WORDS.words.items()
         }
         self._conversions_by_status = {
             (event, number): CONVERSIONS_TOTAL.labels(event, word)
             for event in ("conversion", "refund")
-            for number, word in STATUS_WORDS.items()
+            for number, word in STATUS_WORDS.words.items()
         }
         self.metrics = RequestMetrics()
 
@@ -194,7 +197,7 @@ class Gateway:
             "Cache-Control": "no-store",
         }
         if self._debug_headers:
-            out["X-Ascribe-Decision"] = DECISION_WORDS.get(decision, "unspecified")
+            out["X-Ascribe-Decision"] = DECISION_WORDS.shown(decision)
         counter = self._clicks_by_decision.get(decision)
         if counter is not None:
             counter.inc()
@@ -219,21 +222,29 @@ class Gateway:
 
     async def _read_form(self, request: web.Request, params: Params) -> None:
         content_type = request.content_type
-        if content_type == "application/x-www-form-urlencoded":
-            parse_body(await request.read(), params)
-        elif content_type == "multipart/form-data":
-            form = await request.post()
-            for name, value in form.items():
-                if not isinstance(value, str):
-                    raise ParamError(name, f"{name} must be a plain form field, not a file")
-                params.setdefault(name, []).append(value)
-        else:
+        if content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
             raise ParamError(
                 None,
                 "send parameters in the query or as application/x-www-form-urlencoded",
                 code="unsupported_media_type",
                 status=415,
             )
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_ms / 1000):
+                if content_type == "application/x-www-form-urlencoded":
+                    parse_body(await request.read(), params)
+                    return
+                form = await request.post()
+        except TimeoutError:
+            raise ParamError(
+                None, "the request body did not arrive in time", code="request_timeout", status=408
+            ) from None
+        except ValueError as error:  # aiohttp's multipart reader: no boundary, no field name, ...
+            raise ParamError(None, "malformed multipart/form-data body", code="malformed_body") from error
+        for name, value in form.items():
+            if not isinstance(value, str):
+                raise ParamError(name, f"{name} must be a plain form field, not a file")
+            params.setdefault(name, []).append(value)
 
     async def _conversion(self, rpc_request: pb.RecordConversionRequest) -> web.Response:
         try:
@@ -279,8 +290,8 @@ class Gateway:
             body["detail"] = "fraud degraded"
         return json_response(body, status=200 if attribution else 503)
 
-    async def metrics_page(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return json_body_response(OPENAPI_JSON)
 
     async def unmatched(self, request: web.Request) -> web.StreamResponse:
         """Every path and method no route takes (a catch-all route, so no middleware is needed)."""
@@ -321,6 +332,7 @@ class Gateway:
 def create_app(settings: Settings, client: AttributionClient | None = None) -> web.Application:
     """The aiohttp application; without ``client`` it opens its own channels at start-up."""
     gateway = Gateway(settings, client)
+    protocol_errors.install()
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     guarded = gateway.guarded
     app.router.add_get("/click", guarded(gateway.click, "/click"), allow_head=False)
@@ -329,9 +341,10 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     app.router.add_route("POST", "/postback", postback)
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
-    app.router.add_get("/metrics", guarded(gateway.metrics_page, "/metrics"))
+    app.router.add_get("/openapi.json", guarded(gateway.openapi, "/openapi.json"))
     # Last: the router tries a path's own resource first, so this only takes
-    # what no route above does (404, or 405 on a known path).
+    # what no route above does (404, or 405 on a known path). /metrics is one
+    # of those 404s: it lives on ASCRIBE_GATEWAY_METRICS_PORT (gateway.metrics).
     app.router.add_route("*", "/{path:.*}", guarded(gateway.unmatched, None))
     if client is None:
         app.cleanup_ctx.append(_backend_ctx(gateway))
@@ -341,8 +354,8 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
 def _backend_ctx(gateway: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
     async def backend(app: web.Application) -> AsyncIterator[None]:
         settings = gateway.settings
-        channel = open_channel(settings.attribution_addr)
-        fraud_channel = open_channel(settings.fraud_addr)
+        channel = open_channel(settings.attribution_addr, settings.transport)
+        fraud_channel = open_channel(settings.fraud_addr, settings.transport)
         gateway.client = AttributionClient(settings, channel, fraud_channel)
         try:
             yield

@@ -21,9 +21,12 @@ from grpc_status import rpc_status
 
 from gateway.config import Settings
 from gateway.metrics import CLICK_BATCH_SIZE, CONVERSION_BATCH_SIZE, UPSTREAM_ERRORS_TOTAL
+from services.common import channels
 from services.common.batch_stream import BatchStream, StreamCallError
 from services.common.batcher import MicroBatcher
+from services.common.channels import Transport
 from services.common.grpc_server import bearer_metadata
+from services.common.status_details import TOKEN_REFUSED, error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -33,25 +36,19 @@ TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    # Reconnect soon after the attribution service comes back, rather than
-    # answering 503 for up to two minutes of gRPC's default backoff.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
-
-
 class BackendError(Exception):
     """A failed attribution call, with what the HTTP answer needs."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, field: str | None = None, *, token_refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        # Our own ASCRIBE_INTERNAL_TOKEN was refused (the status's ErrorInfo
+        # says so): the gateway is misconfigured, not its caller.
+        self.token_refused = token_refused
 
 
 def _field_from_details(error: grpc.aio.AioRpcError) -> str | None:
@@ -75,7 +72,8 @@ def backend_error(error: grpc.aio.AioRpcError, method: str) -> BackendError:
     code = error.code()
     UPSTREAM_ERRORS_TOTAL.labels(method, code.name).inc()
     field = _field_from_details(error) if code is grpc.StatusCode.INVALID_ARGUMENT else None
-    return BackendError(code, error.details() or code.name.lower(), field)
+    token_refused = code is grpc.StatusCode.UNAUTHENTICATED and error_reason(error) == TOKEN_REFUSED
+    return BackendError(code, error.details() or code.name.lower(), field, token_refused=token_refused)
 
 
 def entry_error(error: pb.Error, method: str) -> BackendError:
@@ -231,5 +229,6 @@ class AttributionClient:
             await self._conversions.close()
 
 
-def open_channel(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=list(CHANNEL_OPTIONS))
+def open_channel(addr: str, transport: Transport) -> grpc.aio.Channel:
+    """The shared factory's channel (keepalive, reconnect backoff, TLS: services/common/channels.py)."""
+    return channels.open_channel(addr, transport)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
     env_bool,
@@ -41,6 +42,10 @@ def parse_networks(raw: str, name: str) -> tuple[IPNetwork, ...]:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
+    # /metrics has its own listener, never the tracking port: a network policy
+    # can then keep it from the public (ASCRIBE_GATEWAY_METRICS_PORT; 0: off).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9103
     attribution_addr: str = "127.0.0.1:50051"
     fraud_addr: str = "127.0.0.1:50052"
     internal_token: str | None = field(default=None, repr=False)
@@ -69,6 +74,11 @@ class Settings:
     conversion_max_in_flight: int = 2
     conversion_busy_min_batch: int = 24
     shutdown_grace_seconds: float = 4.0
+    # A POST body that has not arrived whole by then is answered 408 and its
+    # connection closed (a body that never comes held one for minutes).
+    body_timeout_ms: int = 10_000
+    # Keepalive and TLS of its channels to attribution and fraud.
+    transport: Transport = field(default_factory=Transport)
 
     @property
     def deadline_seconds(self) -> float:
@@ -86,7 +96,12 @@ class Settings:
         fraud_addr = env_str("ASCRIBE_FRAUD_ADDR", cls.fraud_addr)
         split_host_port(fraud_addr, "ASCRIBE_FRAUD_ADDR")
         internal_token = env_optional("ASCRIBE_INTERNAL_TOKEN")
-        require_token_off_loopback(internal_token, "ASCRIBE_INTERNAL_TOKEN", {"ASCRIBE_GATEWAY_HOST": host})
+        metrics_host = env_str("ASCRIBE_GATEWAY_METRICS_HOST", host)
+        require_token_off_loopback(
+            internal_token,
+            "ASCRIBE_INTERNAL_TOKEN",
+            {"ASCRIBE_GATEWAY_HOST": host, "ASCRIBE_GATEWAY_METRICS_HOST": metrics_host},
+        )
         if not internal_token and not is_loopback_host(attribution_host):
             # An attribution service off loopback refuses recording RPCs without the
             # token; better to say so at start-up than to answer 401 to every postback.
@@ -96,9 +111,16 @@ class Settings:
         port = env_int("ASCRIBE_GATEWAY_PORT", cls.port)
         if port > 65535:
             raise ConfigError(f"ASCRIBE_GATEWAY_PORT must be a TCP port, got {port}")
+        metrics_port = env_int("ASCRIBE_GATEWAY_METRICS_PORT", cls.metrics_port)
+        if metrics_port > 65535:
+            raise ConfigError(f"ASCRIBE_GATEWAY_METRICS_PORT must be a TCP port (0: off), got {metrics_port}")
+        if metrics_port and metrics_port == port and metrics_host == host:
+            raise ConfigError("ASCRIBE_GATEWAY_METRICS_PORT must differ from ASCRIBE_GATEWAY_PORT")
         return cls(
             host=host,
             port=port,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
             attribution_addr=attribution_addr,
             fraud_addr=fraud_addr,
             internal_token=internal_token,
@@ -111,6 +133,7 @@ class Settings:
                 "ASCRIBE_GATEWAY_HEALTH_DEADLINE_MS", cls.health_deadline_ms, minimum=1
             ),
             access_log=env_bool("ASCRIBE_GATEWAY_ACCESS_LOG", cls.access_log),
+            body_timeout_ms=env_int("ASCRIBE_GATEWAY_BODY_TIMEOUT_MS", cls.body_timeout_ms, minimum=1),
             click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", cls.click_max_batch, minimum=1),
             click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", cls.click_linger_ms, minimum=0),
             batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", cls.batch_conversions),
@@ -127,4 +150,5 @@ class Settings:
             conversion_busy_min_batch=env_int(
                 "ASCRIBE_GATEWAY_CONVERSION_BUSY_MIN_BATCH", cls.conversion_busy_min_batch, minimum=1
             ),
+            transport=Transport.from_env(serves=False),
         )

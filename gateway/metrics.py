@@ -1,16 +1,27 @@
-"""The gateway's Prometheus metrics, served on its own port at /metrics.
+"""The gateway's Prometheus metrics, served on their own port at /metrics.
 
 Labels stay low-cardinality: the route is one of the fixed paths (``other``
-for anything else) and the status an HTTP code.
+for anything else, ``/metrics`` on the tracking port included) and the status
+an HTTP code.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
 
-ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/metrics"})
+logger = logging.getLogger(__name__)
+
+# As the attribution server's grpc_service label names it.
+TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
+
+ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/openapi.json"})
 
 HTTP_REQUESTS_TOTAL = Counter(
     "ascribe_gateway_requests_total",
@@ -35,8 +46,9 @@ CONVERSIONS_TOTAL = Counter(
 )
 UPSTREAM_ERRORS_TOTAL = Counter(
     "ascribe_gateway_upstream_errors_total",
-    "Attribution calls that failed, by RPC and gRPC status code.",
-    ["method", "code"],
+    "Attribution calls (or entries of a batch) that failed, by RPC and gRPC status code.",
+    # The grpc_* names of the server side, so one query joins both ends.
+    ["grpc_method", "grpc_code"],
 )
 BACKEND_UP = Gauge(
     "ascribe_gateway_backend_up",
@@ -44,8 +56,8 @@ BACKEND_UP = Gauge(
     ["backend"],
 )
 
-CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels("attribution", "RecordClickBatch")
-CONVERSION_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels("attribution", "RecordConversionBatch")
+CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordClickBatch")
+CONVERSION_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordConversionBatch")
 
 
 class RequestMetrics:
@@ -63,3 +75,30 @@ class RequestMetrics:
             counter = self._counters[key] = HTTP_REQUESTS_TOTAL.labels(route, str(status))
         counter.inc()
         self._histograms[route].observe(seconds)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_listener(host: str, port: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` that serves /metrics on ``host:port`` for as long as the tracking app runs.
+
+    A second aiohttp site on the same event loop, not prometheus_client's
+    thread: it starts and stops with the gateway (run_app's shutdown closes
+    it), and a port already in use fails the start-up instead of a thread.
+    """
+
+    async def listener(app: web.Application) -> AsyncIterator[None]:
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", metrics_page)
+        runner = web.AppRunner(metrics_app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            logger.info("gateway metrics on http://%s:%d/metrics", host, runner.addresses[0][1])
+            yield
+        finally:
+            await runner.cleanup()
+
+    return listener

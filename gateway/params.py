@@ -10,35 +10,23 @@ Field names in errors are the HTTP parameter names the caller sent (``aff_id``,
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common import limits
+from services.common.ip import normalize_ip
+
 Params = dict[str, list[str]]
 
-# Byte limits (UTF-8). The contract fixes sub IDs and the user agent; the rest
-# are generous bounds so no field can carry an unbounded payload downstream.
-ID_MAX = 128
-ORDER_ID_MAX = 256
-SUB_MAX = 256
-AFF_CLICK_ID_MAX = 256
-USER_AGENT_MAX = 1024
-REFERER_MAX = 2048
-CUSTOMER_ID_MAX = 256
-COUPON_MAX = 64
-SKU_MAX = 128
-SKU_COUNT_MAX = 200
-REASON_MAX = 64
-TOKEN_MAX = 256
+# Byte limits (UTF-8) of the fields the gateway passes on are the protos'
+# (services.common.limits); these bound only what the gateway parses itself.
 MONEY_CHARS_MAX = 32
 TIME_CHARS_MAX = 40
-IP_CHARS_MAX = 64
 
 SUB_FIELDS = ("sub1", "sub2", "sub3", "sub4", "sub5")
 
@@ -260,31 +248,15 @@ _DEVICES = {
     "mobile": pb.DEVICE_TYPE_MOBILE,
     "desktop": pb.DEVICE_TYPE_DESKTOP,
     "tablet": pb.DEVICE_TYPE_TABLET,
+    "other": pb.DEVICE_TYPE_OTHER,
 }
 
 
 def parse_device(value: str, field: str = "device") -> pb.DeviceType.ValueType:
     device = _DEVICES.get(value.lower())
     if device is None:
-        raise ParamError(field, f"{field} must be one of mobile, desktop, tablet")
+        raise ParamError(field, f"{field} must be one of mobile, desktop, tablet, other")
     return device
-
-
-@lru_cache(maxsize=4096)
-def device_from_user_agent(user_agent: str) -> pb.DeviceType.ValueType:
-    """A coarse device class from a user agent, for a postback without ``device``."""
-    ua = user_agent.lower()
-    if (
-        "ipad" in ua
-        or "tablet" in ua
-        or "kindle" in ua
-        or "silk/" in ua
-        or ("android" in ua and "mobile" not in ua)
-    ):
-        return pb.DEVICE_TYPE_TABLET
-    if "mobi" in ua or "iphone" in ua or "ipod" in ua or "android" in ua or "windows phone" in ua:
-        return pb.DEVICE_TYPE_MOBILE
-    return pb.DEVICE_TYPE_DESKTOP
 
 
 # A dotted quad in canonical form (no leading zeros) is already what
@@ -296,15 +268,15 @@ CANONICAL_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
 def parse_ip(value: str, field: str = "ip") -> str:
     if CANONICAL_IPV4.fullmatch(value):
         return value
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ParamError(field, f"{field} must be an IPv4 or IPv6 address") from None
+    canonical = normalize_ip(value)
+    if canonical is None:
+        raise ParamError(field, f"{field} must be an IPv4 or IPv6 address")
+    return canonical
 
 
 def _coupon(params: Params) -> str:
     # Longer than any legal code: a malformed parameter, not an unknown code.
-    return get_one(params, "coupon", COUPON_MAX)
+    return get_one(params, "coupon", limits.COUPON_CODE)
 
 
 # ---------------------------------------------------------------- requests
@@ -313,18 +285,18 @@ def _coupon(params: Params) -> str:
 def click_request(params: Params, *, ip: str, user_agent: str, referer: str) -> pb.RecordClickRequest:
     """``GET /click`` parameters and headers to a RecordClickRequest."""
     return pb.RecordClickRequest(
-        campaign_id=get_one(params, "campaign_id", ID_MAX, required=True),
-        affiliate_id=get_one(params, "aff_id", ID_MAX, required=True),
+        campaign_id=get_one(params, "campaign_id", limits.CAMPAIGN_ID, required=True),
+        affiliate_id=get_one(params, "aff_id", limits.AFFILIATE_ID, required=True),
         coupon_code=_coupon(params),
-        external_click_id=get_one(params, "aff_click_id", AFF_CLICK_ID_MAX),
-        sub1=get_one(params, "sub1", SUB_MAX),
-        sub2=get_one(params, "sub2", SUB_MAX),
-        sub3=get_one(params, "sub3", SUB_MAX),
-        sub4=get_one(params, "sub4", SUB_MAX),
-        sub5=get_one(params, "sub5", SUB_MAX),
+        external_click_id=get_one(params, "aff_click_id", limits.EXTERNAL_CLICK_ID),
+        sub1=get_one(params, "sub1", limits.SUB_ID),
+        sub2=get_one(params, "sub2", limits.SUB_ID),
+        sub3=get_one(params, "sub3", limits.SUB_ID),
+        sub4=get_one(params, "sub4", limits.SUB_ID),
+        sub5=get_one(params, "sub5", limits.SUB_ID),
         ip=ip,
-        user_agent=check_text("user_agent", user_agent, USER_AGENT_MAX),
-        referer=header_text_lenient(referer, REFERER_MAX),
+        user_agent=check_text("user_agent", user_agent, limits.USER_AGENT),
+        referer=header_text_lenient(referer, limits.REFERER),
     )
 
 
@@ -341,12 +313,12 @@ def postback_event(params: Params) -> str:
 def conversion_request(params: Params, token: str) -> pb.RecordConversionRequest:
     """``/postback`` parameters to a RecordConversionRequest."""
     request = pb.RecordConversionRequest(
-        campaign_id=get_one(params, "campaign_id", ID_MAX, required=True),
-        order_id=get_one(params, "order_id", ORDER_ID_MAX, required=True),
+        campaign_id=get_one(params, "campaign_id", limits.CAMPAIGN_ID, required=True),
+        order_id=get_one(params, "order_id", limits.ORDER_ID, required=True),
         amount_micros=parse_money(get_one(params, "amount", MONEY_CHARS_MAX, required=True), "amount"),
-        click_id=get_one(params, "click_id", ID_MAX),
+        click_id=get_one(params, "click_id", limits.CLICK_ID),
         coupon_code=_coupon(params),
-        customer_id=get_one(params, "customer_id", CUSTOMER_ID_MAX),
+        customer_id=get_one(params, "customer_id", limits.CUSTOMER_ID),
         postback_token=token,
     )
     discount = get_one(params, "discount", MONEY_CHARS_MAX)
@@ -358,16 +330,16 @@ def conversion_request(params: Params, token: str) -> pb.RecordConversionRequest
     country = get_one(params, "country", 8)
     if country:
         request.country = parse_country(country)
-    ip = get_one(params, "ip", IP_CHARS_MAX)
+    ip = get_one(params, "ip", limits.IP)
     if ip:
         request.ip = parse_ip(ip)
-    user_agent = get_one(params, "ua", USER_AGENT_MAX)
+    user_agent = get_one(params, "ua", limits.USER_AGENT)
     request.user_agent = user_agent
     device = get_one(params, "device", 16)
+    # Without ``device`` the attribution service derives it from ``ua``
+    # (services/attribution/common/visitor.py: one derivation for clicks and orders).
     if device:
         request.device_type = parse_device(device)
-    elif user_agent:
-        request.device_type = device_from_user_agent(user_agent)
     skus = params.get("sku")
     if skus:
         request.skus.extend(_skus(skus))
@@ -378,23 +350,23 @@ def conversion_request(params: Params, token: str) -> pb.RecordConversionRequest
 
 
 def _skus(values: list[str]) -> list[str]:
-    if len(values) > SKU_COUNT_MAX:
-        raise ParamError("sku", f"sku is given more than {SKU_COUNT_MAX} times")
+    if len(values) > limits.SKUS_PER_ORDER:
+        raise ParamError("sku", f"sku is given more than {limits.SKUS_PER_ORDER} times")
     skus = []
     for value in values:
         if not value:
             continue
-        skus.append(check_text("sku", value, SKU_MAX))
+        skus.append(check_text("sku", value, limits.SKU))
     return skus
 
 
 def reversal_request(params: Params, token: str) -> pb.ReverseConversionRequest:
     """``POST /postback?event=refund`` parameters to a ReverseConversionRequest."""
     request = pb.ReverseConversionRequest(
-        campaign_id=get_one(params, "campaign_id", ID_MAX, required=True),
-        order_id=get_one(params, "order_id", ORDER_ID_MAX, required=True),
-        refund_id=get_one(params, "refund_id", ID_MAX),
-        reason=get_one(params, "reason", REASON_MAX),
+        campaign_id=get_one(params, "campaign_id", limits.CAMPAIGN_ID, required=True),
+        order_id=get_one(params, "order_id", limits.ORDER_ID, required=True),
+        refund_id=get_one(params, "refund_id", limits.REFUND_ID),
+        reason=get_one(params, "reason", limits.REASON),
         postback_token=token,
     )
     amount = get_one(params, "amount", MONEY_CHARS_MAX)
@@ -414,6 +386,6 @@ def postback_token(header: str | None, params: Params) -> str:
         token = values[0] if values else ""
     if not token:
         raise ParamError("token", "the postback token is required", code="unauthenticated", status=401)
-    if len(token) > TOKEN_MAX or not token.isascii() or _CONTROL.search(token):
+    if len(token) > limits.POSTBACK_TOKEN or not token.isascii() or _CONTROL.search(token):
         raise ParamError("token", "the postback token is not valid", code="unauthenticated", status=401)
     return token

@@ -12,17 +12,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.enum_words import EnumWords
+from services.common.timestamps import in_range
 
-def _enum_words(descriptor: EnumDescriptor, prefix: str) -> dict[int, str]:
-    return {value.number: value.name.removeprefix(prefix).lower() for value in descriptor.values}
-
-
-STATUS_WORDS = _enum_words(pb.ConversionStatus.DESCRIPTOR, "CONVERSION_STATUS_")
-SOURCE_WORDS = _enum_words(pb.AttributionSource.DESCRIPTOR, "ATTRIBUTION_SOURCE_")
-DECISION_WORDS = _enum_words(pb.ClickDecision.DESCRIPTOR, "CLICK_DECISION_")
+STATUS_WORDS = EnumWords(pb.ConversionStatus, "CONVERSION_STATUS_")
+SOURCE_WORDS = EnumWords(pb.AttributionSource, "ATTRIBUTION_SOURCE_")
+DECISION_WORDS = EnumWords(pb.ClickDecision, "CLICK_DECISION_")
 
 
 def money(micros: int) -> str:
@@ -35,10 +32,6 @@ def money(micros: int) -> str:
     return f"{sign}{units}.{digits}"
 
 
-# Seconds of 0001-01-01 and 10000-01-01 relative to the epoch: the range
-# ToJsonString formats; anything outside goes to it (and its error).
-_MIN_SECONDS = -62_135_596_800
-_MAX_SECONDS = 253_402_300_800
 _EPOCH = datetime(1970, 1, 1)
 # Whole seconds as text: a conversion's times, and those of conversions
 # answered together, mostly share their seconds.
@@ -58,7 +51,8 @@ def format_timestamp(seconds: int, nanos: int) -> str:
 
     RFC 3339 in UTC with ``Z``; 3, 6 or 9 fractional digits, only when present.
     """
-    if not (0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds < _MAX_SECONDS):
+    # Outside the range ToJsonString formats: it goes to it (and its error).
+    if not in_range(seconds, nanos):
         return Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
     text = _SECOND_TEXTS.get(seconds) or _second_text(seconds)
     if not nanos:
@@ -75,15 +69,10 @@ def timestamp(value: Timestamp) -> str:
     return format_timestamp(value.seconds, value.nanos)
 
 
-def _enum_word(words: dict[int, str], number: int) -> str:
-    # A value newer than this gateway's stubs is still shown, never a crash.
-    return words.get(number) or str(number)
-
-
 def render_event(event: pb.ConversionEvent) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "from_status": _enum_word(STATUS_WORDS, event.from_status),
-        "to_status": _enum_word(STATUS_WORDS, event.to_status),
+        "from_status": STATUS_WORDS.shown(event.from_status),
+        "to_status": STATUS_WORDS.shown(event.to_status),
         "reason": event.reason,
         "actor": event.actor,
         "note": event.note,
@@ -100,10 +89,10 @@ def render_conversion(conversion: pb.Conversion) -> dict[str, Any]:
         "id": conversion.id,
         "campaign_id": conversion.campaign_id,
         "order_id": conversion.order_id,
-        "status": _enum_word(STATUS_WORDS, conversion.status),
+        "status": STATUS_WORDS.shown(conversion.status),
         "reasons": list(conversion.reasons),
         "affiliate_id": conversion.affiliate_id,
-        "source": _enum_word(SOURCE_WORDS, conversion.source),
+        "source": SOURCE_WORDS.shown(conversion.source),
         "click_id": conversion.click_id,
         "coupon_code": conversion.coupon_code,
         "customer_id": conversion.customer_id,

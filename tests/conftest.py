@@ -21,11 +21,16 @@ import redis.asyncio as aioredis
 
 from services.attribution.migrate import migrate_url
 from services.common import embedded
-from services.fraud.ipintel import IpIntelHolder
+from services.fraud.ipintel import REPOSITORY_LISTS, IpIntelHolder
 from tests.support import TEST_REPORTS
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_IPINTEL = REPO.parent / "shared" / "data" / "ipintel"
+
+# Every test, and every service process a test starts, reads the repository's
+# snapshot of the IP lists: results must not depend on a developer's
+# `make ipintel` download (.data/ipintel) or on anything outside the checkout.
+# Tests of the choice made when the variable is unset remove it themselves.
+os.environ["ASCRIBE_IPINTEL_DIR"] = str(REPOSITORY_LISTS)
 
 
 def with_database(url: str, database: str) -> str:
@@ -138,12 +143,12 @@ async def redis_client(redis_server_url: str, redis_prefix: str) -> AsyncIterato
 
 @pytest.fixture(scope="session")
 def ipintel_dir() -> Path:
-    return SHARED_IPINTEL
+    return REPOSITORY_LISTS
 
 
 @pytest.fixture(scope="session")
 def shared_intel(ipintel_dir: Path) -> IpIntelHolder:
-    """The shared lists loaded once for every in-process fraud service (a load takes about half a second)."""
+    """The lists loaded once for every in-process fraud service (a load takes about half a second)."""
     return IpIntelHolder(ipintel_dir)
 
 

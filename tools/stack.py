@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO
 
@@ -98,11 +98,12 @@ class Ports:
     gateway: int
     attribution_metrics: int
     fraud_metrics: int
+    gateway_metrics: int
 
     @classmethod
     def free(cls) -> Ports:
         """Kernel-chosen free ports, so parallel stacks never collide."""
-        return cls(*(free_port() for _ in range(5)))
+        return cls(*(free_port() for _ in fields(cls)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Ports:
@@ -117,6 +118,7 @@ class Ports:
             gateway=int(env.get("ASCRIBE_GATEWAY_PORT") or 8080),
             attribution_metrics=int(env.get("ASCRIBE_ATTRIBUTION_METRICS_PORT") or 9101),
             fraud_metrics=int(env.get("ASCRIBE_FRAUD_METRICS_PORT") or 9102),
+            gateway_metrics=int(env.get("ASCRIBE_GATEWAY_METRICS_PORT") or 9103),
         )
 
     def of(self, name: str) -> list[int]:
@@ -124,7 +126,7 @@ class Ports:
         return {
             "fraud": [self.fraud, self.fraud_metrics],
             "attribution": [self.attribution, self.attribution_metrics],
-            "gateway": [self.gateway],
+            "gateway": [self.gateway, self.gateway_metrics],
         }[name]
 
 
@@ -213,6 +215,7 @@ class Stack:
             ASCRIBE_GATEWAY_PORT=str(self.ports.gateway),
             ASCRIBE_ATTRIBUTION_METRICS_PORT=str(self.ports.attribution_metrics),
             ASCRIBE_FRAUD_METRICS_PORT=str(self.ports.fraud_metrics),
+            ASCRIBE_GATEWAY_METRICS_PORT=str(self.ports.gateway_metrics),
         )
         env.update(self.env)
         return env

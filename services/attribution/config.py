@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
     env_bool,
     env_int,
     env_optional,
     env_str,
+    health_addr_from_env,
     require_token_off_loopback,
     split_host_port,
 )
@@ -47,6 +50,16 @@ class Settings:
     catalog_cache_ms: int = 1000
     approval_interval_ms: int = 5000
     rescore_interval_ms: int = 10000
+    # The most conversions a second the re-scoring job checks while it drains
+    # a backlog: above the issue's 2,000/s, below what would crowd out live
+    # clicks and postbacks on a small machine.
+    rescore_per_second: int = 2500
+    # A MaxMind or DB-IP .mmdb for visitors' countries; None: the iptocc wheel's data.
+    geoip_db: Path | None = None
+    # Keepalive and TLS of its server and of its channel to fraud.
+    transport: Transport = field(default_factory=Transport)
+    # A plaintext port answering only grpc.health.v1.Health (probes, under TLS).
+    health_addr: str | None = None
 
     def __repr__(self) -> str:  # secrets never reach the logs
         return (
@@ -85,4 +98,19 @@ class Settings:
                 "ASCRIBE_APPROVAL_INTERVAL_MS", cls.approval_interval_ms, minimum=10
             ),
             rescore_interval_ms=env_int("ASCRIBE_RESCORE_INTERVAL_MS", cls.rescore_interval_ms, minimum=10),
+            rescore_per_second=env_int("ASCRIBE_RESCORE_PER_SECOND", cls.rescore_per_second, minimum=1),
+            geoip_db=_geoip_db(),
+            transport=Transport.from_env(serves=True),
+            health_addr=health_addr_from_env("ASCRIBE_ATTRIBUTION_HEALTH_ADDR"),
         )
+
+
+def _geoip_db() -> Path | None:
+    """ASCRIBE_GEOIP_DB, which must name a readable .mmdb file when set."""
+    raw = env_optional("ASCRIBE_GEOIP_DB")
+    if raw is None:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"ASCRIBE_GEOIP_DB must name a .mmdb file, got {raw!r} (no such file)")
+    return path

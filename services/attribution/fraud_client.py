@@ -13,26 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
-from services.attribution.click_metrics import FRAUD_AVAILABLE, FRAUD_UNAVAILABLE_TOTAL
+from services.attribution.common.reasons import fraud_reason
+from services.attribution.metrics import FRAUD_AVAILABLE, FRAUD_UNAVAILABLE_TOTAL
 from services.common.batch_stream import BatchStream, StreamCallError, status_code
 from services.common.batcher import MicroBatcher
 from services.common.grpc_server import bearer_metadata
 from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
+from services.common.timestamps import set_timestamp
 
 logger = logging.getLogger(__name__)
-
-# gRPC's default reconnect backoff grows to two minutes; a sidecar that comes
-# back should be used again within seconds.
-FRAUD_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 
 # Requests per outgoing call; one caller's group is never split across calls
 # unless it alone is larger than this.
@@ -43,7 +38,49 @@ Verdicts = list[fraud_pb2.Verdict | None]
 
 def fraud_reasons(verdict: fraud_pb2.Verdict) -> list[str]:
     """A verdict's signals as reason codes; a signal weighted 0 (switched off by the operator) is none."""
-    return [f"fraud_{signal.code}" for signal in verdict.signals if signal.weight > 0]
+    return [fraud_reason(signal.code) for signal in verdict.signals if signal.weight > 0]
+
+
+# A code's kind as the fraud service names it (its spread rules apply to UNIQUE codes).
+FRAUD_COUPON_KIND = {
+    "general": fraud_pb2.COUPON_KIND_GENERAL,
+    "exclusive": fraud_pb2.COUPON_KIND_EXCLUSIVE,
+    "unique": fraud_pb2.COUPON_KIND_UNIQUE,
+}
+
+
+def conversion_check(
+    *,
+    order_id: str,
+    campaign_id: str,
+    affiliate_id: str | None,
+    click_id: str | None,
+    click_time: datetime | None,
+    coupon_code: str | None,
+    coupon_kind: str | None,
+    customer_id: str | None,
+    ip: str,
+    user_agent: str,
+    occurred_at: datetime,
+    received_at: datetime,
+) -> fraud_pb2.CheckConversionRequest:
+    """The fraud check of one conversion, as recorded or as re-scored later."""
+    request = fraud_pb2.CheckConversionRequest(
+        order_id=order_id,
+        campaign_id=campaign_id,
+        affiliate_id=affiliate_id or "",
+        click_id=click_id or "",
+        coupon_code=coupon_code or "",
+        coupon_kind=FRAUD_COUPON_KIND[coupon_kind] if coupon_kind else fraud_pb2.COUPON_KIND_UNSPECIFIED,
+        customer_id=customer_id or "",
+        ip=ip,
+        user_agent=user_agent,
+    )
+    set_timestamp(request.occurred_at, occurred_at)
+    set_timestamp(request.received_at, received_at)
+    if click_time is not None:
+        set_timestamp(request.click_time, click_time)
+    return request
 
 
 def stream_verdicts(reply: fraud_pb2.CheckClickStreamResponse) -> fraud_pb2.VerdictBatch:
@@ -61,7 +98,7 @@ class _BatchedCheck:
         self._method = method
         self._call = call
         self._batch_type = batch_type
-        self._size = GRPC_CLIENT_BATCH_SIZE.labels("fraud", method)
+        self._size = GRPC_CLIENT_BATCH_SIZE.labels(fraud_pb2.DESCRIPTOR.services_by_name["FraudService"].full_name, method)
         self._unavailable = FRAUD_UNAVAILABLE_TOTAL.labels(kind)
         # A group (a list of requests) is one batcher item, so the checks of
         # one caller's batch always travel together.

@@ -7,25 +7,31 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import grpc
 from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 
-from services.attribution.catalog_servicer import CatalogServicer
-from services.attribution.click_servicer import ClickRpcs, build_click_rpcs
+from services.attribution.catalog.cache import CatalogCache
+from services.attribution.catalog.servicer import CatalogServicer
+from services.attribution.clicks import store as click_store
+from services.attribution.clicks.recorder import ClickRecorder
+from services.attribution.clicks.servicer import ClickRpcs
+from services.attribution.common.database import DATABASE_UNAVAILABLE, Connection
+from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.config import Settings
-from services.attribution.conversion_servicer import ConversionRpcs
-from services.attribution.conversions import ConversionRecorder, utcnow
-from services.attribution.fraud_client import FRAUD_CHANNEL_OPTIONS, FraudClient
-from services.attribution.lifecycle import Lifecycle, follow_alerts, run_periodically
+from services.attribution.conversions.recorder import ConversionRecorder
+from services.attribution.conversions.servicer import ConversionRpcs
+from services.attribution.fraud_client import FraudClient
+from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
+from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
-from services.attribution.store import clicks as click_store
-from services.attribution.store.lookups import CatalogCache
+from services.attribution.reports.servicer import ReportServicer
 from services.attribution.tracking_servicer import TrackingServicer
+from services.common.channels import open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.readiness import Probe, first_attempt, follow_dependency, postgres_probe
+from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +50,6 @@ RECORDING_METHODS = (
 ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
 
 
-# PostgreSQL down, restarting, or too slow for the statement timeout.
-DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # Class 57: the server is shutting down, restarting or cancelled the
-    # statement (its timeout): AdminShutdownError reaches connections that sat
-    # idle in the pool while PostgreSQL stopped.
-    asyncpg.exceptions.OperatorInterventionError,
-    # Retried where they can happen; should one still escape, a retry by the caller succeeds.
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-)
-
-
 def required_tokens(settings: Settings) -> dict[str, str | None]:
     """Admin RPCs need the admin token; recording RPCs the internal token."""
     tokens: dict[str, str | None] = {}
@@ -74,16 +64,7 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     return tokens
 
 
-class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
-    """Reports land with the reporting work; until then the contract says UNIMPLEMENTED."""
-
-    async def GetReport(
-        self, request: attribution_pb2.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> attribution_pb2.GetReportResponse:
-        raise NotImplementedError("GetReport")
-
-
-async def _keep_session(conn: asyncpg.Connection) -> None:
+async def _keep_session(conn: Connection) -> None:
     """What a connection going back to the pool needs: nothing beyond asyncpg's own rollback.
 
     asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
@@ -174,14 +155,17 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         pending: Probe | None = prepare_database
     else:
         pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
-    fraud_channel = grpc.aio.insecure_channel(settings.fraud_addr, options=FRAUD_CHANNEL_OPTIONS)
+    POOLS.watch(pool)
+    fraud_channel = open_channel(settings.fraud_addr, settings.transport)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
     )
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
-    clicks = build_click_rpcs(pool, cache, fraud, settings)
-    recorder = ConversionRecorder(pool, cache, fraud, clock=clock)
-    lifecycle = Lifecycle(pool, cache, fraud, clock=clock)
+    visitors = VisitorDerivation(settings.geoip_db)
+    logger.info("visitor countries from %s", visitors.source)
+    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud, visitors=visitors))
+    recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors)
+    lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
     catalog = CatalogServicer(pool)
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
     report = ReportServicer()
@@ -197,6 +181,8 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
         register=register,
         interceptor=ServerInterceptor(required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE),
+        transport=settings.transport,
+        health_addr=settings.health_addr,
     )
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,

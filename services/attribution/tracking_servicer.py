@@ -1,7 +1,7 @@
 """TrackingService: routes each RPC to the click or the conversion side.
 
-Each side translates protos to its domain calls (click_servicer.ClickRpcs,
-conversion_servicer.ConversionRpcs); this class only joins them into the one
+Each side translates protos to its domain calls (clicks.servicer.ClickRpcs,
+conversions.servicer.ConversionRpcs); this class only joins them into the one
 gRPC service the contract names.
 """
 

@@ -65,6 +65,14 @@ def split_host_port(addr: str, name: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def health_addr_from_env(name: str) -> str | None:
+    """An optional ``host:port`` (a service's plaintext health port)."""
+    addr = env_optional(name)
+    if addr is not None:
+        split_host_port(addr, name)
+    return addr
+
+
 def is_loopback_host(host: str) -> bool:
     if host in {"localhost", "ip6-localhost"}:
         return True

@@ -1,10 +1,14 @@
 """The shared shape of our gRPC servers.
 
-One interceptor does three things for every RPC: checks the bearer token the
-method needs, turns domain exceptions into status codes (never UNKNOWN; an
-unexpected error becomes INTERNAL with a generic message and its traceback
-goes to the log), and records request counts and latency. ``run_server``
-adds health checking and reflection, and stops gracefully on SIGTERM/SIGINT.
+One interceptor does four things for every RPC: checks the bearer token the
+method needs (and, under mutual TLS, the client certificate's identity),
+decodes the request message only then (one that does not decode is
+INVALID_ARGUMENT), turns domain exceptions into status codes (never UNKNOWN;
+an unexpected error becomes INTERNAL with a generic message and its
+traceback goes to the log), and records request counts and latency.
+``start_server`` adds health checking, reflection, the keepalive policy and
+TLS (services/common/channels.py), and a plaintext health-only port for
+probes when asked.
 """
 
 from __future__ import annotations
@@ -25,15 +29,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from services.common.channels import Transport, server_options
 from services.common.errors import DomainError, InvalidArgument
-from services.common.metrics import GRPC_HANDLING_SECONDS, GRPC_REQUESTS_TOTAL
+from services.common.metrics import (
+    GRPC_SERVER_HANDLED_TOTAL,
+    GRPC_SERVER_HANDLING_SECONDS,
+    GRPC_SERVER_STARTED_TOTAL,
+    grpc_type,
+)
+from services.common.status_details import token_refused_status
+from services.common.tls import ServerCertificates
 
 logger = logging.getLogger(__name__)
 
 AUTHORIZATION_HEADER = "authorization"
-# The gateway tells its own token being refused (a misconfiguration: 503)
-# from a shop's bad postback token (401) by this message.
-BEARER_REFUSED = "missing or wrong bearer token"
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -81,25 +90,76 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_Decode: TypeAlias = "Callable[[bytes], Any] | None"
+
+MALFORMED_MESSAGE = "malformed request message"
+# At most one log line per this many seconds about malformed messages, with
+# their count: anyone who can reach the port could otherwise flood the log.
+MALFORMED_LOG_INTERVAL_SECONDS = 10.0
+
+
+class MalformedMessage(DomainError):
+    """A request message that does not decode; the text says nothing of why (no library internals)."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self) -> None:
+        super().__init__(MALFORMED_MESSAGE)
+
+
+class _MalformedLog:
+    """Counts malformed messages and logs them once per interval, never with a traceback."""
+
+    def __init__(self, interval_seconds: float) -> None:
+        self._interval = interval_seconds
+        self._count = 0
+        self._last = -float("inf")
+
+    def note(self, service: str, method: str) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            logger.warning(
+                "%d malformed request message(s) since the last report (latest: %s/%s); "
+                "answered INVALID_ARGUMENT",
+                self._count, service, method,
+            )
+            self._count = 0
+            self._last = now
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Auth, error mapping and metrics for every RPC of a server.
+    """Auth, message decoding, error mapping and metrics for every RPC of a server.
 
     ``required_tokens`` maps a full method name (``/pkg.Service/Method``) to
     the token it needs; a method absent from it, or mapped to None, is open.
+    ``peer_identities`` maps a full method name to the client certificate
+    identities (SAN names, else the CN) allowed to call it under mutual TLS.
+
+    Every handler is rewrapped to receive raw bytes and decode them itself,
+    after the token check: an unauthenticated caller gets UNAUTHENTICATED
+    whatever it sent, and a message that does not decode is
+    INVALID_ARGUMENT ``malformed request message`` on every kind of method,
+    rather than grpc's UNKNOWN (unary) or INTERNAL (streams) with the
+    exception's class and a traceback in the log per call.
     """
 
     def __init__(
         self,
         required_tokens: Mapping[str, str | None],
         unavailable_errors: tuple[type[BaseException], ...] = (),
+        *,
+        peer_identities: Mapping[str, frozenset[str]] | None = None,
+        malformed_log_interval_seconds: float = MALFORMED_LOG_INTERVAL_SECONDS,
     ) -> None:
         self._required_tokens = dict(required_tokens)
+        self._peer_identities = dict(peer_identities or {})
         # Errors that mean a dependency is down or too slow (a database that
         # refuses connections, a query past its timeout): UNAVAILABLE, so the
         # caller retries, rather than INTERNAL.
         self._unavailable_errors = unavailable_errors
+        self._malformed = _MalformedLog(malformed_log_interval_seconds)
+        self._token_refused = token_refused_status()
         # The wrapped handler of each (method, authorized) pair, made once:
         # building handler tuples, closures and metric children on every call
         # costs tens of microseconds per RPC.
@@ -129,49 +189,91 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str, authorized: bool
     ) -> grpc.RpcMethodHandler[Any, Any]:
         service, method = _split_method(full_method)
+        labels = (grpc_type(handler), service, method)
+        decode: _Decode = handler.request_deserializer
+        serialize = handler.response_serializer
+        allowed = self._peer_identities.get(full_method)
+        # request_deserializer None: grpc hands the wrapper the raw bytes.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, method, authorized),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_unary(handler.unary_unary, labels, authorized, allowed, self._one(decode)),
+                response_serializer=serialize,
             )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, service, method, authorized),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None and full_method in self._required_tokens:
-            # Ours (RecordClickStream, CheckClickStream): checked and counted
-            # like a server stream; the wrapper passes the request iterator on.
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, service, method, authorized),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if not authorized:
-            # A client-streaming method we do not guard (reflection is open):
-            # refused outright rather than passed through unchecked.
+        if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                self._wrap_unary(handler.stream_unary, labels, authorized, allowed, self._each(decode)),
+                response_serializer=serialize,
             )
-        return handler
+        behavior = handler.unary_stream or handler.stream_stream
+        prepare = self._one(decode) if handler.unary_stream is not None else self._each(decode)
+        wrapped = self._wrap_stream(behavior, labels, authorized, allowed, prepare)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(wrapped, response_serializer=serialize)
+        return grpc.stream_stream_rpc_method_handler(wrapped, response_serializer=serialize)
+
+    def _one(self, decode: _Decode) -> Callable[[Any, str, str], Any]:
+        """A single request message, decoded (raising MalformedMessage)."""
+
+        def prepare(raw: Any, service: str, method: str) -> Any:
+            if decode is None:
+                return raw
+            try:
+                return decode(raw)
+            except Exception:  # DecodeError, bad UTF-8, anything the library raises
+                self._malformed.note(service, method)
+                raise MalformedMessage() from None
+
+        return prepare
+
+    def _each(self, decode: _Decode) -> Callable[[Any, str, str], Any]:
+        """A request stream whose messages are decoded as the behaviour reads them."""
+        one = self._one(decode)
+
+        def prepare(raw_requests: Any, service: str, method: str) -> Any:
+            if decode is None:
+                return raw_requests
+
+            async def decoded() -> AsyncIterator[Any]:
+                async for raw in raw_requests:
+                    yield one(raw, service, method)
+
+            return decoded()
+
+        return prepare
+
+    async def _check_caller(
+        self, context: grpc.aio.ServicerContext[Any, Any], authorized: bool, allowed: frozenset[str] | None
+    ) -> None:
+        """Aborts an RPC whose caller may not make it; before its message is decoded."""
+        if not authorized:
+            await context.abort_with_status(self._token_refused)
+        if allowed is not None and not _peer_allowed(context, allowed):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "this client certificate may not call this method"
+            )
 
     def _wrap_unary(
-        self, behavior: Any, service: str, method: str, authorized: bool
+        self,
+        behavior: Any,
+        labels: tuple[str, str, str],
+        authorized: bool,
+        allowed: frozenset[str] | None,
+        prepare: Callable[[Any, str, str], Any],
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-        handling_seconds = GRPC_HANDLING_SECONDS.labels(service, method)
-        count = self._counter(service, method)
+        _, service, method = labels
+        handling_seconds = GRPC_SERVER_HANDLING_SECONDS.labels(*labels)
+        started_total = GRPC_SERVER_STARTED_TOTAL.labels(*labels)
+        count = self._counter(labels)
+        check = self._check_caller
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            started_total.inc()
             code = grpc.StatusCode.OK
             try:
-                if not authorized:
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, BEARER_REFUSED)
-                return await behavior(request, context)
+                if not authorized or allowed is not None:
+                    await check(context, authorized, allowed)
+                return await behavior(prepare(request, service, method), context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -187,20 +289,28 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _wrap_stream(
-        self, behavior: Any, service: str, method: str, authorized: bool
+        self,
+        behavior: Any,
+        labels: tuple[str, str, str],
+        authorized: bool,
+        allowed: frozenset[str] | None,
+        prepare: Callable[[Any, str, str], Any],
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         # No handling-time histogram here: a stream (WatchAlerts, the batch
         # streams) lives for minutes or hours and would only blur the unary
         # latencies. ``request`` is a stream method's request iterator.
-        count = self._counter(service, method)
+        _, service, method = labels
+        started_total = GRPC_SERVER_STARTED_TOTAL.labels(*labels)
+        count = self._counter(labels)
+        check = self._check_caller
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started_total.inc()
             code = grpc.StatusCode.OK
             try:
-                if not authorized:
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, BEARER_REFUSED)
-                async for item in behavior(request, context):
+                if not authorized or allowed is not None:
+                    await check(context, authorized, allowed)
+                async for item in behavior(prepare(request, service, method), context):
                     yield item
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -216,15 +326,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     @staticmethod
-    def _counter(service: str, method: str) -> Callable[[grpc.StatusCode], None]:
-        """Counts an RPC's outcome; the OK child is bound once, the rare codes looked up."""
-        ok_total = GRPC_REQUESTS_TOTAL.labels(service, method, grpc.StatusCode.OK.name)
+    def _counter(labels: tuple[str, str, str]) -> Callable[[grpc.StatusCode], None]:
+        """Counts an RPC's outcome; the OK child is bound once, the rare codes looked up.
+
+        ``grpc_code`` is the StatusCode's name (``OK``, ``UNAVAILABLE``), as
+        py-grpc-prometheus writes it.
+        """
+        ok_total = GRPC_SERVER_HANDLED_TOTAL.labels(*labels, grpc.StatusCode.OK.name)
 
         def count(code: grpc.StatusCode) -> None:
             if code is grpc.StatusCode.OK:
                 ok_total.inc()
             else:
-                GRPC_REQUESTS_TOTAL.labels(service, method, code.name).inc()
+                GRPC_SERVER_HANDLED_TOTAL.labels(*labels, code.name).inc()
 
         return count
 
@@ -237,7 +351,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         code: grpc.StatusCode,
     ) -> tuple[grpc.StatusCode, grpc.Status | str | None]:
         """The status an RPC ends with for ``error``, and its answer (None: let it pass)."""
-        if _is_abort(error):  # context.abort() already chose the status
+        if isinstance(error, grpc.aio.AbortError):  # context.abort() already chose the status
             return context.code() or code, None
         if isinstance(error, DomainError):
             return error.status, status_for(error)
@@ -250,6 +364,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return grpc.StatusCode.INTERNAL, "internal error"
 
 
+def _peer_allowed(context: grpc.aio.ServicerContext[Any, Any], allowed: frozenset[str]) -> bool:
+    """True when the client certificate names one of ``allowed`` (SAN names, else its CN)."""
+    identities = context.peer_identities() or ()
+    return any(identity.decode(errors="replace") in allowed for identity in identities)
+
+
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, answer: grpc.Status | str
 ) -> None:
@@ -257,15 +377,6 @@ async def _abort(
         await context.abort(code, answer)
     else:
         await context.abort_with_status(answer)
-
-
-async def _refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, BEARER_REFUSED)
-
-
-def _is_abort(error: BaseException) -> bool:
-    # context.abort() raises an internal AbortError; it must pass through untouched.
-    return type(error).__name__ == "AbortError"
 
 
 Registrar = Callable[[grpc.aio.Server], None]
@@ -279,11 +390,16 @@ class RunningServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
+    # The plaintext server answering only grpc.health.v1.Health, when asked for.
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace_seconds: float = 4.0) -> None:
         """Health NOT_SERVING first, so balancers stop sending, then drain."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         logger.info("%s stopped", self.name)
 
 
@@ -294,25 +410,53 @@ async def start_server(
     service_names: Iterable[str],
     register: Registrar,
     interceptor: ServerInterceptor,
+    transport: Transport | None = None,
+    health_addr: str | None = None,
 ) -> RunningServer:
-    """Builds and starts a server with health checking and reflection."""
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)],
-    )
+    """Builds and starts a server with health checking and reflection.
+
+    ``health_addr``: also serve grpc.health.v1.Health alone, in plaintext,
+    there. Kubernetes' gRPC probe speaks no TLS, and a TLS port cannot also
+    answer plaintext, so under TLS probes use this port; it exposes nothing
+    but the serving status, which is what probes (and anyone) may see.
+    """
+    transport = transport or Transport()
+    options = server_options(transport.keepalive)
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(addr)
+    if transport.tls.enabled:
+        port = server.add_secure_port(addr, ServerCertificates(transport.tls).credentials())
+    else:
+        port = server.add_insecure_port(addr)
     if port == 0:
         raise OSError(f"{name}: cannot bind {addr}")
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
+    if health_addr:
+        health_server = grpc.aio.server(interceptors=[interceptor], options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(health_addr)
+        if health_port == 0:
+            raise OSError(f"{name}: cannot bind {health_addr}")
     await server.start()
+    if health_server is not None and health_addr:
+        await health_server.start()
+        logger.info("%s health (plaintext) on %s:%d", name, health_addr.rsplit(":", 1)[0], health_port)
     for service_name in ["", *names]:
         await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("%s serving on %s:%d", name, addr.rsplit(":", 1)[0], port)
-    return RunningServer(name=name, server=server, health=health_servicer, port=port)
+    logger.info(
+        "%s serving on %s:%d%s", name, addr.rsplit(":", 1)[0], port,
+        " (TLS, client certificates required)" if transport.tls.client_auth
+        else " (TLS)" if transport.tls.enabled else "",
+    )
+    return RunningServer(
+        name=name, server=server, health=health_servicer, port=port,
+        health_server=health_server, health_port=health_port,
+    )
 
 
 async def wait_for_stop_signal() -> None:

@@ -16,6 +16,22 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# google.protobuf.Timestamp's own range, which is also what datetime (and so
+# PostgreSQL's timestamptz as we read it) holds: 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z.
+MIN_SECONDS = -62_135_596_800
+MAX_SECONDS = 253_402_300_799
+
+
+def in_range(seconds: int, nanos: int) -> bool:
+    """Whether a Timestamp's fields name an instant inside that range."""
+    return MIN_SECONDS <= seconds <= MAX_SECONDS and 0 <= nanos < 1_000_000_000
+
+
+def utcnow() -> datetime:
+    """The current time, aware and in UTC: every clock of the services starts here."""
+    return datetime.now(UTC)
+
 
 def set_timestamp(stamp: Timestamp, at: datetime) -> None:
     """Sets ``stamp`` to ``at`` (a naive datetime is taken as UTC, as FromDatetime does)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
     env_bool,
@@ -12,11 +15,17 @@ from services.common.env import (
     env_int,
     env_optional,
     env_str,
+    health_addr_from_env,
     require_token_off_loopback,
     split_host_port,
 )
 from services.fraud.domain import Rules, parse_weight_overrides
+from services.fraud.ipintel_download import SOURCES, Source
 from services.fraud.store import StoreConfig
+
+# The upstream lists change a few times a day at most; refreshing more often
+# only loads their servers (and every replica refreshes on its own).
+MIN_IPINTEL_REFRESH_HOURS = 1.0
 
 
 def redis_url_from_env() -> str:
@@ -26,6 +35,22 @@ def redis_url_from_env() -> str:
     return url
 
 
+def ipintel_from_env() -> dict[str, Any]:
+    """The IP list settings: where they are read, where a refresh writes, how often it runs."""
+    refresh_hours = env_float("ASCRIBE_IPINTEL_REFRESH_HOURS", 0.0)
+    if not math.isfinite(refresh_hours) or 0 < refresh_hours < MIN_IPINTEL_REFRESH_HOURS:
+        raise ConfigError(
+            f"ASCRIBE_IPINTEL_REFRESH_HOURS must be 0 (off) or at least {MIN_IPINTEL_REFRESH_HOURS:g}, "
+            f"got {refresh_hours:g}"
+        )
+    configured = env_optional("ASCRIBE_IPINTEL_DIR")
+    return {
+        "ipintel_dir": Path(configured) if configured else None,
+        "ipintel_download_dir": Path(env_str("ASCRIBE_DATA_DIR", ".data")) / "ipintel",
+        "ipintel_refresh_seconds": refresh_hours * 3600,
+    }
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str
@@ -33,7 +58,15 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9102
     internal_token: str | None = None
-    ipintel_dir: Path = Path(".data/ipintel")
+    # ASCRIBE_IPINTEL_DIR; None chooses between ipintel_download_dir and the
+    # repository's snapshot on every load (services/fraud/ipintel.py).
+    ipintel_dir: Path | None = None
+    ipintel_download_dir: Path = Path(".data/ipintel")
+    # 0: no scheduled refresh (no outbound traffic unless asked for; SIGHUP
+    # still reloads what `make ipintel` wrote).
+    ipintel_refresh_seconds: float = 0.0
+    # Where a refresh downloads from (the upstream lists; tests serve their own).
+    ipintel_sources: tuple[Source, ...] = SOURCES
     # Redis socket timeouts bound how long a check waits on a Redis that hangs;
     # one that is down refuses at once.
     redis_timeout_ms: int = 250
@@ -50,11 +83,17 @@ class Settings:
     surge_flush_seconds: float = 10.0
     rules: Rules = field(default_factory=Rules)
     store: StoreConfig = field(default_factory=StoreConfig)
+    transport: Transport = field(default_factory=Transport)
+    # A plaintext port answering only grpc.health.v1.Health (probes, under TLS).
+    health_addr: str | None = None
+    # Under mutual TLS, the client certificate identities (SAN DNS names, else
+    # the CN) that may call FraudService; empty: any certificate of the CA.
+    allowed_clients: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:  # secrets (the token, a password in the URL) never reach the logs
         return (
             f"Settings(addr={self.addr!r}, metrics_port={self.metrics_port}, "
-            f"ipintel_dir={str(self.ipintel_dir)!r}, key_prefix={self.store.prefix!r})"
+            f"ipintel_dir={str(self.ipintel_dir or 'auto')!r}, key_prefix={self.store.prefix!r})"
         )
 
     @classmethod
@@ -130,6 +169,12 @@ class Settings:
             alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", StoreConfig.alerts_maxlen, minimum=100),
             key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", StoreConfig.key_buckets, minimum=1),
         )
+        transport = Transport.from_env(serves=True)
+        allowed_clients = frozenset(
+            name.strip() for name in env_str("ASCRIBE_FRAUD_ALLOWED_CLIENTS", "").split(",") if name.strip()
+        )
+        if allowed_clients and not transport.tls.client_auth:
+            raise ConfigError("ASCRIBE_FRAUD_ALLOWED_CLIENTS needs ASCRIBE_TLS_CLIENT_AUTH=1 (client certificates)")
         if store.spike_baseline_seconds <= store.spike_window_seconds:
             raise ConfigError("ASCRIBE_FRAUD_SPIKE_BASELINE_HOURS must be longer than the spike window")
         return cls(
@@ -138,7 +183,7 @@ class Settings:
             metrics_host=metrics_host,
             metrics_port=env_int("ASCRIBE_FRAUD_METRICS_PORT", cls.metrics_port),
             internal_token=internal_token,
-            ipintel_dir=Path(env_str("ASCRIBE_IPINTEL_DIR", str(cls.ipintel_dir))),
+            **ipintel_from_env(),
             redis_timeout_ms=env_int("ASCRIBE_FRAUD_REDIS_TIMEOUT_MS", cls.redis_timeout_ms, minimum=1),
             redis_max_connections=env_int(
                 "ASCRIBE_FRAUD_REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=1
@@ -150,4 +195,7 @@ class Settings:
             max_future_seconds=env_int("ASCRIBE_FRAUD_MAX_FUTURE_SECONDS", cls.max_future_seconds),
             rules=rules,
             store=store,
+            transport=transport,
+            health_addr=health_addr_from_env("ASCRIBE_FRAUD_HEALTH_ADDR"),
+            allowed_clients=allowed_clients,
         )

@@ -1,8 +1,16 @@
 """IP intelligence: Tor exits, datacenter and VPN ranges in longest-prefix tries.
 
-The lists are plain text files in ``ASCRIBE_IPINTEL_DIR`` (one IP or CIDR a
-line, ``#`` comments allowed), named by kind: ``datacenter-*.txt``,
-``vpn-*.txt``, ``tor-*.txt``. A line may be IPv4 or IPv6 whatever the file's
+The lists are plain text files in one folder (one IP or CIDR a line, ``#``
+comments allowed), named by kind: ``datacenter-*.txt``, ``vpn-*.txt``,
+``tor-*.txt``. The folder is ``ASCRIBE_IPINTEL_DIR`` when set; unset, it is
+the copy ``make ipintel`` downloaded (``.data/ipintel``) when that copy has
+every list and is newer, else the dated snapshot the repository carries
+(``data/ipintel``), so a fresh checkout has every signal on.
+
+A folder's ``SOURCES.tsv`` says when each list was current (``as_of``); a
+list it does not name is dated by its file's modification time. The lists'
+dates, not the files', decide which folder is newer: a ``git clone`` gives
+the snapshot's files today's modification time. A line may be IPv4 or IPv6 whatever the file's
 name says, so a list that mixes both still loads. All lists merge into one
 pytricia trie per family whose entries know every list covering them (an
 address can be in several: a VPN provider hosted in a datacenter is both), so
@@ -19,6 +27,7 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -26,35 +35,20 @@ import pytricia
 
 logger = logging.getLogger(__name__)
 
-_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+# The dated snapshot of the lists in the repository (with its README and licences).
+REPOSITORY_LISTS = Path(__file__).resolve().parents[2] / "data" / "ipintel"
+# Per list: entries, the time it was current, where it came from, its licence.
+MANIFEST = "SOURCES.tsv"
+# Tor exits churn within 48 hours and hosting ranges move within weeks: a
+# list older than this still loads, with a warning that says how to refresh.
+STALE_AFTER_SECONDS = 7 * 86400
 
 
 class IpList(StrEnum):
     TOR = "tor"
     DATACENTER = "datacenter"
     VPN = "vpn"
-
-
-def normalize_ip(text: str) -> str | None:
-    """The canonical form of an IP address, or None when it is not one.
-
-    inet_pton is about ten times faster than ``ipaddress`` and strict (no
-    octal, no shortened IPv4). An IPv4-mapped IPv6 address is the IPv4 client
-    behind a dual-stack socket, so it is folded to plain IPv4: the lists and
-    the velocity keys must see one address, not two spellings of it.
-    """
-    if ":" in text:
-        try:
-            packed = socket.inet_pton(socket.AF_INET6, text)
-        except OSError:
-            return None
-        if packed.startswith(_V4_MAPPED_PREFIX):
-            return socket.inet_ntop(socket.AF_INET, packed[12:])
-        return socket.inet_ntop(socket.AF_INET6, packed)
-    try:
-        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
-    except OSError:
-        return None
 
 
 def subscriber_key(ip: str) -> str:
@@ -82,6 +76,70 @@ class IpInfo:
 NOT_LISTED = IpInfo()
 
 
+def list_kind(path: Path) -> IpList | None:
+    for kind in IpList:
+        if path.name.startswith(kind.value):
+            return kind
+    return None
+
+
+def read_manifest(folder: Path) -> dict[str, float]:
+    """``as_of`` (epoch seconds) per file name from the folder's SOURCES.tsv; {} without one.
+
+    Lines are ``file<TAB>entries<TAB>as_of<TAB>source[<TAB>licence]``; a line
+    whose third field is no ISO 8601 time (an older manifest) is skipped, so
+    its list falls back to its file's modification time.
+    """
+    try:
+        text = (folder / MANIFEST).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    dates: dict[str, float] = {}
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if line.startswith("#") or len(fields) < 3:
+            continue
+        try:
+            at = datetime.fromisoformat(fields[2].strip())
+        except ValueError:
+            continue
+        dates[fields[0].strip()] = (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+    return dates
+
+
+def list_dates(folder: Path) -> dict[IpList, float]:
+    """When each kind of list in ``folder`` was current: its oldest file's ``as_of``."""
+    manifest = read_manifest(folder)
+    dates: dict[IpList, float] = {}
+    for path in sorted(folder.glob("*.txt")):
+        kind = list_kind(path)
+        if kind is None:
+            continue
+        try:
+            at = manifest.get(path.name) or path.stat().st_mtime
+        except OSError:
+            continue
+        dates[kind] = min(dates.get(kind, at), at)
+    return dates
+
+
+def choose_folder(configured: Path | None, downloaded: Path, snapshot: Path = REPOSITORY_LISTS) -> Path:
+    """The folder to load: ``configured`` when set, else the newer complete copy.
+
+    The downloaded copy must hold every kind of list (a ``make ipintel`` that
+    failed half way must not switch a signal off) and its oldest list must be
+    newer than the snapshot's oldest.
+    """
+    if configured is not None:
+        return configured
+    fetched = list_dates(downloaded) if downloaded.is_dir() else {}
+    if len(fetched) == len(IpList):
+        shipped = list_dates(snapshot)
+        if not shipped or min(fetched.values()) > min(shipped.values()):
+            return downloaded
+    return snapshot
+
+
 def _new_tries() -> tuple[pytricia.PyTricia, pytricia.PyTricia]:
     return pytricia.PyTricia(32, socket.AF_INET), pytricia.PyTricia(128, socket.AF_INET6)
 
@@ -94,6 +152,8 @@ class IpIntel:
     tries: dict[IpList, tuple[pytricia.PyTricia, pytricia.PyTricia]] = field(default_factory=dict)
     counts: dict[IpList, int] = field(default_factory=dict)
     source: str = ""
+    # When each loaded list was current (epoch seconds), see ``list_dates``.
+    as_of: dict[IpList, float] = field(default_factory=dict)
     _merged: tuple[pytricia.PyTricia, pytricia.PyTricia] | None = field(default=None, repr=False)
 
     @classmethod
@@ -136,9 +196,9 @@ class IpIntel:
         started = time.perf_counter()
         files: dict[IpList, list[Path]] = {kind: [] for kind in IpList}
         for path in sorted(folder.glob("*.txt")):
-            for kind in IpList:
-                if path.name.startswith(kind.value):
-                    files[kind].append(path)
+            kind_of = list_kind(path)
+            if kind_of is not None:
+                files[kind_of].append(path)
         lists: dict[IpList, list[str]] = {}
         for kind, paths in files.items():
             if not paths:
@@ -151,6 +211,8 @@ class IpIntel:
         intel = cls.from_lines(lists, source=str(folder))
         if not intel.counts:
             intel.available = False
+        dates = list_dates(folder)
+        intel.as_of = {kind: at for kind, at in dates.items() if intel.counts.get(kind)}
         logger.info(
             "IP intelligence loaded from %s in %.0f ms: %s",
             folder,
@@ -198,18 +260,80 @@ class IpIntel:
         self._merged = merged
 
 
-class IpIntelHolder:
-    """The current snapshot, swapped whole on reload (SIGHUP)."""
+    def age_seconds(self, kind: IpList, now: float | None = None) -> float:
+        """How old the ``kind`` list is; +inf when it is missing (its signal is off)."""
+        at = self.as_of.get(kind)
+        if at is None:
+            return float("inf")
+        return max(0.0, (time.time() if now is None else now) - at)
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.current = IpIntel.load(folder)
+    def summary(self, now: float | None = None) -> tuple[int, str]:
+        """The start-up line: each list's size, date and age, and what to do when they are old.
+
+        Returns a logging level with the text: WARNING when a list is missing
+        or stale, so the line is not lost among the INFO lines.
+        """
+        now = time.time() if now is None else now
+        parts: list[str] = []
+        stale: list[str] = []
+        for kind in IpList:
+            at = self.as_of.get(kind)
+            if at is None or not self.counts.get(kind):
+                parts.append(f"{kind.value} MISSING (signal off)")
+                stale.append(kind.value)
+                continue
+            age_days = self.age_seconds(kind, now) / 86400
+            day = datetime.fromtimestamp(at, UTC).date().isoformat()
+            parts.append(f"{kind.value} {self.counts[kind]} entries as of {day} ({age_days:.0f} days old)")
+            if age_days * 86400 > STALE_AFTER_SECONDS:
+                stale.append(kind.value)
+        text = f"IP lists from {self.source or 'nowhere'}: " + ", ".join(parts)
+        if stale:
+            text += (
+                f"; out of date or missing: {', '.join(stale)} (run `make ipintel`, "
+                "or set ASCRIBE_IPINTEL_REFRESH_HOURS to refresh on a schedule)"
+            )
+            return logging.WARNING, text
+        return logging.INFO, text
+
+
+class IpIntelHolder:
+    """The current snapshot, swapped whole on reload (SIGHUP or a scheduled refresh).
+
+    ``folder`` None chooses on every load between ``downloaded`` (what
+    ``make ipintel`` or a scheduled refresh wrote) and the repository's
+    snapshot, so a refresh into ``downloaded`` takes over without a restart.
+    """
+
+    def __init__(
+        self, folder: Path | None, *, downloaded: Path = Path(".data/ipintel"), snapshot: Path = REPOSITORY_LISTS
+    ) -> None:
+        self.configured = folder
+        self.downloaded = downloaded
+        self.snapshot = snapshot
+        self.current = self._load()
+
+    @property
+    def folder(self) -> Path:
+        """Where the lists are loaded from now."""
+        return choose_folder(self.configured, self.downloaded, self.snapshot)
+
+    @property
+    def refresh_folder(self) -> Path:
+        """Where a refresh downloads to: the configured folder, else the downloaded copy."""
+        return self.configured if self.configured is not None else self.downloaded
+
+    def _load(self) -> IpIntel:
+        intel = IpIntel.load(self.folder)
+        level, text = intel.summary()
+        logger.log(level, "%s", text)
+        return intel
 
     def reload(self) -> IpIntel:
         """Builds a new snapshot off to the side, then swaps it in."""
-        fresh = IpIntel.load(self.folder)
+        fresh = self._load()
         if not fresh.available and self.current.available:
-            logger.warning("IP intelligence reload found no lists in %s; keeping the previous ones", self.folder)
+            logger.warning("IP intelligence reload found no lists in %s; keeping the previous ones", fresh.source)
             return self.current
         self.current = fresh
         return fresh

@@ -47,5 +47,15 @@ IPINTEL_ENTRIES = Gauge(
 )
 IPINTEL_RELOADS_TOTAL = Counter(
     "ascribe_fraud_ipintel_reloads_total",
-    "Reloads of the IP lists (SIGHUP).",
+    "Reloads of the IP lists (SIGHUP or a scheduled refresh).",
+)
+IPINTEL_AGE_SECONDS = Gauge(
+    "ascribe_fraud_ipintel_age_seconds",
+    "Age of each loaded IP list: now minus the time it was current (its as_of); +Inf when it is missing.",
+    ["list"],
+)
+IPINTEL_REFRESHES_TOTAL = Counter(
+    "ascribe_fraud_ipintel_refreshes_total",
+    "Scheduled downloads of the IP lists (ASCRIBE_IPINTEL_REFRESH_HOURS), by result (ok, failed).",
+    ["result"],
 )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ from services.fraud.bots import shared_bot_detector
 from services.fraud.config import Settings
 from services.fraud.engine import FraudEngine
 from services.fraud.ipintel import IpIntel, IpIntelHolder, IpList
+from services.fraud.ipintel_download import RefreshReport, refresh
 from services.fraud.servicer import FraudServicer
 from services.fraud.store import Alert, FraudStore, RedisClient
 
@@ -35,6 +38,17 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
     """Every FraudService RPC needs the internal token (when one is set)."""
     service = fraud_pb2.DESCRIPTOR.services_by_name["FraudService"]
     return {f"/{FRAUD_SERVICE}/{method.name}": settings.internal_token for method in service.methods}
+
+
+def allowed_clients(settings: Settings) -> dict[str, frozenset[str]]:
+    """Under mutual TLS with ASCRIBE_FRAUD_ALLOWED_CLIENTS, only those identities call FraudService.
+
+    Health and reflection stay open to any client the TLS handshake accepts
+    (the gateway's readiness probe asks fraud's health with its own certificate).
+    """
+    if not settings.allowed_clients:
+        return {}
+    return {method: settings.allowed_clients for method in required_tokens(settings)}
 
 
 def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> RedisClient:
@@ -61,9 +75,16 @@ def redis_client(settings: Settings, *, extra_timeout_ms: int = 0) -> RedisClien
     return aioredis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 1), **bounds)
 
 
+# Per list download, in the service: a refresh runs in a thread that a stop
+# cannot interrupt mid-download, so it must not hold the process long.
+REFRESH_TIMEOUT_SECONDS = 10.0
+
+
 def _publish_intel_metrics(intel: IpIntel) -> None:
     for kind in IpList:
         metrics.IPINTEL_ENTRIES.labels(kind.value).set(intel.counts.get(kind, 0))
+        # Computed at scrape time: the age grows between reloads.
+        metrics.IPINTEL_AGE_SECONDS.labels(kind.value).set_function(functools.partial(intel.age_seconds, kind))
 
 
 @dataclass
@@ -77,6 +98,7 @@ class FraudService:
     intel: IpIntelHolder
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _sighup_installed: bool = False
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def port(self) -> int:
@@ -93,10 +115,39 @@ class FraudService:
         metrics.IPINTEL_RELOADS_TOTAL.inc()
         _publish_intel_metrics(intel)
 
+    async def refresh_ipintel(self) -> RefreshReport:
+        """Downloads the lists (where `make ipintel` would) and reloads them when any was written."""
+        folder = self.intel.refresh_folder
+        report = await asyncio.to_thread(
+            refresh, folder, self.settings.ipintel_sources, REFRESH_TIMEOUT_SECONDS, self._stopping
+        )
+        for name, error in report.failed:
+            logger.warning("IP list refresh: %s failed (%s); the previous copy is kept", name, error)
+        metrics.IPINTEL_REFRESHES_TOTAL.labels("failed" if report.failed else "ok").inc()
+        if report.written:
+            logger.info("IP list refresh: %d list(s) downloaded into %s", len(report.written), folder)
+            await self.reload_ipintel()
+        return report
+
+    async def refresh_ipintel_forever(self, interval: float) -> None:
+        """Every ``interval``; the first one at once when the loaded lists are already that old."""
+        oldest = max(self.intel.current.age_seconds(kind) for kind in IpList)
+        delay = max(0.0, interval - oldest)
+        while True:
+            await asyncio.sleep(delay)
+            # A failed refresh waits a whole interval too: no retry storm on upstream servers.
+            delay = interval
+            try:
+                await self.refresh_ipintel()
+            except OSError as error:  # the folder cannot be written (a read-only image)
+                logger.warning("IP list refresh into %s failed: %s", self.intel.refresh_folder, error)
+                metrics.IPINTEL_REFRESHES_TOTAL.labels("failed").inc()
+
     async def stop(self, grace_seconds: float = 4.0) -> None:
         if self._sighup_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self.servicer.stopping.set()
+        self._stopping.set()
         await self.server.stop(grace_seconds)
         await self.engine.close()
         tasks = list(self.tasks)
@@ -118,7 +169,9 @@ async def start_fraud(
     ``intel`` lets tests share one loaded copy of the lists between services.
     """
     if intel is None:
-        intel = await asyncio.to_thread(IpIntelHolder, settings.ipintel_dir)
+        intel = await asyncio.to_thread(
+            functools.partial(IpIntelHolder, settings.ipintel_dir, downloaded=settings.ipintel_download_dir)
+        )
     _publish_intel_metrics(intel.current)
     bots = await asyncio.to_thread(shared_bot_detector)
     client = redis_client(settings)
@@ -156,7 +209,9 @@ async def start_fraud(
         addr=settings.addr,
         service_names=[FRAUD_SERVICE],
         register=register,
-        interceptor=ServerInterceptor(required_tokens(settings)),
+        interceptor=ServerInterceptor(required_tokens(settings), peer_identities=allowed_clients(settings)),
+        transport=settings.transport,
+        health_addr=settings.health_addr,
     )
     service = FraudService(
         settings=settings,
@@ -178,4 +233,6 @@ async def start_fraud(
             service._sighup_installed = True
         except (NotImplementedError, RuntimeError, ValueError):
             logger.warning("SIGHUP reload of the IP lists is not available here")
+    if settings.ipintel_refresh_seconds > 0:
+        service.tasks.append(asyncio.create_task(service.refresh_ipintel_forever(settings.ipintel_refresh_seconds)))
     return service

@@ -12,11 +12,13 @@ from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common import limits
 from services.common.batch_stream import serve_batch_stream
 from services.common.errors import DomainError, InvalidArgument, Unavailable, Violations
+from services.common.ip import normalize_ip
+from services.common.timestamps import in_range
 from services.fraud import domain, metrics
 from services.fraud.engine import FraudEngine
-from services.fraud.ipintel import normalize_ip
 from services.fraud.store import Alert, valid_stream_id
 
 R = TypeVar("R")
@@ -24,17 +26,13 @@ E = TypeVar("E")
 
 Context = Any  # grpc.aio.ServicerContext: its deadline bounds the checks, WatchAlerts its stream
 
-MAX_ID_LENGTH = 256
-MAX_CODE_LENGTH = 64
-MAX_USER_AGENT_LENGTH = 2048
-MAX_IP_LENGTH = 64
+# The protos' limits (services.common.limits) are UTF-8 bytes; checked here as
+# characters, which is never stricter, so whatever the attribution service
+# accepted is accepted here too.
 _KIND_BY_NUMBER = {kind.value: kind for kind in domain.CouponKind}
 # Control characters (below the space); a regex search is C-fast where a
 # per-character loop costs ~0.2 µs a character.
 _CONTROL = re.compile(r"[\x00-\x1f]").search
-# google.protobuf's Timestamp.ToDatetime bounds (0001-01-01 .. 9999-12-31).
-_TIMESTAMP_SECONDS_MIN = -62135596800
-_TIMESTAMP_SECONDS_MAX = 253402300799
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A check answers UNAVAILABLE this long before its caller's deadline (a tenth
 # of it, at least 3 ms): the caller hears why (Redis did not answer) instead
@@ -81,12 +79,12 @@ class _Reader:
     def ip(self, field: str, value: str) -> str:
         if not value:
             return ""
-        if len(value) > MAX_IP_LENGTH:
-            self.violations.add(self.prefix + field, f"longer than {MAX_IP_LENGTH} characters")
+        if len(value) > limits.IP:
+            self.violations.add(self.prefix + field, f"longer than {limits.IP} characters")
             return ""
         canonical = normalize_ip(value.strip())
         if canonical is None:
-            self.violations.add(self.prefix + field, f"not an IP address: {value[:MAX_IP_LENGTH]!r}")
+            self.violations.add(self.prefix + field, f"not an IP address: {value[:limits.IP]!r}")
             return ""
         return canonical
 
@@ -96,7 +94,7 @@ class _Reader:
         stamp: Timestamp = message
         # What Timestamp.ToDatetime(tzinfo=UTC) does, without its Python overhead.
         seconds, nanos = stamp.seconds, stamp.nanos
-        if not (_TIMESTAMP_SECONDS_MIN <= seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= nanos < 1_000_000_000):
+        if not in_range(seconds, nanos):
             self.violations.add(self.prefix + field, "not a valid timestamp")
             return None
         try:
@@ -119,12 +117,12 @@ def _click_event(request: pb.CheckClickRequest, read: _Reader) -> domain.ClickEv
     user_agent = request.user_agent
     if (
         not campaign_id
-        or len(click_id) > MAX_ID_LENGTH
-        or len(external_click_id) > MAX_ID_LENGTH
-        or len(campaign_id) > MAX_ID_LENGTH
-        or len(affiliate_id) > MAX_ID_LENGTH
-        or len(coupon_code) > MAX_CODE_LENGTH
-        or len(user_agent) > MAX_USER_AGENT_LENGTH
+        or len(click_id) > limits.CLICK_ID
+        or len(external_click_id) > limits.EXTERNAL_CLICK_ID
+        or len(campaign_id) > limits.CAMPAIGN_ID
+        or len(affiliate_id) > limits.AFFILIATE_ID
+        or len(coupon_code) > limits.COUPON_CODE
+        or len(user_agent) > limits.USER_AGENT
         or _CONTROL(click_id + external_click_id + campaign_id + affiliate_id + coupon_code + user_agent)
     ):
         # Something is wrong with a text field: read field by field, so
@@ -149,13 +147,13 @@ def _click_event(request: pb.CheckClickRequest, read: _Reader) -> domain.ClickEv
 
 def _checked_click_event(request: pb.CheckClickRequest, read: _Reader) -> domain.ClickEvent:
     return domain.ClickEvent(
-        click_id=read.text("click_id", request.click_id, MAX_ID_LENGTH),
-        external_click_id=read.text("external_click_id", request.external_click_id, MAX_ID_LENGTH),
-        campaign_id=read.text("campaign_id", request.campaign_id, MAX_ID_LENGTH, required=True),
-        affiliate_id=read.text("affiliate_id", request.affiliate_id, MAX_ID_LENGTH),
-        coupon_code=read.text("coupon_code", request.coupon_code, MAX_CODE_LENGTH).upper(),
+        click_id=read.text("click_id", request.click_id, limits.CLICK_ID),
+        external_click_id=read.text("external_click_id", request.external_click_id, limits.EXTERNAL_CLICK_ID),
+        campaign_id=read.text("campaign_id", request.campaign_id, limits.CAMPAIGN_ID, required=True),
+        affiliate_id=read.text("affiliate_id", request.affiliate_id, limits.AFFILIATE_ID),
+        coupon_code=read.text("coupon_code", request.coupon_code, limits.COUPON_CODE).upper(),
         ip=read.ip("ip", request.ip),
-        user_agent=read.text("user_agent", request.user_agent, MAX_USER_AGENT_LENGTH),
+        user_agent=read.text("user_agent", request.user_agent, limits.USER_AGENT),
         occurred_at=read.time("occurred_at", request.occurred_at, request.HasField("occurred_at")) or read.now,
     )
 
@@ -168,16 +166,16 @@ def _conversion_event(request: pb.CheckConversionRequest, read: _Reader) -> doma
     received_at = read.time("received_at", request.received_at, request.HasField("received_at")) or read.now
     occurred_at = read.time("occurred_at", request.occurred_at, request.HasField("occurred_at")) or received_at
     return domain.ConversionEvent(
-        order_id=read.text("order_id", request.order_id, MAX_ID_LENGTH),
-        campaign_id=read.text("campaign_id", request.campaign_id, MAX_ID_LENGTH, required=True),
-        affiliate_id=read.text("affiliate_id", request.affiliate_id, MAX_ID_LENGTH),
-        click_id=read.text("click_id", request.click_id, MAX_ID_LENGTH),
+        order_id=read.text("order_id", request.order_id, limits.ORDER_ID),
+        campaign_id=read.text("campaign_id", request.campaign_id, limits.CAMPAIGN_ID, required=True),
+        affiliate_id=read.text("affiliate_id", request.affiliate_id, limits.AFFILIATE_ID),
+        click_id=read.text("click_id", request.click_id, limits.CLICK_ID),
         click_time=read.time("click_time", request.click_time, request.HasField("click_time")),
-        coupon_code=read.text("coupon_code", request.coupon_code, MAX_CODE_LENGTH).upper(),
+        coupon_code=read.text("coupon_code", request.coupon_code, limits.COUPON_CODE).upper(),
         coupon_kind=kind,
-        customer_id=read.text("customer_id", request.customer_id, MAX_ID_LENGTH),
+        customer_id=read.text("customer_id", request.customer_id, limits.CUSTOMER_ID),
         ip=read.ip("ip", request.ip),
-        user_agent=read.text("user_agent", request.user_agent, MAX_USER_AGENT_LENGTH),
+        user_agent=read.text("user_agent", request.user_agent, limits.USER_AGENT),
         occurred_at=occurred_at,
         received_at=received_at,
     )

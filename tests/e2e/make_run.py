@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.stack import REPO, Ports, free_port, grpc_serving, http_ok
+from tools.stack import REPO, Ports, grpc_serving, http_ok
 
 ROLES = ("fraud", "attribution", "gateway", "postgres", "redis")
 
@@ -76,8 +76,7 @@ class MakeRun:
             ASCRIBE_GATEWAY_PORT=str(self.ports.gateway),
             ASCRIBE_ATTRIBUTION_METRICS_PORT=str(self.ports.attribution_metrics),
             ASCRIBE_FRAUD_METRICS_PORT=str(self.ports.fraud_metrics),
-            # Read once the gateway's metrics move off the tracking port; never a shared default.
-            ASCRIBE_GATEWAY_METRICS_PORT=str(free_port()),
+            ASCRIBE_GATEWAY_METRICS_PORT=str(self.ports.gateway_metrics),
         )
         env.update(self.extra_env)
         with self.out_path.open("ab") as out:

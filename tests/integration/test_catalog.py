@@ -17,11 +17,12 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.attribution.catalog_validation import CODE_ALPHABET
+from services.attribution.catalog import store
+from services.attribution.catalog.rules import CODE_ALPHABET
+from services.attribution.common.code_check import CodeShape, check_symbol
+from services.attribution.common.models import Coupon
 from services.attribution.config import Settings
-from services.attribution.models import Coupon
 from services.attribution.server import AttributionService, start_attribution
-from services.attribution.store import catalog as store
 from services.common.errors import FailedPrecondition
 from tests.support import attribution_settings
 
@@ -647,30 +648,34 @@ async def test_generate_and_export_codes(client: Client) -> None:
     )
     assert generated.generated == 20_000
     assert generated.batch_id.startswith("bat_")
+    assert generated.random_bits == 40
 
-    exported = [
-        coupon
-        async for coupon in client.stub.ExportCodes(
+    chunks = [
+        chunk
+        async for chunk in client.stub.ExportCodes(
             pb.ExportCodesRequest(batch_id=generated.batch_id), metadata=AUTH
         )
     ]
+    assert len(chunks) > 1 and all(len(chunk.codes) > 1 for chunk in chunks)  # many codes per message
+    exported = [code for chunk in chunks for code in chunk.codes]
     assert len(exported) == 20_000
-    codes = {c.code for c in exported}
+    codes = set(exported)
     assert len(codes) == 20_000
-    assert all(code.startswith("VIP-") and len(code) == 12 for code in codes)
+    # prefix, 8 random symbols, 1 check symbol
+    assert all(code.startswith("VIP-") and len(code) == 13 for code in codes)
     assert all(set(code[4:]) <= set(CODE_ALPHABET) for code in codes)
-    sample = exported[0]
+    assert all(code[-1] == check_symbol(code[4:-1]) for code in codes)
+
+    sample = await client.stub.GetCoupon(
+        pb.GetCouponRequest(campaign_id=campaign.id, code=exported[0].lower()), metadata=AUTH
+    )
+    assert sample.code == exported[0]
     assert sample.kind == pb.COUPON_KIND_UNIQUE
     assert (sample.usage_limit, sample.remaining) == (1, 1)
     assert list(sample.affiliate_ids) == [owner.id]
     assert sample.valid_until == _ts("2030-01-01T00:00:00+00:00")
     assert (sample.discount_percent_bp, sample.per_customer_limit) == (1500, 1)
     assert sample.batch_id == generated.batch_id
-
-    fetched = await client.stub.GetCoupon(
-        pb.GetCouponRequest(campaign_id=campaign.id, code=sample.code.lower()), metadata=AUTH
-    )
-    assert fetched == sample
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in client.stub.ExportCodes(pb.ExportCodesRequest(batch_id="bat_unknown"), metadata=AUTH):
@@ -710,29 +715,29 @@ async def test_generate_codes_refuses_bad_requests(client: Client) -> None:
 async def test_generation_tops_up_collisions(client: Client, db: asyncpg.Connection) -> None:
     """Codes repeated within the batch, or already in the campaign, are replaced, not fatal."""
     campaign = await client.campaign()
-    await client.coupon(campaign.id, "TAKEN-1", kind=pb.COUPON_KIND_UNIQUE)
+    await client.coupon(campaign.id, "TAKEN", kind=pb.COUPON_KIND_UNIQUE)
     draws = iter(
         [
-            ["NEW-1", "NEW-1", "TAKEN-1", "NEW-2"],  # one repeat, one existing code: 2 stored
-            ["NEW-2", "NEW-3"],  # NEW-2 again: 1 stored
-            ["NEW-4"],
+            b"NEW-1NEW-1TAKENNEW-2",  # four 5-symbol codes, one repeat, one existing: 2 stored
+            b"NEW-2NEW-3",  # NEW-2 again: 1 stored
+            b"NEW-4",
         ]
     )
     requested: list[int] = []
 
-    def make_codes(n: int) -> list[str]:
+    def make_block(n: int) -> bytes:
         requested.append(n)
-        return next(draws)[:n] if n < 4 else next(draws)
+        return next(draws)
 
     template = Coupon(campaign_id=campaign.id, code="", kind="unique", usage_limit=1, batch_id="bat_test")
     stored = await store.insert_generated_codes(
-        db, template, batch_id="bat_test", count=4, make_codes=make_codes
+        db, template, batch_id="bat_test", shape=CodeShape("NEW", 1), count=4, make_block=make_block
     )
     assert stored == 4
     assert requested == [4, 2, 1]
     codes = await db.fetch("SELECT code FROM coupons WHERE batch_id = 'bat_test' ORDER BY code")
     assert [r["code"] for r in codes] == ["NEW-1", "NEW-2", "NEW-3", "NEW-4"]
-    taken = await store.get_coupon(db, campaign.id, "TAKEN-1")
+    taken = await store.get_coupon(db, campaign.id, "TAKEN")
     assert taken.batch_id is None  # the existing code was left alone
 
 
@@ -747,8 +752,8 @@ async def test_a_large_batch_is_stored_whole_and_exported_whole(client: Client) 
     )
     assert generated.generated == 100_000
     codes = set()
-    async for coupon in client.stub.ExportCodes(
+    async for chunk in client.stub.ExportCodes(
         pb.ExportCodesRequest(batch_id=generated.batch_id), metadata=AUTH, timeout=600
     ):
-        codes.add(coupon.code)
+        codes.update(chunk.codes)
     assert len(codes) == 100_000

@@ -26,9 +26,9 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.attribution.ids import click_created_at, new_click_id
+from services.attribution.clicks.store import release_click_slot, take_click_slot
+from services.attribution.common.ids import click_created_at, new_click_id
 from services.attribution.server import AttributionService, start_attribution
-from services.attribution.store.clicks import release_click_slot, take_click_slot
 from services.fraud.server import start_fraud
 from tests.support import attribution_settings, bad_request_fields, fraud_settings, free_port
 
@@ -182,6 +182,41 @@ async def test_seed_flow_code_for_selected_affiliate_only(fraud_down: Harness) -
     assert stored_b.affiliate_id == "aff-b" and stored_b.conversions == 0
     # Fraud is down here: both stay creditable, flagged.
     assert a.decision == b.decision == stored_b.decision == FLAGGED
+
+
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+          "Version/17.0 Mobile/15E148 Safari/604.1")
+WINDOWS = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "Chrome/126.0 Safari/537.36")
+
+
+async def test_clicks_carry_country_and_device_and_the_codes_rules_decide_tracking(fraud_down: Harness) -> None:
+    await fraud_down.db.execute(
+        """INSERT INTO coupons (campaign_id, code, kind, allow_all_affiliates, countries, device_types)
+           VALUES ('cmp', 'DEMOBILE', 'general', true, '{DE}', '{mobile}')"""
+    )
+
+    async def click(ip: str, user_agent: str) -> pb.Click:
+        answer = await fraud_down.click(
+            campaign_id="cmp", affiliate_id="aff-a", coupon_code="DEMOBILE", ip=ip, user_agent=user_agent
+        )
+        assert answer.redirect_url.endswith("&coupon=DEMOBILE")  # redirected in every case
+        return await fraud_down.get(answer.click_id)
+
+    german_phone = await click("87.160.0.1", IPHONE)
+    assert (german_phone.country, german_phone.device_type) == ("DE", pb.DEVICE_TYPE_MOBILE)
+    assert german_phone.coupon_code == "DEMOBILE"
+    american = await click("8.8.8.8", IPHONE)
+    assert american.country == "US" and american.coupon_code == ""
+    assert "restriction_country" in american.reasons and american.decision != REJECTED
+    desktop = await click("80.128.0.1", WINDOWS)
+    assert desktop.device_type == pb.DEVICE_TYPE_DESKTOP and desktop.coupon_code == ""
+    assert "restriction_device" in desktop.reasons
+    unknown_country = await click("10.1.2.3", IPHONE)  # no country known: tracking begins
+    assert unknown_country.country == "" and unknown_country.coupon_code == "DEMOBILE"
+    # A country the caller sent wins over the address's.
+    sent = await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a", ip="8.8.8.8", country="fr")
+    assert (await fraud_down.get(sent.click_id)).country == "FR"
 
 
 async def test_a_malformed_code_is_recorded_untracked_not_refused(fraud_down: Harness) -> None:

@@ -54,7 +54,8 @@ async def test_seed_coupon_accepts_the_last_second_and_rejects_the_end_instant(w
     inside = await world.convert(coupon_code="summer150", occurred_at=ts(utc("2025-09-24T23:59:59Z")))
     assert inside.status == PENDING, inside.reasons
     assert inside.coupon_remaining == 149
-    assert inside.source == NONE and inside.affiliate_id == ""  # a selected-affiliates code with no click
+    # One selected affiliate and no click: there is no doubt whose code it is.
+    assert (inside.source, inside.affiliate_id) == (COUPON, "aff-a")
     outside = await world.convert(coupon_code="SUMMER150", occurred_at=ts(utc("2025-09-25T00:00:00Z")))
     assert outside.status == REJECTED
     assert "coupon_expired" in outside.reasons
@@ -136,6 +137,7 @@ async def test_credit_table(world: World) -> None:
     for campaign in ("cmp", "cf"):
         await world.coupon("GEN", campaign, allow_all_affiliates=True)
         await world.coupon("GENSEL", campaign, affiliate_ids=["A"])
+        await world.coupon("GENTWO", campaign, affiliate_ids=["A", "B"])
         await world.coupon("EXCL", campaign, kind=pb.COUPON_KIND_EXCLUSIVE, affiliate_ids=["B"])
         for n in range(3):
             await world.coupon(f"UNIQB{n}", campaign, kind=pb.COUPON_KIND_UNIQUE, affiliate_ids=["B"])
@@ -156,6 +158,8 @@ async def test_credit_table(world: World) -> None:
         rejected = await outcome(campaign, "GENSEL", "B")
         assert rejected[0] == "rejected" and "affiliate_not_allowed" in rejected[2]
         assert await outcome(campaign, "GEN", None) == ("", NONE, [])
+        assert await outcome(campaign, "GENSEL", None) == ("A", COUPON, [])
+        assert await outcome(campaign, "GENTWO", None) == ("", NONE, [])
         assert await outcome(campaign, "EXCL", "B") == ("B", CLICK, [])
         assert await outcome(campaign, "EXCL", None) == ("B", COUPON, [])
         assert await outcome(campaign, "UNIQB0", None) == ("B", COUPON, [])
@@ -281,6 +285,48 @@ async def test_fraud_down_flags_then_rescoring_clears(world_without_fraud: World
         await fraud.stop()
 
 
+async def test_an_outage_backlog_is_rescored_in_rounds(world_without_fraud: World, redis_server_url: str,
+                                                   redis_prefix: str, ipintel_dir: object) -> None:
+    """Many rounds in one job run; rejections give their uses back; a person's decision is kept."""
+    world = world_without_fraud
+    await world.campaign()
+    await world.coupon("BACKLOG", usage_limit=1000, allow_all_affiliates=True)
+    spoof = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    requests = [world.request(coupon_code="BACKLOG") for _ in range(440)]
+    requests += [world.request(coupon_code="BACKLOG", ip="198.51.100.30", user_agent=spoof) for _ in range(10)]
+    for start in range(0, len(requests), 150):
+        answer = await world.tracking.RecordConversionBatch(
+            pb.RecordConversionBatchRequest(requests=requests[start:start + 150]), timeout=30
+        )
+        assert {r.conversion.status for r in answer.responses} == {FLAGGED}
+    reviewed = requests[0].order_id
+    await world.tracking.ReviewConversion(
+        pb.ReviewConversionRequest(campaign_id="cmp", order_id=reviewed, approve=True, note="known buyer"), timeout=10
+    )
+    port = int(world.fraud_addr.rsplit(":", 1)[1])
+    fraud = await start_fraud_service(redis_server_url, redis_prefix, Path(str(ipintel_dir)), port)
+    try:
+        lifecycle = world.replicas[0].service.lifecycle
+        changed = 0
+        for _ in range(50):  # the channel reconnects with a short backoff
+            changed += await lifecycle.rescore(round_size=64)  # 7 rounds
+            if changed >= 449:
+                break
+            await asyncio.sleep(0.1)
+        assert changed == 449
+    finally:
+        await fraud.stop()
+    statuses = dict(await world.db.fetch("SELECT status, count(*) FROM conversions GROUP BY status"))
+    assert statuses == {"pending": 440, "rejected": 10}  # the reviewed one is in its hold too
+    assert await world.db.fetchval("SELECT count(*) FROM conversions WHERE needs_rescore") == 0
+    assert await world.used("BACKLOG") == 440 == await world.live_ledger("BACKLOG")
+    rejected = await world.get(requests[-1].order_id)
+    assert "fraud_crawler_spoof" in rejected.reasons and "fraud_unavailable" not in rejected.reasons
+    assert rejected.history[-1].reason == "rescored"
+    kept = await world.get(reviewed)
+    assert kept.status == PENDING and all(event.reason != "rescored" for event in kept.history)
+
+
 async def test_recording_needs_the_internal_token_and_reading_the_admin_token(world: World) -> None:
     await world.campaign()
     guarded = await world.add_replica(internal_token="internal-secret", admin_token="admin-secret")
@@ -390,7 +436,7 @@ async def test_a_click_slot_freed_by_a_late_rejection_goes_to_the_next_order(wor
 
 async def test_the_locked_read_sees_what_the_lock_holder_committed(world: World) -> None:
     """Migration 004: the read after the order locks uses a snapshot taken after them."""
-    from services.attribution.store import conversions as store
+    from services.attribution.conversions import store
 
     await world.campaign()
     await world.coupon("LOCKREAD", allow_all_affiliates=True)
@@ -418,3 +464,49 @@ async def test_the_locked_read_sees_what_the_lock_holder_committed(world: World)
     finally:
         await holder.close()
         await reader.close()
+
+
+async def test_a_coupon_restricted_to_a_long_sku_redeems_with_it(world: World) -> None:
+    """Coupons once took 256-character SKUs that postbacks refused past 128 bytes."""
+    sku = "S" * 200
+    await world.campaign()
+    await world.coupon("LONGSKU", allow_all_affiliates=True, skus=[sku])
+    conversion = await world.convert(coupon_code="LONGSKU", skus=["other", sku])
+    assert conversion.status != REJECTED, conversion.reasons
+    assert "restriction_sku" not in conversion.reasons
+    assert (await world.get_coupon("LONGSKU")).used == 1
+
+
+async def test_a_code_of_one_selected_affiliate_credits_it_without_a_click(world: World) -> None:
+    await world.campaign()
+    await world.affiliate("A", channel="social")
+    await world.affiliate("B", channel="social")
+    await world.coupon("SOLO", affiliate_ids=["A"], channels=["social"])
+    await world.coupon("PAIR", affiliate_ids=["A", "B"], channels=["social"])
+    solo = await world.convert(coupon_code="SOLO")
+    assert (solo.affiliate_id, solo.source, solo.status) == ("A", COUPON, PENDING), solo.reasons
+    # Its channel rule sees A's channel, not "direct".
+    assert "restriction_channel" not in solo.reasons
+    pair = await world.convert(coupon_code="PAIR")
+    assert (pair.affiliate_id, pair.source) == ("", pb.ATTRIBUTION_SOURCE_NONE)
+    assert "restriction_channel" in pair.reasons  # credited to nobody: the channel is "direct"
+
+
+async def test_a_postbacks_country_and_device_come_from_what_was_sent_else_its_ip_and_ua_else_its_click(
+    world: World,
+) -> None:
+    await world.campaign()
+    await world.affiliate("A")
+    await world.coupon("DEONLY", allow_all_affiliates=True, countries=["DE"], device_types=[pb.DEVICE_TYPE_MOBILE])
+    iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"
+    derived = await world.convert(coupon_code="DEONLY", ip="87.160.0.1", user_agent=iphone)
+    assert "restriction_country" not in derived.reasons and "restriction_device" not in derived.reasons
+    elsewhere = await world.convert(coupon_code="DEONLY", ip="8.8.8.8", user_agent=iphone)
+    assert "restriction_country" in elsewhere.reasons
+    sent = await world.convert(coupon_code="DEONLY", ip="8.8.8.8", country="DE", device_type=pb.DEVICE_TYPE_MOBILE)
+    assert "restriction_country" not in sent.reasons and "restriction_device" not in sent.reasons
+    click_id = await world.click("A", ip="87.160.0.2", user_agent=iphone)
+    from_click = await world.convert(coupon_code="DEONLY", click_id=click_id)
+    assert "restriction_country" not in from_click.reasons and "restriction_device" not in from_click.reasons
+    nothing = await world.convert(coupon_code="DEONLY")
+    assert "restriction_country" in nothing.reasons  # an order's unknown country fails a country rule

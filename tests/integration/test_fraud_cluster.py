@@ -9,10 +9,12 @@ and the service must check, alert and serve WatchAlerts through the cluster.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -26,8 +28,10 @@ from services.common import embedded
 from services.fraud.config import Settings
 from services.fraud.domain import ClickEvent
 from services.fraud.ipintel import IpIntelHolder
+from services.fraud.redis_transport import RedisPyTransport
 from services.fraud.server import start_fraud
 from services.fraud.store import FraudStore, StoreConfig
+from tests.integration import fraud_golden
 from tests.integration.test_fraud_store_modes import clicks, conversions
 
 SHARDS = 3
@@ -118,7 +122,8 @@ async def test_a_cluster_answers_as_a_standalone_redis_does(
     cluster: list[embedded.EmbeddedServer], cluster_store: FraudStore, redis_server_url: str, redis_prefix: str,
     redis_client: aioredis.Redis,  # its teardown drops the standalone store's keys
 ) -> None:
-    assert cluster_store.fast is None and not cluster_store._single_call, "a cluster takes per-bucket calls"
+    assert isinstance(cluster_store.redis_transport, RedisPyTransport), "a cluster goes through redis-py"
+    assert not cluster_store._single_call, "a cluster takes per-bucket calls"
     standalone = FraudStore(aioredis.from_url(redis_server_url), StoreConfig(prefix=f"{redis_prefix}s"))
     try:
         for round_ in range(3):
@@ -139,6 +144,29 @@ async def test_a_cluster_answers_as_a_standalone_redis_does(
     assert sum(1 for c in counters if c.duplicate_of) == 8
     spread = keys_by_node(cluster, f"{redis_prefix}c")
     assert all(spread), f"the keys spread over every shard: {[len(keys) for keys in spread]}"
+
+
+async def test_a_cluster_answers_and_stores_the_recorded_story(
+    cluster: list[embedded.EmbeddedServer], redis_prefix: str
+) -> None:
+    client = aioredis.RedisCluster.from_url(cluster[0].url)
+    store = FraudStore(client, replace(fraud_golden.CONFIG, prefix=f"{redis_prefix}g"))
+    try:
+        answers = await fraud_golden.story(store)
+        keys: dict[str, object] = {}
+        for node in cluster:
+            async with aioredis.Redis(port=node.port) as node_client:
+                keys.update(await fraud_golden.stored(node_client, store.config.prefix))
+    finally:
+        await store.aclose()
+        await client.aclose()
+        for node in cluster:
+            with redis.Redis(port=node.port) as cleaner:
+                for key in list(cleaner.scan_iter(match=f"{redis_prefix}g:*", count=1000)):
+                    cleaner.delete(key)
+    want = json.loads(fraud_golden.GOLDEN.read_text())
+    assert json.loads(json.dumps(keys, sort_keys=True)) == want["keys"]
+    assert json.loads(json.dumps(answers)) == want["answers"]
 
 
 def _buckets_of(store: FraudStore, events: Sequence[ClickEvent]) -> set[int]:

@@ -1,6 +1,6 @@
 """The fraud store's two ways of running a batch give the same answers and keys.
 
-On a standalone Redis a batch is one script call with fully keyed lines; on a
+On a standalone Redis a batch is one script call for all its operations; on a
 cluster it is one script call per bucket (hash tag). Both run here against the
 same real server, each in a key space of its own, and must agree exactly.
 """

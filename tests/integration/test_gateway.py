@@ -11,6 +11,7 @@ attribution service still answers it UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -189,18 +190,6 @@ async def test_readyz_is_503_without_attribution(dead_gateway: TestClient[Any, A
     assert (await response.json())["checks"]["attribution"] == "unavailable"
 
 
-async def test_metrics_on_the_gateway_port(gateway: TestClient[Any, Any]) -> None:
-    await gateway.get("/healthz")
-    await gateway.get("/click")  # a 400
-    response = await gateway.get("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    text = await response.text()
-    assert 'ascribe_gateway_requests_total{route="/healthz",status="200"}' in text
-    assert 'ascribe_gateway_requests_total{route="/click",status="400"}' in text
-    assert "ascribe_gateway_request_duration_seconds_bucket" in text
-
-
 # ---------------------------------------------------------------- rejected before any RPC
 # Against a gateway whose attribution service does not exist: a 400 (not a 503)
 # proves the request was refused before any call went out.
@@ -262,6 +251,64 @@ async def test_bad_form_body_is_400(dead_gateway: TestClient[Any, Any]) -> None:
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     await json_error(response, 400, "invalid_argument", "amount")
+
+
+async def test_a_malformed_multipart_body_is_400_not_try_again(dead_gateway: TestClient[Any, Any]) -> None:
+    for body, content_type in [
+        (b"garbage", "multipart/form-data; boundary=xyz"),
+        (b"--xyz\r\nContent-Disposition: form-data\r\n\r\nv\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz"),
+        (b"x", "multipart/form-data"),
+    ]:
+        response = await dead_gateway.post(
+            "/postback?campaign_id=c1&order_id=o1&amount=1&token=t", data=body, headers={"Content-Type": content_type}
+        )
+        await json_error(response, 400, "malformed_body")
+
+
+async def _raw(port: int, data: bytes, *, read_seconds: float = 5.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), read_seconds)
+    finally:
+        writer.close()
+
+
+async def test_what_aiohttp_cannot_parse_is_contract_json_that_echoes_nothing(
+    dead_gateway: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = dead_gateway.port
+    assert port is not None
+    for garbage in [
+        b"GET /click?campaign_id=<script>SECRET HTTP/1.1 extra\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03SECRET\r\n\r\n",  # TLS to the HTTP port
+        b"POST /postback HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz-SECRET\r\n\r\n",
+    ]:
+        answer = await _raw(port, garbage)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400", answer[:200]
+        assert b"application/json" in head.lower()
+        assert b"SECRET" not in answer and b"script" not in answer
+        error = json.loads(body)["error"]
+        assert error["code"] == "bad_request" and error["message"] == "malformed HTTP request"
+    assert not any(record.exc_info for record in caplog.records)  # no traceback per request
+
+
+async def test_a_body_that_never_arrives_is_408_within_the_body_timeout(
+    make_gateway: GatewayFactory,
+) -> None:
+    client = await make_gateway(f"127.0.0.1:{free_port()}", body_timeout_ms=300)
+    assert client.port is not None
+    started = asyncio.get_running_loop().time()
+    answer = await _raw(
+        client.port,
+        b"POST /postback?campaign_id=c1 HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\norder_id=o1",
+    )
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"request_timeout"' in answer
+    assert asyncio.get_running_loop().time() - started < 3
 
 
 async def test_postback_without_token_is_401(dead_gateway: TestClient[Any, Any]) -> None:

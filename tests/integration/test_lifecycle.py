@@ -259,3 +259,17 @@ async def test_the_leak_response_never_holds_an_exclusive_code(world: World) -> 
     assert (await world.get_coupon("INFLUENCER")).status == pb.COUPON_STATUS_ACTIVE
     assert await lifecycle.hold_leaked_code("cmp", "VIP-0002", "CODE_LEAK from the test")
     assert (await world.get_coupon("VIP-0002")).status == pb.COUPON_STATUS_HOLD
+
+
+async def test_a_refunds_answer_shows_the_codes_uses_left_now(world: World) -> None:
+    await world.campaign()
+    await world.coupon("LEFT", usage_limit=5, allow_all_affiliates=True)
+    orders = [await world.convert(coupon_code="LEFT") for _ in range(3)]
+    assert [c.coupon_remaining for c in orders] == [4, 3, 2]
+    refunded = await world.refund(orders[0].order_id)
+    assert refunded.coupon_remaining == 3  # 5 - 2 live uses, not the 4 left when it was recorded
+    partial = await world.refund(orders[1].order_id, refund_id="r-2", amount_micros=1)
+    assert partial.coupon_remaining == 3  # a partial refund keeps its use
+    retried = await world.refund(orders[0].order_id)
+    assert retried.coupon_remaining == 3
+    assert (await world.get(orders[0].order_id)).coupon_remaining == 4  # the order's own record is unchanged

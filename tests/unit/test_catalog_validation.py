@@ -9,8 +9,8 @@ import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from services.attribution import catalog_validation as rules
-from services.attribution.catalog_convert import (
+from services.attribution.catalog import rules
+from services.attribution.catalog.convert import (
     campaign_from_proto,
     campaign_to_proto,
     coupon_from_proto,
@@ -19,6 +19,7 @@ from services.attribution.catalog_convert import (
     encode_page_token,
     from_timestamp,
 )
+from services.attribution.common import code_check
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.timestamps import to_timestamp
 
@@ -347,6 +348,9 @@ def test_a_good_generate_request_passes() -> None:
         ("template.usage_limit", {"template": pb.Coupon(campaign_id="cmp_1", usage_limit=3)}),
         ("template.campaign_id", {"template": pb.Coupon()}),
         ("template.countries[0]", {"template": pb.Coupon(campaign_id="cmp_1", countries=["XX"])}),
+        ("template.assigned_customer_id", {"template": pb.Coupon(campaign_id="cmp_1", assigned_customer_id="c1")}),
+        # 54 characters of prefix, 10 random symbols and the check symbol: 65 > 64.
+        ("length", {"length": 10, "prefix": "P" * 54}),
     ],
 )
 def test_bad_generate_requests(field: str, fields: dict[str, Any]) -> None:
@@ -354,17 +358,17 @@ def test_bad_generate_requests(field: str, fields: dict[str, Any]) -> None:
     assert field in violations, violations
 
 
-def test_random_codes_use_the_unambiguous_alphabet() -> None:
-    codes = rules.random_codes(5000, "VIP-", 10)
+def test_generated_codes_have_the_batch_shape() -> None:
+    shape = rules.generated_shape(_generate(prefix="vip-", length=10))
+    assert shape == code_check.CodeShape("VIP-", 10)
+    codes = code_check.split_block(code_check.random_code_block(5000, shape.prefix, shape.length), 15)
     assert len(codes) == 5000
     assert len(set(codes)) == 5000  # 50 random bits each: a repeat here would be a bug
     for code in codes:
-        assert code.startswith("VIP-") and len(code) == 14
+        assert code.startswith("VIP-") and len(code) == 15  # prefix, 10 random symbols, 1 check symbol
         assert set(code[4:]) <= set(rules.CODE_ALPHABET)
-    assert not set("01IO") & set(rules.CODE_ALPHABET)
-    assert len(rules.CODE_ALPHABET) == 32
-    # Every symbol turns up: the byte-to-symbol map is not skewed.
-    assert set("".join(code[4:] for code in codes)) == set(rules.CODE_ALPHABET)
+        assert shape.has_shape(code) and not shape.is_mistyped(code)
+    assert rules.generated_shape(_generate()).length == rules.DEFAULT_GENERATED_LENGTH
 
 
 def test_minimum_length_grows_with_the_batch() -> None:

@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 from ascribe.fraud.v1 import fraud_pb2
 
-from services.attribution.clicks import (
+from services.attribution.clicks.recorder import (
     ClickInput,
     ClickRecorder,
     apply_verdict,
     redirect_url,
     validate_click,
 )
-from services.attribution.models import Affiliate, Campaign, Coupon
+from services.attribution.common.code_check import CodeShape, check_symbol
+from services.attribution.common.models import Affiliate, Campaign, Coupon
 from services.common.errors import InvalidArgument, NotFound
 
 NOW = datetime(2025, 7, 1, 12, 0, tzinfo=UTC)
@@ -186,6 +187,9 @@ class FakeCatalog:
     async def coupon(self, campaign_id: str, code: str) -> Coupon | None:
         return self.coupons.get((campaign_id, code))
 
+    async def code_shapes(self, campaign_id: str) -> tuple[CodeShape, ...]:
+        return (CodeShape("GEN", 6),) if campaign_id == "cmp" else ()
+
 
 @pytest.fixture
 def recorder() -> ClickRecorder:
@@ -215,6 +219,10 @@ async def test_a_selected_affiliate_tracks_the_code(recorder: ClickRecorder) -> 
     [
         ("aff-b", "ONLYA", ["affiliate_not_allowed"]),
         ("aff-a", "NOPE", ["unknown_coupon"]),
+        # The shape of the campaign's batch GEN + 6 (FakeCatalog.code_shapes), a wrong check symbol.
+        ("aff-a", "GENK7Q2MX" + ("1" if check_symbol("K7Q2MX") != "1" else "2"), ["coupon_mistyped"]),
+        # The same shape with its right check symbol was never issued: unknown.
+        ("aff-a", "GENK7Q2MX" + check_symbol("K7Q2MX"), ["unknown_coupon"]),
         ("aff-a", "PAUSED", ["coupon_inactive"]),
         ("aff-a", "OVER", ["coupon_expired"]),
     ],

@@ -123,3 +123,85 @@ def test_dockerfile_is_multi_stage_non_root_and_generates_stubs() -> None:
     assert users and users[-1] not in ("root", "0")
     for folder in ("services", "gateway", "tools"):
         assert f"COPY {folder} {folder}" in dockerfile
+
+
+# ---------------------------------------------------------------- Prometheus and Grafana
+
+MONITORING = REPO / "deploy"
+
+
+def _gateway_metrics_port() -> int:
+    """The gateway's metrics port in the contract (tools/stack.py's Ports once it carries it)."""
+    return int(getattr(DEFAULTS, "gateway_metrics", 9103))
+
+
+def _mounts(compose: dict[str, Any], service: str) -> dict[str, str]:
+    """Container path -> host path of a service's bind mounts (named volumes left out)."""
+    mounts = {}
+    for spec in compose["services"][service].get("volumes", []):
+        source, target = str(spec).split(":")[:2]
+        if source.startswith("./"):
+            mounts[target] = source
+    return mounts
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load(path.read_text())
+    assert isinstance(loaded, dict), path
+    return loaded
+
+
+def test_prometheus_scrapes_every_service_and_loads_the_rules(compose: dict[str, Any]) -> None:
+    service = compose["services"]["prometheus"]
+    assert str(service["image"]).startswith("prom/prometheus:v")
+    assert _published(compose, "prometheus") == {9090}
+    mounts = _mounts(compose, "prometheus")
+    config_dir = REPO / mounts["/etc/prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in service["command"]
+    config = _yaml(config_dir / "prometheus.yml")
+    for rule_file in config["rule_files"]:
+        assert (config_dir / rule_file).is_file(), rule_file
+    assert "alerts.yml" in config["rule_files"]
+
+    targets = {
+        job["job_name"]: [target for static in job["static_configs"] for target in static["targets"]]
+        for job in config["scrape_configs"]
+    }
+    fraud, attribution = _env(compose, "fraud"), _env(compose, "attribution")
+    assert targets == {
+        "fraud": [f"fraud:{fraud['ASCRIBE_FRAUD_METRICS_PORT']}"],
+        "attribution": [f"attribution:{attribution['ASCRIBE_ATTRIBUTION_METRICS_PORT']}"],
+        "gateway": [f"gateway:{_gateway_metrics_port()}"],
+    }
+    # Reachable from the Prometheus container, not only on the service's own loopback.
+    assert fraud["ASCRIBE_FRAUD_METRICS_HOST"] == attribution["ASCRIBE_ATTRIBUTION_METRICS_HOST"] == "0.0.0.0"
+    gateway = _env(compose, "gateway")
+    # The gateway's metrics listen where its tracking port does unless told otherwise.
+    assert gateway.get("ASCRIBE_GATEWAY_METRICS_HOST", gateway["ASCRIBE_GATEWAY_HOST"]) == "0.0.0.0"
+    assert int(gateway.get("ASCRIBE_GATEWAY_METRICS_PORT", _gateway_metrics_port())) == _gateway_metrics_port()
+    for job in targets:
+        assert job in service["depends_on"], job
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(compose: dict[str, Any]) -> None:
+    service = compose["services"]["grafana"]
+    assert str(service["image"]).startswith("grafana/grafana:")
+    assert _published(compose, "grafana") == {3000}
+    assert service["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # No default admin password on a published port.
+    assert ":?" in _env(compose, "grafana")["GF_SECURITY_ADMIN_PASSWORD"]
+    mounts = _mounts(compose, "grafana")
+    provisioning = REPO / mounts["/etc/grafana/provisioning"]
+
+    datasources = _yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert [source["url"] for source in datasources] == ["http://prometheus:9090"]
+    assert datasources[0]["type"] == "prometheus"
+
+    providers = _yaml(provisioning / "dashboards" / "ascribe.yml")["providers"]
+    dashboard_dir = providers[0]["options"]["path"]
+    assert dashboard_dir in mounts, f"the dashboard provider reads {dashboard_dir}, which nothing mounts"
+    dashboards = sorted((REPO / mounts[dashboard_dir]).glob("*.json"))
+    assert [path.name for path in dashboards] == ["ascribe.json"]
+    home = _env(compose, "grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboard_dir}/ascribe.json"
+    assert (MONITORING / "grafana" / "dashboards" / "ascribe.json").samefile(REPO / mounts[dashboard_dir] / "ascribe.json")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.attribution.coupon_rules import (
+from services.attribution.common.coupon_rules import (
     Order,
     click_tracking_reasons,
     credit,
@@ -15,7 +15,7 @@ from services.attribution.coupon_rules import (
     static_reasons,
     validity_reasons,
 )
-from services.attribution.models import Coupon
+from services.attribution.common.models import Coupon
 
 START = datetime(2025, 6, 26, tzinfo=UTC)
 END = datetime(2025, 9, 25, tzinfo=UTC)  # "to 2025-09-24 (UTC)": the last day counts whole
@@ -65,6 +65,7 @@ def test_click_tracking_needs_an_allowed_affiliate_and_a_live_code() -> None:
 
 GENERAL_ALL = coupon(allow_all_affiliates=True)
 GENERAL_SELECTED = coupon(affiliate_ids=("A",))
+GENERAL_TWO_SELECTED = coupon(affiliate_ids=("A", "B"))
 EXCLUSIVE_B = coupon(kind="exclusive", affiliate_ids=("B",))
 UNIQUE_B = coupon(kind="unique", affiliate_ids=("B",), usage_limit=1)
 UNIQUE_NO_OWNER = coupon(kind="unique", usage_limit=1)
@@ -80,6 +81,9 @@ UNIQUE_NO_OWNER = coupon(kind="unique", usage_limit=1)
         (GENERAL_SELECTED, "A", ("A", "click", ())),
         (GENERAL_SELECTED, "B", ("B", "click", ("affiliate_not_allowed",))),
         (GENERAL_ALL, None, (None, "none", ())),
+        (GENERAL_SELECTED, None, ("A", "coupon", ())),
+        (GENERAL_TWO_SELECTED, None, (None, "none", ())),
+        (GENERAL_TWO_SELECTED, "B", ("B", "click", ())),
         (EXCLUSIVE_B, "B", ("B", "click", ())),
         (EXCLUSIVE_B, None, ("B", "coupon", ())),
         (UNIQUE_B, "B", ("B", "click", ())),

@@ -12,16 +12,33 @@ from services.fraud.server import FRAUD_SERVICE, required_tokens
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ASCRIBE_FRAUD_ADDR", "ASCRIBE_INTERNAL_TOKEN", "ASCRIBE_IPINTEL_DIR", "ASCRIBE_FRAUD_KEY_PREFIX"):
+    for name in (
+        "ASCRIBE_FRAUD_ADDR", "ASCRIBE_INTERNAL_TOKEN", "ASCRIBE_IPINTEL_DIR", "ASCRIBE_FRAUD_KEY_PREFIX",
+        "ASCRIBE_DATA_DIR", "ASCRIBE_IPINTEL_REFRESH_HOURS",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ASCRIBE_REDIS_URL", "redis://127.0.0.1:6379/0")
     settings = Settings.from_env()
     assert settings.addr == "127.0.0.1:50052"
     assert settings.metrics_port == 9102
-    assert settings.ipintel_dir == Path(".data/ipintel")
+    # Unset: chosen at each load between make ipintel's copy and the repository's snapshot.
+    assert settings.ipintel_dir is None
+    assert settings.ipintel_download_dir == Path(".data/ipintel")
+    assert settings.ipintel_refresh_seconds == 0  # no scheduled download unless asked for
     assert settings.store.prefix == "ascribe"
     assert settings.rules.clicks_per_ip_minute == 10 and settings.rules.ctit_reject_seconds == 10
     assert settings.check_linger_ms == 2
+
+
+def test_ipintel_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCRIBE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("ASCRIBE_IPINTEL_DIR", "/srv/lists")
+    monkeypatch.setenv("ASCRIBE_DATA_DIR", "/var/lib/ascribe")
+    monkeypatch.setenv("ASCRIBE_IPINTEL_REFRESH_HOURS", "6")
+    settings = Settings.from_env()
+    assert settings.ipintel_dir == Path("/srv/lists")
+    assert settings.ipintel_download_dir == Path("/var/lib/ascribe/ipintel")
+    assert settings.ipintel_refresh_seconds == 6 * 3600
 
 
 def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,6 +67,10 @@ def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch)
         ("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", "ten"),
         ("ASCRIBE_FRAUD_REVIEW_SCORE", "95"),
         ("ASCRIBE_FRAUD_CHECK_LINGER_MS", "-1"),
+        ("ASCRIBE_IPINTEL_REFRESH_HOURS", "0.5"),  # below the minimum: hammers the upstream servers
+        ("ASCRIBE_IPINTEL_REFRESH_HOURS", "-1"),
+        ("ASCRIBE_IPINTEL_REFRESH_HOURS", "nan"),
+        ("ASCRIBE_IPINTEL_REFRESH_HOURS", "daily"),
     ],
 )
 def test_bad_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

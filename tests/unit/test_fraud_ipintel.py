@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.fraud.ipintel import NOT_LISTED, IpIntel, IpIntelHolder, IpList, normalize_ip, subscriber_key
+from services.common.ip import normalize_ip
+from services.fraud.ipintel import NOT_LISTED, IpIntel, IpIntelHolder, IpList, subscriber_key
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,8 @@ VARIABLES = (
     "ASCRIBE_TRUSTED_PROXIES",
     "ASCRIBE_DEBUG_HEADERS",
     "ASCRIBE_GATEWAY_DEADLINE_MS",
+    "ASCRIBE_GATEWAY_METRICS_HOST",
+    "ASCRIBE_GATEWAY_METRICS_PORT",
 )
 
 
@@ -35,6 +37,8 @@ def test_defaults() -> None:
     assert settings.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
     assert settings.debug_headers is False
     assert settings.deadline_ms == 2000
+    # 9103, not 9100 (node_exporter's) and not the tracking port.
+    assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9103)
 
 
 def test_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,4 +85,34 @@ def test_remote_attribution_without_internal_token_refuses_to_start(monkeypatch:
 def test_malformed_values_fail_fast(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
+        Settings.from_env()
+
+
+def test_metrics_listener_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASCRIBE_GATEWAY_METRICS_PORT", "9300")
+    assert Settings.from_env().metrics_port == 9300
+    monkeypatch.setenv("ASCRIBE_GATEWAY_METRICS_PORT", "0")
+    assert Settings.from_env().metrics_port == 0  # off
+    monkeypatch.setenv("ASCRIBE_GATEWAY_HOST", "0.0.0.0")
+    monkeypatch.setenv("ASCRIBE_INTERNAL_TOKEN", "tok")
+    monkeypatch.delenv("ASCRIBE_GATEWAY_METRICS_PORT")
+    assert Settings.from_env().metrics_host == "0.0.0.0"  # follows the gateway's host unless set
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"ASCRIBE_GATEWAY_METRICS_PORT": "70000"}, "ASCRIBE_GATEWAY_METRICS_PORT"),
+        ({"ASCRIBE_GATEWAY_METRICS_PORT": "nine"}, "ASCRIBE_GATEWAY_METRICS_PORT"),
+        ({"ASCRIBE_GATEWAY_METRICS_PORT": "8080"}, "must differ"),
+        # A metrics listener off loopback is a listener off loopback: the token rule holds.
+        ({"ASCRIBE_GATEWAY_METRICS_HOST": "0.0.0.0"}, "ASCRIBE_INTERNAL_TOKEN"),
+    ],
+)
+def test_bad_metrics_settings_fail_fast(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
         Settings.from_env()

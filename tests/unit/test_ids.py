@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.attribution.ids import (
+from services.attribution.common.ids import (
     ID_LENGTH,
     RANDOM_BYTES,
     click_created_at,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.attribution.judgment import (
+from services.attribution.common.models import Affiliate, Campaign, Click, Coupon
+from services.attribution.conversions.rules import (
     ConversionInput,
     final_status,
     hold_until,
     is_fixable,
     judge_static,
 )
-from services.attribution.models import Affiliate, Campaign, Click, Coupon
 
 NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)
 CAMPAIGN = Campaign(id="cmp", name="c", landing_url="https://x", currency="EUR")
