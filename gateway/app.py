@@ -284,10 +284,11 @@ class Gateway:
             "attribution": "serving" if attribution else "unavailable",
             "fraud": "not_configured" if fraud is None else ("serving" if fraud else "unavailable"),
         }
-        return json_response(
-            {"status": "ready" if attribution else "not_ready", "checks": checks},
-            status=200 if attribution else 503,
-        )
+        body: dict[str, object] = {"status": "ready" if attribution else "not_ready", "checks": checks}
+        if fraud is False:
+            # Fail-open: clicks and conversions still flow, recorded FLAGGED and re-scored later.
+            body["detail"] = "fraud degraded"
+        return json_response(body, status=200 if attribution else 503)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return json_body_response(OPENAPI_JSON)

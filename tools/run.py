@@ -1,7 +1,10 @@
 """`make run`: PostgreSQL and Redis (embedded unless configured), migrations, the three services.
 
-Stays in the foreground, following the services' logs; SIGINT or SIGTERM
-stops the services (gateway first), then the embedded servers, and exits 0.
+Stays in the foreground, following the services' logs (their start-up
+warnings included) and restarting any process that dies (tools/supervisor.py);
+SIGINT or SIGTERM stops the services (gateway first), then the embedded
+servers, and exits 0. A service that exits with code 2 (a configuration
+error) stops everything and `make run` exits 2.
 `--migrate-only` (`make migrate`) applies the migrations and exits.
 
 ASCRIBE_DATA_DIR (default `.data`) holds the embedded servers' data, which is
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import signal
 import sys
 import time
@@ -27,7 +32,16 @@ import asyncpg
 
 from services.attribution.migrate import migrate_url
 from services.common import embedded
-from tools.stack import SERVICES, Ports, Stack, StackError, log_tail
+from tools.stack import SERVICES, Ports, Stack, StackError
+from tools.supervisor import (
+    CONFIG_ERROR_EXIT,
+    ConfigurationError,
+    EmbeddedUnit,
+    ServiceUnit,
+    Supervisor,
+    Unit,
+    describe_exit,
+)
 
 DATABASE = "ascribe"
 
@@ -144,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     data_dir = Path(os.environ.get("ASCRIBE_DATA_DIR") or ".data").resolve()
+    supervisor = Supervisor(say)
+    follower: _LogFollower | None = None
+
+    def idle() -> None:
+        if follower is not None:
+            follower.poll()
+        check_stop()
+
     with ExitStack() as cleanup:
         try:
             database_url = os.environ.get("ASCRIBE_DATABASE_URL") or ""
@@ -152,11 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 stop_leftover_servers(data_dir / "pg", say)
                 say(f"starting embedded PostgreSQL (data in {data_dir / 'pg'})")
-                pg = embedded.start_postgres(data_dir / "pg")
-                cleanup.callback(stop_embedded, pg, True)
+                pg = EmbeddedUnit(
+                    "postgres", lambda port: embedded.launch_postgres(data_dir / "pg", port),
+                    lambda server: stop_embedded(server, True),
+                )
+                cleanup.callback(pg.stop)
                 cleanup.callback(say, "stopping embedded PostgreSQL")
-                asyncio.run(ensure_database(pg.url, DATABASE))
-                database_url = with_database(pg.url, DATABASE)
+                _start(pg, pg.is_up, idle)
+                assert pg.server is not None
+                asyncio.run(ensure_database(pg.server.url, DATABASE))
+                database_url = with_database(pg.server.url, DATABASE)
+                supervisor.watch(pg, pg.server.process.pid)
             check_stop()
             applied = asyncio.run(migrate_url(database_url))
             say(f"migrations applied: {applied or 'none pending'}")
@@ -167,10 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             if not redis_url:
                 stop_leftover_servers(data_dir / "redis", say)
                 say(f"starting embedded Redis (data in {data_dir / 'redis'})")
-                redis = embedded.start_redis(data_dir / "redis")
-                cleanup.callback(stop_embedded, redis, False)
+                redis = EmbeddedUnit(
+                    "redis", lambda port: embedded.launch_redis(data_dir / "redis", port),
+                    lambda server: stop_embedded(server, False),
+                    after_start=embedded.compact_large_aof,
+                )
+                cleanup.callback(redis.stop)
                 cleanup.callback(say, "stopping embedded Redis")
-                redis_url = redis.url
+                _start(redis, redis.is_up, idle)
+                assert redis.server is not None
+                redis_url = redis.server.url
+                supervisor.watch(redis, redis.server.process.pid)
             check_stop()
 
             env = {}
@@ -181,39 +216,69 @@ def main(argv: list[str] | None = None) -> int:
                 ports=Ports.from_env(), env=env,
             )
             cleanup.callback(_stop_stack, stack, say)
+            # From the logs' current ends: this run's start-up warnings, not an earlier run's.
             follower = _LogFollower(stack)
             for name in SERVICES:
                 check_stop()
-                stack.start_service(name)
-                say(f"{name:<11} pid {stack.pid(name):<7} ready  (log {stack.log_path(name)})")
-            follower.skip_to_end()
+                service = ServiceUnit(stack, name)
+                pid = _start(service, service.is_ready, idle)
+                supervisor.watch(service, pid)
+                say(f"{name:<11} pid {pid:<7} ready  (log {stack.log_path(name)})")
+            follower.follow_everything()
             say(f"fraud        grpc {stack.addr('fraud')}   metrics http://127.0.0.1:{stack.ports.fraud_metrics}/metrics")
             say(f"attribution  grpc {stack.addr('attribution')}   metrics "
                 f"http://127.0.0.1:{stack.ports.attribution_metrics}/metrics")
             say(f"gateway      {stack.gateway_url}   (/click, /postback, /healthz, /readyz, /metrics)")
             say(f"ready in {time.monotonic() - started:.1f}s; try: curl -i {stack.gateway_url}/readyz ; "
                 "Ctrl-C stops everything")
+            say("crashed processes are restarted; /healthz is liveness, /readyz readiness")
             while not received:
                 follower.poll()
-                dead = stack.exited()
-                if dead:
-                    for name, code in dead.items():
-                        say(f"{name} exited unexpectedly with code {code}; last lines of its log:")
-                        print(log_tail(stack.log_path(name)), flush=True)
-                    return 1
-                time.sleep(0.2)
+                supervisor.poll()
+                time.sleep(0.1)
             follower.poll()
             say(f"{signal.Signals(received[0]).name} received, stopping")
             return 0
         except _StopRequested:
             say("stop requested during start-up, stopping")
             return 0
+        except ConfigurationError as error:
+            if follower is not None:
+                follower.poll()
+            say(f"{error}\nstopping everything: fix the setting and run again")
+            return 2
         except StackError as error:
             say(str(error))
             return 1
         except (OSError, RuntimeError, asyncpg.PostgresError) as error:
             say(f"failed: {error}")
             return 1
+
+
+def _start(unit: Unit, ready: Callable[[], bool], idle: Callable[[], None]) -> int:
+    """Starts ``unit`` at start-up and waits until ``ready()``; a unit that dies now stops the run.
+
+    Exit code 2 is a configuration error (ConfigurationError), any other exit
+    or a timeout a StackError with the end of its log.
+    """
+    pid = unit.launch()
+    deadline = time.monotonic() + unit.start_timeout
+    while True:
+        idle()
+        code = unit.exit_code()
+        if code is not None:
+            tail = unit.last_lines()
+            unit.reap()
+            if code == CONFIG_ERROR_EXIT:
+                raise ConfigurationError(f"{unit.name} exited with code 2 (configuration error):\n{tail}")
+            raise StackError(f"{unit.name} {describe_exit(code)} while starting; last lines of its log:\n{tail}")
+        if ready():
+            return pid
+        if time.monotonic() > deadline:
+            tail = unit.last_lines()
+            unit.reap()
+            raise StackError(f"{unit.name} not ready within {unit.start_timeout:.0f}s; last lines of its log:\n{tail}")
+        time.sleep(0.05)
 
 
 def _stop_stack(stack: Stack, say: Callable[[str], None]) -> None:
@@ -226,17 +291,23 @@ def _stop_stack(stack: Stack, say: Callable[[str], None]) -> None:
 
 
 class _LogFollower:
-    """Echoes the services' new log lines to our stdout, prefixed with the service."""
+    """Echoes the services' new log lines to our stdout, prefixed with the service.
+
+    During start-up only warnings and errors (the summary lines say the
+    rest), so a warning never stays hidden in a log file; afterwards every line.
+    """
 
     def __init__(self, stack: Stack) -> None:
         self._stack = stack
+        self._everything = False
         self._offsets: dict[str, int] = {}
-
-    def skip_to_end(self) -> None:
-        """Start-up lines were summarized already; follow from here."""
         for name in SERVICES:
-            path = self._stack.log_path(name)
+            path = stack.log_path(name)
             self._offsets[name] = path.stat().st_size if path.exists() else 0
+
+    def follow_everything(self) -> None:
+        self.poll()
+        self._everything = True
 
     def poll(self) -> None:
         for name in SERVICES:
@@ -250,7 +321,24 @@ class _LogFollower:
             complete = chunk[: chunk.rfind(b"\n") + 1]
             self._offsets[name] = self._offsets.get(name, 0) + len(complete)
             for line in complete.decode("utf-8", "replace").splitlines():
-                print(f"{name:>11} | {line}", flush=True)
+                if self._everything or is_warning(line):
+                    print(f"{name:>11} | {line}", flush=True)
+
+
+_TEXT_LEVEL = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+# Python's own warnings and uncaught errors on stderr: "x.py:3: UserWarning: ...", "ValueError: ..."
+_PYTHON_PROBLEM = re.compile(r"^(\S+:\d+: )?[A-Za-z_.]*(Warning|Error|Exception): ")
+
+
+def is_warning(line: str) -> bool:
+    """A log line at WARNING or above, in either of our formats, or a Python warning or error."""
+    if line.startswith("{"):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(entry, dict) and str(entry.get("level", "")).lower() in ("warning", "error", "critical")
+    return bool(_TEXT_LEVEL.search(line) or _PYTHON_PROBLEM.match(line))
 
 
 if __name__ == "__main__":

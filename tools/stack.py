@@ -17,7 +17,6 @@ asyncio.to_thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -131,11 +130,23 @@ class Ports:
         }[name]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: the kernel sends SIGTERM when
-    # the launcher dies, even by SIGKILL, so a child can never outlive it.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+# Sets PR_SET_PDEATHSIG, then becomes the service (execv keeps the setting):
+# the kernel sends SIGTERM when the launcher dies, even by SIGKILL, so a
+# child can never outlive it. A separate step instead of Popen's preexec_fn:
+# Python code between fork and exec in a process with threads (gRPC's, once
+# a health check ran) can hang forever on a lock another thread held at the
+# fork, and Popen with it; without preexec_fn the fork is a plain vfork+exec.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the launcher died before the setting took\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _die_with_parent(argv: list[str]) -> list[str]:
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 @dataclass
@@ -238,17 +249,17 @@ class Stack:
         log = self.log_path(name).open("ab")
         log.write(f"--- starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         log.flush()
+        command = [sys.executable, "-m", MODULES[name]]
         process = subprocess.Popen(
-            [sys.executable, "-m", MODULES[name]],
+            # The kernel ties PDEATHSIG to the creating *thread*: from a worker
+            # thread (asyncio.to_thread) the child would die with that thread.
+            _die_with_parent(command) if threading.current_thread() is threading.main_thread() else command,
             cwd=REPO,
             env=self.environment(name),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            # The kernel ties PDEATHSIG to the creating *thread*: from a worker
-            # thread (asyncio.to_thread) the child would die with that thread.
-            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         self._children[name] = _Child(process, log)
         if wait:

