@@ -35,7 +35,7 @@ WITHIN = 2.0
 
 async def _status(port: int, service: str) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[misc]
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=2
         )
     return int(reply.status)
@@ -68,7 +68,7 @@ async def test_attribution_started_without_its_database_is_live_then_ready_then_
         assert ready_after <= WITHIN, ready_after
         # Ready means prepared: the start-up migrations ran once it answered.
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            created = await attribution_pb2_grpc.CatalogServiceStub(channel).CreateCampaign(  # type: ignore[misc]
+            created = await attribution_pb2_grpc.CatalogServiceStub(channel).CreateCampaign(
                 pb.CreateCampaignRequest(campaign=pb.Campaign(
                     name="Late", landing_url="https://shop.example/", currency="EUR", payout_micros=1,
                 )),

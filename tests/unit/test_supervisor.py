@@ -171,7 +171,7 @@ async def test_readiness_sets_health_only_when_the_answer_changes() -> None:
         if error is not None:
             raise error
 
-    readiness = Readiness(Recorder(), ["svc"], probe, "dep")  # type: ignore[arg-type]
+    readiness = Readiness(Recorder(), ["svc"], probe, "dep")
     assert [await readiness.check() for _ in range(5)] == [True, True, False, False, True]
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert changes == [
@@ -195,7 +195,7 @@ async def test_readiness_is_not_ready_until_a_deferred_start_up_step_has_run() -
     async def probe() -> None:
         runs.append("probe")
 
-    readiness = Readiness(Recorder(), [], probe, "dep", prepare=prepare)  # type: ignore[arg-type]
+    readiness = Readiness(Recorder(), [], probe, "dep", prepare=prepare)
     assert [await readiness.check() for _ in range(3)] == [False, True, True]
     assert runs == ["prepare", "prepare", "probe", "probe"]
 
