@@ -144,10 +144,17 @@ class Readiness:
     async def run(self) -> None:
         """Probes every ``interval``; a probe that hangs for its whole timeout is followed at once."""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(self._interval)
             started = loop.time()
             await self.check()
+            if task is not None and task.cancelling():
+                # A client library swallowed our cancellation inside the probe
+                # (redis-py's connect and close can turn it into a timeout or
+                # nothing): going on would leave a stopping service waiting
+                # for this task for ever.
+                raise asyncio.CancelledError
             await asyncio.sleep(max(0.0, self._interval - (loop.time() - started)))
 
 

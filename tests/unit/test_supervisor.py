@@ -5,6 +5,8 @@ Real processes under real faults are tested in tests/e2e/test_supervision.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -205,3 +207,25 @@ def test_docker_compose_restarts_what_make_run_supervises() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     for name in ("postgres", "redis", "fraud", "attribution", "gateway"):
         assert compose["services"][name].get("restart") in ("always", "unless-stopped"), name
+
+
+async def test_readiness_stops_even_when_a_probe_swallows_the_cancellation() -> None:
+    """redis-py's connect and close can eat a CancelledError; the stopping service must not wait for ever."""
+
+    class Recorder:
+        async def set(self, name: str, status: int) -> None:
+            pass
+
+    probing = asyncio.Event()
+
+    async def probe() -> None:
+        probing.set()
+        with contextlib.suppress(asyncio.CancelledError):  # what a client library's timeout wrapper may do
+            await asyncio.sleep(10)
+
+    readiness = Readiness(Recorder(), [], probe, "dep", interval=0.01)
+    task = asyncio.create_task(readiness.run())
+    await asyncio.wait_for(probing.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
