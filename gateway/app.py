@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
 from gateway import protocol_errors
@@ -239,7 +240,10 @@ class Gateway:
             raise ParamError(
                 None, "the request body did not arrive in time", code="request_timeout", status=408
             ) from None
-        except ValueError as error:  # aiohttp's multipart reader: no boundary, no field name, ...
+        except (ValueError, LookupError, RuntimeError, HttpProcessingError) as error:
+            # aiohttp's multipart reader: no boundary or field name (ValueError), an
+            # unknown charset (LookupError) or transfer encoding (RuntimeError),
+            # broken part headers (BadHttpMessage): the caller's body, not our fault.
             raise ParamError(None, "malformed multipart/form-data body", code="malformed_body") from error
         for name, value in form.items():
             if not isinstance(value, str):

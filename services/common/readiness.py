@@ -20,6 +20,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2
 
+from services.common.tasks import raise_if_cancelling
+
 logger = logging.getLogger(__name__)
 
 LIVENESS_SERVICE = "liveness"
@@ -144,17 +146,10 @@ class Readiness:
     async def run(self) -> None:
         """Probes every ``interval``; a probe that hangs for its whole timeout is followed at once."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
         while True:
-            await asyncio.sleep(self._interval)
             started = loop.time()
             await self.check()
-            if task is not None and task.cancelling():
-                # A client library swallowed our cancellation inside the probe
-                # (redis-py's connect and close can turn it into a timeout or
-                # nothing): going on would leave a stopping service waiting
-                # for this task for ever.
-                raise asyncio.CancelledError
+            raise_if_cancelling()  # redis-py's connect and close can swallow it
             await asyncio.sleep(max(0.0, self._interval - (loop.time() - started)))
 
 

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from services.common.batcher import MicroBatcher
 from services.common.errors import Unavailable
+from services.common.tasks import raise_if_cancelling
 from services.fraud import domain, metrics
 from services.fraud.bots import BotDetector, UaClass
 from services.fraud.ipintel import NOT_LISTED, IpInfo, IpIntelHolder
@@ -211,4 +212,5 @@ class FraudEngine:
                 await self.flush_signal_counts()
             except Exception:  # the monitor must outlive any one failure
                 logger.exception("rule surge monitor failed")
+            raise_if_cancelling()  # redis-py's connect and close can swallow it
             await asyncio.sleep(max(0.0, period_seconds - (time.monotonic() - started)))

@@ -258,6 +258,12 @@ async def test_a_malformed_multipart_body_is_400_not_try_again(dead_gateway: Tes
         (b"garbage", "multipart/form-data; boundary=xyz"),
         (b"--xyz\r\nContent-Disposition: form-data\r\n\r\nv\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz"),
         (b"x", "multipart/form-data"),
+        (b"--xyz\r\nContent-Disposition: form-data; name=\"order_id\"\r\n"
+         b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\no1\r\n--xyz--\r\n",
+         "multipart/form-data; boundary=xyz"),
+        (b"--xyz\r\nContent-Disposition: form-data; name=\"order_id\"\r\n"
+         b"Content-Transfer-Encoding: x-weird\r\n\r\no1\r\n--xyz--\r\n",
+         "multipart/form-data; boundary=xyz"),
     ]:
         response = await dead_gateway.post(
             "/postback?campaign_id=c1&order_id=o1&amount=1&token=t", data=body, headers={"Content-Type": content_type}

@@ -375,3 +375,10 @@ def test_minimum_length_grows_with_the_batch() -> None:
     assert rules.minimum_length(1) == rules.MIN_GENERATED_LENGTH
     assert rules.minimum_length(1_000_000) == 6
     assert rules.generated_length(0) == rules.DEFAULT_GENERATED_LENGTH
+
+
+def test_a_customer_id_with_a_control_character_is_refused_before_postgresql_sees_it() -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        rules.validate_assign_code(pb.AssignCodeRequest(campaign_id="c", batch_id="b", customer_id="a\x00b"))
+    assert refused.value.field == "customer_id"
+    rules.validate_assign_code(pb.AssignCodeRequest(campaign_id="c", batch_id="b", customer_id="ü-42"))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from services.attribution.catalog import store
+from services.attribution.common.database import ABORTED
 from services.attribution.common.models import Coupon
 from services.common.batcher import MicroBatcher
 
@@ -71,8 +72,11 @@ class CodeAssigner:
         for (campaign_id, batch_id), customers in by_batch.items():
             try:
                 found = await self._assign_codes(campaign_id, batch_id, customers)
-            except asyncpg.UniqueViolationError:
-                found = {}  # a customer served elsewhere meanwhile: each settled alone below
+            except (asyncpg.UniqueViolationError, *ABORTED, asyncpg.DataError):
+                # A customer served elsewhere meanwhile, a deadlock with another
+                # replica's batch, or one request's value PostgreSQL refuses:
+                # each caller is settled alone below, and fails only by itself.
+                found = {}
             for customer in customers:
                 key = (campaign_id, batch_id, customer)
                 if key in answers:

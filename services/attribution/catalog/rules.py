@@ -353,6 +353,9 @@ def validate_assign_code(request: attribution_pb2.AssignCodeRequest) -> None:
         v.add("customer_id", "required: the customer who gets the code")
     elif len(customer.encode()) > limits.CUSTOMER_ID or customer != customer.strip():
         v.add("customer_id", f"1..{limits.CUSTOMER_ID} bytes without surrounding spaces")
+    elif any(ord(char) < 0x20 or char == "\x7f" for char in customer):
+        # PostgreSQL refuses NUL in text, and a shared statement would fail every caller in it.
+        v.add("customer_id", "must not contain control characters")
     v.raise_if_any()
 
 

@@ -39,6 +39,7 @@ from services.attribution.metrics import (
 )
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.grpc_server import bearer_metadata
+from services.common.tasks import raise_if_cancelling
 from services.common.timestamps import utcnow
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,7 @@ async def run_periodically(name: str, interval_seconds: float, step: Callable[[]
             raise
         except Exception:
             logger.exception("%s failed; retrying in %.0fs", name, interval_seconds)
+        raise_if_cancelling()
         await asyncio.sleep(interval_seconds)
 
 
@@ -450,4 +452,5 @@ async def follow_alerts(
             raise
         except Exception as error:
             logger.info("alert stream interrupted (%s); reconnecting", type(error).__name__)
+        raise_if_cancelling()
         await asyncio.sleep(reconnect_seconds)
