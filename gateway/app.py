@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
-from gateway import protocol_errors
+from gateway import admission, protocol_errors
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
 from gateway.config import Settings
@@ -37,6 +37,7 @@ from gateway.params import (
     reversal_request,
 )
 from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
+from services.common.batcher import QueueTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +322,8 @@ class Gateway:
                 if error.status < 400:
                     raise
                 response = http_error_response(error)
+            except QueueTimeout:
+                response = admission.busy_response()  # over the time budget: 503, Retry-After
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -109,6 +109,7 @@ class AttributionClient:
             size_histogram=CLICK_BATCH_SIZE,
             name="click",
             min_interval=settings.click_linger_ms / 1000,
+            max_wait=settings.queue_budget_ms / 1000,
         )
         # Click batches as messages on one stream (batch_stream explains why).
         self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickBatchResponse] | None = None
@@ -131,6 +132,7 @@ class AttributionClient:
                 size_histogram=CONVERSION_BATCH_SIZE,
                 name="conversion",
                 min_batch_when_busy=settings.conversion_busy_min_batch,
+                max_wait=settings.queue_budget_ms / 1000,
             )
 
     # ------------------------------------------------------------ recording

@@ -55,6 +55,13 @@ BACKEND_UP = Gauge(
     "1 when the backend answered SERVING to the last readiness probe.",
     ["backend"],
 )
+# Admission control (gateway/admission.py): what was answered "busy" instead of waiting.
+SHED_TOTAL = Counter(
+    "ascribe_gateway_shed_total",
+    "Requests and connections answered 503 (408 for slow_head) by admission control, by reason "
+    "(queue, event_loop, connections, slow_head).",
+    ["reason"],
+)
 
 CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordClickBatch")
 CONVERSION_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordConversionBatch")

@@ -1,0 +1,148 @@
+"""Admission control on a real listening socket: the connection cap, the head timeout, the loop-lag shed.
+
+The app served is a small one with the gateway's admission control in front
+(gateway.admission.start), so each case controls what a handler costs; the
+batcher's time budget is tested in tests/unit/test_batcher.py and end to end,
+under real overload, in tests/e2e/test_overload.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway import admission
+from gateway.admission import AdmittingSite
+from gateway.config import Settings
+from gateway.metrics import SHED_TOTAL
+
+SETTINGS = Settings(host="127.0.0.1", port=0, max_connections=3, header_timeout_ms=400, queue_budget_ms=100)
+
+
+def _app() -> web.Application:
+    async def fast(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def hog(request: web.Request) -> web.Response:
+        time.sleep(0.3)  # a handler that holds the event loop, as overload does
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/fast", fast)
+    app.router.add_get("/hog", hog)
+    app.router.add_get("/healthz", fast)
+    return app
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[AdmittingSite]:
+    runner, site = await admission.start(_app(), SETTINGS)
+    try:
+        yield site
+    finally:
+        await runner.cleanup()
+
+
+def _shed(reason: str) -> float:
+    return SHED_TOTAL.labels(reason)._value.get()
+
+
+async def _exchange(port: int, raw: bytes, *, read_timeout: float = 3.0) -> bytes:
+    """Sends ``raw`` and reads until the server closes (or ``read_timeout``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if raw:
+            writer.write(raw)
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), read_timeout)
+    finally:
+        writer.close()
+
+
+def _get(path: str, close: bool = True) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{connection}\r\n".encode()
+
+
+def _status_and_body(answer: bytes) -> tuple[int, bytes, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+async def test_a_served_request_is_unaffected(served: AdmittingSite) -> None:
+    status, _, body = _status_and_body(await _exchange(served.port, _get("/fast")))
+    assert (status, orjson.loads(body)) == (200, {"ok": True})
+
+
+async def test_a_head_that_never_completes_gets_408_and_the_connection_closes(served: AdmittingSite) -> None:
+    before = _shed("slow_head")
+    began = time.monotonic()
+    answer = await _exchange(served.port, b"GET /fast HTTP/1.1\r\nHost: t\r\n")  # no blank line
+    took = time.monotonic() - began
+    status, _, body = _status_and_body(answer)
+    assert status == 408
+    assert orjson.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.3 <= took < 1.5
+    assert _shed("slow_head") == before + 1
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(served: AdmittingSite) -> None:
+    began = time.monotonic()
+    answer = await _exchange(served.port, b"")
+    assert _status_and_body(answer)[0] == 408
+    assert time.monotonic() - began < 1.5
+
+
+async def test_past_the_connection_cap_a_new_connection_gets_503_with_retry_after(
+    served: AdmittingSite,
+) -> None:
+    held = [await asyncio.open_connection("127.0.0.1", served.port) for _ in range(SETTINGS.max_connections)]
+    try:
+        await asyncio.sleep(0.05)
+        assert served.cap is not None and served.cap.open_connections == SETTINGS.max_connections
+        before = _shed("connections")
+        status, head, body = _status_and_body(await _exchange(served.port, _get("/fast")))
+        assert status == 503
+        assert b"Retry-After: 1" in head
+        assert orjson.loads(body)["error"]["code"] == "unavailable"
+        assert _shed("connections") == before + 1
+    finally:
+        for _, writer in held:
+            writer.close()
+    await asyncio.sleep(0.1)
+    assert _status_and_body(await _exchange(served.port, _get("/fast")))[0] == 200
+
+
+async def test_a_request_that_waited_past_the_budget_for_the_loop_is_shed_but_probes_are_not(
+    served: AdmittingSite,
+) -> None:
+    before = _shed("event_loop")
+    # Pipelined in one write: /fast and /healthz arrive with /hog, and wait behind it.
+    raw = _get("/hog", close=False) + _get("/fast", close=False) + _get("/healthz")
+    answer = await _exchange(served.port, raw)
+    statuses = [int(part.split(b" ", 2)[1]) for part in answer.split(b"HTTP/1.1")[1:]]
+    assert statuses == [200, 503, 200]
+    assert _shed("event_loop") == before + 1
+
+
+async def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    soft, hard = admission.raise_open_file_limit()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
+    if hard != resource.RLIM_INFINITY:
+        assert soft == hard
+
+
+async def test_the_listen_backlog_is_the_setting() -> None:
+    runner, site = await admission.start(_app(), replace(SETTINGS, listen_backlog=4096))
+    try:
+        assert site._backlog == 4096
+    finally:
+        await runner.cleanup()
