@@ -971,16 +971,50 @@ class Runner:
             result.note += "; CPU shared with the other live load"
         return results
 
+    # (o) --------------------------------------------------------------
+    def overload(self) -> None:
+        """wrk at 4,000 and 10,000 connections on /click: admission control (bench/overload.py)."""
+        from bench.overload import LOADS, overload_cases
+
+        reason = self.service_missing("fraud", "attribution", "gateway") or self.ensure_catalog()
+        if reason:
+            for connections in LOADS:
+                self.add(unavailable(f"o.overload_{connections}", f"clicks at {connections:,} connections", reason))
+            return
+        assert self.env.stack is not None and self.catalog is not None
+        stack = self.env.stack
+        gateway_pid = stack.pid("gateway")
+        assert gateway_pid is not None
+        goals = {
+            f"o.overload_{connections}": ([OVERLOAD_ANSWERED_GOAL, OVERLOAD_P99_GOAL, OVERLOAD_SERVED_GOAL]
+                                          if connections == 4000 else []) + [OVERLOAD_RSS_GOAL]
+            for connections in LOADS
+        }
+        for result in overload_cases(
+            stack.gateway_url, f"http://127.0.0.1:{stack.ports.gateway_metrics}/metrics", gateway_pid,
+            self.catalog.campaign_id, self.catalog.affiliate_id, goals,
+        ):
+            if result.status == AVAILABLE and result.key != "o.clicks_wrk_peak":
+                result.exact = result.peak_rss_mb.get("gateway", 0.0) <= 150
+            self.add(result)
+
     def run(self) -> dict[str, CaseResult]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
             ("d", self.fraud), ("e", self.store), ("f", self.generate), ("g", self.rescore),
+            ("o", self.overload),
         ]
         for prefix, step in steps:
             if self.wanted(prefix):
                 step()
         return self.results
 
+
+# Issue 19's admission-control goals, at wrk -c4000 (the RSS one at 10,000 too).
+OVERLOAD_ANSWERED_GOAL = Goal("no request times out or fails (socket errors)", "errors", "<=", 0)
+OVERLOAD_P99_GOAL = Goal("p99 of all answers <= 1 s", "p99_ms", "<=", 1000)
+OVERLOAD_SERVED_GOAL = Goal("clicks served >= 60 % of the same run's peak", "ratio", ">=", 0.6)
+OVERLOAD_RSS_GOAL = Goal("gateway RSS <= 150 MB", "exact", ">=", 1)
 
 TRANSPORT_CALLERS = 8
 

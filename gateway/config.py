@@ -80,13 +80,17 @@ class Settings:
     # Admission control (gateway/admission.py). A click or postback that
     # cannot start within the budget is answered 503 with Retry-After at once.
     queue_budget_ms: int = 250
-    # Past this many open connections a new one is answered 503 and closed:
-    # each costs a handler and buffers, and this bounds the RSS.
-    max_connections: int = 4096
+    # Past this many open connections a new one is answered 503 and closed.
+    # Each admitted connection is a client the event loop serves in turn, so
+    # this bounds the loop's lag (and the RSS): with wrk at 4,000 connections
+    # a cap of 1,024 kept clicks at the peak rate, where 4,096 let the loop
+    # fall so far behind that most clicks were shed (bench/overload.py).
+    max_connections: int = 1024
     # A request head (request line and headers) must arrive whole within this.
     header_timeout_ms: int = 5_000
     # An idle keep-alive connection is closed after this (it holds a slot of max_connections).
-    idle_timeout_ms: int = 60_000
+    # Short: a visitor's browser keeps a connection it will not use again.
+    idle_timeout_ms: int = 15_000
     # The kernel caps it at net.core.somaxconn.
     listen_backlog: int = 4096
     # Keepalive and TLS of its channels to attribution and fraud.

@@ -97,6 +97,10 @@ def parse_urlencoded(raw: str, into: Params | None = None) -> Params:
         if not pair:
             continue
         key, _, value = pair.partition("=")
+        if not key:
+            # "=value": no route reads a nameless parameter, and an error
+            # about it could name no field; it is dropped like an empty pair.
+            continue
         try:
             name = _decode(key, "")
         except ParamError:
