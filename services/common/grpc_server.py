@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import signal
 import time
@@ -310,8 +311,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if not authorized or allowed is not None:
                     await check(context, authorized, allowed)
-                async for item in behavior(prepare(request, service, method), context):
-                    yield item
+                responses = behavior(prepare(request, service, method), context)
+                if inspect.isawaitable(responses):
+                    # A servicer that answers with context.write() and returns
+                    # nothing (grpc's own Health/Watch): there is nothing to iterate.
+                    await responses
+                else:
+                    async for item in responses:
+                        yield item
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
