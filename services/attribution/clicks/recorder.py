@@ -29,7 +29,6 @@ from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
-from asyncpg.pool import PoolConnectionProxy
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store
@@ -344,9 +343,6 @@ class ClickRecorder:
         self._cache = cache
         self._fraud = fraud
         self._visitors = visitors or VisitorDerivation()
-        # The writer keeps its connections: giving one back to the pool costs
-        # a reset round trip, once per flush otherwise.
-        self._writer_conns: list[PoolConnectionProxy] = []
         # One item is the rows of one RPC, so a RecordClickBatch commits as a whole.
         self._writer: MicroBatcher[Sequence[Click], None] = MicroBatcher(
             self._flush,
@@ -416,9 +412,6 @@ class ClickRecorder:
     async def close(self) -> None:
         """Waits for the group commits in flight (their callers are still waiting)."""
         await self._writer.close()
-        conns, self._writer_conns = self._writer_conns, []
-        for conn in conns:
-            await self._pool.release(conn)
 
     def _with_visitor(self, click: ValidClick) -> ValidClick:
         """The visitor's country (unless the caller sent one) and device, from the IP and user agent."""
@@ -485,32 +478,19 @@ class ClickRecorder:
         rows = [row for group in groups for row in group]
         CLICK_FLUSH_ROWS.observe(len(rows))
         started = time.perf_counter()
-        conn: PoolConnectionProxy | None = None
         try:
-            conn = await self._writer_connection()
-            await store.insert_clicks(conn, rows)
+            # A connection for this flush only, handed back by the block however
+            # it ends (a cancellation included). The writer used to keep its
+            # connections between flushes to save the reset, but asyncpg takes
+            # a connection back by itself when it dies (a PostgreSQL restart),
+            # and the kept proxy then failed the next commit with "connection
+            # has been released back to the pool". The reset costs nothing now
+            # (the pool's reset is _keep_session: no round trip).
+            async with self._pool.acquire() as conn:
+                await store.insert_clicks(conn, rows)
         except Exception as error:  # each waiting caller gets UNAVAILABLE
             CLICK_FLUSH_FAILURES_TOTAL.inc()
             logger.error("group commit of %d clicks failed: %r", len(rows), error)
-            if conn is not None:
-                await self._give_back(conn)
             return [Unavailable("the click could not be recorded; retry") for _ in groups]
-        self._writer_conns.append(conn)
         CLICK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         return [None] * len(groups)
-
-    async def _writer_connection(self) -> PoolConnectionProxy:
-        while self._writer_conns:
-            conn = self._writer_conns.pop()
-            if not conn.is_closed():
-                return conn
-            await self._give_back(conn)
-        return await self._pool.acquire()
-
-    async def _give_back(self, conn: PoolConnectionProxy) -> None:
-        # The pool replaces a broken connection; failing to hand one back
-        # must not turn a failed flush into an unhandled error.
-        try:
-            await self._pool.release(conn)
-        except Exception as error:
-            logger.warning("releasing a click writer connection failed: %r", error)
