@@ -27,6 +27,7 @@ from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run
 from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
 from services.attribution.reports.servicer import ReportServicer
+from services.attribution.schema_gate import SchemaGate
 from services.attribution.tracking_servicer import TrackingServicer
 from services.common.channels import open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
@@ -107,7 +108,7 @@ class AttributionService:
         await self.pool.close()
 
 
-def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
+def _background_jobs(service: AttributionService, gate: SchemaGate) -> list[asyncio.Task[None]]:
     """Approval of due conversions, re-scoring, click partitions and the leak response."""
     settings, lifecycle = service.settings, service.lifecycle
 
@@ -121,7 +122,8 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
     ]
     if settings.auto_hold_leaked_codes:
         jobs.append(follow_alerts(lifecycle, service.pool, service.fraud_channel, settings.internal_token))
-    return [asyncio.create_task(job) for job in jobs]
+    # Not before the deferred start-up migrations have run (services/attribution/schema_gate.py).
+    return [asyncio.create_task(gate.after_opening(job)) for job in jobs]
 
 
 async def start_attribution(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> AttributionService:
@@ -156,6 +158,8 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     else:
         pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
     POOLS.watch(pool)
+    gate = SchemaGate(pending, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE])
+    pending = gate.deferred_step()
     fraud_channel = open_channel(settings.fraud_addr, settings.transport)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
@@ -180,7 +184,9 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         addr=settings.addr,
         service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
         register=register,
-        interceptor=ServerInterceptor(required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE),
+        interceptor=ServerInterceptor(
+            required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE, gate=gate.refusal
+        ),
         transport=settings.transport,
         health_addr=settings.health_addr,
     )
@@ -189,7 +195,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         fraud=fraud, recorder=recorder, lifecycle=lifecycle,
     )
     if settings.background_jobs:
-        service.tasks = _background_jobs(service)
+        service.tasks = _background_jobs(service, gate)
     # A pooled connection may still answer a stopped postmaster: the probe connects afresh.
     service.tasks.append(await follow_dependency(
         running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],

@@ -152,6 +152,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         *,
         peer_identities: Mapping[str, frozenset[str]] | None = None,
         malformed_log_interval_seconds: float = MALFORMED_LOG_INTERVAL_SECONDS,
+        gate: Callable[[str], str | None] | None = None,
     ) -> None:
         self._required_tokens = dict(required_tokens)
         self._peer_identities = dict(peer_identities or {})
@@ -165,6 +166,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         # building handler tuples, closures and metric children on every call
         # costs tens of microseconds per RPC.
         self._wrapped: dict[tuple[str, bool], tuple[_Handler, _Handler]] = {}
+        # Given a full method name, a reason to refuse it as UNAVAILABLE for
+        # now, or None (the attribution service's deferred migrations).
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -179,6 +183,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         authorized = expected is None or token_matches(
             _presented_token(handler_call_details.invocation_metadata), expected
         )
+        if self._gate is not None and authorized:
+            refusal = self._gate(full_method)
+            if refusal is not None:
+                return _refusing(handler, grpc.StatusCode.UNAVAILABLE, refusal)
         cached = self._wrapped.get((full_method, authorized))
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -375,6 +383,23 @@ def _peer_allowed(context: grpc.aio.ServicerContext[Any, Any], allowed: frozense
     """True when the client certificate names one of ``allowed`` (SAN names, else its CN)."""
     identities = context.peer_identities() or ()
     return any(identity.decode(errors="replace") in allowed for identity in identities)
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of ``handler``'s kind that ends the call with ``code`` at once, reading nothing."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(code, message)
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 async def _abort(
