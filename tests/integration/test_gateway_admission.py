@@ -146,3 +146,33 @@ async def test_the_listen_backlog_is_the_setting() -> None:
         assert listing[2] == "4000", listing
     finally:
         await runner.cleanup()
+
+
+async def test_a_refused_connection_is_kept_answering_503_paced_then_closed(served: AdmittingSite) -> None:
+    held = [await asyncio.open_connection("127.0.0.1", served.port) for _ in range(SETTINGS.max_connections)]
+    try:
+        await asyncio.sleep(0.05)
+        before = _shed("connections")
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        answers = []
+        for _ in range(3):
+            writer.write(_get("/fast", close=False))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append((head, await reader.readexactly(length)))
+        took = loop.time() - began
+        assert all(head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head for head, _ in answers)
+        assert all(b"Connection: close" not in head for head, _ in answers)
+        # Paced: each answer a queue budget after its request, so a refused client cannot spin.
+        assert took >= 3 * SETTINGS.queue_budget_ms / 1000 * 0.9
+        assert _shed("connections") == before + 3
+        await asyncio.sleep(1.0)  # past the refusal's lifetime (Retry-After)
+        writer.write(_get("/fast", close=False))
+        last = await asyncio.wait_for(reader.read(), 3)
+        assert last.startswith(b"HTTP/1.1 503") and b"Connection: close" in last
+        writer.close()
+    finally:
+        for _, held_writer in held:
+            held_writer.close()
