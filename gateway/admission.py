@@ -187,6 +187,7 @@ class _Refusal(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None  # the next paced answer
         self._head_timer: asyncio.TimerHandle | None = None
+        self._end_timer: asyncio.TimerHandle | None = None
         self._buffer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -196,6 +197,8 @@ class _Refusal(asyncio.Protocol):
         # before the request arrives would race it: a close with its bytes
         # unread resets the connection, and the client may lose the answer.)
         self._head_timer = self._loop.call_later(self._timeout, self._finish, RAW_SLOW_HEAD)
+        # Whatever it sends or not, a refused connection is gone by then.
+        self._end_timer = self._loop.call_at(self._closing_at + self._timeout, self._end)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -234,8 +237,16 @@ class _Refusal(asyncio.Protocol):
         elif self._transport is not None:
             self._transport.resume_reading()
 
+    def _end(self) -> None:
+        """The refusal's time is up: a waiting request gets its 503, a partial head a 408, an idle one nothing."""
+        self._end_timer = None
+        if b"\r\n\r\n" in self._buffer:
+            self._finish(RAW_BUSY)
+        else:
+            self._finish(RAW_SLOW_HEAD if self._buffer else b"")
+
     def _write(self, answer: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        if answer and self._transport is not None and not self._transport.is_closing():
             self._transport.write(answer)
             if answer is RAW_BUSY or answer is RAW_BUSY_KEEP:
                 SHED_CONNECTIONS.inc()
@@ -252,10 +263,10 @@ class _Refusal(asyncio.Protocol):
         self._buffer = b""
 
     def _cancel_timers(self) -> None:
-        for timer in (self._timer, self._head_timer):
+        for timer in (self._timer, self._head_timer, self._end_timer):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._head_timer = None
+        self._timer = self._head_timer = self._end_timer = None
 
 
 class ConnectionCap:
