@@ -96,8 +96,9 @@ class MicroBatcher(Generic[T, R]):
         if self._closed:
             raise RuntimeError(f"{self._name} batcher is closed")
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = 0.0  # the arrival time matters only with a time budget
         if self._max_wait > 0:
+            now = loop.time()
             if self.expected_wait() > self._max_wait:
                 raise QueueTimeout(f"{self._name} queue is full for its time budget")
             if self._expiry is None:
