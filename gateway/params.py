@@ -63,7 +63,9 @@ def _decode(component: str, field: str) -> str:
         raise ParamError(field, f"{field} has malformed percent-encoding")
     try:
         return unquote_to_bytes(component).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeError:
+        # Decode: the escapes are not UTF-8. Encode: raw bytes that are not
+        # UTF-8 beside the escapes (aiohttp hands them over as lone surrogates).
         raise ParamError(field, f"{field} is not valid UTF-8") from None
 
 

@@ -10,6 +10,8 @@ tests/unit/test_gateway_params_fuzz.py.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -144,4 +146,24 @@ async def test_any_postback_gets_a_contract_answer(
         call = (gateway.session.post if post else gateway.session.get)(url, headers=headers)
     async with call as response:
         await _check_answer(response, POSTBACK_STATUSES)
+    _no_traceback(caplog)
+
+
+async def test_a_raw_byte_that_is_not_utf8_beside_an_escape_is_a_400(
+    gateway: TestClient[Any, Any], ids: Ids, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parsers' fuzz found such a value escaping as an exception (a 503 with a traceback, had it
+    reached them); over HTTP aiohttp's own parser refuses the raw byte first. Either way: a 400 in JSON."""
+    caplog.set_level(logging.WARNING)
+    assert gateway.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"GET /click?campaign_id=%00\xff&aff_id=" + ids.affiliate.encode()
+        + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400", answer
+    assert json.loads(body)["error"]["field"] in ("campaign_id", None)
     _no_traceback(caplog)

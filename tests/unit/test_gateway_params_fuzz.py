@@ -144,3 +144,10 @@ def test_corner_queries_are_named(raw: str) -> None:
         _named(error, None)
         return
     _each_route(params)
+
+
+def test_raw_bytes_that_are_not_utf8_beside_an_escape_are_a_named_400() -> None:
+    """Found by the fuzz: a value with an escape and a raw non-UTF-8 byte escaped as a 503 with a traceback."""
+    with pytest.raises(ParamError) as error:
+        parse_urlencoded("campaign_id=%00\udcff")
+    assert (error.value.status, error.value.field) == (400, "campaign_id")
