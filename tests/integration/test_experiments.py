@@ -113,6 +113,9 @@ async def test_create_validates_and_one_open_experiment_per_code(env: Env) -> No
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await env.create(campaign_id="nope")
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as no_code:
+        await env.create(coupon_code="NOSUCHCODE")
+    assert no_code.value.code() == grpc.StatusCode.NOT_FOUND and "NOSUCHCODE" in (no_code.value.details() or "")
 
     first = await env.create(name="summer holdout")
     assert first.id.startswith("exp_") and first.coupon_code == "SUMMER10"

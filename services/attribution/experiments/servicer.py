@@ -29,7 +29,7 @@ from services.attribution.experiments.convert import (
     segment_by_from_proto,
 )
 from services.common import limits
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from services.common.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from services.common.grpc_server import presented_token, token_matches
 from services.common.timestamps import utcnow
 
@@ -138,12 +138,9 @@ class ExperimentServicer(attribution_pb2_grpc.ExperimentServiceServicer):
         rules.validate_unit_id(request.unit_id)
         if len(request.postback_token.encode()) > limits.POSTBACK_TOKEN:
             raise InvalidArgument.one("postback_token", f"longer than {limits.POSTBACK_TOKEN} bytes")
-        try:
-            experiment = await store.get_experiment(self._pool, experiment_id)
-        except NotFound:
-            # Unauthenticated callers learn nothing about which ids exist.
-            await self._authorize(context, request.postback_token, None)
-            raise
+        # An unknown id is NOT_FOUND before any token check: ids carry 96 random
+        # bits, so telling a shop its id is wrong leaks nothing worth guarding.
+        experiment = await store.get_experiment(self._pool, experiment_id)
         await self._authorize(context, request.postback_token, experiment.campaign_id)
         now = self._clock()
         if not experiment.running_at(now):
@@ -157,13 +154,13 @@ class ExperimentServicer(attribution_pb2_grpc.ExperimentServiceServicer):
             coupon_code=experiment.coupon_code if arm == "treatment" else "",
         )
 
-    async def _authorize(self, context: Context, postback_token: str, campaign_id: str | None) -> None:
+    async def _authorize(self, context: Context, postback_token: str, campaign_id: str) -> None:
         """The campaign's postback token, or the admin token (when one is configured)."""
         if self._admin_token is not None and token_matches(
             presented_token(context.invocation_metadata()), self._admin_token
         ):
             return
-        campaign = await self._catalog.campaign(campaign_id) if campaign_id else None
+        campaign = await self._catalog.campaign(campaign_id)
         if campaign is None or not postback_token_matches(postback_token, campaign.postback_token_sha256):
             raise Unauthenticated("missing or wrong postback token")
 

@@ -28,6 +28,13 @@ async def insert_experiment(pool: asyncpg.Pool, experiment: Experiment, now: dat
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT 1 FROM campaigns WHERE id = $1", experiment.campaign_id):
             raise NotFound(f"campaign {experiment.campaign_id!r} not found")
+        # A mistyped code would hold back nobody: no click would ever carry it.
+        if not await conn.fetchval(
+            "SELECT 1 FROM coupons WHERE campaign_id = $1 AND code = $2",
+            experiment.campaign_id,
+            experiment.coupon_code,
+        ):
+            raise NotFound(f"code {experiment.coupon_code} not found in campaign {experiment.campaign_id!r}")
         # An experiment that ended by its own ends_at does not block the code:
         # close it (at its end) so the index sees it as such.
         await conn.execute(
