@@ -20,6 +20,7 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from services.attribution.experiments.rules import arm_for, visitor_key
 from services.common.timestamps import utcnow
 from tests.e2e.world import BROWSER_UA, LiveWorld
+from tests.support import TEST_REPORTS
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +132,13 @@ async def test_a_30_percent_holdout_end_to_end(live: LiveWorld) -> None:
     revenue_truth = truth * 40_000_000
     assert result.revenue_lift.fixed_ci_low <= revenue_truth <= result.revenue_lift.fixed_ci_high
     assert result.revenue_lift.ci_low <= revenue_truth <= result.revenue_lift.ci_high
-    print(
-        f"\nholdout e2e: units treatment {treatment.units}, control {control.units}; conversions "
+    line = (
+        f"holdout e2e: units treatment {treatment.units}, control {control.units}; conversions "
         f"{treatment.conversions} / {control.conversions}; lift {lift.absolute:.4f} "
         f"fixed [{lift.fixed_ci_low:.4f}, {lift.fixed_ci_high:.4f}] always-valid [{lift.ci_low:.4f}, {lift.ci_high:.4f}]"
     )
+    print(line)
+    TEST_REPORTS.setdefault("experiments: the 30 % holdout end to end (issue #17)", []).append(line)
 
     # The same arm through GET /variant, with the campaign's token, for a unit id.
     async with live.http.get(

@@ -9,6 +9,15 @@ import pytest
 
 from services.attribution.experiments import stats
 from services.attribution.experiments.stats import Moments
+from tests.support import TEST_REPORTS
+
+SIMULATED = "experiments: the intervals on simulated experiments (issue #17)"
+
+
+def report(line: str) -> None:
+    """Shown in the run's summary (tests/conftest.py), not only with -s."""
+    print(line)
+    TEST_REPORTS.setdefault(SIMULATED, []).append(line.strip())
 
 SIMULATIONS = 1_000
 
@@ -56,7 +65,7 @@ def test_fixed_and_always_valid_intervals_cover_a_true_lift() -> None:
     revenue = stats.lifts(rev_t, rev_c, tau2)
     fixed_rev = np.mean((revenue.fixed_ci_low <= revenue_truth) & (revenue_truth <= revenue.fixed_ci_high))
     always_rev = np.mean((revenue.ci_low <= revenue_truth) & (revenue_truth <= revenue.ci_high))
-    print(
+    report(
         f"\ncoverage over {SIMULATIONS} experiments: conversion fixed {fixed:.1%}, always-valid {always:.1%}; "
         f"revenue per unit fixed {fixed_rev:.1%}, always-valid {always_rev:.1%}"
     )
@@ -80,7 +89,7 @@ def test_daily_looks_under_no_effect_the_always_valid_interval_stays_honest() ->
     fixed_rejects = np.any((result.fixed_ci_low > 0) | (result.fixed_ci_high < 0), axis=1).mean()
     always_rejects = np.any((result.ci_low > 0) | (result.ci_high < 0), axis=1).mean()
     once_rejects = ((result.fixed_ci_low[:, -1] > 0) | (result.fixed_ci_high[:, -1] < 0)).mean()
-    print(
+    report(
         f"\nno true effect, a look every day for {days} days, {SIMULATIONS} experiments: "
         f"always-valid declared an effect in {always_rejects:.1%}, the fixed test looked at daily in "
         f"{fixed_rejects:.1%} (looked at once, on day {days}: {once_rejects:.1%})"
@@ -102,7 +111,7 @@ def test_revenue_daily_looks_under_no_effect() -> None:
     result = stats.lifts(treatment, control, tau2)
     always_rejects = np.any((result.ci_low > 0) | (result.ci_high < 0), axis=1).mean()
     fixed_rejects = np.any((result.fixed_ci_low > 0) | (result.fixed_ci_high < 0), axis=1).mean()
-    print(
+    report(
         f"\nrevenue per unit, no effect, daily looks: always-valid {always_rejects:.1%}, fixed {fixed_rejects:.1%}"
     )
     assert always_rejects <= 0.05
