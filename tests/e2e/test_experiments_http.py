@@ -86,6 +86,15 @@ async def test_a_30_percent_holdout_end_to_end(live: LiveWorld) -> None:
     sd = math.sqrt(joined * HOLDOUT / 100 * (1 - HOLDOUT / 100))
     assert abs(len(in_arm["control"]) - joined * HOLDOUT / 100) <= 3 * sd
 
+    # A crawler the fraud service rejects joins no arm, even with a vid the hash puts in control.
+    bot_vid = next(f"bot{n}" for n in range(1000) if arm_for(experiment.id, f"bot{n}", HOLDOUT) == "control")
+    bot = await live.click(visitor_ip="203.0.113.251", ua="Mozilla/5.0 (compatible; Googlebot/2.1; "
+                           "+http://www.google.com/bot.html)", campaign_id="cmp", aff_id="aff-a", coupon="SUMMER10",
+                           vid=bot_vid)
+    assert bot.headers["X-Ascribe-Decision"] == "rejected"
+    assert "coupon" in parse_qs(urlsplit(bot.headers["Location"]).query)
+    assert (await live.get_click(bot.headers["X-Ascribe-Click-Id"])).experiment_arm == pb.EXPERIMENT_ARM_UNSPECIFIED
+
     # A control click as GetClick shows it.
     first_control = visits[in_arm["control"][0]][0]
     stored = await live.get_click(first_control)
