@@ -259,9 +259,16 @@ async def test_conversions_reach_arms_by_click_and_by_unit_and_stop_ends_countin
     await env.tracking.ReverseConversion(
         pb.ReverseConversionRequest(campaign_id="cmp", order_id="o5", postback_token="token"), timeout=10
     )
+    # A unit another replica assigned before its cache saw the stop does not count.
+    await env.db.execute(
+        """INSERT INTO experiment_units (experiment_id, unit_key, arm, source, first_seen_at)
+           VALUES ($1, 'late', 'control', 'click', now())""",
+        experiment.id,
+    )
     later = await env.result(experiment.id)
     arms = {a.arm: a for a in later.arms}
     assert (arms[TREATMENT].conversions, arms[CONTROL].conversions) == (2, 2)
+    assert (arms[TREATMENT].units, arms[CONTROL].units) == (3, 2)
 
     segmented = await env.result(experiment.id, pb.EXPERIMENT_SEGMENT_BY_CHANNEL)
     names = {s.segment for s in segmented.segments}

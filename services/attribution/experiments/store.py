@@ -218,10 +218,13 @@ WITH e AS (
            COALESCE(sum(cv.revenue), 0) AS revenue,
            COALESCE(sum(cv.discount), 0) AS discount,
            count(*) FILTER (WHERE cv.with_code) AS contaminated
-      FROM experiment_units u
+      FROM e
+      JOIN experiment_units u ON u.experiment_id = $1
       LEFT JOIN affiliates a ON a.id = u.affiliate_id
       LEFT JOIN conv cv ON cv.unit_key = u.unit_key
-     WHERE u.experiment_id = $1
+     -- A replica whose cache has not yet seen the stop may still assign a
+     -- click for up to its TTL: such late units do not count either.
+     WHERE u.first_seen_at < e.ends
      GROUP BY u.arm, segment, u.unit_key
 )
 SELECT arm, segment, count(*) AS units,
