@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from services.common.env import ConfigError, env_int
+from services.common.grpc_client_metrics import client_interceptors
 from services.common.tls import TlsSettings
 from services.common.tls_channel import ReloadingChannel
 
@@ -114,15 +115,16 @@ def open_channel(addr: str, transport: Transport) -> grpc.aio.Channel:
     """The channel to one of our services at ``addr``, with TLS when it is configured.
 
     Under TLS it follows the certificate files (services.common.tls_channel):
-    a rotated CA or client certificate is used without a restart.
+    a rotated CA or client certificate is used without a restart. Every call
+    is counted in the grpc_client_* metrics (services.common.grpc_client_metrics).
     """
     options = channel_options(transport.keepalive)
     if not transport.tls.enabled:
-        return grpc.aio.insecure_channel(addr, options=options)
+        return grpc.aio.insecure_channel(addr, options=options, interceptors=client_interceptors())
     if transport.tls.server_name:
         options.append(("grpc.ssl_target_name_override", transport.tls.server_name))
 
     def secure(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
-        return grpc.aio.secure_channel(addr, credentials, options=options)
+        return grpc.aio.secure_channel(addr, credentials, options=options, interceptors=client_interceptors())
 
     return ReloadingChannel(transport.tls, secure)
