@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ from services.common.channels import Transport, open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.tls import TlsSettings, channel_credentials
 from services.common.tls_channel import ReloadingChannel
-from tests.integration.test_grpc_tls import PEER, Pair, Pki, _register, raw_unary
+from tests.integration.test_grpc_tls import PEER, Pair, Pki, _expiry, _register, raw_unary
 
 CHECK = 0.05
 
@@ -145,6 +146,9 @@ async def test_files_that_do_not_load_keep_the_previous_channel(
         await asyncio.sleep(CHECK * 2)
         assert await _peer_code(peer) == grpc.StatusCode.OK
         assert channel.reloads == 1
+        # The expiry metric follows the certificate now in use (7 days, not 30).
+        expires_in = _expiry("certificate") - time.time()
+        assert 6 * 86_400 < expires_in <= 7 * 86_400
     finally:
         await channel.close()
         await running.stop(0)
