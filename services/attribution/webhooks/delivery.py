@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import grpc
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
@@ -156,7 +157,8 @@ async def send(request: Outgoing, config: WebhookConfig) -> Answer:
     async with (
         aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session,
         session.request(
-            request.method, request.url, headers=request.headers, data=request.body,
+            # encoded=True: sent byte for byte as rendered (yarl would decode %2F).
+            request.method, yarl.URL(request.url, encoded=True), headers=request.headers, data=request.body,
             allow_redirects=False, compress=None, chunked=None,
         ) as response,
     ):
