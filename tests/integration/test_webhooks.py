@@ -327,3 +327,51 @@ async def test_a_name_that_resolves_elsewhere_later_is_refused_at_delivery(guard
         assert delivery.last_error.startswith("refused:") and rebound in delivery.last_error
     finally:
         del NAMES["rebind.test"]
+
+
+async def test_an_alert_is_one_event_across_replicas_and_a_hold_is_coupon_held(
+    hooks: World, receiver: Receiver
+) -> None:
+    from services.attribution.webhooks.delivery import follow_alerts
+
+    # The second replica runs every background job (its webhook worker and
+    # alert follower, and the leak response); the first follows alerts too.
+    await hooks.add_replica(webhooks=config(), background_jobs=True, auto_hold_leaked_codes=True)
+    first = hooks.replicas[0].service
+    first.tasks.append(asyncio.create_task(follow_alerts(first.pool, first.fraud_channel, None)))
+    created = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/events",
+                           events=["alert.code_leak", "coupon.held"])
+    await hooks.coupon("VIP-0001", kind=pb.COUPON_KIND_UNIQUE)
+    for n in range(6):
+        await hooks.convert(coupon_code="VIP-0001", ip=f"198.51.100.{10 + n}", customer_id=f"c{n}")
+    await receiver.wait_for(2, timeout=20)
+    await asyncio.sleep(1.0)  # a duplicate would arrive by now
+    events = [json.loads(r.body) for r in receiver.received]
+    assert sorted(e["type"] for e in events) == ["alert.code_leak", "coupon.held"]
+    alert = next(e for e in events if e["type"] == "alert.code_leak")
+    assert alert["data"]["object"]["coupon_code"] == "VIP-0001" and alert["id"].startswith("evt_alert_")
+    assert alert["text"].startswith(":rotating_light: ascribe alert code_leak")
+    assert await hooks.db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", created.id) == 2
+
+
+async def test_many_events_on_two_replicas_are_each_delivered_once(hooks: World, receiver: Receiver) -> None:
+    second = await hooks.add_replica(webhooks=config())
+    second.service.tasks.append(asyncio.create_task(second.service.webhooks.run()))
+    await create(hooks, **postback_fields(receiver))
+    clicks = [await hooks.click("aff") for _ in range(40)]
+    await asyncio.gather(*(hooks.convert(replica=hooks.replicas[n % 2], coupon_code="SUMMER", click_id=c)
+                           for n, c in enumerate(clicks)))
+    await receiver.wait_for(40, timeout=20)
+    await asyncio.sleep(0.5)
+    assert len(receiver.received) == 40
+    assert len({r.headers["X-Ascribe-Delivery"] for r in receiver.received}) == 40
+
+
+async def test_the_worker_stops_promptly_when_cancelled(hooks: World, receiver: Receiver) -> None:
+    receiver.answer = lambda _: (200, {})
+    await create(hooks, **postback_fields(receiver))
+    worker_task = hooks.replicas[0].service.tasks[-1]
+    assert not worker_task.done()
+    worker_task.cancel()
+    await asyncio.wait_for(asyncio.gather(worker_task, return_exceptions=True), 2)
+    assert worker_task.cancelled()
