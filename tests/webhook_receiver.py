@@ -24,6 +24,8 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
+    # Seconds each answer takes (a slow receiver keeps deliveries in flight).
+    delay: float = 0.0
     _runner: web.AppRunner | None = None
 
     @property
@@ -32,6 +34,8 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         seen = Received(request.method, request.path_qs, dict(request.headers), await request.read())
+        if self.delay:
+            await asyncio.sleep(self.delay)
         self.received.append(seen)
         self.arrived.set()
         status, headers = self.answer(seen)
