@@ -39,6 +39,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
 from services.attribution import metrics
+from services.attribution.common.database import DATABASE_UNAVAILABLE
 from services.attribution.lifecycle import store as lifecycle_store
 from services.attribution.lifecycle.changes import first_alert_cursor
 from services.attribution.webhooks import rules, store
@@ -221,6 +222,9 @@ class WebhookWorker:
                     await self.step()
                 except asyncio.CancelledError:
                     raise
+                except DATABASE_UNAVAILABLE as error:
+                    # Readiness reports the outage; a traceback a second would only bury it.
+                    logger.info("webhook step waits for PostgreSQL (%s)", type(error).__name__)
                 except Exception:
                     logger.exception("webhook step failed; retrying in %.1fs", self.config.poll_seconds)
                 raise_if_cancelling()
@@ -280,6 +284,15 @@ class WebhookWorker:
                 return total
 
     async def _attempt(self, claimed: store.Claimed) -> None:
+        try:
+            await self._attempt_once(claimed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Its lease runs out and a replica sends it again: at least once.
+            logger.exception("webhook delivery %s: recording its attempt failed", claimed.delivery.id)
+
+    async def _attempt_once(self, claimed: store.Claimed) -> None:
         d = claimed.delivery
         now = self.clock()
         try:
