@@ -15,6 +15,7 @@ class Received:
     path_qs: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # the event loop's time when it arrived
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Receiver:
     port: int = 0
     # Seconds each answer takes (a slow receiver keeps deliveries in flight).
     delay: float = 0.0
+    # Requests being answered now, and the most at once.
+    in_flight: int = 0
+    peak_in_flight: int = 0
     _runner: web.AppRunner | None = None
 
     @property
@@ -33,12 +37,18 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.Response:
-        seen = Received(request.method, request.path_qs, dict(request.headers), await request.read())
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        seen = Received(request.method, request.path_qs, dict(request.headers), await request.read(),
+                        asyncio.get_running_loop().time())
         self.received.append(seen)
         self.arrived.set()
         status, headers = self.answer(seen)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         return web.Response(status=status, headers=headers, text="ok")
 
     async def start(self) -> Receiver:

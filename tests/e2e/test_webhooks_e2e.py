@@ -94,7 +94,9 @@ async def test_gateway_conversions_reach_the_affiliate_and_signed_events_verify(
                                          amount="25.00", currency="EUR", click_id=click_id, coupon="SUMMER",
                                          occurred_at=in_a_minute())
     assert status == 200 and body["status"] == "pending", body["reasons"]
+    committed_at = asyncio.get_running_loop().time()
     [first] = await receiver.wait_for(1, timeout=15)
+    assert first.at - committed_at < 5.0  # the first attempt, at the default 1 s polling
     assert query(first.path_qs) == {
         "cid": click_id, "aff": "p-1", "s1": "a b&c/ü", "s2": "2", "s3": "3", "s4": "4", "s5": "5",
         "o": "o 1/ü", "c": body["id"], "a": "25.00", "p": "5.00", "cur": "EUR", "st": "pending", "cp": "SUMMER",

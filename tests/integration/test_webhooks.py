@@ -14,6 +14,7 @@ import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf import field_mask_pb2
+from prometheus_client import REGISTRY
 
 from services.attribution.webhooks.settings import WebhookConfig
 from tests.integration.conversion_env import FraudHandle, World
@@ -194,6 +195,7 @@ async def test_fails_twice_then_succeeds_with_one_delivery_id(hooks: World, rece
 
 async def test_always_failing_ends_dead_and_can_be_redelivered(hooks: World, receiver: Receiver) -> None:
     receiver.answer = lambda _: (500, {})
+    dead_before = REGISTRY.get_sample_value("ascribe_webhook_deliveries_dead_total") or 0.0
     created = await create(hooks, **postback_fields(receiver))
     await hooks.convert(coupon_code="SUMMER", click_id=await hooks.click("aff"))
     await receiver.wait_for(4)  # the first try and the schedule's three retries
@@ -203,6 +205,7 @@ async def test_always_failing_ends_dead_and_can_be_redelivered(hooks: World, rec
         pb.ListDeliveriesRequest(webhook_id=created.id, state=pb.DELIVERY_STATE_DEAD), timeout=10)
     [delivery] = dead.deliveries
     assert delivery.attempts == 4 and delivery.last_status_code == 500 and "out of retries" in delivery.last_error
+    assert (REGISTRY.get_sample_value("ascribe_webhook_deliveries_dead_total") or 0.0) == dead_before + 1
     receiver.answer = lambda _: (200, {})
     again = await hooks.catalog.RedeliverDelivery(pb.RedeliverDeliveryRequest(delivery_id=delivery.id), timeout=10)
     assert again.state == pb.DELIVERY_STATE_PENDING
@@ -375,3 +378,75 @@ async def test_the_worker_stops_promptly_when_cancelled(hooks: World, receiver: 
     worker_task.cancel()
     await asyncio.wait_for(asyncio.gather(worker_task, return_exceptions=True), 2)
     assert worker_task.cancelled()
+
+
+async def test_the_connection_goes_to_the_checked_address_with_the_name_as_host(
+    database_url: str, db: asyncpg.Connection, fraud_service: FraudHandle, receiver: Receiver
+) -> None:
+    lookups: list[str] = []
+
+    async def once_then_elsewhere(host: str, port: int) -> list[str]:
+        # The first answer is the receiver; any later lookup would be sent
+        # to an address nobody listens on, so a delivery proves pinning.
+        lookups.append(host)
+        return ["127.0.0.1"] if len(lookups) % 2 else ["127.0.0.2"]
+
+    w = await start_world(database_url, db, fraud_service.addr, config(resolve=once_then_elsewhere))
+    try:
+        created = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=f"http://hooks.test:{receiver.port}/h",
+                               events=["coupon.held"])
+        lookups.clear()
+        await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+        [seen] = await receiver.wait_for(1)
+        assert seen.headers["Host"] == f"hooks.test:{receiver.port}"
+        assert lookups == ["hooks.test"]  # one lookup, checked, and the connection went there
+    finally:
+        await w.close()
+
+
+async def test_redirects_are_not_followed(hooks: World, receiver: Receiver) -> None:
+    receiver.answer = lambda seen: (302, {"Location": "/elsewhere"}) if seen.path_qs == "/h" else (200, {})
+    created = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/h", events=["coupon.held"])
+    await hooks.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+    await receiver.wait_for(1)
+    await asyncio.sleep(0.5)
+    assert [r.path_qs for r in receiver.received] == ["/h"]
+    [delivery] = (await hooks.catalog.ListDeliveries(pb.ListDeliveriesRequest(webhook_id=created.id), timeout=10)).deliveries
+    assert delivery.state == pb.DELIVERY_STATE_DEAD and delivery.last_status_code == 302
+
+
+async def test_a_slow_receiver_holds_only_its_own_share(
+    database_url: str, db: asyncpg.Connection, fraud_service: FraudHandle, receiver: Receiver
+) -> None:
+    slow = await Receiver(delay=1.0).start()
+    w = await start_world(database_url, db, fraud_service.addr, config(concurrency=8, per_destination=2))
+    try:
+        slow_hook = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=slow.url + "/slow", events=["coupon.held"])
+        fast_hook = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/fast", events=["coupon.held"])
+        for _ in range(12):
+            await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=slow_hook.id), timeout=10)
+        started = asyncio.get_running_loop().time()
+        await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=fast_hook.id), timeout=10)
+        await receiver.wait_for(1, timeout=5)
+        assert asyncio.get_running_loop().time() - started < 1.0  # not behind the slow one's queue
+        await slow.wait_for(12, timeout=20)
+        assert slow.peak_in_flight == 2
+    finally:
+        await w.close()
+        await slow.stop()
+
+
+async def test_a_receiver_slower_than_5_s_is_retried(hooks: World, receiver: Receiver) -> None:
+    receiver.delay = 6.0
+    created = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/h", events=["coupon.held"])
+    await hooks.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+    await receiver.wait_for(1)
+    receiver.delay = 0.0
+    await receiver.wait_for(2, timeout=10)
+    for _ in range(50):
+        [delivery] = (await hooks.catalog.ListDeliveries(
+            pb.ListDeliveriesRequest(webhook_id=created.id), timeout=10)).deliveries
+        if delivery.state == pb.DELIVERY_STATE_DELIVERED:
+            break
+        await asyncio.sleep(0.1)
+    assert delivery.state == pb.DELIVERY_STATE_DELIVERED and delivery.attempts == 2
