@@ -450,3 +450,50 @@ async def test_a_receiver_slower_than_5_s_is_retried(hooks: World, receiver: Rec
             break
         await asyncio.sleep(0.1)
     assert delivery.state == pb.DELIVERY_STATE_DELIVERED and delivery.attempts == 2
+
+
+async def test_creating_and_updating_send_nothing_and_updates_are_checked(guarded: World) -> None:
+    created = await create(guarded, kind=pb.WEBHOOK_KIND_EVENTS, url="http://public.test/hook",
+                           events=["coupon.held"], description="ops")
+    updated = await guarded.catalog.UpdateWebhook(pb.UpdateWebhookRequest(
+        webhook=pb.Webhook(id=created.id, events=["coupon.exhausted", "alert.code_guessing"], http_method="GET"),
+        update_mask=field_mask_pb2.FieldMask(paths=["events", "http_method"])), timeout=10)
+    assert list(updated.events) == ["coupon.exhausted", "alert.code_guessing"] and updated.http_method == "GET"
+    assert updated.description == "ops" and updated.url == "http://public.test/hook" and updated.secret == ""
+    for url in ("http://loopback.test/x", "http://metadata.test/", "http://mapped.test/"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await guarded.catalog.UpdateWebhook(pb.UpdateWebhookRequest(
+                webhook=pb.Webhook(id=created.id, url=url),
+                update_mask=field_mask_pb2.FieldMask(paths=["url"])), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "webhook.url" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await guarded.catalog.UpdateWebhook(pb.UpdateWebhookRequest(
+            webhook=pb.Webhook(id=created.id), update_mask=field_mask_pb2.FieldMask(paths=["secret"])), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await asyncio.sleep(0.3)
+    assert await guarded.db.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+
+
+async def test_list_deliveries_pages_newest_first_and_filters_by_state(hooks: World, receiver: Receiver) -> None:
+    created = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/h", events=["coupon.held"])
+    ids = [(await hooks.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)).id
+           for _ in range(5)]
+    await receiver.wait_for(5)
+    first = await hooks.catalog.ListDeliveries(pb.ListDeliveriesRequest(webhook_id=created.id, page_size=3), timeout=10)
+    rest = await hooks.catalog.ListDeliveries(pb.ListDeliveriesRequest(
+        webhook_id=created.id, page_size=3, page_token=first.next_page_token), timeout=10)
+    assert [d.id for d in [*first.deliveries, *rest.deliveries]] == ids[::-1] and not rest.next_page_token
+    dead = await hooks.catalog.ListDeliveries(pb.ListDeliveriesRequest(
+        webhook_id=created.id, state=pb.DELIVERY_STATE_DEAD), timeout=10)
+    assert not dead.deliveries
+    for request, code in [
+        (pb.ListDeliveriesRequest(webhook_id=created.id, page_token="garbage"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ListDeliveriesRequest(webhook_id=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ListDeliveriesRequest(webhook_id="whk_none"), grpc.StatusCode.NOT_FOUND),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await hooks.catalog.ListDeliveries(request, timeout=10)
+        assert caught.value.code() == code
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await hooks.catalog.RedeliverDelivery(pb.RedeliverDeliveryRequest(delivery_id="dlv_none"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
