@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,12 +52,12 @@ class Receiver:
             self.in_flight -= 1
         return web.Response(status=status, headers=headers, text="ok")
 
-    async def start(self) -> Receiver:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> Receiver:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         server = site._server
         assert server is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import grpc
 import pytest
+import trustme
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf import field_mask_pb2
 from prometheus_client import REGISTRY
@@ -497,3 +499,40 @@ async def test_list_deliveries_pages_newest_first_and_filters_by_state(hooks: Wo
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await hooks.catalog.RedeliverDelivery(pb.RedeliverDeliveryRequest(delivery_id="dlv_none"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(("certified", "delivered"), [("hooks.test", True), ("other.test", False)])
+async def test_https_checks_the_certificate_against_the_name_not_the_pinned_address(
+    database_url: str, db: asyncpg.Connection, fraud_service: FraudHandle, certified: str, delivered: bool
+) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(certified).configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    tls_receiver = await Receiver().start(server_context)
+
+    async def to_loopback(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    w = await start_world(database_url, db, fraud_service.addr,
+                          config(resolve=to_loopback, ssl_context=client_context))
+    try:
+        created = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=f"https://hooks.test:{tls_receiver.port}/h",
+                               events=["coupon.held"])
+        await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+        for _ in range(100):
+            [delivery] = (await w.catalog.ListDeliveries(
+                pb.ListDeliveriesRequest(webhook_id=created.id), timeout=10)).deliveries
+            if delivery.state == pb.DELIVERY_STATE_DELIVERED or delivery.last_error:
+                break
+            await asyncio.sleep(0.05)
+        if delivered:
+            assert delivery.state == pb.DELIVERY_STATE_DELIVERED
+            assert tls_receiver.received[0].headers["Host"] == f"hooks.test:{tls_receiver.port}"
+        else:
+            assert delivery.state != pb.DELIVERY_STATE_DELIVERED and "Certificate" in delivery.last_error
+            assert not tls_receiver.received
+    finally:
+        await w.close()
+        await tls_receiver.stop()

@@ -161,6 +161,9 @@ async def send(request: Outgoing, config: WebhookConfig) -> Answer:
             # encoded=True: sent byte for byte as rendered (yarl would decode %2F).
             request.method, yarl.URL(request.url, encoded=True), headers=request.headers, data=request.body,
             allow_redirects=False, compress=None, chunked=None,
+            # Certificates are always verified, against the URL's name (the
+            # connection goes to the pinned address, SNI and checks use the name).
+            ssl=config.ssl_context or True,
         ) as response,
     ):
         await response.content.read(rules.RESPONSE_CAP_BYTES)

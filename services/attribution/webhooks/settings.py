@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -31,3 +32,6 @@ class WebhookConfig:
     concurrency: int = 64
     per_destination: int = 8
     resolve: Resolve = system_resolve
+    # The CAs receivers' certificates are checked against; None: the system's.
+    # Injectable so tests can run an https receiver with a CA of their own.
+    ssl_context: ssl.SSLContext | None = None
