@@ -121,7 +121,7 @@ def _webhook_config() -> WebhookConfig:
     return WebhookConfig(
         allow_private_networks=env_bool("ASCRIBE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", False),
         schedule=schedule,
-        poll_seconds=env_int("ASCRIBE_WEBHOOK_POLL_MS", 1000, minimum=10) / 1000,
+        poll_seconds=env_int("ASCRIBE_WEBHOOK_POLL_MS", round(WebhookConfig.poll_seconds * 1000), minimum=10) / 1000,
         concurrency=env_int("ASCRIBE_WEBHOOK_CONCURRENCY", WebhookConfig.concurrency, minimum=1),
         per_destination=env_int("ASCRIBE_WEBHOOK_PER_DESTINATION", WebhookConfig.per_destination, minimum=1),
     )

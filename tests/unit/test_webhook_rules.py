@@ -188,3 +188,21 @@ def test_disable_after_three_days_of_deaths() -> None:
     assert rules.should_disable(now - timedelta(days=3), now)
     assert not rules.should_disable(now - timedelta(days=2, hours=23), now)
     assert not rules.should_disable(None, now)
+
+
+def test_webhook_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.attribution.config import Settings
+    from services.common.env import ConfigError
+
+    monkeypatch.setenv("ASCRIBE_DATABASE_URL", "postgresql://postgres@127.0.0.1/postgres")
+    monkeypatch.setenv("ASCRIBE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "1")
+    monkeypatch.setenv("ASCRIBE_WEBHOOK_RETRY_SCHEDULE", "1, 2.5")
+    monkeypatch.setenv("ASCRIBE_WEBHOOK_POLL_MS", "250")
+    config = Settings.from_env().webhooks
+    assert (config.allow_private_networks, config.schedule, config.poll_seconds) == (True, (1.0, 2.5), 0.25)
+    for name, bad in (("ASCRIBE_WEBHOOK_RETRY_SCHEDULE", "0,1"), ("ASCRIBE_WEBHOOK_POLL_MS", "5"),
+                      ("ASCRIBE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "maybe")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env()
+        monkeypatch.delenv(name)
