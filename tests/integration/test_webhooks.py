@@ -536,3 +536,17 @@ async def test_https_checks_the_certificate_against_the_name_not_the_pinned_addr
     finally:
         await w.close()
         await tls_receiver.stop()
+
+
+async def test_approval_after_the_hold_sends_approved(hooks: World, receiver: Receiver) -> None:
+    await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/h",
+                 events=["conversion.pending", "conversion.approved"])
+    conversion = await hooks.convert(coupon_code="SUMMER")
+    hooks.clock.advance(days=31)
+    await hooks.replicas[0].service.lifecycle.approve_due()
+    seen = await receiver.wait_for(2)
+    objects = [json.loads(r.body) for r in seen]
+    # Sent concurrently, so in either order: receivers order by the event's time.
+    assert sorted((o["type"], o["data"]["object"]["status"]) for o in objects) == [
+        ("conversion.approved", "approved"), ("conversion.pending", "pending")]
+    assert {o["data"]["object"]["id"] for o in objects} == {conversion.id}
