@@ -252,7 +252,10 @@ class WebhookWorker:
                 task.add_done_callback(self._finished)
         if time.monotonic() - self._last_cleanup > 3600:
             self._last_cleanup = time.monotonic()
-            await store.delete_old_deliveries(self.pool, self.clock())
+            # Chunks, so no statement holds many rows' locks; a day's worth at most per hour.
+            for _ in range(200):
+                if await store.delete_old_deliveries(self.pool, self.clock()) < store.CLEANUP_CHUNK:
+                    break
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -360,7 +360,10 @@ async def record_dead(
         return True
 
 
-async def delete_old_deliveries(conn: Executor, now: datetime, limit: int = 5000) -> int:
+CLEANUP_CHUNK = 5000
+
+
+async def delete_old_deliveries(conn: Executor, now: datetime, limit: int = CLEANUP_CHUNK) -> int:
     """Finished deliveries past the 30 days they are kept (a bounded chunk per call)."""
     result = await conn.execute(
         """DELETE FROM webhook_deliveries WHERE id IN (
