@@ -206,3 +206,9 @@ def test_webhook_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
         with pytest.raises(ConfigError, match=name):
             Settings.from_env()
         monkeypatch.delenv(name)
+
+
+def test_the_default_schedule_tries_three_times_within_the_first_minute() -> None:
+    # The first try, then 10 s and 30 s later, each at most 20 % late.
+    schedule = rules.DEFAULT_SCHEDULE_SECONDS
+    assert schedule[0] * (1 + rules.JITTER) + schedule[1] * (1 + rules.JITTER) < 60
