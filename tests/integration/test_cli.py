@@ -247,3 +247,26 @@ async def test_the_cli_speaks_mutual_tls_with_the_services_settings(database_url
         assert unreadable.exit_code == 2 and "missing.pem" in unreadable.stderr
     finally:
         await service.stop(0.5)
+
+
+async def test_webhooks_from_create_to_delete(cli: Cli) -> None:
+    await campaign(cli)
+    # An address literal: no lookup, and nothing is sent (the test runs no worker).
+    created = await cli.json(
+        "webhooks", "create", "--kind", "partner_postback", "--campaign-id", "cmp",
+        "--url", "https://93.184.216.34/pb?o={order_id}&s={status}", "--event", "conversion.approved",
+    )
+    assert len(created["secret"]) >= 32 and created["http_method"] == "GET"
+    webhook_id = created["id"]
+    listed = await cli.json("webhooks", "list", "--campaign-id", "cmp")
+    assert [w["id"] for w in listed] == [webhook_id] and listed[0]["secret"] == ""
+    updated = await cli.json("webhooks", "update", webhook_id, "--disabled", "--event", "conversion.reversed")
+    assert updated["enabled"] is False and updated["events"] == ["conversion.reversed"]
+    delivery = await cli.json("webhooks", "test", webhook_id)
+    assert delivery["event"] == "test"
+    pending = await cli.json("webhooks", "deliveries", webhook_id, "--state", "pending")
+    assert [d["id"] for d in pending] == [delivery["id"]]
+    refused = await cli("webhooks", "create", "--kind", "events", "--url", "http://127.0.0.1/x", "--event", "coupon.held")
+    assert refused.exit_code == 1 and "webhook.url" in refused.output
+    deleted = await cli.json("webhooks", "delete", webhook_id)
+    assert deleted["cancelled_deliveries"] == 1

@@ -271,6 +271,8 @@ def test_the_command_tree_is_what_the_readme_shows() -> None:
         "coupons create", "coupons show", "coupons list", "coupons update",
         "codes generate", "codes export", "codes import", "codes assign",
         "conversions list", "conversions show", "conversions review",
+        "webhooks create", "webhooks show", "webhooks list", "webhooks update", "webhooks delete",
+        "webhooks rotate-secret", "webhooks test", "webhooks deliveries", "webhooks redeliver",
     }
 
 
