@@ -106,6 +106,10 @@ WEBHOOK_DEAD_TOTAL = Counter(
 WEBHOOK_EVENTS_TOTAL = Counter(
     "ascribe_webhook_events_total", "Outbox events fanned out to webhook deliveries."
 )
+WEBHOOK_DELIVERY_LAG_SECONDS = Gauge(
+    "ascribe_webhook_delivery_lag_seconds",
+    "How late the most overdue pending webhook delivery is (0: none waits past its time).",
+)
 WEBHOOK_ATTEMPT_SECONDS = Histogram(
     "ascribe_webhook_attempt_seconds",
     "Time of one webhook delivery attempt (connect, send, read up to 64 KB).",

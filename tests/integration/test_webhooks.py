@@ -267,6 +267,11 @@ async def test_old_deliveries_are_deleted_after_30_days(hooks: World, receiver: 
     assert await store.delete_old_deliveries(hooks.db, datetime.now(UTC)) == 0
     assert await store.delete_old_deliveries(hooks.db, datetime.now(UTC) + timedelta(days=31)) == 1
     assert not (await hooks.catalog.ListDeliveries(pb.ListDeliveriesRequest(webhook_id=created.id), timeout=10)).deliveries
+    # The backlog gauge's figure: how late the most overdue pending delivery is.
+    now = datetime.now(UTC)
+    assert await store.delivery_lag_seconds(hooks.db, now) == 0.0
+    await store.insert_deliveries(hooks.db, [("dlv_late", created.id, "evt_late", "test", "{}", now - timedelta(seconds=100))])
+    assert 99 <= await store.delivery_lag_seconds(hooks.db, now) <= 101
 
 
 async def test_bad_webhooks_are_invalid_argument_naming_the_field(hooks: World, receiver: Receiver) -> None:

@@ -217,6 +217,7 @@ class WebhookWorker:
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
     _per_destination: dict[str, int] = field(default_factory=dict)
     _last_cleanup: float = 0.0
+    _last_lag: float = 0.0
 
     async def run(self) -> None:
         try:
@@ -250,6 +251,9 @@ class WebhookWorker:
                 task = asyncio.create_task(self._attempt(claimed))
                 self._inflight.add(task)
                 task.add_done_callback(self._finished)
+        if time.monotonic() - self._last_lag > 10:
+            self._last_lag = time.monotonic()
+            metrics.WEBHOOK_DELIVERY_LAG_SECONDS.set(await store.delivery_lag_seconds(self.pool, self.clock()))
         if time.monotonic() - self._last_cleanup > 3600:
             self._last_cleanup = time.monotonic()
             # Chunks, so no statement holds many rows' locks; a day's worth at most per hour.

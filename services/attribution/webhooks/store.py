@@ -371,3 +371,13 @@ async def delete_old_deliveries(conn: Executor, now: datetime, limit: int = CLEA
         now - rules.RETENTION, limit,
     )
     return int(result.split()[-1])
+
+
+async def delivery_lag_seconds(conn: Executor, now: datetime) -> float:
+    """How late the most overdue pending delivery is (the due index answers it)."""
+    value = await conn.fetchval(
+        """SELECT extract(epoch FROM $1::timestamptz - min(next_attempt_at))
+             FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= $1""",
+        now,
+    )
+    return max(0.0, float(value or 0))
