@@ -13,7 +13,7 @@ import asyncpg
 
 from services.attribution.common.database import Connection, Executor
 from services.attribution.webhooks import rules
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 
 WEBHOOK_ID_PREFIX = "whk_"
 DELIVERY_ID_PREFIX = "dlv_"
@@ -81,8 +81,6 @@ async def insert_webhook(conn: Executor, w: WebhookRow) -> WebhookRow:
     except asyncpg.ForeignKeyViolationError as error:
         raise _reference_error(error) from None
     except asyncpg.UniqueViolationError:
-        from services.common.errors import AlreadyExists
-
         raise AlreadyExists(f"webhook {w.id} already exists") from None
     assert row is not None
     return _webhook(row)
