@@ -314,12 +314,7 @@ class WebhookWorker:
         if self._per_destination.get(destination, 0) >= self.config.per_destination:
             # That receiver already has its share: back in the queue, so it
             # cannot hold the slots every other receiver needs.
-            await store.record_retry(self.pool, d.id, d.attempts, d.last_status_code, d.last_error,
-                                     now + timedelta(seconds=0.2))
-            await self.pool.execute(
-                "UPDATE webhook_deliveries SET attempts = attempts - 1 WHERE id = $1 AND attempts = $2",
-                d.id, d.attempts,
-            )
+            await store.release_claim(self.pool, d.id, d.attempts, now + timedelta(seconds=0.2))
             return
         self._per_destination[destination] = self._per_destination.get(destination, 0) + 1
         try:

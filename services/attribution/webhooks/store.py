@@ -319,6 +319,15 @@ async def record_delivered(conn: Executor, delivery_id: str, attempts: int, stat
     )
 
 
+async def release_claim(conn: Executor, delivery_id: str, attempts: int, at: datetime) -> None:
+    """Gives a claimed delivery back unattempted (its receiver is at its concurrency limit)."""
+    await conn.execute(
+        """UPDATE webhook_deliveries SET attempts = attempts - 1, next_attempt_at = $3
+            WHERE id = $1 AND state = 'pending' AND attempts = $2""",
+        delivery_id, attempts, at,
+    )
+
+
 async def record_retry(
     conn: Executor, delivery_id: str, attempts: int, status: int, error: str, at: datetime
 ) -> None:
