@@ -555,3 +555,21 @@ async def test_approval_after_the_hold_sends_approved(hooks: World, receiver: Re
     assert sorted((o["type"], o["data"]["object"]["status"]) for o in objects) == [
         ("conversion.approved", "approved"), ("conversion.pending", "pending")]
     assert {o["data"]["object"]["id"] for o in objects} == {conversion.id}
+
+
+async def test_a_claim_takes_a_share_per_webhook_and_skips_saturated_ones(hooks: World, receiver: Receiver) -> None:
+    from services.attribution.webhooks import store
+
+    slow = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/a", events=["coupon.held"])
+    fast = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/b", events=["coupon.held"])
+    # Due in a minute: the running worker leaves them alone while the test claims.
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    rows = [(f"dlv_a{n}", slow.id, f"evt_a{n}", "test", "{}", later) for n in range(20)]
+    rows += [(f"dlv_b{n}", fast.id, f"evt_b{n}", "test", "{}", later + timedelta(seconds=1)) for n in range(2)]
+    await store.insert_deliveries(hooks.db, rows)
+    at = later + timedelta(seconds=2)
+    claimed = await store.claim_due(hooks.db, at, 64, timedelta(seconds=15), per_webhook=3)
+    assert sorted(c.delivery.id for c in claimed) == ["dlv_a0", "dlv_a1", "dlv_a2", "dlv_b0", "dlv_b1"]
+    again = await store.claim_due(hooks.db, at, 64, timedelta(seconds=15), per_webhook=3, skip_webhooks=[slow.id])
+    assert again == []  # b's are leased; a is skipped
+    assert all(c.delivery.attempts == 1 for c in claimed)

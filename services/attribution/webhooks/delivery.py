@@ -207,6 +207,12 @@ def matches(webhook: store.WebhookRow, row: Mapping[str, Any]) -> bool:
     return not (webhook.kind == "partner_postback" and not row["affiliate_id"])
 
 
+def destination_of(url: str) -> str:
+    """A receiver, for the concurrency limit: host and port (the default port spelled out)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
 @dataclass
 class WebhookWorker:
     pool: asyncpg.Pool
@@ -216,6 +222,8 @@ class WebhookWorker:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
     _per_destination: dict[str, int] = field(default_factory=dict)
+    # webhook id -> its receiver (host:port), learned from its attempts.
+    _destinations: dict[str, str] = field(default_factory=dict)
     _last_cleanup: float = 0.0
     _last_lag: float = 0.0
 
@@ -247,7 +255,11 @@ class WebhookWorker:
         await self.fan_out()
         free = self.config.concurrency - len(self._inflight)
         if free > 0:
-            for claimed in await store.claim_due(self.pool, self.clock(), free, LEASE):
+            full = {dest for dest, n in self._per_destination.items() if n >= self.config.per_destination}
+            skip = [webhook_id for webhook_id, dest in self._destinations.items() if dest in full]
+            for claimed in await store.claim_due(
+                self.pool, self.clock(), free, LEASE, per_webhook=self.config.per_destination, skip_webhooks=skip
+            ):
                 task = asyncio.create_task(self._attempt(claimed))
                 self._inflight.add(task)
                 task.add_done_callback(self._finished)
@@ -310,7 +322,8 @@ class WebhookWorker:
         except (KeyError, ValueError) as error:  # a template changed under a stored payload
             await self._dead(d, 0, f"cannot build the request: {error}")
             return
-        destination = f"{urlsplit(request.url).hostname}:{urlsplit(request.url).port}"
+        destination = destination_of(request.url)
+        self._destinations[d.webhook_id] = destination
         if self._per_destination.get(destination, 0) >= self.config.per_destination:
             # That receiver already has its share: back in the queue, so it
             # cannot hold the slots every other receiver needs.

@@ -283,18 +283,35 @@ class Claimed:
     webhook: WebhookRow
 
 
-async def claim_due(conn: Executor, now: datetime, limit: int, lease: timedelta) -> list[Claimed]:
-    """Leases due deliveries: each is sent by one replica; a crash lets another retry after the lease."""
+async def claim_due(
+    conn: Executor, now: datetime, limit: int, lease: timedelta, *, per_webhook: int, skip_webhooks: Sequence[str] = ()
+) -> list[Claimed]:
+    """Leases due deliveries: each is sent by one replica; a crash lets another retry after the lease.
+
+    At most ``per_webhook`` of one webhook, none of ``skip_webhooks`` (whose
+    receivers are at their concurrency limit here), so a slow receiver's
+    backlog neither fills the claim nor bounces in and out of it. The window
+    runs over the most overdue few thousand only; the rows are then locked
+    by id (a window function and FOR UPDATE do not mix).
+    """
     rows = await conn.fetch(
         f"""UPDATE webhook_deliveries d SET attempts = d.attempts + 1, next_attempt_at = $1::timestamptz + $3
               FROM (SELECT dd.id FROM webhook_deliveries dd
-                     WHERE dd.state = 'pending' AND dd.next_attempt_at <= $1
+                     WHERE dd.id IN (
+                           SELECT c.id FROM (
+                                  SELECT o.id, row_number() OVER (PARTITION BY o.webhook_id ORDER BY o.next_attempt_at) AS rn
+                                    FROM (SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries
+                                           WHERE state = 'pending' AND next_attempt_at <= $1
+                                             AND NOT (webhook_id = ANY($5::text[]))
+                                           ORDER BY next_attempt_at LIMIT 5000) o) c
+                            WHERE c.rn <= $4)
+                       AND dd.state = 'pending' AND dd.next_attempt_at <= $1
                      ORDER BY dd.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) due,
                    webhooks w
              WHERE d.id = due.id AND w.id = d.webhook_id
          RETURNING {", ".join("d." + c.strip() for c in _DELIVERY_COLUMNS.split(","))},
                    {", ".join("w." + c.strip() + " AS w_" + c.strip() for c in _WEBHOOK_COLUMNS.split(","))}""",
-        now, limit, lease,
+        now, limit, lease, per_webhook, list(skip_webhooks),
     )
     claimed = []
     for row in rows:
