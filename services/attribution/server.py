@@ -30,6 +30,8 @@ from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
 from services.attribution.reports.servicer import ReportServicer
 from services.attribution.tracking_servicer import TrackingServicer
+from services.attribution.webhooks import delivery as webhook_delivery
+from services.attribution.webhooks.servicer import WebhookRpcs
 from services.common.channels import open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.readiness import Probe, first_attempt, follow_dependency, postgres_probe
@@ -97,6 +99,7 @@ class AttributionService:
     fraud: FraudClient
     recorder: ConversionRecorder
     lifecycle: Lifecycle
+    webhooks: webhook_delivery.WebhookWorker
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -130,6 +133,9 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
     ]
     if settings.auto_hold_leaked_codes:
         jobs.append(follow_alerts(lifecycle, service.pool, service.fraud_channel, settings.internal_token))
+    # Webhooks (issue #18): every replica delivers; alerts become outbox events.
+    jobs.append(service.webhooks.run())
+    jobs.append(webhook_delivery.follow_alerts(service.pool, service.fraud_channel, settings.internal_token))
     return [asyncio.create_task(job) for job in jobs]
 
 
@@ -178,7 +184,8 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors)
     lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
-    catalog = CatalogServicer(pool)
+    webhook_worker = webhook_delivery.WebhookWorker(pool, settings.webhooks)
+    catalog = CatalogServicer(pool, WebhookRpcs(pool, settings.webhooks, wake=webhook_worker.wake.set))
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
     report = ReportServicer()
     experiments = ExperimentServicer(pool, experiment_cache, cache, admin_token=settings.admin_token, clock=clock)
@@ -200,7 +207,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,
-        fraud=fraud, recorder=recorder, lifecycle=lifecycle,
+        fraud=fraud, recorder=recorder, lifecycle=lifecycle, webhooks=webhook_worker,
     )
     if settings.background_jobs:
         service.tasks = _background_jobs(service)

@@ -271,3 +271,24 @@ async def test_experiments_create_show_list_result_stop(cli: Cli) -> None:
     assert "summer holdout" in await cli.ok("experiments", "result", created["id"])
     stopped = await cli.json("experiments", "stop", created["id"])
     assert stopped["status"] == "EXPERIMENT_STATUS_STOPPED"
+async def test_webhooks_from_create_to_delete(cli: Cli) -> None:
+    await campaign(cli)
+    # An address literal: no lookup, and nothing is sent (the test runs no worker).
+    created = await cli.json(
+        "webhooks", "create", "--kind", "partner_postback", "--campaign-id", "cmp",
+        "--url", "https://93.184.216.34/pb?o={order_id}&s={status}", "--event", "conversion.approved",
+    )
+    assert len(created["secret"]) >= 32 and created["http_method"] == "GET"
+    webhook_id = created["id"]
+    listed = await cli.json("webhooks", "list", "--campaign-id", "cmp")
+    assert [w["id"] for w in listed] == [webhook_id] and listed[0]["secret"] == ""
+    updated = await cli.json("webhooks", "update", webhook_id, "--disabled", "--event", "conversion.reversed")
+    assert updated["enabled"] is False and updated["events"] == ["conversion.reversed"]
+    delivery = await cli.json("webhooks", "test", webhook_id)
+    assert delivery["event"] == "test"
+    pending = await cli.json("webhooks", "deliveries", webhook_id, "--state", "pending")
+    assert [d["id"] for d in pending] == [delivery["id"]]
+    refused = await cli("webhooks", "create", "--kind", "events", "--url", "http://127.0.0.1/x", "--event", "coupon.held")
+    assert refused.exit_code == 1 and "webhook.url" in refused.output
+    deleted = await cli.json("webhooks", "delete", webhook_id)
+    assert deleted["cancelled_deliveries"] == 1
