@@ -100,6 +100,7 @@ class AttributionClient:
         self._health_deadline = settings.health_deadline_seconds
         self._metadata = bearer_metadata(settings.internal_token)
         self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
+        self._experiments = attribution_pb2_grpc.ExperimentServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
         self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
@@ -201,6 +202,13 @@ class AttributionClient:
             )
         except grpc.aio.AioRpcError as error:
             raise backend_error(error, "ReverseConversion") from None
+
+    async def assign_variant(self, request: pb.AssignVariantRequest) -> pb.AssignVariantResponse:
+        """Experiments (issue #17): the token in the request is the campaign's; no internal token needed."""
+        try:
+            return await self._experiments.AssignVariant(request, timeout=self._deadline, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "AssignVariant") from None
 
     # ------------------------------------------------------------ health
 

@@ -60,6 +60,10 @@ def _presented_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str 
     return None
 
 
+# Public for servicers that accept a token besides the interceptor's (AssignVariant).
+presented_token = _presented_token
+
+
 def token_matches(presented: str | None, expected: str) -> bool:
     """Constant-time comparison, so timing does not leak the secret."""
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
