@@ -100,9 +100,9 @@ SHED_CONNECTIONS = SHED_TOTAL.labels("connections")
 SLOW_HEADS = SHED_TOTAL.labels("slow_head")
 
 
-def busy_response(reason: str = "queue") -> web.Response:
-    """``503`` with ``Retry-After``: the caller should come back, nothing was recorded."""
-    SHED_TOTAL.labels(reason).inc()
+def busy_response() -> web.Response:
+    """``503`` with ``Retry-After`` for a request over the queue budget: come back, nothing was recorded."""
+    SHED_QUEUE.inc()
     return web.Response(
         body=_BUSY_BODY,
         status=503,
@@ -126,7 +126,7 @@ def raise_open_file_limit() -> tuple[int, int]:
 
 
 class AdmittingHandler(web_protocol.RequestHandler):
-    """aiohttp's per-connection protocol, with a deadline on request heads and the loop-lag shed."""
+    """aiohttp's per-connection protocol, with a deadline on each request head (``header_timeout_ms``)."""
 
     def __init__(self, manager: Server, *, settings: Settings, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
