@@ -199,6 +199,8 @@ class GuessState:
     blocked: bool
     retry_after_seconds: int  # until the window ends, when blocked
     misses: int
+    address_blocked: bool = False
+    customer_blocked: bool = False
 
 
 def guessing(misses: int, threshold: int) -> bool:

@@ -321,7 +321,13 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         states = await _within_deadline(context, self._engine.check_code_attempts(attempts)) if attempts else []
         return pb.CheckCodeGuessingResponse(
             states=[
-                pb.GuessingState(blocked=s.blocked, retry_after_seconds=s.retry_after_seconds, misses=s.misses)
+                pb.GuessingState(
+                    blocked=s.blocked,
+                    retry_after_seconds=s.retry_after_seconds,
+                    misses=s.misses,
+                    address_blocked=s.address_blocked,
+                    customer_blocked=s.customer_blocked,
+                )
                 for s in states
             ]
         )

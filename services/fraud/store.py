@@ -561,14 +561,22 @@ class _Guesses:
                 )
         states: list[GuessState] = []
         for subjects in self._attempts:
-            misses, left_ms, blocked = 0, 0, False
+            misses, left_ms, over = 0, 0, set()
             for subject in subjects:
                 answer = found[subject]
                 misses = max(misses, answer.misses)
                 if guessing(answer.misses, cfg.guess_threshold):
-                    blocked = True
+                    over.add(subject[:3])
                     left_ms = max(left_ms, answer.left_ms)
-            states.append(GuessState(blocked=blocked, retry_after_seconds=-(-left_ms // 1000), misses=misses))
+            states.append(
+                GuessState(
+                    blocked=bool(over),
+                    retry_after_seconds=-(-left_ms // 1000),
+                    misses=misses,
+                    address_blocked="gip" in over,
+                    customer_blocked="gcu" in over,
+                )
+            )
         return states
 
     def prepare(self) -> None:

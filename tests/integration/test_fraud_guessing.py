@@ -31,6 +31,7 @@ async def test_an_address_is_blocked_at_the_threshold_and_alerted_once(
     assert [s.blocked for s in states] == [False] * (THRESHOLD - 1) + [True] * 6
     assert [s.misses for s in states] == list(range(1, THRESHOLD + 6))
     assert 590 <= states[-1].retry_after_seconds <= 600
+    assert states[-1].address_blocked and not states[-1].customer_blocked
     # Another address, and an honest attempt (missed false) from it, are not blocked.
     other = await guess(stub, attempt(ip="198.51.100.1", missed=False), attempt(ip="198.51.100.1"))
     assert [s.blocked for s in other] == [False, False] and other[1].misses == 1
@@ -58,7 +59,7 @@ async def test_ipv6_counts_per_64_and_customer_ids_per_campaign(
     assert not (await guess(stub, attempt(ip="2001:db8:1:3::1")))[0].blocked  # another /64
 
     by_customer = await guess(stub, *[attempt(customer_id="cust-9") for _ in range(THRESHOLD)])
-    assert by_customer[-1].blocked
+    assert by_customer[-1].blocked and by_customer[-1].customer_blocked and not by_customer[-1].address_blocked
     assert not (await guess(stub, attempt(customer_id="cust-9", campaign_id="other")))[0].blocked
 
 

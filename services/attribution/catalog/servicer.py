@@ -36,9 +36,11 @@ from services.attribution.catalog.convert import (
     decode_page_token,
     encode_page_token,
 )
+from services.attribution.checkout.validator import CheckoutValidator
 from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.grpc_server import bearer_token
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -50,9 +52,20 @@ T = TypeVar("T")
 
 
 class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, validator: CheckoutValidator | None = None) -> None:
         self._pool = pool
         self._assigner = CodeAssigner(pool)
+        self._validator = validator
+
+    # ------------------------------------------------------------ checkout
+
+    async def ValidateCoupon(
+        self, request: attribution_pb2.ValidateCouponRequest, context: Context
+    ) -> attribution_pb2.ValidateCouponResponse:
+        """Open at the interceptor: the validator checks the postback token or the admin token itself."""
+        if self._validator is None:
+            raise Unavailable("checkout validation is not configured on this server")
+        return await self._validator.validate(request, bearer_token(context.invocation_metadata()), context.peer())
 
     # ------------------------------------------------------------ campaigns
 

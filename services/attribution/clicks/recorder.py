@@ -274,6 +274,7 @@ class _Judged:
     decision: ClickDecision
     reasons: list[str]
     fraud_score: int = 0
+    code_missed: bool = False  # the link's code is unknown or mistyped: counted against its IP (code guessing)
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
         click = self.click
@@ -288,6 +289,7 @@ class _Judged:
             coupon_code=click.coupon_code if click.coupon_well_formed else "",
             ip=click.ip,
             user_agent=click.user_agent,
+            code_missed=self.code_missed,
         )
         set_timestamp(request.occurred_at, click.occurred_at)
         return request
@@ -476,6 +478,7 @@ class ClickRecorder:
             tracked_code=tracked,
             decision=decision,
             reasons=reasons,
+            code_missed=bool(click.coupon_code) and click.coupon_well_formed and coupon is None,
         )
 
     async def _commit(self, rows: Sequence[Click]) -> None:

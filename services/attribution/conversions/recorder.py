@@ -33,11 +33,13 @@ from ascribe.fraud.v1 import fraud_pb2
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.catalog.store import postback_token_matches
+from services.attribution.checkout.guard import GuessGuard
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules, ids
 from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, Connection, retry_aborted
 from services.attribution.common.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
 from services.attribution.common.reasons import (
+    COUPON_MISTYPED,
     CUSTOMER_LIMIT_REACHED,
     FRAUD_UNAVAILABLE,
     UNKNOWN_COUPON,
@@ -113,8 +115,10 @@ class ConversionRecorder:
         visitors: VisitorDerivation | None = None,
         max_batch: int = 128,
         max_in_flight: int = 4,
+        guard: GuessGuard | None = None,
     ) -> None:
         self._pool = pool
+        self._guard = guard
         self._cache = cache
         self._fraud = fraud
         self.clock = clock
@@ -269,6 +273,14 @@ class ConversionRecorder:
         await self._take_limits(conn, [c for c in cases if c.standing()], clicks, coupons, verdicts)
 
         conversions = [self._conversion(case) for case in cases]
+        if self._guard is not None:
+            # A conversion with a code the campaign does not have never reaches
+            # the fraud check (it is rejected first), so its miss is counted
+            # against the customer's address and id on its own, without delaying it.
+            for case in cases:
+                item = case.input
+                if case.reasons and (UNKNOWN_COUPON in case.reasons or COUPON_MISTYPED in case.reasons):
+                    self._guard.missed_later(item.campaign_id, item.coupon_code, item.ip, item.customer_id)
         new = [c for c, case in zip(conversions, cases, strict=True) if case.previous is None]
         events = [
             store.EventRow(conversion.id, ConversionEvent(
