@@ -49,6 +49,19 @@ class BackendError(Exception):
         # Our own ASCRIBE_INTERNAL_TOKEN was refused (the status's ErrorInfo
         # says so): the gateway is misconfigured, not its caller.
         self.token_refused = token_refused
+        self.retry_after_seconds: int | None = None  # RESOURCE_EXHAUSTED's RetryInfo
+
+
+def _retry_after_from_details(error: grpc.aio.AioRpcError) -> int | None:
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return int(info.retry_delay.seconds)
+    return None
 
 
 def _field_from_details(error: grpc.aio.AioRpcError) -> str | None:
@@ -100,6 +113,7 @@ class AttributionClient:
         self._health_deadline = settings.health_deadline_seconds
         self._metadata = bearer_metadata(settings.internal_token)
         self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
+        self._catalog = attribution_pb2_grpc.CatalogServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
         self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
@@ -191,6 +205,16 @@ class AttributionClient:
             else entry_error(result.error, "RecordConversionBatch")
             for result in answer.responses
         ]
+
+    async def validate_coupon(self, request: pb.ValidateCouponRequest) -> pb.ValidateCouponResponse:
+        """Checkout validation: one unary call (no batching: a checkout waits for its own answer)."""
+        try:
+            return await self._catalog.ValidateCoupon(request, timeout=self._deadline, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            failed = backend_error(error, "ValidateCoupon")
+            if failed.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                failed.retry_after_seconds = _retry_after_from_details(error)
+            raise failed from None
 
     async def reverse_conversion(self, request: pb.ReverseConversionRequest) -> pb.Conversion:
         try:
