@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+VALIDATION_MAX_BATCH = 256
+
 
 class BackendError(Exception):
     """A failed attribution call, with what the HTTP answer needs."""
@@ -49,19 +51,7 @@ class BackendError(Exception):
         # Our own ASCRIBE_INTERNAL_TOKEN was refused (the status's ErrorInfo
         # says so): the gateway is misconfigured, not its caller.
         self.token_refused = token_refused
-        self.retry_after_seconds: int | None = None  # RESOURCE_EXHAUSTED's RetryInfo
-
-
-def _retry_after_from_details(error: grpc.aio.AioRpcError) -> int | None:
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:
-        return None
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            return int(info.retry_delay.seconds)
-    return None
+        self.retry_after_seconds: int | None = None  # with RESOURCE_EXHAUSTED: when to try again
 
 
 def _field_from_details(error: grpc.aio.AioRpcError) -> str | None:
@@ -114,6 +104,11 @@ class AttributionClient:
         self._metadata = bearer_metadata(settings.internal_token)
         self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
         self._catalog = attribution_pb2_grpc.CatalogServiceStub(channel)
+        # A checkout waits for its own answer: no linger, a call goes at once
+        # when none is in flight (ARCHITECTURE.md section 8's adaptive batching).
+        self._validations: MicroBatcher[pb.ValidateCouponRequest, pb.ValidateCouponResponse] = MicroBatcher(
+            self._flush_validations, max_batch=VALIDATION_MAX_BATCH, max_in_flight=2, name="validation"
+        )
         self._health = health_pb2_grpc.HealthStub(channel)
         self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
         self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
@@ -207,14 +202,28 @@ class AttributionClient:
         ]
 
     async def validate_coupon(self, request: pb.ValidateCouponRequest) -> pb.ValidateCouponResponse:
-        """Checkout validation: one unary call (no batching: a checkout waits for its own answer)."""
+        """Checkout validation, coalesced with concurrent ones into one ValidateCouponBatch call."""
+        return await self._validations.submit(request)
+
+    async def _flush_validations(
+        self, requests: Sequence[pb.ValidateCouponRequest]
+    ) -> list[pb.ValidateCouponResponse | BaseException]:
         try:
-            return await self._catalog.ValidateCoupon(request, timeout=self._deadline, metadata=self._metadata)
+            answer = await self._catalog.ValidateCouponBatch(
+                pb.ValidateCouponBatchRequest(requests=requests), timeout=self._deadline, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
-            failed = backend_error(error, "ValidateCoupon")
+            raise backend_error(error, "ValidateCouponBatch") from None
+        results: list[pb.ValidateCouponResponse | BaseException] = []
+        for result in answer.results:
+            if result.WhichOneof("result") == "response":
+                results.append(result.response)
+                continue
+            failed = entry_error(result.error, "ValidateCouponBatch")
             if failed.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                failed.retry_after_seconds = _retry_after_from_details(error)
-            raise failed from None
+                failed.retry_after_seconds = result.retry_after_seconds or None
+            results.append(failed)
+        return results
 
     async def reverse_conversion(self, request: pb.ReverseConversionRequest) -> pb.Conversion:
         try:
@@ -251,6 +260,7 @@ class AttributionClient:
             await self._click_stream.close(timeout=self._deadline)
         if self._conversions is not None:
             await self._conversions.close()
+        await self._validations.close()
 
 
 def open_channel(addr: str, transport: Transport) -> grpc.aio.Channel:

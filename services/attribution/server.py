@@ -52,7 +52,7 @@ RECORDING_METHODS = (
 ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
 # A shop's checkout has the campaign's postback token, not the admin token:
 # ValidateCoupon checks either itself (checkout.validator).
-SELF_AUTHORIZED_CATALOG_METHODS = ("ValidateCoupon",)
+SELF_AUTHORIZED_CATALOG_METHODS = ("ValidateCoupon", "ValidateCouponBatch")
 
 
 def required_tokens(settings: Settings) -> dict[str, str | None]:

@@ -270,3 +270,25 @@ async def test_fraud_down_validation_fails_open_within_the_deadline(world_withou
         answer = await validate(world_without_fraud, f"NOPE{i}", ip="203.0.113.1")
         assert list(answer.reasons) == ["unknown_coupon"]
     assert time.perf_counter() - started < (THRESHOLD + 5) * 0.2
+
+
+async def test_a_batch_answers_each_entry_as_if_alone(world: World) -> None:
+    await world.campaign()
+    await world.coupon("SUMMER10", allow_all_affiliates=True)
+    for i in range(THRESHOLD):
+        await validate(world, f"NOPE{i}", ip="203.0.113.77")
+    answer = await world.catalog.ValidateCouponBatch(
+        pb.ValidateCouponBatchRequest(requests=[
+            validate_request(world, "SUMMER10", ip="198.51.100.2"),
+            validate_request(world, "SUMMER10", currency="euro"),
+            validate_request(world, "SUMMER10", ip="203.0.113.77"),
+            validate_request(world, "SUMMER10", postback_token="wrong"),
+        ]),
+        timeout=10,
+    )
+    good, bad, blocked, refused = answer.results
+    assert good.response.valid
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and bad.error.field == "currency"
+    assert blocked.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert 590 <= blocked.retry_after_seconds <= 600
+    assert refused.error.code == grpc.StatusCode.UNAUTHENTICATED.value[0]

@@ -39,6 +39,7 @@ from services.attribution.catalog.convert import (
 from services.attribution.checkout.validator import CheckoutValidator
 from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
+from services.common import limits
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpc_server import bearer_token
 
@@ -66,6 +67,17 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         if self._validator is None:
             raise Unavailable("checkout validation is not configured on this server")
         return await self._validator.validate(request, bearer_token(context.invocation_metadata()), context.peer())
+
+    async def ValidateCouponBatch(
+        self, request: attribution_pb2.ValidateCouponBatchRequest, context: Context
+    ) -> attribution_pb2.ValidateCouponBatchResponse:
+        if self._validator is None:
+            raise Unavailable("checkout validation is not configured on this server")
+        if len(request.requests) > limits.VALIDATIONS_PER_BATCH:
+            raise InvalidArgument.one("requests", f"at most {limits.VALIDATIONS_PER_BATCH} requests per batch")
+        return await self._validator.validate_batch(
+            request.requests, bearer_token(context.invocation_metadata()), context.peer()
+        )
 
     # ------------------------------------------------------------ campaigns
 

@@ -10,8 +10,10 @@ sender on the guard's list.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
@@ -26,14 +28,24 @@ from services.attribution.checkout.guard import GuessGuard
 from services.attribution.checkout.rules import CheckoutInput, CheckoutJudgment, judge_checkout
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules, ids
+from services.attribution.common.batch_errors import error_proto
 from services.attribution.common.models import Affiliate, Click, Coupon
 from services.attribution.common.reasons import UNKNOWN_COUPON
 from services.attribution.common.visitor import VisitorDerivation
 from services.common import limits
-from services.common.errors import NotFound, ResourceExhausted, Unauthenticated, Violations
+from services.common.errors import (
+    DomainError,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Violations,
+)
 from services.common.grpc_server import token_matches
 from services.common.ip import normalize_ip
 from services.common.timestamps import utcnow
+
+logger = logging.getLogger(__name__)
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
@@ -186,6 +198,28 @@ class CheckoutValidator:
             # try already meets the guard.
             await self.guard.missed(campaign.id, item.code, item.ip, item.customer_id)
         return response_proto(judgment)
+
+    async def validate_batch(
+        self, requests: Sequence[pb.ValidateCouponRequest], bearer: str | None, peer: str | None
+    ) -> pb.ValidateCouponBatchResponse:
+        """Each request validated as if alone (concurrently); a failure is its entry's own."""
+        answers = await asyncio.gather(*(self.validate(r, bearer, peer) for r in requests), return_exceptions=True)
+        results = []
+        for answer in answers:
+            if isinstance(answer, pb.ValidateCouponResponse):
+                results.append(pb.ValidateCouponResult(response=answer))
+            elif isinstance(answer, DomainError):
+                result = pb.ValidateCouponResult(error=error_proto(answer))
+                if isinstance(answer, ResourceExhausted) and answer.retry_after_seconds is not None:
+                    result.retry_after_seconds = answer.retry_after_seconds
+                results.append(result)
+            elif isinstance(answer, Exception):
+                # A failed lookup (the database, a bug) fails its entry, never the batch.
+                logger.error("validation failed: %r", answer, exc_info=answer)
+                results.append(pb.ValidateCouponResult(error=error_proto(Unavailable("validation failed; retry"))))
+            else:
+                raise answer  # cancellation
+        return pb.ValidateCouponBatchResponse(results=results)
 
     def _authorized(self, postback_token: str, bearer: str | None, token_sha256: bytes) -> bool:
         """The campaign's postback token, or (without one) the admin token; no admin token set: open, as admin RPCs are."""
