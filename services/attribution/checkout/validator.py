@@ -21,7 +21,7 @@ import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
 from services.attribution.catalog.cache import CatalogCache
-from services.attribution.catalog.convert import coupon_to_proto, device_type_from_proto
+from services.attribution.catalog.convert import device_type_from_proto
 from services.attribution.catalog.store import postback_token_matches
 from services.attribution.checkout import store
 from services.attribution.checkout.guard import GuessGuard
@@ -33,6 +33,7 @@ from services.attribution.common.models import Affiliate, Click, Coupon
 from services.attribution.common.reasons import UNKNOWN_COUPON
 from services.attribution.common.visitor import VisitorDerivation
 from services.common import limits
+from services.common.enum_words import EnumWords
 from services.common.errors import (
     DomainError,
     NotFound,
@@ -43,7 +44,7 @@ from services.common.errors import (
 )
 from services.common.grpc_server import token_matches
 from services.common.ip import normalize_ip
-from services.common.timestamps import utcnow
+from services.common.timestamps import set_timestamp, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +127,23 @@ def checkout_input(request: pb.ValidateCouponRequest, at: datetime, peer: str) -
     )
 
 
+_KINDS = EnumWords(pb.CouponKind, "COUPON_KIND_")
+
+
 def response_proto(judgment: CheckoutJudgment) -> pb.ValidateCouponResponse:
-    answer = pb.ValidateCouponResponse(valid=judgment.valid, reasons=list(judgment.reasons))
-    if judgment.coupon is not None:
+    answer = pb.ValidateCouponResponse(valid=judgment.valid, reasons=judgment.reasons)
+    coupon = judgment.coupon
+    if coupon is not None:
         # What a checkout shows, not the code's whole rule set (its owners,
         # its assigned customer): the caller may hold only a shop's token.
-        full = coupon_to_proto(judgment.coupon)
-        answer.coupon.code = full.code
-        answer.coupon.campaign_id = full.campaign_id
-        answer.coupon.kind = full.kind
-        if full.HasField("remaining"):
-            answer.coupon.remaining = full.remaining
-        if full.HasField("valid_until"):
-            answer.coupon.valid_until.CopyFrom(full.valid_until)
+        shown = answer.coupon
+        shown.code = coupon.code
+        shown.campaign_id = coupon.campaign_id
+        shown.kind = _KINDS.number(coupon.kind)
+        if coupon.remaining is not None:
+            shown.remaining = coupon.remaining
+        if coupon.valid_until is not None:
+            set_timestamp(shown.valid_until, coupon.valid_until)
     return answer
 
 
