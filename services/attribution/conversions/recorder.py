@@ -234,6 +234,20 @@ class ConversionRecorder:
                 for (index, _), conversion in zip(cases, judged, strict=True):
                     results[index] = conversion
 
+        if self._guard is not None:
+            # A conversion with a code the campaign does not have never reaches
+            # the fraud check (it is rejected first), so its miss is counted
+            # against the customer's address and id on its own, once it is
+            # committed (a retried batch counts nothing twice) and without
+            # delaying the answer.
+            for index, case in cases:
+                outcome = results[index]
+                if isinstance(outcome, Conversion) and (
+                    UNKNOWN_COUPON in outcome.reasons or COUPON_MISTYPED in outcome.reasons
+                ):
+                    item = case.input
+                    self._guard.missed_later(item.campaign_id, item.coupon_code, item.ip, item.customer_id)
+
         for index in followers:
             item = inputs[index]
             leader = results[leaders[(item.campaign_id, item.order_id)]]
@@ -273,14 +287,6 @@ class ConversionRecorder:
         await self._take_limits(conn, [c for c in cases if c.standing()], clicks, coupons, verdicts)
 
         conversions = [self._conversion(case) for case in cases]
-        if self._guard is not None:
-            # A conversion with a code the campaign does not have never reaches
-            # the fraud check (it is rejected first), so its miss is counted
-            # against the customer's address and id on its own, without delaying it.
-            for case in cases:
-                item = case.input
-                if case.reasons and (UNKNOWN_COUPON in case.reasons or COUPON_MISTYPED in case.reasons):
-                    self._guard.missed_later(item.campaign_id, item.coupon_code, item.ip, item.customer_id)
         new = [c for c, case in zip(conversions, cases, strict=True) if case.previous is None]
         events = [
             store.EventRow(conversion.id, ConversionEvent(
