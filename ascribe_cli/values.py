@@ -133,8 +133,15 @@ class Device(StrEnum):
     other = "other"
 
 
+class SegmentBy(StrEnum):
+    device = "device"
+    country = "country"
+    channel = "channel"
+
+
 # Each word enum beside the proto enum it stands for.
 PROTO_ENUMS: dict[type[Enum], EnumDescriptor] = {
+    SegmentBy: pb.ExperimentSegmentBy.DESCRIPTOR,
     CampaignStatus: pb.CampaignStatus.DESCRIPTOR,
     AffiliateStatus: pb.AffiliateStatus.DESCRIPTOR,
     CouponStatus: pb.CouponStatus.DESCRIPTOR,

@@ -464,6 +464,7 @@ FRAUD_PEAK_GOAL = Goal(">= 2,500/s", "throughput", ">=", 2500)
 FRAUD_BATCH_GOAL = Goal(">= 20,000 checks/s", "throughput", ">=", 20000)
 REDIS_BYTES_GOAL = Goal("<= 100 bytes/click", "cpu_us_per_event", "<=", 100)
 VISITOR_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
+ASSIGNMENT_GOAL = Goal("<= 10 µs CPU/click", "cpu_us_per_event", "<=", 10)
 RESCORE_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
 RESCORE_LIVE_GOAL = Goal("p99 <= 100 ms", "p99_ms", "<=", 100)
 IP_LOOKUP_GOAL = Goal("<= 5 µs per lookup (p99)", "p99_ms", "<=", 0.005)
@@ -1001,10 +1002,19 @@ class Runner:
             result.note += "; CPU shared with the other live load"
         return results
 
+    # (h) --------------------------------------------------------------
+    def experiments(self) -> None:
+        """Issue #17: what assigning a click to an experiment's arm costs the click path."""
+        import uvloop
+
+        for result in uvloop.run(experiment_assignment_cases()):
+            self.add(result)
+
     def run(self) -> dict[str, CaseResult]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
             ("d", self.fraud), ("e", self.store), ("f", self.generate), ("g", self.rescore),
+            ("h", self.experiments),
         ]
         for prefix, step in steps:
             if self.wanted(prefix):
@@ -1635,3 +1645,71 @@ async def store_cases(env: BenchEnv, mode: Mode, real: StoreFactory | None, real
 
 async def _noop() -> None:
     return None
+
+
+async def experiment_assignment_cases(samples: int = 100_000) -> list[CaseResult]:
+    """The click path's experiment hook (``ClickAssigner.assign``), in this process, one click at a time.
+
+    Two cases side by side: a code under a running experiment (a visitor key
+    from the IP and user agent, the keyed hash), and the reference, a code
+    with no experiment (what every other click pays for the hook). The open
+    experiments come from the in-memory set, as on the click path between
+    reloads; 500 experiments are open, so the lookup is not a one-entry dict.
+    """
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from bench.loadgen import USER_AGENTS
+    from services.attribution.experiments.assignment import ClickAssigner, ExperimentCache
+    from services.attribution.experiments.rules import Experiment
+
+    now = datetime.now(UTC)
+    experiments = {
+        ("cmp", f"CODE{n}"): Experiment(
+            id=f"exp_{n:016d}", campaign_id="cmp", coupon_code=f"CODE{n}", name="", holdout_percent=30,
+            starts_at=now - timedelta(days=1), ends_at=None, min_detectable_effect=0.01, margin_percent=None,
+            created_at=now,
+        )
+        for n in range(500)
+    }
+
+    class Loaded(ExperimentCache):
+        async def _load(self) -> dict[tuple[str, str], Experiment]:
+            return experiments
+
+    assigner = ClickAssigner(None, Loaded(None, ttl_seconds=3600))  # type: ignore[arg-type]  # never queries
+    rng = random.Random(17)
+    visitors = [
+        (f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+         rng.choice(USER_AGENTS))
+        for _ in range(samples)
+    ]
+    timer = time.perf_counter_ns
+    results = []
+    for key, title, code in (
+        ("h.assignment", "experiment assignment of a click (code under experiment)", "CODE7"),
+        ("h.assignment_none", "experiment hook on a click whose code has no experiment (reference)", "OTHER"),
+    ):
+        await assigner.assign(campaign_id="cmp", tracked_code=code, decision="accepted", vid="", ip="", user_agent="",
+                              at=now)  # loads the set once
+        durations = []
+        joined = 0
+        cpu_before = time.process_time()
+        for ip, user_agent in visitors:
+            started = timer()
+            arm = await assigner.assign(
+                campaign_id="cmp", tracked_code=code, decision="accepted", vid="", ip=ip, user_agent=user_agent,
+                at=now,
+            )
+            durations.append(timer() - started)
+            joined += arm is not None and arm.holdout
+        cpu = time.process_time() - cpu_before
+        results.append(_timed_in_process(
+            key, title, "clicks/s", durations, cpu, ASSIGNMENT_GOAL,
+            f"{samples:,} clicks, {joined:,} in control",
+        ))
+    results[0].reference = "h.assignment_none"
+    results[0].ratio_of = "cpu_us_per_event"
+    if results[1].cpu_us_per_event:
+        results[0].ratio = round((results[0].cpu_us_per_event or 0) / results[1].cpu_us_per_event, 3)
+    return results

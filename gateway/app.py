@@ -36,8 +36,9 @@ from gateway.params import (
     postback_token,
     reversal_request,
     validation_request,
+    variant_request,
 )
-from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
+from gateway.render import ARM_WORDS, DECISION_WORDS, STATUS_WORDS, render_conversion
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ VALIDATION_FIELDS = {
     "skus": "sku",
     "postback_token": "token",
 }
+VARIANT_FIELDS = {"postback_token": "token"}
 
 
 def http_field(field: str | None, names: dict[str, str]) -> str | None:
@@ -309,6 +311,29 @@ class Gateway:
             body["remaining"] = answer.coupon.remaining
         return json_response(body)
 
+    # ------------------------------------------------------------ experiments (issue #17)
+
+    async def variant(self, request: web.Request) -> web.StreamResponse:
+        """The unit's arm and, for treatment, the code to show; the exposure is recorded once."""
+        try:
+            params = parse_urlencoded(request.rel_url.raw_query_string)
+            token = postback_token(request.headers.get("X-Ascribe-Token"), params)
+            rpc_request = variant_request(params, token)
+        except ParamError as error:
+            return param_error_response(error)
+        try:
+            answer = await self._client().assign_variant(rpc_request)
+        except BackendError as error:
+            return backend_response(error, VARIANT_FIELDS)
+        body: dict[str, Any] = {
+            "experiment_id": answer.experiment_id,
+            "unit_id": answer.unit_id,
+            "arm": ARM_WORDS.shown(answer.arm),
+        }
+        if answer.coupon_code:
+            body["coupon"] = answer.coupon_code
+        return json_response(body)
+
     # ------------------------------------------------------------ operations
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
@@ -384,6 +409,7 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
     app.router.add_get("/openapi.json", guarded(gateway.openapi, "/openapi.json"))
+    app.router.add_get("/variant", guarded(gateway.variant, "/variant"), allow_head=False)
     # Last: the router tries a path's own resource first, so this only takes
     # what no route above does (404, or 405 on a known path). /metrics is one
     # of those 404s: it lives on ASCRIBE_GATEWAY_METRICS_PORT (gateway.metrics).

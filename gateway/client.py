@@ -109,6 +109,7 @@ class AttributionClient:
         self._validations: MicroBatcher[pb.ValidateCouponRequest, pb.ValidateCouponResponse] = MicroBatcher(
             self._flush_validations, max_batch=VALIDATION_MAX_BATCH, max_in_flight=2, name="validation"
         )
+        self._experiments = attribution_pb2_grpc.ExperimentServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
         self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
@@ -232,6 +233,13 @@ class AttributionClient:
             )
         except grpc.aio.AioRpcError as error:
             raise backend_error(error, "ReverseConversion") from None
+
+    async def assign_variant(self, request: pb.AssignVariantRequest) -> pb.AssignVariantResponse:
+        """Experiments (issue #17): the token in the request is the campaign's; no internal token needed."""
+        try:
+            return await self._experiments.AssignVariant(request, timeout=self._deadline, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "AssignVariant") from None
 
     # ------------------------------------------------------------ health
 

@@ -293,6 +293,16 @@ def click_request(params: Params, *, ip: str, user_agent: str, referer: str) -> 
         ip=ip,
         user_agent=check_text("user_agent", user_agent, limits.USER_AGENT),
         referer=header_text_lenient(referer, limits.REFERER),
+        vid=get_one(params, "vid", limits.VISITOR_ID),
+    )
+
+
+def variant_request(params: Params, token: str) -> pb.AssignVariantRequest:
+    """``GET /variant`` (issue #17): the unit's arm of a running experiment."""
+    return pb.AssignVariantRequest(
+        experiment_id=get_one(params, "experiment_id", limits.CAMPAIGN_ID, required=True),
+        unit_id=get_one(params, "unit_id", limits.UNIT_ID, required=True),
+        postback_token=token,
     )
 
 

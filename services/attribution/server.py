@@ -24,6 +24,8 @@ from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.config import Settings
 from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.servicer import ConversionRpcs
+from services.attribution.experiments.assignment import ClickAssigner, ExperimentCache
+from services.attribution.experiments.servicer import ExperimentServicer
 from services.attribution.fraud_client import FraudClient
 from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
 from services.attribution.metrics import POOLS
@@ -53,6 +55,10 @@ ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions"
 # A shop's checkout has the campaign's postback token, not the admin token:
 # ValidateCoupon checks either itself (checkout.validator).
 SELF_AUTHORIZED_CATALOG_METHODS = ("ValidateCoupon", "ValidateCouponBatch")
+# Experiments (issue #17): admin, except AssignVariant, which checks the
+# campaign's postback token (or the admin token) itself.
+EXPERIMENT_SERVICE = f"{_PACKAGE}.ExperimentService"
+EXPERIMENT_SHOP_METHODS = ("AssignVariant",)
 
 
 def required_tokens(settings: Settings) -> dict[str, str | None]:
@@ -68,6 +74,9 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
         tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.admin_token
     for name in RECORDING_METHODS:
         tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.internal_token
+    for method in attribution_pb2.DESCRIPTOR.services_by_name["ExperimentService"].methods:
+        if method.name not in EXPERIMENT_SHOP_METHODS:
+            tokens[f"/{EXPERIMENT_SERVICE}/{method.name}"] = settings.admin_token
     return tokens
 
 
@@ -172,7 +181,10 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
     visitors = VisitorDerivation(settings.geoip_db)
     logger.info("visitor countries from %s", visitors.source)
-    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud, visitors=visitors))
+    experiment_cache = ExperimentCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
+    clicks = ClickRpcs(
+        ClickRecorder(pool, cache, fraud, visitors=visitors, experiments=ClickAssigner(pool, experiment_cache))
+    )
     guard = GuessGuard(fraud)
     recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors, guard=guard)
     lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
@@ -181,16 +193,18 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
     report = ReportServicer()
+    experiments = ExperimentServicer(pool, experiment_cache, cache, admin_token=settings.admin_token, clock=clock)
 
     def register(server: grpc.aio.Server) -> None:
         attribution_pb2_grpc.add_CatalogServiceServicer_to_server(catalog, server)
         attribution_pb2_grpc.add_TrackingServiceServicer_to_server(tracking, server)
         attribution_pb2_grpc.add_ReportServiceServicer_to_server(report, server)
+        attribution_pb2_grpc.add_ExperimentServiceServicer_to_server(experiments, server)
 
     running = await start_server(
         name="attribution",
         addr=settings.addr,
-        service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE, EXPERIMENT_SERVICE],
         register=register,
         interceptor=ServerInterceptor(required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE),
         transport=settings.transport,
@@ -204,7 +218,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         service.tasks = _background_jobs(service)
     # A pooled connection may still answer a stopped postmaster: the probe connects afresh.
     service.tasks.append(await follow_dependency(
-        running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE, EXPERIMENT_SERVICE],
         postgres_probe(settings.database_url), "PostgreSQL", prepare=pending,
     ))
     return service

@@ -59,9 +59,8 @@ def _presented_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str 
     return None
 
 
-def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The bearer token a call presented (for a method that checks it itself, e.g. ValidateCoupon)."""
-    return _presented_token(metadata)
+# Public for servicers that accept a token besides the interceptor's (AssignVariant).
+presented_token = _presented_token
 
 
 def token_matches(presented: str | None, expected: str) -> bool:

@@ -249,6 +249,30 @@ async def test_the_cli_speaks_mutual_tls_with_the_services_settings(database_url
         await service.stop(0.5)
 
 
+async def test_experiments_create_show_list_result_stop(cli: Cli) -> None:
+    await campaign(cli)
+    await cli.ok("coupons", "create", "cmp", "SUMMER10")
+    created = await cli.json(
+        "experiments", "create", "--campaign", "cmp", "--code", "summer10", "--holdout", "30", "--margin", "40",
+        "--name", "summer holdout",
+    )
+    assert created["coupon_code"] == "SUMMER10" and created["holdout_percent"] == 30
+    assert created["status"] == "EXPERIMENT_STATUS_RUNNING"
+    again = await cli("experiments", "create", "--campaign", "cmp", "--code", "SUMMER10", "--holdout", "10")
+    assert again.exit_code == 1 and "ALREADY_EXISTS" in again.stderr
+    bad = await cli("experiments", "create", "--campaign", "cmp", "--code", "SUMMER10", "--holdout", "60")
+    assert bad.exit_code == 2  # typer's range check, before any call
+    assert (await cli.json("experiments", "show", created["id"]))["name"] == "summer holdout"
+    rows = list(csv.DictReader(io.StringIO(await cli.ok("experiments", "list", "--campaign", "cmp", "-f", "csv"))))
+    assert [r["id"] for r in rows] == [created["id"]]
+    result = await cli.json("experiments", "result", created["id"], "--segment-by", "device")
+    assert [a["arm"] for a in result["arms"]] == ["EXPERIMENT_ARM_TREATMENT", "EXPERIMENT_ARM_CONTROL"]
+    assert result.get("ready", False) is False and result["currency"] == "EUR"
+    assert "summer holdout" in await cli.ok("experiments", "result", created["id"])
+    stopped = await cli.json("experiments", "stop", created["id"])
+    assert stopped["status"] == "EXPERIMENT_STATUS_STOPPED"
+
+
 async def test_coupons_validate_answers_a_checkout_in_each_format(cli: Cli) -> None:
     created = await campaign(cli)
     await cli.ok("coupons", "create", "cmp", "summer10", "--all-affiliates", "--usage-limit", "150",

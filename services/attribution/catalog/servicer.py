@@ -41,7 +41,7 @@ from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
 from services.common import limits
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.grpc_server import bearer_token
+from services.common.grpc_server import presented_token
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -66,7 +66,7 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         """Open at the interceptor: the validator checks the postback token or the admin token itself."""
         if self._validator is None:
             raise Unavailable("checkout validation is not configured on this server")
-        return await self._validator.validate(request, bearer_token(context.invocation_metadata()), context.peer())
+        return await self._validator.validate(request, presented_token(context.invocation_metadata()), context.peer())
 
     async def ValidateCouponBatch(
         self, request: attribution_pb2.ValidateCouponBatchRequest, context: Context
@@ -76,7 +76,7 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         if len(request.requests) > limits.VALIDATIONS_PER_BATCH:
             raise InvalidArgument.one("requests", f"at most {limits.VALIDATIONS_PER_BATCH} requests per batch")
         return await self._validator.validate_batch(
-            request.requests, bearer_token(context.invocation_metadata()), context.peer()
+            request.requests, presented_token(context.invocation_metadata()), context.peer()
         )
 
     # ------------------------------------------------------------ campaigns

@@ -45,11 +45,14 @@ from services.attribution.common.models import Campaign, Click, ClickDecision, D
 from services.attribution.common.reasons import (
     AFFILIATE_INACTIVE,
     CAMPAIGN_INACTIVE,
+    EXPERIMENT_HOLDOUT,
     FRAUD_UNAVAILABLE,
     UNKNOWN_AFFILIATE,
     UNKNOWN_COUPON,
 )
 from services.attribution.common.visitor import VisitorDerivation
+from services.attribution.experiments import store as experiment_store
+from services.attribution.experiments.assignment import ClickArm, ClickAssigner
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.metrics import (
     CLICK_FLUSH_FAILURES_TOTAL,
@@ -98,6 +101,7 @@ class ClickInput:
     referer: str = ""
     country: str = ""
     occurred_at: datetime | None = None  # None: now
+    vid: str = ""  # the visitor key of experiments (issue #17)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,7 @@ class ValidClick:
     # False for a code no coupon can have (``SAVE 10``): the click is still
     # recorded and redirected, with the code untracked as ``unknown_coupon``.
     coupon_well_formed: bool = True
+    vid: str = ""
 
 
 def _too_long(value: str, max_bytes: int) -> bool:
@@ -162,6 +167,8 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
             violations.add("ip", "not an IP address")
     if inp.user_agent:
         _check_text(violations, "user_agent", inp.user_agent, limits.USER_AGENT)
+    if inp.vid:
+        _check_text(violations, "vid", inp.vid, limits.VISITOR_ID)
     # The Referer is a browser header, not an affiliate's parameter: an overlong
     # one is cut rather than costing the visitor the redirect.
     referer = inp.referer[: limits.REFERER]
@@ -188,6 +195,7 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
         country=country,
         occurred_at=occurred_at,
         coupon_well_formed=not code or is_valid_code(code),
+        vid=inp.vid,
     )
 
 
@@ -274,6 +282,7 @@ class _Judged:
     decision: ClickDecision
     reasons: list[str]
     fraud_score: int = 0
+    arm: ClickArm | None = None  # the experiment arm it joined (issue #17)
     code_missed: bool = False  # the link's code is unknown or mistyped: counted against its IP (code guessing)
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
@@ -318,6 +327,9 @@ class _Judged:
             reasons=tuple(self.reasons),
             fraud_score=self.fraud_score,
             device_type=click.device_type,
+            experiment_id=self.arm.experiment_id if self.arm else None,
+            experiment_arm=self.arm.arm if self.arm else None,
+            experiment_unit=self.arm.unit_key if self.arm else None,
         )
 
     def outcome(self) -> ClickOutcome:
@@ -325,8 +337,17 @@ class _Judged:
             click_id=self.click_id,
             decision=self.decision,
             reasons=tuple(self.reasons),
-            redirect_url=redirect_url(self.campaign.landing_url, self.click_id, self.click.coupon_code),
+            redirect_url=redirect_url(
+                self.campaign.landing_url, self.click_id, "" if self.arm and self.arm.holdout else self.click.coupon_code
+            ),
         )
+
+    def join(self, arm: ClickArm | None) -> None:
+        """Joins an experiment's arm: control (the holdout) loses the code, in the row and the redirect."""
+        self.arm = arm
+        if arm is not None and arm.holdout:
+            self.tracked_code = ""
+            self.reasons.append(EXPERIMENT_HOLDOUT)
 
 
 class ClickRecorder:
@@ -339,6 +360,7 @@ class ClickRecorder:
         fraud: FraudClient,
         *,
         visitors: VisitorDerivation | None = None,
+        experiments: ClickAssigner | None = None,
         max_rpcs_per_flush: int = 256,
         flushes_in_flight: int = 1,
     ) -> None:
@@ -346,6 +368,7 @@ class ClickRecorder:
         self._cache = cache
         self._fraud = fraud
         self._visitors = visitors or VisitorDerivation()
+        self._experiments = experiments
         # The writer keeps its connections: giving one back to the pool costs
         # a reset round trip, once per flush otherwise.
         self._writer_conns: list[PoolConnectionProxy] = []
@@ -363,6 +386,7 @@ class ClickRecorder:
         judged = await self._judge(inp, utcnow())
         if judged.decision != "rejected":
             judged.apply(await self._fraud.check_click(judged.fraud_request()))
+        await self._join_experiment(judged)
         await self._commit([judged.row()])
         _CLICKS_BY_DECISION[judged.decision].inc()
         outcome = judged.outcome()
@@ -392,6 +416,8 @@ class ClickRecorder:
             verdicts = await self._fraud.check_clicks([j.fraud_request() for j in to_check])
             for item, verdict in zip(to_check, verdicts, strict=True):
                 item.apply(verdict)
+        for item in judged:
+            await self._join_experiment(item)
         if judged:
             await self._commit([j.row() for j in judged])
         for item in judged:
@@ -413,7 +439,24 @@ class ClickRecorder:
             raise Unavailable("the click store is unavailable") from None
         if click is None:
             raise NotFound(f"click {click_id} not found")
+        if self._experiments is not None:
+            click = await self._experiments.with_arm(click)
         return click
+
+    async def _join_experiment(self, judged: _Judged) -> None:
+        """Issue #17's one hook: the arm of a judged click (after fraud, before the commit)."""
+        if self._experiments is not None:
+            judged.join(
+                await self._experiments.assign(
+                    campaign_id=judged.click.campaign_id,
+                    tracked_code=judged.tracked_code,
+                    decision=judged.decision,
+                    vid=judged.click.vid,
+                    ip=judged.click.ip,
+                    user_agent=judged.click.user_agent,
+                    at=judged.click.occurred_at,
+                )
+            )
 
     async def close(self) -> None:
         """Waits for the group commits in flight (their callers are still waiting)."""
@@ -491,7 +534,14 @@ class ClickRecorder:
         conn: PoolConnectionProxy | None = None
         try:
             conn = await self._writer_connection()
-            await store.insert_clicks(conn, rows)
+            in_experiments = [row for row in rows if row.experiment_arm]
+            if in_experiments:
+                # A click and its arm are committed together or not at all.
+                async with conn.transaction():
+                    await store.insert_clicks(conn, rows)
+                    await experiment_store.insert_click_arms(conn, in_experiments)
+            else:
+                await store.insert_clicks(conn, rows)
         except Exception as error:  # each waiting caller gets UNAVAILABLE
             CLICK_FLUSH_FAILURES_TOTAL.inc()
             logger.error("group commit of %d clicks failed: %r", len(rows), error)
