@@ -50,7 +50,7 @@ def test_the_subtotal_before_the_discount_meets_the_minimum_and_a_hold_is_valid(
 
 def test_an_affiliate_without_a_click_is_held_to_the_code_s_access() -> None:
     selected = Coupon("cmp", "SUMMER10", affiliate_ids=("ann", "bob"))
-    ann = {"ann": Affiliate(id="ann", name="Ann", channel="social")}
+    ann: dict[str, Affiliate | None] = {"ann": Affiliate(id="ann", name="Ann", channel="social")}
     assert judge(selected, affiliates=ann, affiliate_id="ann") == (True, [])
     assert judge(selected, affiliates=ann, affiliate_id="eve") == (False, ["affiliate_not_allowed"])
     assert judge(Coupon("cmp", "SUMMER10", allow_all_affiliates=True), affiliate_id="eve") == (True, [])
