@@ -104,10 +104,12 @@ class AttributionClient:
         self._metadata = bearer_metadata(settings.internal_token)
         self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
         self._catalog = attribution_pb2_grpc.CatalogServiceStub(channel)
-        # A checkout waits for its own answer: no linger, a call goes at once
-        # when none is in flight (ARCHITECTURE.md section 8's adaptive batching).
+        # Concurrent checkouts share a call (ARCHITECTURE.md section 8's
+        # adaptive batching); a short linger makes the batches worth a call at
+        # moderate rates too, where each would otherwise go nearly alone.
         self._validations: MicroBatcher[pb.ValidateCouponRequest, pb.ValidateCouponResponse] = MicroBatcher(
-            self._flush_validations, max_batch=VALIDATION_MAX_BATCH, max_in_flight=2, name="validation"
+            self._flush_validations, max_batch=VALIDATION_MAX_BATCH, max_in_flight=2, name="validation",
+            min_interval=settings.validate_linger_ms / 1000,
         )
         self._experiments = attribution_pb2_grpc.ExperimentServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
