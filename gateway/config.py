@@ -60,7 +60,7 @@ class Settings:
     # A click batch starts no sooner than this after the previous one (0: as
     # soon as none is in flight). See MicroBatcher's min_interval.
     click_linger_ms: int = 12
-    validate_linger_ms: int = 5  # checkout validations: batches to the attribution service at most this often
+    validate_linger_ms: int = 12  # checkout validations: batches to the attribution service at most this often
     batch_conversions: bool = True
     conversion_max_batch: int = 128
     # Click batches in flight at once (the linger keeps them few and full).
