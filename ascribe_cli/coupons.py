@@ -7,12 +7,16 @@ for its template.
 
 from __future__ import annotations
 
+import csv
+import json
 from enum import StrEnum
 from typing import Annotated
 
 import typer
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.field_mask_pb2 import FieldMask
+from rich.table import Table
+from rich.text import Text
 
 from ascribe_cli.client import PAGE_SIZE, every_page
 from ascribe_cli.common import (
@@ -30,8 +34,8 @@ from ascribe_cli.common import (
     PageSizeOption,
     connect,
 )
-from ascribe_cli.output import Format, write_list, write_one
-from ascribe_cli.values import CouponKind, CouponStatus, Device
+from ascribe_cli.output import Format, csv_cell, human, stdout, table_console, write_list, write_one
+from ascribe_cli.values import CouponKind, CouponStatus, Device, enum_number
 
 app = typer.Typer(help="Coupon codes of a campaign, with their rules.", no_args_is_help=True)
 
@@ -240,3 +244,65 @@ def update(
     with connect(ctx) as client:
         updated = client.call(client.catalog.UpdateCoupon, request)
     write_one(updated, fmt)
+
+
+VALIDATION_COLUMNS = ("valid", "reasons", "code", "kind", "remaining", "valid_until")
+
+
+@app.command()
+def validate(
+    ctx: typer.Context,
+    campaign_id: CampaignArgument,
+    code: CodeArgument,
+    amount: Annotated[int, typer.Option(parser=MONEY, metavar="AMOUNT", help=f"the cart subtotal before the discount: {MONEY_HELP}")],
+    currency: Annotated[str, typer.Option(help="ISO 4217 code of the cart, e.g. EUR")],
+    customer: Annotated[str, typer.Option(help="the shop's customer id (per-customer limits, assigned codes)")] = "",
+    sku: Annotated[list[str] | None, typer.Option("--sku", help="a SKU in the cart (repeat)")] = None,
+    country: Annotated[str, typer.Option(help="the customer's country (ISO 3166-1 alpha-2)")] = "",
+    device: Annotated[Device | None, typer.Option(help="the customer's device")] = None,
+    ip: Annotated[str, typer.Option(help="the customer's IP: unknown codes are counted against it")] = "",
+    affiliate: Annotated[str, typer.Option(help="the affiliate the customer came from")] = "",
+    click: Annotated[str, typer.Option(help="the click id from the landing URL")] = "",
+    token: Annotated[
+        str, typer.Option(envvar="ASCRIBE_POSTBACK_TOKEN", help="the campaign's postback token (else the admin token)")
+    ] = "",
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Would this code be accepted for this cart? A checkout's dry run: no use is taken."""
+    request = pb.ValidateCouponRequest(
+        campaign_id=campaign_id, code=code, amount_micros=amount, currency=currency, customer_id=customer,
+        skus=sku or [], country=country, ip=ip, affiliate_id=affiliate, click_id=click, postback_token=token,
+    )
+    if device is not None:
+        request.device_type = enum_number(device)  # type: ignore[assignment]
+    with connect(ctx) as client:
+        answer = client.call(client.catalog.ValidateCoupon, request)
+    # One flat record: the answer and what a checkout shows of the code.
+    flat = pb.Coupon()
+    flat.CopyFrom(answer.coupon)
+    row = {
+        "valid": answer.valid,
+        "reasons": list(answer.reasons),
+        "code": flat.code,
+        "kind": human(flat, "kind") if answer.HasField("coupon") else "",
+        "remaining": (flat.remaining if flat.HasField("remaining") else None) if answer.HasField("coupon") else None,
+        "valid_until": human(flat, "valid_until"),
+    }
+    out = stdout()
+    if fmt is Format.json:
+        out.write(json.dumps(row, indent=2, ensure_ascii=False) + "\n")
+    elif fmt is Format.csv:
+        writer = csv.writer(out)
+        writer.writerow(VALIDATION_COLUMNS)
+        writer.writerow([csv_cell(row[name]) for name in VALIDATION_COLUMNS])
+    else:
+        shown = dict(row, valid="yes" if answer.valid else "no", reasons=", ".join(answer.reasons))
+        if answer.HasField("coupon") and shown["remaining"] is None:
+            shown["remaining"] = "unlimited"
+        table = Table(show_header=False)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for name in VALIDATION_COLUMNS:
+            value = shown[name]
+            table.add_row(Text(name), Text("" if value is None else str(value)))
+        table_console(out).print(table)

@@ -452,6 +452,9 @@ def rpc_reason(error: grpc.RpcError, what: str) -> str:
 CLICK_PEAK_GOAL = Goal(">= 2,000/s", "throughput", ">=", 2000)
 CLICK_P99_GOAL = Goal("p99 <= 25 ms at 1,000/s", "p99_ms", "<=", 25)
 CLICK_CPU_GOAL = Goal("<= 700 µs CPU/click", "cpu_us_per_event", "<=", 700)
+# Checkout validation (issue 15): against the click path measured in the same run.
+VALIDATE_PEAK_GOAL = Goal(">= the click path's peak", "ratio", ">=", 1.0)
+VALIDATE_P99_GOAL = Goal("p99 at 1,000/s <= the click path's", "ratio", "<=", 1.0)
 CONV_MANY_GOAL = Goal(">= 1,500/s", "throughput", ">=", 1500)
 CONV_HOT_GOAL = Goal(">= 1,000/s", "throughput", ">=", 1000)
 STORE_GOAL = Goal(">= 10x naive", "ratio", ">=", 10)
@@ -615,6 +618,33 @@ class Runner:
         self.ratio(steady, "a.reference_302_1000", of="cpu_us_per_event")
         self.add(steady)
         self.add(visitor_derivation_case())
+        self.validations()
+
+    def validations(self) -> None:
+        """GET /validate (checkout dry runs) beside the click cases of the same run."""
+        peak_title = "checkout validations (GET /validate), peak"
+        open_title = "checkout validations (GET /validate) at 1,000/s"
+        reason = self.service_missing("fraud", "attribution", "gateway") or self.ensure_catalog()
+        if reason:
+            self.add(unavailable("b.validate_peak", peak_title, reason, [VALIDATE_PEAK_GOAL]))
+            self.add(unavailable("b.validate_1000", open_title, reason, [VALIDATE_P99_GOAL]))
+            return
+        assert self.env.stack is not None and self.catalog is not None
+        params = {"campaign_id": self.catalog.campaign_id, "token": self.catalog.token, "codes": self.catalog.codes}
+        base = {"kind": "validate", "target": self.env.stack.gateway_url, "params": params}
+        peak = self.load_case(
+            "b.validate_peak", peak_title,
+            {**base, "mode": "closed", "concurrency": self.mode.concurrency},
+            ok=lambda o: o == "200:valid", goals=[VALIDATE_PEAK_GOAL], unit="validations/s",
+        )
+        self.ratio(peak, "b.clicks_peak")
+        self.add(peak)
+        steady = self.load_case(
+            "b.validate_1000", open_title, {**base, "mode": "open", "rate": self.mode.open_rate},
+            ok=lambda o: o == "200:valid", goals=[VALIDATE_P99_GOAL], unit="validations/s",
+        )
+        self.ratio(steady, "b.clicks_1000", of="p99_ms")
+        self.add(steady)
 
     # (c) --------------------------------------------------------------
     def conversions(self) -> None:

@@ -68,7 +68,7 @@ class Target(Protocol):
 
 @dataclass
 class HttpTarget:
-    """GET /click (gateway or the reference handler) or POST /postback."""
+    """GET /click (gateway or the reference handler), POST /postback or GET /validate."""
 
     spec: dict[str, Any]
     events_per_call: int = 1
@@ -107,6 +107,28 @@ class HttpTarget:
                 headers={"X-Forwarded-For": ip, "User-Agent": ua},
             ) as reply:
                 await reply.read()
+                return str(reply.status)
+        if self.kind == "validate":
+            # A checkout asking about a real code for one of many customers
+            # (each with its own address, as a shop's server sends them).
+            query = urlencode({
+                "campaign_id": self.params["campaign_id"],
+                "coupon": self.codes[i % len(self.codes)],
+                "amount": "49.90",
+                "currency": self.params.get("currency", "EUR"),
+                "customer_id": f"cust-{self.prefix}-{i % 5000}",
+                "ip": ip,
+                "ua": ua,
+            })
+            async with self.session.get(
+                f"{self.base}/validate?{query}", headers={"X-Ascribe-Token": self.params["token"]}
+            ) as reply:
+                body = await reply.read()
+                if reply.status == 200:
+                    try:
+                        return "200:valid" if json.loads(body).get("valid") else "200:invalid"
+                    except ValueError:
+                        return "200:unparsable"
                 return str(reply.status)
         query = urlencode({
             "campaign_id": self.params["campaign_id"],

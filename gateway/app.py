@@ -35,6 +35,7 @@ from gateway.params import (
     postback_event,
     postback_token,
     reversal_request,
+    validation_request,
     variant_request,
 )
 from gateway.render import ARM_WORDS, DECISION_WORDS, STATUS_WORDS, render_conversion
@@ -117,6 +118,15 @@ CONVERSION_FIELDS = {
     "postback_token": "token",
 }
 REVERSAL_FIELDS = {"amount_micros": "amount", "postback_token": "token"}
+VALIDATION_FIELDS = {
+    "code": "coupon",
+    "amount_micros": "amount",
+    "affiliate_id": "aff_id",
+    "user_agent": "ua",
+    "device_type": "device",
+    "skus": "sku",
+    "postback_token": "token",
+}
 VARIANT_FIELDS = {"postback_token": "token"}
 
 
@@ -275,6 +285,33 @@ class Gateway:
         counter.inc()
         return json_response(body)
 
+    # ------------------------------------------------------------ checkout validation
+
+    async def validate(self, request: web.Request) -> web.StreamResponse:
+        """``GET /validate``: would this code be accepted for this cart? No use is taken."""
+        headers = request.headers
+        try:
+            params = parse_urlencoded(request.rel_url.raw_query_string)
+            token = postback_token(headers.get("X-Ascribe-Token"), params)
+            client_ip = self._ips.resolve(request.remote, headers.getall("X-Forwarded-For", ()))
+            rpc_request = validation_request(params, token, client_ip=client_ip)
+        except ParamError as error:
+            return param_error_response(error)
+        try:
+            answer = await self._client().validate_coupon(rpc_request)
+        except BackendError as error:
+            if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # A customer address (or id) that guesses codes: refused
+                # without a database query until its window ends.
+                response = error_response(429, "too_many_requests", error.message)
+                response.headers["Retry-After"] = str(error.retry_after_seconds or 60)
+                return response
+            return backend_response(error, VALIDATION_FIELDS)
+        body: dict[str, object] = {"valid": answer.valid, "reasons": list(answer.reasons)}
+        if answer.HasField("coupon") and answer.coupon.HasField("remaining"):
+            body["remaining"] = answer.coupon.remaining
+        return json_response(body)
+
     # ------------------------------------------------------------ experiments (issue #17)
 
     async def variant(self, request: web.Request) -> web.StreamResponse:
@@ -371,6 +408,7 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     postback = guarded(gateway.postback, "/postback")
     app.router.add_route("GET", "/postback", postback)
     app.router.add_route("POST", "/postback", postback)
+    app.router.add_get("/validate", guarded(gateway.validate, "/validate"), allow_head=False)
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
     app.router.add_get("/openapi.json", guarded(gateway.openapi, "/openapi.json"))

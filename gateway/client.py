@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+VALIDATION_MAX_BATCH = 256
+
 
 class BackendError(Exception):
     """A failed attribution call, with what the HTTP answer needs."""
@@ -49,6 +51,7 @@ class BackendError(Exception):
         # Our own ASCRIBE_INTERNAL_TOKEN was refused (the status's ErrorInfo
         # says so): the gateway is misconfigured, not its caller.
         self.token_refused = token_refused
+        self.retry_after_seconds: int | None = None  # with RESOURCE_EXHAUSTED: when to try again
 
 
 def _field_from_details(error: grpc.aio.AioRpcError) -> str | None:
@@ -100,6 +103,14 @@ class AttributionClient:
         self._health_deadline = settings.health_deadline_seconds
         self._metadata = bearer_metadata(settings.internal_token)
         self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
+        self._catalog = attribution_pb2_grpc.CatalogServiceStub(channel)
+        # Concurrent checkouts share a call (ARCHITECTURE.md section 8's
+        # adaptive batching); a short linger makes the batches worth a call at
+        # moderate rates too, where each would otherwise go nearly alone.
+        self._validations: MicroBatcher[pb.ValidateCouponRequest, pb.ValidateCouponResponse] = MicroBatcher(
+            self._flush_validations, max_batch=VALIDATION_MAX_BATCH, max_in_flight=2, name="validation",
+            min_interval=settings.validate_linger_ms / 1000,
+        )
         self._experiments = attribution_pb2_grpc.ExperimentServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
@@ -195,6 +206,30 @@ class AttributionClient:
             for result in answer.responses
         ]
 
+    async def validate_coupon(self, request: pb.ValidateCouponRequest) -> pb.ValidateCouponResponse:
+        """Checkout validation, coalesced with concurrent ones into one ValidateCouponBatch call."""
+        return await self._validations.submit(request)
+
+    async def _flush_validations(
+        self, requests: Sequence[pb.ValidateCouponRequest]
+    ) -> list[pb.ValidateCouponResponse | BaseException]:
+        try:
+            answer = await self._catalog.ValidateCouponBatch(
+                pb.ValidateCouponBatchRequest(requests=requests), timeout=self._deadline, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "ValidateCouponBatch") from None
+        results: list[pb.ValidateCouponResponse | BaseException] = []
+        for result in answer.results:
+            if result.WhichOneof("result") == "response":
+                results.append(result.response)
+                continue
+            failed = entry_error(result.error, "ValidateCouponBatch")
+            if failed.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                failed.retry_after_seconds = result.retry_after_seconds or None
+            results.append(failed)
+        return results
+
     async def reverse_conversion(self, request: pb.ReverseConversionRequest) -> pb.Conversion:
         try:
             return await self._tracking.ReverseConversion(
@@ -237,6 +272,7 @@ class AttributionClient:
             await self._click_stream.close(timeout=self._deadline)
         if self._conversions is not None:
             await self._conversions.close()
+        await self._validations.close()
 
 
 def open_channel(addr: str, transport: Transport) -> grpc.aio.Channel:

@@ -60,6 +60,7 @@ class Settings:
     # A click batch starts no sooner than this after the previous one (0: as
     # soon as none is in flight). See MicroBatcher's min_interval.
     click_linger_ms: int = 12
+    validate_linger_ms: int = 12  # checkout validations: batches to the attribution service at most this often
     batch_conversions: bool = True
     conversion_max_batch: int = 128
     # Click batches in flight at once (the linger keeps them few and full).
@@ -155,6 +156,7 @@ class Settings:
             body_timeout_ms=env_int("ASCRIBE_GATEWAY_BODY_TIMEOUT_MS", cls.body_timeout_ms, minimum=1),
             click_max_batch=env_int("ASCRIBE_GATEWAY_CLICK_MAX_BATCH", cls.click_max_batch, minimum=1),
             click_linger_ms=env_int("ASCRIBE_GATEWAY_CLICK_LINGER_MS", cls.click_linger_ms, minimum=0),
+            validate_linger_ms=env_int("ASCRIBE_GATEWAY_VALIDATE_LINGER_MS", cls.validate_linger_ms, minimum=0),
             batch_conversions=env_bool("ASCRIBE_GATEWAY_BATCH_CONVERSIONS", cls.batch_conversions),
             conversion_max_batch=env_int(
                 "ASCRIBE_GATEWAY_CONVERSION_MAX_BATCH", cls.conversion_max_batch, minimum=1

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # As the attribution server's grpc_service label names it.
 TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
 
-ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/openapi.json", "/variant"})
+ROUTES = frozenset({"/click", "/postback", "/validate", "/healthz", "/readyz", "/openapi.json", "/variant"})
 
 HTTP_REQUESTS_TOTAL = Counter(
     "ascribe_gateway_requests_total",

@@ -387,6 +387,40 @@ def reversal_request(params: Params, token: str) -> pb.ReverseConversionRequest:
     return request
 
 
+def validation_request(params: Params, token: str, *, client_ip: str) -> pb.ValidateCouponRequest:
+    """``GET /validate`` parameters to a ValidateCouponRequest.
+
+    The customer's address is ``ip`` when the shop sends it, else the
+    client's own: a shop's server validating for its customers must send
+    ``ip``, or the guessing defence would count them all as one address.
+    """
+    request = pb.ValidateCouponRequest(
+        campaign_id=get_one(params, "campaign_id", limits.CAMPAIGN_ID, required=True),
+        code=get_one(params, "coupon", limits.COUPON_CODE, required=True),
+        customer_id=get_one(params, "customer_id", limits.CUSTOMER_ID),
+        amount_micros=parse_money(get_one(params, "amount", MONEY_CHARS_MAX, required=True), "amount"),
+        click_id=get_one(params, "click_id", limits.CLICK_ID),
+        affiliate_id=get_one(params, "aff_id", limits.AFFILIATE_ID),
+        user_agent=get_one(params, "ua", limits.USER_AGENT),
+        postback_token=token,
+    )
+    currency = get_one(params, "currency", 8)
+    if currency:
+        request.currency = parse_currency(currency)
+    country = get_one(params, "country", 8)
+    if country:
+        request.country = parse_country(country)
+    ip = get_one(params, "ip", limits.IP)
+    request.ip = parse_ip(ip) if ip else client_ip
+    device = get_one(params, "device", 16)
+    if device:
+        request.device_type = parse_device(device)
+    skus = params.get("sku")
+    if skus:
+        request.skus.extend(_skus(skus))
+    return request
+
+
 def postback_token(header: str | None, params: Params) -> str:
     """The campaign's secret from ``X-Ascribe-Token`` or ``token``; missing is 401.
 

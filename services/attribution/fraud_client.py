@@ -202,6 +202,10 @@ class FraudClient:
             fraud_pb2.CheckConversionBatchRequest,
         )
         self._last_logged: dict[str, str] = {}
+        # Code guessing: the unknown codes of concurrent requests share one call.
+        self._guesses: MicroBatcher[fraud_pb2.CodeAttempt, fraud_pb2.GuessingState | None] = MicroBatcher(
+            self._flush_guesses, max_batch=MAX_CALL_REQUESTS, max_in_flight=2, name="fraud CheckCodeGuessing"
+        )
 
     async def check_click(self, req: fraud_pb2.CheckClickRequest) -> fraud_pb2.Verdict | None:
         """The click's verdict; None when the fraud service is down or late."""
@@ -218,6 +222,34 @@ class FraudClient:
     async def check_conversions(self, reqs: Sequence[fraud_pb2.CheckConversionRequest]) -> Verdicts:
         """Verdicts in request order (None for each one not judged in time); sent together."""
         return await self._conversions.check(reqs)
+
+    async def check_code_attempt(self, attempt: fraud_pb2.CodeAttempt) -> fraud_pb2.GuessingState | None:
+        """Counts a tried code (when missed); its address's state. None when fraud is down or late (fail open)."""
+        try:
+            async with asyncio.timeout(self.deadline_seconds):
+                return await self._guesses.submit(attempt)
+        except TimeoutError:
+            FRAUD_UNAVAILABLE_TOTAL.labels("guessing").inc()
+            return None
+
+    async def _flush_guesses(
+        self, attempts: Sequence[fraud_pb2.CodeAttempt]
+    ) -> list[fraud_pb2.GuessingState | None]:
+        if self.known_down():
+            return [None] * len(attempts)
+        try:
+            answer = await self._stub.CheckCodeGuessing(
+                fraud_pb2.CheckCodeGuessingRequest(attempts=attempts),
+                timeout=self.deadline_seconds,
+                metadata=self.metadata,
+            )
+            if len(answer.states) != len(attempts):
+                raise ValueError(f"{len(answer.states)} states for {len(attempts)} attempts")
+            self.log_available("CheckCodeGuessing")
+        except Exception as error:  # fail open: any failure means no answer
+            self.log_unavailable("CheckCodeGuessing", error)
+            return [None] * len(attempts)
+        return list(answer.states)
 
     async def _check_click_batch(
         self, batch: fraud_pb2.CheckClickBatchRequest, timeout: float
@@ -255,6 +287,6 @@ class FraudClient:
 
     async def close(self) -> None:
         """Lets checks in flight finish (each is bounded by the deadline)."""
-        await asyncio.gather(self._clicks.batcher.close(), self._conversions.batcher.close())
+        await asyncio.gather(self._clicks.batcher.close(), self._conversions.batcher.close(), self._guesses.close())
         if self._click_stream is not None:
             await self._click_stream.close(timeout=self.deadline_seconds)

@@ -39,6 +39,14 @@ CLICK_FLUSH_FAILURES_TOTAL = Counter(
     "Group commits of click rows that failed (their clicks answered UNAVAILABLE).",
 )
 
+# ---------------------------------------------------------------- catalog cache
+
+CATALOG_LOOKUPS_TOTAL = Counter(
+    "ascribe_catalog_lookups_total",
+    "Catalog queries the hot paths' cache sent to PostgreSQL (its misses), by record kind.",
+    ["kind"],
+)
+
 # ---------------------------------------------------------------- fraud client
 
 FRAUD_AVAILABLE = Gauge(

@@ -14,6 +14,8 @@ from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.catalog.servicer import CatalogServicer
+from services.attribution.checkout.guard import GuessGuard
+from services.attribution.checkout.validator import CheckoutValidator
 from services.attribution.clicks import store as click_store
 from services.attribution.clicks.recorder import ClickRecorder
 from services.attribution.clicks.servicer import ClickRpcs
@@ -53,6 +55,9 @@ RECORDING_METHODS = (
     "ReverseConversion",
 )
 ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
+# A shop's checkout has the campaign's postback token, not the admin token:
+# ValidateCoupon checks either itself (checkout.validator).
+SELF_AUTHORIZED_CATALOG_METHODS = ("ValidateCoupon", "ValidateCouponBatch")
 # Experiments (issue #17): admin, except AssignVariant, which checks the
 # campaign's postback token (or the admin token) itself.
 EXPERIMENT_SERVICE = f"{_PACKAGE}.ExperimentService"
@@ -66,6 +71,8 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
         service = attribution_pb2.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
         for method in service.methods:
             tokens[f"/{service_name}/{method.name}"] = settings.admin_token
+    for name in SELF_AUTHORIZED_CATALOG_METHODS:
+        tokens[f"/{CATALOG_SERVICE}/{name}"] = None
     for name in ADMIN_TRACKING_METHODS:
         tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.admin_token
     for name in RECORDING_METHODS:
@@ -101,6 +108,7 @@ class AttributionService:
     recorder: ConversionRecorder
     lifecycle: Lifecycle
     webhooks: webhook_delivery.WebhookWorker
+    guard: GuessGuard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -115,6 +123,7 @@ class AttributionService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.clicks.close()
         await self.recorder.close()
+        await self.guard.close()
         await self.fraud.close()
         await self.fraud_channel.close()
         await self.pool.close()
@@ -187,10 +196,15 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     clicks = ClickRpcs(
         ClickRecorder(pool, cache, fraud, visitors=visitors, experiments=ClickAssigner(pool, experiment_cache))
     )
-    recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors)
+    guard = GuessGuard(fraud)
+    recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors, guard=guard)
     lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
     webhook_worker = webhook_delivery.WebhookWorker(pool, settings.webhooks)
-    catalog = CatalogServicer(pool, WebhookRpcs(pool, settings.webhooks, wake=webhook_worker.wake.set))
+    catalog = CatalogServicer(
+        pool,
+        WebhookRpcs(pool, settings.webhooks, wake=webhook_worker.wake.set),
+        CheckoutValidator(pool, cache, guard, admin_token=settings.admin_token, visitors=visitors, clock=clock),
+    )
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
     report = ReportServicer()
     experiments = ExperimentServicer(pool, experiment_cache, cache, admin_token=settings.admin_token, clock=clock)
@@ -214,7 +228,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     )
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,
-        fraud=fraud, recorder=recorder, lifecycle=lifecycle, webhooks=webhook_worker,
+        fraud=fraud, recorder=recorder, lifecycle=lifecycle, webhooks=webhook_worker, guard=guard,
     )
     if settings.background_jobs:
         service.tasks = _background_jobs(service, gate)

@@ -63,6 +63,16 @@ class Unavailable(DomainError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(DomainError):
+    """A caller over its rate; ``retry_after_seconds`` travels as google.rpc.RetryInfo."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_seconds: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class Violations:
     """Collects field violations so a request reports all of them at once."""
 

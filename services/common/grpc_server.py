@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from services.common.channels import Transport, server_options
-from services.common.errors import DomainError, InvalidArgument
+from services.common.errors import DomainError, InvalidArgument, ResourceExhausted
 from services.common.metrics import (
     GRPC_SERVER_HANDLED_TOTAL,
     GRPC_SERVER_HANDLING_SECONDS,
@@ -81,6 +81,12 @@ def status_for(error: DomainError) -> grpc.Status:
         )
         packed = any_pb2.Any()
         packed.Pack(bad_request)
+        details.append(packed)
+    if isinstance(error, ResourceExhausted) and error.retry_after_seconds is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.seconds = error.retry_after_seconds
+        packed = any_pb2.Any()
+        packed.Pack(retry)
         details.append(packed)
     proto_status = status_pb2.Status(
         code=error.status.value[0], message=error.message, details=details

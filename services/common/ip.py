@@ -33,3 +33,17 @@ def normalize_ip(text: str) -> str | None:
         return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
     except (OSError, ValueError):
         return None
+
+
+def subscriber_key(ip: str) -> str:
+    """The address as one subscriber holds it: IPv4 as is, IPv6 by its /64.
+
+    An IPv6 subscriber is given a whole /64 and its privacy addresses rotate
+    inside it, so per-address counters would miss a flood from one /64 and
+    count one customer's phone as many places. ``ip`` is canonical
+    (``normalize_ip``).
+    """
+    if ":" not in ip:
+        return ip
+    packed = socket.inet_pton(socket.AF_INET6, ip)
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"

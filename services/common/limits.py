@@ -61,6 +61,7 @@ POSTBACK_TOKEN = max_bytes(_CONVERSION, "postback_token")
 SKU = max_bytes(_CONVERSION, "skus")
 SKUS_PER_ORDER = max_items(_CONVERSION, "skus")
 CLICKS_PER_BATCH = max_items(apb.RecordClickBatchRequest.DESCRIPTOR, "requests")
+VALIDATIONS_PER_BATCH = max_items(apb.ValidateCouponBatchRequest.DESCRIPTOR, "requests")
 # Every list of a coupon's rules (affiliates, countries, devices, channels, SKUs).
 COUPON_LIST_ITEMS = max_items(apb.Coupon.DESCRIPTOR, "skus")
 # Experiments (issue #17).

@@ -168,6 +168,10 @@ class Settings:
             surge_factor=env_float("ASCRIBE_FRAUD_SURGE_FACTOR", StoreConfig.surge_factor, minimum=1.0),
             alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", StoreConfig.alerts_maxlen, minimum=100),
             key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", StoreConfig.key_buckets, minimum=1),
+            guess_threshold=env_int("ASCRIBE_FRAUD_GUESS_THRESHOLD", StoreConfig.guess_threshold, minimum=1),
+            guess_window_seconds=env_int(
+                "ASCRIBE_FRAUD_GUESS_WINDOW_SECONDS", StoreConfig.guess_window_seconds, minimum=1
+            ),
         )
         transport = Transport.from_env(serves=True)
         allowed_clients = frozenset(

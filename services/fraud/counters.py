@@ -271,7 +271,36 @@ class Spread(Counter[SpreadAnswer]):
         return SpreadAnswer(ips, devices, bool(newly))
 
 
-COUNTERS: tuple[type[Counter[Any]], ...] = (Dedup, Window, Spike, OncePerOrder, Spread)
+class MissesAnswer(NamedTuple):
+    misses: int  # misses in the window, this call's included
+    left_ms: int  # until the window ends (0: no window)
+    crossed: bool  # this call reached the threshold: the window's one alert
+
+
+class Misses(Counter[MissesAnswer]):
+    """Unknown or mistyped codes of a subject in a fixed window from its first miss (code guessing).
+
+    A fixed window, not a sliding one: a blocked subject learns exactly when
+    it may try again (``Retry-After``), and the threshold is crossed once per
+    window, which is when the alert goes out.
+    """
+
+    name = "misses"
+
+    def __init__(self, window_ms: int, threshold: int) -> None:
+        self.window_ms = window_ms
+        self.threshold = threshold
+
+    def add(self, batch: Batch, subject: str, inc: int) -> Handle[MissesAnswer]:
+        """``inc`` 0 only reads the subject's count."""
+        return batch.add(self, subject, {"inc": inc, "window_ms": self.window_ms, "threshold": self.threshold})
+
+    def read(self, answer: Any) -> MissesAnswer:
+        count, left, crossed = answer
+        return MissesAnswer(int(count), int(left), bool(crossed))
+
+
+COUNTERS: tuple[type[Counter[Any]], ...] = (Dedup, Window, Spike, OncePerOrder, Spread, Misses)
 
 
 def script() -> str:

@@ -59,6 +59,7 @@ class Code:
     CODE_SHARING = "code_sharing"
     CODE_SPIKE = "code_spike"
     EXCLUSIVE_WITHOUT_CLICK = "exclusive_without_click"
+    CODE_GUESSING = "code_guessing"
 
 
 DEFAULT_WEIGHTS: Mapping[str, int] = {
@@ -80,6 +81,10 @@ DEFAULT_WEIGHTS: Mapping[str, int] = {
     Code.CODE_SHARING: HARD,
     Code.CODE_SPIKE: 60,
     Code.EXCLUSIVE_WITHOUT_CLICK: 10,
+    # A sale from an address or customer past the unknown-code threshold may
+    # use a code it guessed: a person looks (review), but a shopper behind
+    # the same NAT as a guesser is not rejected outright.
+    Code.CODE_GUESSING: 70,
 }
 
 
@@ -135,6 +140,7 @@ class ClickEvent:
     ip: str  # canonical, or "" for none
     user_agent: str
     occurred_at: datetime
+    code_missed: bool = False  # coupon_code is unknown or mistyped (code guessing)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class ConversionEvent:
     user_agent: str
     occurred_at: datetime
     received_at: datetime
+    code_missed: bool = False  # coupon_code is unknown or mistyped (code guessing)
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,35 @@ class ConversionCounters:
     code_spiking: bool = False
     code_rate: float = 0.0
     code_baseline: float = 0.0
+    guess_misses: int = 0  # unknown codes of its address or customer id in the guessing window
+    guessing: bool = False  # that count is past the threshold
+
+
+@dataclass(frozen=True)
+class CodeAttempt:
+    """A code a customer tried; only unknown and mistyped ones (``missed``) are counted."""
+
+    campaign_id: str
+    coupon_code: str
+    ip: str  # canonical, or "" for none
+    customer_id: str
+    missed: bool
+
+
+@dataclass(frozen=True)
+class GuessState:
+    """Whether an attempt's address or customer id is past the guessing threshold."""
+
+    blocked: bool
+    retry_after_seconds: int  # until the window ends, when blocked
+    misses: int
+    address_blocked: bool = False
+    customer_blocked: bool = False
+
+
+def guessing(misses: int, threshold: int) -> bool:
+    """An address or customer id with ``threshold`` unknown codes in the window is guessing codes."""
+    return misses >= threshold
 
 
 def decide(signals: Iterable[Signal], rules: Rules) -> Verdict:
@@ -321,6 +357,14 @@ def conversion_signals(event: ConversionEvent, counters: ConversionCounters, rul
                 f"unique code {event.coupon_code} tried from {counters.code_distinct_ips} IPs and "
                 f"{counters.code_distinct_devices} devices (limit {rules.code_max_distinct})",
                 rules.weight(Code.CODE_SHARING),
+            )
+        )
+    if counters.guessing:
+        signals.append(
+            Signal(
+                Code.CODE_GUESSING,
+                f"{counters.guess_misses} unknown codes from this customer's address or id in the window",
+                rules.weight(Code.CODE_GUESSING),
             )
         )
     if event.coupon_kind is CouponKind.EXCLUSIVE:

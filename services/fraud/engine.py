@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 C = TypeVar("C")
 _ACTION_LABELS = {action: action.name.lower() for action in domain.Action}
 _ALERT_RETRY_PAUSES = (0.2, 1.0, 5.0)  # seconds between tries to write alerts
-_ALERT_LABELS = {1: "code_leak", 2: "code_spike", 3: "affiliate_burst", 4: "rule_surge"}
+_ALERT_LABELS = {1: "code_leak", 2: "code_spike", 3: "affiliate_burst", 4: "rule_surge", 5: "code_guessing"}
 
 
 class FraudEngine:
@@ -110,6 +110,12 @@ class FraudEngine:
             return await self._conversion_batch(events)
         finally:
             self._conversion_batch_seconds.observe(time.perf_counter() - started)
+
+    async def check_code_attempts(self, attempts: Sequence[domain.CodeAttempt]) -> list[domain.GuessState]:
+        """Counts the unknown codes of a batch of attempts; which addresses or customers are guessing."""
+        states, alerts = await self._counted(self.store.count_code_attempts(attempts))
+        self._raise_alerts_later(alerts)
+        return states
 
     async def close(self) -> None:
         self._closing.set()

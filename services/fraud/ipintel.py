@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytricia
 
+from services.common.ip import subscriber_key as subscriber_key  # one home; the fraud keys use it
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,19 +51,6 @@ class IpList(StrEnum):
     TOR = "tor"
     DATACENTER = "datacenter"
     VPN = "vpn"
-
-
-def subscriber_key(ip: str) -> str:
-    """The address as one subscriber holds it: IPv4 as is, IPv6 by its /64.
-
-    An IPv6 subscriber is given a whole /64 and its privacy addresses rotate
-    inside it, so per-address counters would miss a flood from one /64 and
-    count one customer's phone as many places.
-    """
-    if ":" not in ip:
-        return ip
-    packed = socket.inet_pton(socket.AF_INET6, ip)
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,7 @@ def _click_event(request: pb.CheckClickRequest, read: _Reader) -> domain.ClickEv
         ip=ip,
         user_agent=user_agent,
         occurred_at=occurred_at or read.now,
+        code_missed=request.code_missed,
     )
 
 
@@ -155,6 +156,7 @@ def _checked_click_event(request: pb.CheckClickRequest, read: _Reader) -> domain
         ip=read.ip("ip", request.ip),
         user_agent=read.text("user_agent", request.user_agent, limits.USER_AGENT),
         occurred_at=read.time("occurred_at", request.occurred_at, request.HasField("occurred_at")) or read.now,
+        code_missed=request.code_missed,
     )
 
 
@@ -178,6 +180,17 @@ def _conversion_event(request: pb.CheckConversionRequest, read: _Reader) -> doma
         user_agent=read.text("user_agent", request.user_agent, limits.USER_AGENT),
         occurred_at=occurred_at,
         received_at=received_at,
+        code_missed=request.code_missed,
+    )
+
+
+def _code_attempt(request: pb.CodeAttempt, read: _Reader) -> domain.CodeAttempt:
+    return domain.CodeAttempt(
+        campaign_id=read.text("campaign_id", request.campaign_id, limits.CAMPAIGN_ID, required=True),
+        coupon_code=read.text("coupon_code", request.coupon_code, limits.COUPON_CODE).upper(),
+        ip=read.ip("ip", request.ip),
+        customer_id=read.text("customer_id", request.customer_id, limits.CUSTOMER_ID),
+        missed=request.missed,
     )
 
 
@@ -293,6 +306,31 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         events = self._read_batch(request.requests, _conversion_event)
         verdicts = await _within_deadline(context, self._engine.check_conversions(events)) if events else []
         return pb.VerdictBatch(verdicts=[_verdict_proto(v) for v in verdicts])
+
+    async def CheckCodeGuessing(
+        self, request: pb.CheckCodeGuessingRequest, context: Context
+    ) -> pb.CheckCodeGuessingResponse:
+        self._check_batch_size(len(request.attempts))
+        violations = Violations()
+        reader = self._reader(violations)
+        attempts = []
+        for index, item in enumerate(request.attempts):
+            reader.prefix = f"attempts[{index}]."
+            attempts.append(_code_attempt(item, reader))
+        violations.raise_if_any()
+        states = await _within_deadline(context, self._engine.check_code_attempts(attempts)) if attempts else []
+        return pb.CheckCodeGuessingResponse(
+            states=[
+                pb.GuessingState(
+                    blocked=s.blocked,
+                    retry_after_seconds=s.retry_after_seconds,
+                    misses=s.misses,
+                    address_blocked=s.address_blocked,
+                    customer_blocked=s.customer_blocked,
+                )
+                for s in states
+            ]
+        )
 
     async def WatchAlerts(self, request: pb.WatchAlertsRequest, context: Context) -> AsyncIterator[pb.Alert]:
         after = request.after_id.strip()

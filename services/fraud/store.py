@@ -11,6 +11,8 @@ Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
     P:fraud:{bNN}:code:<campaign>:<code>:ips|:devices|:leaked  UNIQUE code spread (HyperLogLog)
     P:fraud:{bNN}:code:<campaign>:<code>:rate|:alerted|:o:<order>  EXCLUSIVE code rate (CODE_SPIKE)
     P:fraud:{bNN}:rule:<signal>:rate|:alerted          signal rate (RULE_SURGE)
+    P:fraud:{bNN}:gip:<ip>                             unknown codes tried from an address (code guessing)
+    P:fraud:{bNN}:gcu:<campaign>:<customer>            unknown codes tried by a customer id (code guessing)
     P:fraud:{alerts}                                   the alert stream (XADD MAXLEN ~)
 
 Every key has a TTL. The counters (``counters.py``, one class each, their
@@ -38,6 +40,8 @@ from services.fraud.counters import (
     Batch,
     Dedup,
     Handle,
+    Misses,
+    MissesAnswer,
     OncePerOrder,
     Spike,
     SpikeAnswer,
@@ -50,9 +54,12 @@ from services.fraud.counters import (
 from services.fraud.domain import (
     ClickCounters,
     ClickEvent,
+    CodeAttempt,
     ConversionCounters,
     ConversionEvent,
     CouponKind,
+    GuessState,
+    guessing,
 )
 from services.fraud.ipintel import subscriber_key
 from services.fraud.redis_transport import (
@@ -82,6 +89,7 @@ class AlertKind:
     CODE_SPIKE = 2
     AFFILIATE_BURST = 3
     RULE_SURGE = 4
+    CODE_GUESSING = 5
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class StoreConfig:
     surge_min_volume: int = 100
     surge_factor: float = 5.0
     alerts_maxlen: int = 100_000
+    guess_threshold: int = 20  # unknown codes in the window that make an address or customer a guesser
+    guess_window_seconds: int = 600
     key_buckets: int = 16
     # Off only in tests, to run the per-bucket (cluster) path on a standalone server.
     single_call_when_standalone: bool = True
@@ -160,6 +170,7 @@ class FraudStore:
         self.rule_surge = Spike(
             cfg.surge_window_seconds, cfg.surge_baseline_seconds, cfg.surge_min_volume, cfg.surge_factor
         )
+        self.guess_misses = Misses(window_ms=cfg.guess_window_seconds * 1000, threshold=cfg.guess_threshold)
 
     def bucket_tag(self, bucket: int) -> str:
         return f"{self.prefix}:{{b{bucket:02d}}}"
@@ -254,6 +265,11 @@ class FraudStore:
             burst_at[(campaign_id, affiliate_id)] = self.affiliate_burst.add(
                 batch, f"aff:{campaign_id}:{affiliate_id}", now, len(members)
             )
+        guesses = _Guesses(self, batch)
+        for event in events:
+            if event.code_missed and event.ip:
+                guesses.add(event.campaign_id, event.coupon_code, event.ip, "", 1)
+        guesses.prepare()
         answers = await self.run(batch)
         ip_behind = _positions(by_ip)
 
@@ -285,6 +301,7 @@ class FraudStore:
                         f"{cfg.burst_window_seconds}s against {spike.baseline:.1f} usually",
                     )
                 )
+        guesses.read(answers, alerts)
         return counters, alerts
 
     # -- conversions -----------------------------------------------------------
@@ -323,12 +340,20 @@ class FraudStore:
             code_at[(campaign_id, code)] = self.code_spike.add(
                 batch, f"code:{campaign_id}:{code}", now, len(members), [events[i].order_id for i in members]
             )
+        guesses = _Guesses(self, batch)
+        guess_at = [
+            guesses.add(event.campaign_id, event.coupon_code, event.ip, event.customer_id, int(event.code_missed))
+            if event.ip or event.customer_id else -1
+            for event in events
+        ]
+        guesses.prepare()
         answers = await self.run(batch)
         ip_slot = {index: slot for members in by_ip.values() for slot, index in enumerate(members)}
+        alerts: list[Alert] = []
+        guess_states = guesses.read(answers, alerts)
         spikes = {key: answers[handle] for key, handle in code_at.items()}
 
         counters: list[ConversionCounters] = []
-        alerts: list[Alert] = []
         for index, event in enumerate(events):
             per_ip = 0.0
             if event.ip:
@@ -361,6 +386,8 @@ class FraudStore:
                     code_spiking=spiking,
                     code_rate=rate,
                     code_baseline=baseline,
+                    guess_misses=guess_states[guess_at[index]].misses if guess_at[index] >= 0 else 0,
+                    guessing=guess_at[index] >= 0 and guess_states[guess_at[index]].blocked,
                 )
             )
         for (campaign_id, code), spike in spikes.items():
@@ -375,6 +402,19 @@ class FraudStore:
                     )
                 )
         return counters, alerts
+
+    # -- code guessing ---------------------------------------------------------
+
+    async def count_code_attempts(self, attempts: Sequence[CodeAttempt]) -> tuple[list[GuessState], list[Alert]]:
+        """Counts the missed codes; says which attempts' address or customer id is past the threshold."""
+        batch = self.batch()
+        guesses = _Guesses(self, batch)
+        at = [guesses.add(a.campaign_id, a.coupon_code, a.ip, a.customer_id, int(a.missed)) for a in attempts]
+        guesses.prepare()
+        answers = await self.run(batch)
+        alerts: list[Alert] = []
+        states = guesses.read(answers, alerts)
+        return [states[i] for i in at], alerts
 
     # -- rule surges -----------------------------------------------------------
 
@@ -466,6 +506,83 @@ class FraudStore:
                     )
                 )
         return alerts
+
+
+class _Guesses:
+    """The code-guessing counters of one batch: per address (/64 for IPv6) and per campaign's customer id.
+
+    Attempts of a batch that share a subject share one operation (their
+    misses added at once); each attempt is told the state of the worse of
+    its two subjects after the whole batch.
+    """
+
+    def __init__(self, store: FraudStore, batch: Batch) -> None:
+        self._store = store
+        self._batch = batch
+        self._subjects: dict[str, list[Any]] = {}  # subject -> [inc, handle, campaign, code, ip, customer]
+        self._attempts: list[tuple[str, ...]] = []
+
+    def add(self, campaign_id: str, code: str, ip: str, customer_id: str, inc: int) -> int:
+        """Adds one attempt; its index for ``read``'s answer."""
+        subjects: list[str] = []
+        if ip:
+            subjects.append(f"gip:{subscriber_key(ip)}")
+        if customer_id:
+            subjects.append(f"gcu:{campaign_id}:{customer_id}")
+        for subject in subjects:
+            entry = self._subjects.get(subject)
+            if entry is None:
+                self._subjects[subject] = [inc, None, campaign_id, code, ip, customer_id]
+            else:
+                entry[0] += inc
+                if inc:
+                    entry[2:] = [campaign_id, code, ip, customer_id]  # the alert names a missed code
+        self._attempts.append(tuple(subjects))
+        return len(self._attempts) - 1
+
+    def read(self, answers: Answers, alerts: list[Alert]) -> list[GuessState]:
+        """Each attempt's state (after ``FraudStore.run``); alerts for subjects that crossed the threshold."""
+        cfg = self._store.config
+        found: dict[str, MissesAnswer] = {}
+        for subject, entry in self._subjects.items():
+            answer = found[subject] = answers[entry[1]]
+            if answer.crossed:
+                _inc, _handle, campaign_id, code, ip, customer_id = entry
+                who = f"address {ip}" if subject.startswith("gip:") else f"customer {customer_id}"
+                alerts.append(
+                    Alert(
+                        kind=AlertKind.CODE_GUESSING,
+                        campaign_id=campaign_id,
+                        coupon_code=code,
+                        ip=ip if subject.startswith("gip:") else "",
+                        detail=f"{who} tried {answer.misses} unknown codes in {cfg.guess_window_seconds}s "
+                        f"(threshold {cfg.guess_threshold}); last {code}",
+                    )
+                )
+        states: list[GuessState] = []
+        for subjects in self._attempts:
+            misses, left_ms, over = 0, 0, set()
+            for subject in subjects:
+                answer = found[subject]
+                misses = max(misses, answer.misses)
+                if guessing(answer.misses, cfg.guess_threshold):
+                    over.add(subject[:3])
+                    left_ms = max(left_ms, answer.left_ms)
+            states.append(
+                GuessState(
+                    blocked=bool(over),
+                    retry_after_seconds=-(-left_ms // 1000),
+                    misses=misses,
+                    address_blocked="gip" in over,
+                    customer_blocked="gcu" in over,
+                )
+            )
+        return states
+
+    def prepare(self) -> None:
+        """Adds one operation per subject to the batch, with all of its misses: call before running it."""
+        for subject, entry in self._subjects.items():
+            entry[1] = self._store.guess_misses.add(self._batch, subject, entry[0])
 
 
 def _text(value: Any) -> str:

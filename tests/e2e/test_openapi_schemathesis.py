@@ -135,12 +135,14 @@ async def test_every_documented_operation_holds_to_the_description(live: LiveWor
     answered = await asyncio.to_thread(gateway_answers, live)
     tested = {case.get("name") for case in ET.parse(report).getroot().iter("testcase")}
     assert tested >= {
-        "GET /click", "GET /postback", "POST /postback", "GET /healthz", "GET /readyz",
+        "GET /click", "GET /postback", "POST /postback", "GET /healthz", "GET /readyz", "GET /validate",
     }, tested
     # The cases got past the parameters to the attribution service and back:
     # clicks redirected, postbacks recorded and conflicted, unknown campaigns
     # refused by the service (not only by the gateway's parsing).
-    for route, status in (("/click", "302"), ("/postback", "200"), ("/postback", "409"), ("/postback", "404")):
+    for route, status in (
+        ("/click", "302"), ("/postback", "200"), ("/postback", "409"), ("/postback", "404"), ("/validate", "200"),
+    ):
         assert answered.get((route, status), 0) > 0, (route, status, answered)
 
 

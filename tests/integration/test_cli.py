@@ -271,6 +271,8 @@ async def test_experiments_create_show_list_result_stop(cli: Cli) -> None:
     assert "summer holdout" in await cli.ok("experiments", "result", created["id"])
     stopped = await cli.json("experiments", "stop", created["id"])
     assert stopped["status"] == "EXPERIMENT_STATUS_STOPPED"
+
+
 async def test_webhooks_from_create_to_delete(cli: Cli) -> None:
     await campaign(cli)
     # An address literal: no lookup, and nothing is sent (the test runs no worker).
@@ -292,3 +294,28 @@ async def test_webhooks_from_create_to_delete(cli: Cli) -> None:
     assert refused.exit_code == 1 and "webhook.url" in refused.output
     deleted = await cli.json("webhooks", "delete", webhook_id)
     assert deleted["cancelled_deliveries"] == 1
+
+
+async def test_coupons_validate_answers_a_checkout_in_each_format(cli: Cli) -> None:
+    created = await campaign(cli)
+    await cli.ok("coupons", "create", "cmp", "summer10", "--all-affiliates", "--usage-limit", "150",
+                 "--min-order", "20.00", "--valid-until", "2099-01-01")
+    cart = ("--amount", "49.90", "--currency", "EUR", "--ip", "203.0.113.4")
+    answer = await cli.json("coupons", "validate", "cmp", "summer10", *cart)
+    assert answer == {"valid": True, "reasons": [], "code": "SUMMER10", "kind": "general", "remaining": 150,
+                      "valid_until": "2099-01-02T00:00:00Z"}
+    small = await cli.json("coupons", "validate", "cmp", "SUMMER10", "--amount", "5", "--currency", "EUR")
+    assert (small["valid"], small["reasons"]) == (False, ["below_min_order"])
+    table = await cli.ok("coupons", "validate", "cmp", "NOPE", *cart)
+    assert "unknown_coupon" in table and "no" in table
+    rows = list(csv.DictReader(io.StringIO(await cli.ok("coupons", "validate", "cmp", "summer10", *cart, "-f", "csv"))))
+    assert rows == [{"valid": "true", "reasons": "", "code": "SUMMER10", "kind": "general", "remaining": "150",
+                     "valid_until": "2099-01-02T00:00:00Z"}]
+    # The shop's postback token works without the admin token; a wrong one is refused (exit 1).
+    by_token = await cli("coupons", "validate", "cmp", "summer10", *cart, "--token", created["postback_token"],
+                         "-f", "json", token=None)
+    assert by_token.exit_code == 0 and json.loads(by_token.stdout)["valid"] is True
+    wrong = await cli("coupons", "validate", "cmp", "summer10", *cart, "--token", "wrong")
+    assert wrong.exit_code == 1 and wrong.stdout == ""
+    usage = await cli("coupons", "validate", "cmp", "summer10", "--amount", "lots", "--currency", "EUR")
+    assert usage.exit_code == 2

@@ -268,7 +268,7 @@ def test_the_command_tree_is_what_the_readme_shows() -> None:
     assert leaves == {
         "campaigns create", "campaigns show", "campaigns list", "campaigns update",
         "affiliates create", "affiliates show", "affiliates list", "affiliates update",
-        "coupons create", "coupons show", "coupons list", "coupons update",
+        "coupons create", "coupons show", "coupons list", "coupons update", "coupons validate",
         "codes generate", "codes export", "codes import", "codes assign",
         "conversions list", "conversions show", "conversions review",
         "experiments create", "experiments show", "experiments list", "experiments stop", "experiments result",

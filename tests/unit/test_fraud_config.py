@@ -55,7 +55,7 @@ def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch)
     assert "secret" not in repr(settings)
     assert set(required_tokens(settings).values()) == {"secret-token"}
     assert f"/{FRAUD_SERVICE}/CheckClickBatch" in required_tokens(settings)
-    assert len(required_tokens(settings)) == 6
+    assert len(required_tokens(settings)) == 7  # CheckCodeGuessing too
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def walk(node: Any) -> list[str]:
 def test_served_file_is_the_repository_file_and_an_openapi_31_document() -> None:
     assert (REPO / "gateway" / "openapi.json").read_bytes() == OPENAPI_JSON
     assert SPEC["openapi"] == "3.1.0" and SPEC["info"]["title"] and SPEC["info"]["version"]
-    assert set(SPEC["paths"]) == {"/click", "/postback", "/healthz", "/readyz", "/variant"}
+    assert set(SPEC["paths"]) == {"/click", "/postback", "/validate", "/healthz", "/readyz", "/variant"}
     assert set(SPEC["paths"]) <= ROUTES
     for ref in walk(SPEC):
         assert resolve({"$ref": ref}), ref  # every reference resolves (KeyError otherwise)
@@ -116,6 +116,34 @@ def test_postback_parameters_are_the_ones_the_parsers_read() -> None:
     # The token is a security scheme, in the header or as `token`, as postback_token reads it.
     schemes = SPEC["components"]["securitySchemes"]
     assert {(s["in"], s["name"]) for s in schemes.values()} == {("header", "X-Ascribe-Token"), ("query", "token")}
+
+
+def test_validate_parameters_are_the_ones_the_parser_reads() -> None:
+    recorded = Recording({"campaign_id": ["c"], "coupon": ["SUMMER10"], "amount": ["1.00"]})
+    gp.validation_request(recorded, "token", client_ip="203.0.113.1")
+    spec = query_parameters("/validate", "get")
+    assert set(spec) == recorded.asked
+    assert {name for name, p in spec.items() if p["required"]} == {"campaign_id", "coupon", "amount"}
+    for name, parameter in spec.items():
+        limit = parameter["schema"].get("maxLength")
+        if limit is None or "pattern" in parameter["schema"] or "anyOf" in parameter["schema"]:
+            continue
+        values = {"campaign_id": ["c"], "coupon": ["SUMMER10"], "amount": ["1.00"]}
+        gp.validation_request({**values, name: ["x" * limit]}, "token", client_ip="")
+        with pytest.raises(gp.ParamError) as raised:
+            gp.validation_request({**values, name: ["x" * (limit + 1)]}, "token", client_ip="")
+        assert raised.value.field == name
+    assert SPEC["paths"]["/validate"]["get"]["responses"]["429"]["headers"]["Retry-After"]
+
+
+def test_validate_takes_the_ip_parameter_else_the_client() -> None:
+    base = {"campaign_id": ["c"], "coupon": ["SUMMER10"], "amount": ["49.90"]}
+    sent = gp.validation_request({**base, "ip": ["2001:db8::1"]}, "t", client_ip="198.51.100.1")
+    assert sent.ip == "2001:db8::1" and sent.amount_micros == 49_900_000 and sent.postback_token == "t"
+    assert gp.validation_request(base, "t", client_ip="198.51.100.1").ip == "198.51.100.1"
+    with pytest.raises(gp.ParamError) as raised:
+        gp.validation_request({"campaign_id": ["c"], "amount": ["1"]}, "t", client_ip="")
+    assert raised.value.field == "coupon"
 
 
 BASE = {"campaign_id": ["c"], "aff_id": ["a"], "order_id": ["o"], "amount": ["1.00"]}

@@ -17,8 +17,13 @@ from services.attribution.catalog.store import find_affiliate, find_campaign, fi
 from services.attribution.common.code_check import CodeShape
 from services.attribution.common.database import Connection, Executor
 from services.attribution.common.models import Affiliate, Campaign, Coupon
+from services.attribution.metrics import CATALOG_LOOKUPS_TOTAL
 
 T = TypeVar("T")
+
+
+def _count(key: tuple[str, ...]) -> None:
+    CATALOG_LOOKUPS_TOTAL.labels(key[0]).inc()
 
 
 class CatalogCache:
@@ -54,11 +59,13 @@ class CatalogCache:
         conn: Connection | None,
     ) -> T | None:
         if self._ttl <= 0:
+            _count(key)
             return await load(conn or self._pool)
         entry = self._entries.get(key)
         if entry is not None and (entry[0] > time.monotonic() or key in self._loading):
             return cast(T | None, entry[1])
         if conn is not None:
+            _count(key)
             value = await load(conn)
             self._put(key, value)
             return value
@@ -66,6 +73,7 @@ class CatalogCache:
         if loading is None:
             # The load runs as a task of its own: a caller whose deadline
             # passes cancels only its own wait, never the others'.
+            _count(key)
             loading = asyncio.ensure_future(load(self._pool))
             self._loading[key] = loading
             loading.add_done_callback(lambda task: self._loaded(key, task))

@@ -36,11 +36,14 @@ from services.attribution.catalog.convert import (
     decode_page_token,
     encode_page_token,
 )
+from services.attribution.checkout.validator import CheckoutValidator
 from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
 from services.attribution.webhooks.servicer import WebhookRpcs
 from services.attribution.webhooks.settings import WebhookConfig
-from services.common.errors import InvalidArgument
+from services.common import limits
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.grpc_server import presented_token
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -52,10 +55,34 @@ T = TypeVar("T")
 
 
 class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, webhooks: WebhookRpcs | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, webhooks: WebhookRpcs | None = None, validator: CheckoutValidator | None = None
+    ) -> None:
         self._pool = pool
         self._assigner = CodeAssigner(pool)
         self._webhooks = webhooks or WebhookRpcs(pool, WebhookConfig())
+        self._validator = validator
+
+    # ------------------------------------------------------------ checkout
+
+    async def ValidateCoupon(
+        self, request: attribution_pb2.ValidateCouponRequest, context: Context
+    ) -> attribution_pb2.ValidateCouponResponse:
+        """Open at the interceptor: the validator checks the postback token or the admin token itself."""
+        if self._validator is None:
+            raise Unavailable("checkout validation is not configured on this server")
+        return await self._validator.validate(request, presented_token(context.invocation_metadata()), context.peer())
+
+    async def ValidateCouponBatch(
+        self, request: attribution_pb2.ValidateCouponBatchRequest, context: Context
+    ) -> attribution_pb2.ValidateCouponBatchResponse:
+        if self._validator is None:
+            raise Unavailable("checkout validation is not configured on this server")
+        if len(request.requests) > limits.VALIDATIONS_PER_BATCH:
+            raise InvalidArgument.one("requests", f"at most {limits.VALIDATIONS_PER_BATCH} requests per batch")
+        return await self._validator.validate_batch(
+            request.requests, presented_token(context.invocation_metadata()), context.peer()
+        )
 
     # ------------------------------------------------------------ campaigns
 

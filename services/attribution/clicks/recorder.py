@@ -282,6 +282,7 @@ class _Judged:
     reasons: list[str]
     fraud_score: int = 0
     arm: ClickArm | None = None  # the experiment arm it joined (issue #17)
+    code_missed: bool = False  # the link's code is unknown or mistyped: counted against its IP (code guessing)
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
         click = self.click
@@ -296,6 +297,7 @@ class _Judged:
             coupon_code=click.coupon_code if click.coupon_well_formed else "",
             ip=click.ip,
             user_agent=click.user_agent,
+            code_missed=self.code_missed,
         )
         set_timestamp(request.occurred_at, click.occurred_at)
         return request
@@ -512,6 +514,7 @@ class ClickRecorder:
             tracked_code=tracked,
             decision=decision,
             reasons=reasons,
+            code_missed=bool(click.coupon_code) and click.coupon_well_formed and coupon is None,
         )
 
     async def _commit(self, rows: Sequence[Click]) -> None:

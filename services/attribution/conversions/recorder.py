@@ -33,11 +33,13 @@ from ascribe.fraud.v1 import fraud_pb2
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.catalog.store import postback_token_matches
+from services.attribution.checkout.guard import GuessGuard
 from services.attribution.clicks import store as click_store
 from services.attribution.common import coupon_rules, ids
 from services.attribution.common.database import ATTEMPTS, DATABASE_UNAVAILABLE, Connection, retry_aborted
 from services.attribution.common.models import Affiliate, Campaign, Click, Conversion, ConversionEvent, Coupon
 from services.attribution.common.reasons import (
+    COUPON_MISTYPED,
     CUSTOMER_LIMIT_REACHED,
     FRAUD_UNAVAILABLE,
     UNKNOWN_COUPON,
@@ -113,8 +115,10 @@ class ConversionRecorder:
         visitors: VisitorDerivation | None = None,
         max_batch: int = 128,
         max_in_flight: int = 4,
+        guard: GuessGuard | None = None,
     ) -> None:
         self._pool = pool
+        self._guard = guard
         self._cache = cache
         self._fraud = fraud
         self.clock = clock
@@ -229,6 +233,20 @@ class ConversionRecorder:
                 judged = await self._judge(conn, [case for _, case in cases], verdicts)
                 for (index, _), conversion in zip(cases, judged, strict=True):
                     results[index] = conversion
+
+        if self._guard is not None:
+            # A conversion with a code the campaign does not have never reaches
+            # the fraud check (it is rejected first), so its miss is counted
+            # against the customer's address and id on its own, once it is
+            # committed (a retried batch counts nothing twice) and without
+            # delaying the answer.
+            for index, case in cases:
+                outcome = results[index]
+                if isinstance(outcome, Conversion) and (
+                    UNKNOWN_COUPON in outcome.reasons or COUPON_MISTYPED in outcome.reasons
+                ):
+                    item = case.input
+                    self._guard.missed_later(item.campaign_id, item.coupon_code, item.ip, item.customer_id)
 
         for index in followers:
             item = inputs[index]
