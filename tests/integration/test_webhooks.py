@@ -573,3 +573,23 @@ async def test_a_claim_takes_a_share_per_webhook_and_skips_saturated_ones(hooks:
     again = await store.claim_due(hooks.db, at, 64, timedelta(seconds=15), per_webhook=3, skip_webhooks=[slow.id])
     assert again == []  # b's are leased; a is skipped
     assert all(c.delivery.attempts == 1 for c in claimed)
+
+
+async def test_a_host_spelled_in_capitals_is_delivered(
+    database_url: str, db: asyncpg.Connection, fraud_service: FraudHandle, receiver: Receiver
+) -> None:
+    # Host names are case-insensitive: "Hooks.Test" is checked and pinned as
+    # the same name aiohttp connects to, not refused as an unexpected host.
+    async def to_loopback(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    w = await start_world(database_url, db, fraud_service.addr, config(resolve=to_loopback))
+    try:
+        created = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=f"http://Hooks.Test:{receiver.port}/h",
+                               events=["coupon.held"])
+        await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+        [seen] = await receiver.wait_for(1)
+        assert seen.path_qs == "/h"
+    finally:
+        await w.close()
+

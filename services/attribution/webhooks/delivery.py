@@ -94,6 +94,10 @@ async def check_destination(url: str, config: WebhookConfig) -> tuple[str, list[
     return host, addresses
 
 
+def _same_name(a: str, b: str) -> bool:
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
+
+
 class _PinnedResolver(AbstractResolver):
     """Answers the addresses already checked: a second lookup could answer another (DNS rebinding)."""
 
@@ -102,7 +106,10 @@ class _PinnedResolver(AbstractResolver):
         self._addresses = addresses
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        if host != self._host:
+        # aiohttp asks with the URL's raw host ("Hooks.Example.com", trailing
+        # dots collapsed); the checked name is urlsplit's, lower-cased: names
+        # are case-insensitive, so the same name must be answered.
+        if not _same_name(host, self._host):
             raise OSError(f"unexpected host {host!r}")
         return [
             ResolveResult(hostname=host, host=a, port=port,
