@@ -593,3 +593,34 @@ async def test_a_host_spelled_in_capitals_is_delivered(
     finally:
         await w.close()
 
+
+async def test_a_name_that_fails_to_resolve_for_a_while_is_retried_not_dead(
+    database_url: str, db: asyncpg.Connection, fraud_service: FraudHandle, receiver: Receiver
+) -> None:
+    # A resolver outage (SERVFAIL, a timeout) is a connection error: retried on
+    # the schedule, not a refused destination that kills the delivery at once.
+    failing = {"on": False}
+
+    async def flaky(host: str, port: int) -> list[str]:
+        if failing["on"]:
+            failing["on"] = False
+            raise OSError("Temporary failure in name resolution")
+        return ["127.0.0.1"]
+
+    w = await start_world(database_url, db, fraud_service.addr, config(resolve=flaky))
+    try:
+        created = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=f"http://hooks.test:{receiver.port}/h",
+                               events=["coupon.held"])
+        failing["on"] = True
+        test = await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+        [seen] = await receiver.wait_for(1)
+        assert seen.headers["X-Ascribe-Delivery"] == test.id
+        for _ in range(50):
+            [delivery] = (await w.catalog.ListDeliveries(
+                pb.ListDeliveriesRequest(webhook_id=created.id), timeout=10)).deliveries
+            if delivery.state != pb.DELIVERY_STATE_PENDING:
+                break
+            await asyncio.sleep(0.05)
+        assert delivery.state == pb.DELIVERY_STATE_DELIVERED and delivery.attempts == 2
+    finally:
+        await w.close()

@@ -60,6 +60,11 @@ class Refused(Exception):
     """The destination is not allowed (SSRF rules) or cannot be resolved; never retried blindly."""
 
 
+class Unresolved(Refused):
+    """The name did not resolve: refused at creation, but at delivery a resolver
+    outage is a connection error like any other, retried on the schedule."""
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -73,9 +78,9 @@ async def _resolve(host: str, port: int, config: WebhookConfig) -> list[str]:
         async with asyncio.timeout(rules.REQUEST_TIMEOUT_SECONDS):
             addresses = await config.resolve(host, port)
     except (OSError, TimeoutError, UnicodeError) as error:
-        raise Refused(f"{host} does not resolve ({type(error).__name__})") from None
+        raise Unresolved(f"{host} does not resolve ({type(error).__name__})") from None
     if not addresses:
-        raise Refused(f"{host} does not resolve")
+        raise Unresolved(f"{host} does not resolve")
     return addresses
 
 
@@ -340,6 +345,9 @@ class WebhookWorker:
         try:
             with metrics.WEBHOOK_ATTEMPT_SECONDS.time():
                 answer = await send(request, self.config)
+        except Unresolved as error:
+            await self._retry(d, 0, str(error)[:300], None)
+            return
         except Refused as error:
             metrics.WEBHOOK_ATTEMPTS_TOTAL.labels("refused").inc()
             await self._dead(d, 0, f"refused: {error}")
