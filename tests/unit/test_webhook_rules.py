@@ -163,6 +163,15 @@ def test_forbidden_addresses(address: str) -> None:
     assert rules.forbidden_reason(address)
 
 
+def test_other_ipv6_forms_of_internal_addresses_are_forbidden() -> None:
+    # IPv4-translated (SIIT, ::ffff:0:a.b.c.d), the local-use NAT64 prefix
+    # (RFC 8215, translated to any IPv4 address by a site's NAT64) and
+    # site-local fec0::/10 reach internal hosts like the forms above.
+    for address in ("::ffff:0:10.0.0.1", "::ffff:0:127.0.0.1", "64:ff9b:1::a00:1", "64:ff9b:1::a9fe:a9fe",
+                    "fec0::1"):
+        assert rules.forbidden_reason(address), address
+
+
 @pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "::ffff:93.184.216.34"])
 def test_public_addresses_pass(address: str) -> None:
     assert rules.forbidden_reason(address) is None
