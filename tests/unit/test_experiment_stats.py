@@ -132,6 +132,15 @@ def test_moments_with_too_few_units_give_no_interval() -> None:
     assert not stats.is_ready(result, 0.01)
 
 
+def test_no_conversion_in_either_arm_gives_no_interval_and_is_not_ready() -> None:
+    # The plug-in variance is 0 here; that is no information, not a zero-width interval.
+    result = stats.lift(Moments(500, 0, 0), Moments(200, 0, 0), stats.mixture_variance(0.01))
+    assert math.isnan(result.ci_low) and math.isnan(result.ci_high) and math.isnan(result.fixed_ci_low)
+    assert not stats.is_ready(result, 0.01)
+    [segment] = stats.segment_lifts([("mobile", Moments(500, 0, 0), Moments(200, 0, 0))], 0.01)
+    assert not segment.incremental and not segment.not_incremental
+
+
 def test_ready_when_the_interval_excludes_zero_or_is_narrow() -> None:
     wide = stats.Lift(0.001, 0.1, -0.05, 0.05, -0.02, 0.02, 0.9)
     assert not stats.is_ready(wide, 0.01)

@@ -197,6 +197,10 @@ class Lifts:
 
 def lifts(treatment: Moments, control: Moments, tau2: Any, alpha: Any = ALPHA) -> Lifts:
     estimate, variance, control_mean = difference(treatment, control)
+    # No variation in either arm (no conversion yet, or no revenue) is no
+    # information, not certainty: the plug-in variance 0 would give the
+    # interval [est, est] and call the experiment ready. No interval instead.
+    variance = np.where(variance > 0, variance, np.nan)
     low, high = always_valid_interval(estimate, variance, tau2, alpha)
     fixed_low, fixed_high = fixed_interval(estimate, variance, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
