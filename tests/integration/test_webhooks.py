@@ -624,3 +624,23 @@ async def test_a_name_that_fails_to_resolve_for_a_while_is_retried_not_dead(
         assert delivery.state == pb.DELIVERY_STATE_DELIVERED and delivery.attempts == 2
     finally:
         await w.close()
+
+
+async def test_a_fan_out_racing_a_delete_leaves_no_delivery_pending_forever(hooks: World, receiver: Receiver) -> None:
+    # The fan-out read the webhook before DeleteWebhook and commits its
+    # delivery after the delete cancelled the pending ones: that delivery,
+    # of a webhook that no longer exists, must not stay pending (never
+    # claimed, never cleaned up, the backlog alert firing for ever).
+    from services.attribution.webhooks import store
+
+    created = await create(hooks, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/h", events=["coupon.held"])
+    pool = hooks.replicas[0].service.pool
+    now = datetime.now(UTC)
+    payload = json.dumps({"at": now.isoformat(), "object": {"campaign_id": "cmp"}})
+    async with pool.acquire() as conn, conn.transaction():
+        await store.insert_deliveries(conn, [("dlv_race", created.id, "evt_race", "coupon.held", payload, now)])
+        deleting = asyncio.create_task(store.delete_webhook(pool, created.id, now))
+        await asyncio.sleep(0.3)
+    await asyncio.wait_for(deleting, 10)
+    state = await hooks.db.fetchval("SELECT state FROM webhook_deliveries WHERE id = 'dlv_race'")
+    assert state in (None, "cancelled")
