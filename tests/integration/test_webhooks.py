@@ -647,3 +647,24 @@ async def test_a_fan_out_racing_a_delete_leaves_no_delivery_pending_forever(hook
     await asyncio.wait_for(deleting, 10)
     state = await hooks.db.fetchval("SELECT state FROM webhook_deliveries WHERE id = 'dlv_race'")
     assert state in (None, "cancelled")
+
+
+async def test_a_short_retry_after_does_not_burn_the_schedule(
+    database_url: str, db: asyncpg.Connection, fraud_service: FraudHandle, receiver: Receiver
+) -> None:
+    # "Retry-After: 0" on every 503 (a load balancer during an outage) must
+    # not spend the day-long schedule in seconds and kill the event: the
+    # receiver's wait only ever delays a retry beyond the schedule's.
+    receiver.answer = lambda _: (503, {"Retry-After": "0"})
+    w = await start_world(database_url, db, fraud_service.addr, config(schedule=(0.2, 30.0)))
+    try:
+        created = await create(w, kind=pb.WEBHOOK_KIND_EVENTS, url=receiver.url + "/h", events=["coupon.held"])
+        await w.catalog.TestWebhook(pb.TestWebhookRequest(webhook_id=created.id), timeout=10)
+        await receiver.wait_for(2)
+        await asyncio.sleep(1.0)
+        assert len(receiver.received) == 2
+        [delivery] = (await w.catalog.ListDeliveries(
+            pb.ListDeliveriesRequest(webhook_id=created.id), timeout=10)).deliveries
+        assert delivery.state == pb.DELIVERY_STATE_PENDING and delivery.attempts == 2
+    finally:
+        await w.close()

@@ -374,7 +374,10 @@ class WebhookWorker:
             await self._dead(d, status, f"out of retries after {d.attempts} attempts; last: {error}")
             return
         if retry_after is not None:
-            delay = min(retry_after, 86400.0)  # the receiver knows when it is back, within a day
+            # The receiver knows when it is back (within a day), but only ever
+            # later than the schedule: "Retry-After: 0" on every 503 would
+            # otherwise spend the day-long schedule in seconds and kill the event.
+            delay = max(delay, min(retry_after, 86400.0))
         metrics.WEBHOOK_ATTEMPTS_TOTAL.labels("retry").inc()
         await store.record_retry(self.pool, d.id, d.attempts, status, error, self.clock() + timedelta(seconds=delay))
 
