@@ -266,12 +266,14 @@ def segment_lifts(
     result = []
     for (name, t, c), was_selected in zip(segments, selected, strict=True):
         corrected = lift(t, c, tau2, level)
+        incremental = bool(was_selected) and corrected.absolute > 0
         result.append(
             SegmentLift(
                 name=name,
                 lift=corrected,
-                incremental=bool(was_selected) and corrected.absolute > 0,
-                not_incremental=corrected.ci_high < min_detectable_effect,
+                incremental=incremental,
+                # A proven lift below the MDE is still incremental: never in both lists.
+                not_incremental=not incremental and corrected.ci_high < min_detectable_effect,
             )
         )
     return result
