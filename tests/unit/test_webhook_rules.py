@@ -120,6 +120,15 @@ def test_signatures_verify_with_the_readme_receiver_for_every_live_secret() -> N
     assert rules.sign(["s" * 32], now, body) == f"t={now},v1={expected}"
 
 
+def test_the_readme_receiver_refuses_a_forged_header_with_non_ascii_signatures() -> None:
+    # Anyone can send the header: a non-ASCII v1 must be refused, not raise
+    # (hmac.compare_digest takes ASCII-only str) and answer a 500.
+    verify = readme_receiver()["verify_ascribe_signature"]
+    assert callable(verify)
+    now = int(datetime.now(UTC).timestamp())
+    assert verify("s" * 32, f"t={now},v1=\u00e9\u00e9", b"{}") is False
+
+
 def test_event_text_reads_as_a_sentence() -> None:
     text = rules.event_text("conversion.reversed", {"order_id": "o-1", "campaign_id": "cmp", "amount": "9.00",
                                                     "currency": "EUR", "affiliate_id": "aff"})
