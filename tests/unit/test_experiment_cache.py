@@ -96,3 +96,34 @@ async def test_experiments_unavailable_means_no_arm_not_a_failed_click() -> None
         campaign_id="cmp", tracked_code="A", decision="accepted", vid="v", ip="", user_agent="", at=NOW
     )
     assert arm is None
+
+
+async def test_an_invalidation_during_a_load_is_not_undone_by_that_load() -> None:
+    # A load that read the set before CreateExperiment committed must not
+    # answer the lookups after the invalidation, nor be kept when it ends.
+    gate = asyncio.Event()
+
+    class Gated(ExperimentCache):
+        def __init__(self) -> None:
+            super().__init__(None, 3600)  # type: ignore[arg-type]  # never queries
+            self.loads = 0
+
+        async def _load(self) -> dict[tuple[str, str], Experiment]:
+            self.loads += 1
+            if self.loads == 1:
+                await gate.wait()
+                return {}  # read before the experiment existed
+            return {("cmp", "A"): _experiment("A")}
+
+    cache = Gated()
+    before = asyncio.create_task(cache.find("cmp", "A"))
+    await asyncio.sleep(0)
+    cache.invalidate()  # this replica just created experiment A
+    after = asyncio.create_task(cache.find("cmp", "A"))
+    await asyncio.sleep(0)
+    gate.set()
+    assert (await before) is None
+    assert (await after) is not None
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert (await cache.find("cmp", "A")) is not None

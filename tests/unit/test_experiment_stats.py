@@ -132,6 +132,25 @@ def test_moments_with_too_few_units_give_no_interval() -> None:
     assert not stats.is_ready(result, 0.01)
 
 
+def test_no_conversion_in_either_arm_gives_no_interval_and_is_not_ready() -> None:
+    # The plug-in variance is 0 here; that is no information, not a zero-width interval.
+    result = stats.lift(Moments(500, 0, 0), Moments(200, 0, 0), stats.mixture_variance(0.01))
+    assert math.isnan(result.ci_low) and math.isnan(result.ci_high) and math.isnan(result.fixed_ci_low)
+    assert not stats.is_ready(result, 0.01)
+    [segment] = stats.segment_lifts([("mobile", Moments(500, 0, 0), Moments(200, 0, 0))], 0.01)
+    assert not segment.incremental and not segment.not_incremental
+
+
+def test_a_segment_is_never_named_both_incremental_and_not() -> None:
+    # A proven lift smaller than the MDE (a big segment, +0.5 point against an
+    # MDE of 1 point) is incremental; it must not also be named not incremental.
+    [small] = stats.segment_lifts(
+        [("desktop", Moments(1_000_000, 55_000, 55_000), Moments(1_000_000, 50_000, 50_000))], 0.01
+    )
+    assert small.lift.ci_low > 0 and small.lift.ci_high < 0.01
+    assert small.incremental and not small.not_incremental
+
+
 def test_ready_when_the_interval_excludes_zero_or_is_narrow() -> None:
     wide = stats.Lift(0.001, 0.1, -0.05, 0.05, -0.02, 0.02, 0.9)
     assert not stats.is_ready(wide, 0.01)

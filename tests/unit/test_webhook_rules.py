@@ -120,6 +120,15 @@ def test_signatures_verify_with_the_readme_receiver_for_every_live_secret() -> N
     assert rules.sign(["s" * 32], now, body) == f"t={now},v1={expected}"
 
 
+def test_the_readme_receiver_refuses_a_forged_header_with_non_ascii_signatures() -> None:
+    # Anyone can send the header: a non-ASCII v1 must be refused, not raise
+    # (hmac.compare_digest takes ASCII-only str) and answer a 500.
+    verify = readme_receiver()["verify_ascribe_signature"]
+    assert callable(verify)
+    now = int(datetime.now(UTC).timestamp())
+    assert verify("s" * 32, f"t={now},v1=\u00e9\u00e9", b"{}") is False
+
+
 def test_event_text_reads_as_a_sentence() -> None:
     text = rules.event_text("conversion.reversed", {"order_id": "o-1", "campaign_id": "cmp", "amount": "9.00",
                                                     "currency": "EUR", "affiliate_id": "aff"})
@@ -161,6 +170,15 @@ def test_outcomes_retry_only_what_may_pass_later() -> None:
 )
 def test_forbidden_addresses(address: str) -> None:
     assert rules.forbidden_reason(address)
+
+
+def test_other_ipv6_forms_of_internal_addresses_are_forbidden() -> None:
+    # IPv4-translated (SIIT, ::ffff:0:a.b.c.d), the local-use NAT64 prefix
+    # (RFC 8215, translated to any IPv4 address by a site's NAT64) and
+    # site-local fec0::/10 reach internal hosts like the forms above.
+    for address in ("::ffff:0:10.0.0.1", "::ffff:0:127.0.0.1", "64:ff9b:1::a00:1", "64:ff9b:1::a9fe:a9fe",
+                    "fec0::1"):
+        assert rules.forbidden_reason(address), address
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "::ffff:93.184.216.34"])

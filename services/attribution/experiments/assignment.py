@@ -12,6 +12,7 @@ which the result counts consistently: it reads the arms the clicks stored).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -50,19 +51,28 @@ class ExperimentCache:
         self._by_code: dict[tuple[str, str], Experiment] | None = None
         self._expires = 0.0
         self._loading: asyncio.Future[dict[tuple[str, str], Experiment]] | None = None
+        # Bumped by invalidate: a load started before it may have read the set
+        # before the change committed, so its answer is neither awaited nor kept.
+        self._generation = 0
 
     def invalidate(self) -> None:
         """The next lookup waits for a fresh set (this replica just changed one)."""
         self._by_code = None
         self._expires = 0.0
+        self._loading = None
+        self._generation += 1
 
     async def _load(self) -> dict[tuple[str, str], Experiment]:
         experiments = await store.open_experiments(self._pool, utcnow())
         return {(e.campaign_id, e.coupon_code): e for e in experiments}
 
-    def _loaded(self, task: asyncio.Future[dict[tuple[str, str], Experiment]]) -> None:
+    def _loaded(self, generation: int, task: asyncio.Future[dict[tuple[str, str], Experiment]]) -> None:
         if self._loading is task:
             self._loading = None
+        if generation != self._generation:
+            if not task.cancelled():
+                task.exception()  # retrieved: an outdated load's failure is not worth a warning
+            return
         if not task.cancelled() and task.exception() is None:
             self._by_code = task.result()
             self._expires = time.monotonic() + self._ttl
@@ -77,7 +87,7 @@ class ExperimentCache:
             if self._loading is None:
                 # A task of its own: a caller whose deadline passes cancels only its wait.
                 self._loading = asyncio.ensure_future(self._load())
-                self._loading.add_done_callback(self._loaded)
+                self._loading.add_done_callback(functools.partial(self._loaded, self._generation))
             if by_code is None:
                 by_code = await asyncio.shield(self._loading)
         return by_code.get((campaign_id, code))

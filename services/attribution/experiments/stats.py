@@ -197,6 +197,10 @@ class Lifts:
 
 def lifts(treatment: Moments, control: Moments, tau2: Any, alpha: Any = ALPHA) -> Lifts:
     estimate, variance, control_mean = difference(treatment, control)
+    # No variation in either arm (no conversion yet, or no revenue) is no
+    # information, not certainty: the plug-in variance 0 would give the
+    # interval [est, est] and call the experiment ready. No interval instead.
+    variance = np.where(variance > 0, variance, np.nan)
     low, high = always_valid_interval(estimate, variance, tau2, alpha)
     fixed_low, fixed_high = fixed_interval(estimate, variance, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -262,12 +266,14 @@ def segment_lifts(
     result = []
     for (name, t, c), was_selected in zip(segments, selected, strict=True):
         corrected = lift(t, c, tau2, level)
+        incremental = bool(was_selected) and corrected.absolute > 0
         result.append(
             SegmentLift(
                 name=name,
                 lift=corrected,
-                incremental=bool(was_selected) and corrected.absolute > 0,
-                not_incremental=corrected.ci_high < min_detectable_effect,
+                incremental=incremental,
+                # A proven lift below the MDE is still incremental: never in both lists.
+                not_incremental=not incremental and corrected.ci_high < min_detectable_effect,
             )
         )
     return result

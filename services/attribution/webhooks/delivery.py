@@ -60,6 +60,11 @@ class Refused(Exception):
     """The destination is not allowed (SSRF rules) or cannot be resolved; never retried blindly."""
 
 
+class Unresolved(Refused):
+    """The name did not resolve: refused at creation, but at delivery a resolver
+    outage is a connection error like any other, retried on the schedule."""
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -73,9 +78,9 @@ async def _resolve(host: str, port: int, config: WebhookConfig) -> list[str]:
         async with asyncio.timeout(rules.REQUEST_TIMEOUT_SECONDS):
             addresses = await config.resolve(host, port)
     except (OSError, TimeoutError, UnicodeError) as error:
-        raise Refused(f"{host} does not resolve ({type(error).__name__})") from None
+        raise Unresolved(f"{host} does not resolve ({type(error).__name__})") from None
     if not addresses:
-        raise Refused(f"{host} does not resolve")
+        raise Unresolved(f"{host} does not resolve")
     return addresses
 
 
@@ -94,6 +99,10 @@ async def check_destination(url: str, config: WebhookConfig) -> tuple[str, list[
     return host, addresses
 
 
+def _same_name(a: str, b: str) -> bool:
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
+
+
 class _PinnedResolver(AbstractResolver):
     """Answers the addresses already checked: a second lookup could answer another (DNS rebinding)."""
 
@@ -102,7 +111,10 @@ class _PinnedResolver(AbstractResolver):
         self._addresses = addresses
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        if host != self._host:
+        # aiohttp asks with the URL's raw host ("Hooks.Example.com", trailing
+        # dots collapsed); the checked name is urlsplit's, lower-cased: names
+        # are case-insensitive, so the same name must be answered.
+        if not _same_name(host, self._host):
             raise OSError(f"unexpected host {host!r}")
         return [
             ResolveResult(hostname=host, host=a, port=port,
@@ -333,6 +345,9 @@ class WebhookWorker:
         try:
             with metrics.WEBHOOK_ATTEMPT_SECONDS.time():
                 answer = await send(request, self.config)
+        except Unresolved as error:
+            await self._retry(d, 0, str(error)[:300], None)
+            return
         except Refused as error:
             metrics.WEBHOOK_ATTEMPTS_TOTAL.labels("refused").inc()
             await self._dead(d, 0, f"refused: {error}")
@@ -359,7 +374,10 @@ class WebhookWorker:
             await self._dead(d, status, f"out of retries after {d.attempts} attempts; last: {error}")
             return
         if retry_after is not None:
-            delay = min(retry_after, 86400.0)  # the receiver knows when it is back, within a day
+            # The receiver knows when it is back (within a day), but only ever
+            # later than the schedule: "Retry-After: 0" on every 503 would
+            # otherwise spend the day-long schedule in seconds and kill the event.
+            delay = max(delay, min(retry_after, 86400.0))
         metrics.WEBHOOK_ATTEMPTS_TOTAL.labels("retry").inc()
         await store.record_retry(self.pool, d.id, d.attempts, status, error, self.clock() + timedelta(seconds=delay))
 

@@ -231,11 +231,18 @@ async def insert_deliveries(conn: Executor, deliveries: Sequence[tuple[str, str,
     """(id, webhook_id, event_id, event, payload JSON, first attempt at); a repeated event is skipped."""
     if not deliveries:
         return
+    # KEY SHARE on each webhook (what a foreign key would take): a concurrent
+    # DeleteWebhook waits for this transaction and then cancels these rows
+    # too, or has committed and the join drops them. Without it a fan-out
+    # that read the webhook before the delete left deliveries pending for ever.
     await conn.execute(
         """INSERT INTO webhook_deliveries (id, webhook_id, event_id, event, state, payload, next_attempt_at)
-           SELECT id, webhook_id, event_id, event, 'pending', payload::jsonb, at
+           SELECT t.id, t.webhook_id, t.event_id, t.event, 'pending', t.payload::jsonb, t.at
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-                  AS t (id, webhook_id, event_id, event, payload, at)
+                  WITH ORDINALITY AS t (id, webhook_id, event_id, event, payload, at, n)
+             JOIN webhooks w ON w.id = t.webhook_id
+            ORDER BY t.n  -- the events' order, so equal first-attempt times are claimed in it
+              FOR KEY SHARE OF w
            ON CONFLICT (webhook_id, event_id) DO NOTHING""",
         [d[0] for d in deliveries], [d[1] for d in deliveries], [d[2] for d in deliveries],
         [d[3] for d in deliveries], [d[4] for d in deliveries], [d[5] for d in deliveries],
