@@ -48,6 +48,7 @@ from services.attribution.conversions import redemptions, store
 from services.attribution.conversions.rules import (
     ConversionInput,
     StaticJudgment,
+    report_dimensions,
     final_status,
     hold_until,
     is_fixable,
@@ -474,7 +475,7 @@ class ConversionRecorder:
             holds_coupon_use=case.coupon_use and accepted,
             holds_customer_use=case.customer_use and accepted,
             holds_click_slot=case.click_slot and accepted,
-            request=_request_json(item),
+            request=_request_json(item) | {"report": report_dimensions(item, static)},
         )
 
 
