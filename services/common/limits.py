@@ -63,3 +63,6 @@ SKUS_PER_ORDER = max_items(_CONVERSION, "skus")
 CLICKS_PER_BATCH = max_items(apb.RecordClickBatchRequest.DESCRIPTOR, "requests")
 # Every list of a coupon's rules (affiliates, countries, devices, channels, SKUs).
 COUPON_LIST_ITEMS = max_items(apb.Coupon.DESCRIPTOR, "skus")
+
+# Reports.
+TIME_ZONE = max_bytes(apb.GetReportRequest.DESCRIPTOR, "time_zone")

@@ -175,11 +175,17 @@ async def fetch_clicks(
         return {}
     rows = await conn.fetch(
         """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
-                  c.decision, c.conversions, c.country, c.device_type
+                  c.decision, c.conversions, c.country, c.device_type, c.sub1
              FROM clicks c
              JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
                ON c.click_id = k.click_id AND c.created_at = k.created_at""",
         [c[0] for c in clicks],
         [c[1] for c in clicks],
     )
-    return {r["click_id"]: Click(**dict(r)) for r in rows}
+    found = {}
+    for r in rows:
+        values = dict(r)
+        # sub1: what reports count the click's conversions under
+        values["subs"] = (values.pop("sub1") or "", "", "", "", "")
+        found[r["click_id"]] = Click(**values)
+    return found

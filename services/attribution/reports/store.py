@@ -1,0 +1,185 @@
+"""SQL of reports: sums from the rollups (migration 009) and raw events, compaction, pace.
+
+A report sums the rollup rows of the whole 15-minute buckets inside its range
+and completes the partial buckets at its two edges from the raw events
+(``report_click_facts`` and ``report_conversion_facts``, the same expressions
+the triggers use). The drift check sums the same range both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+import asyncpg
+
+from services.attribution.common.database import Connection
+from services.attribution.reports.rules import (
+    DRIFT_GROUPS,
+    TOTAL_FIELDS,
+    Drift,
+    ReportQuery,
+    Totals,
+    aligned_span,
+)
+from services.attribution.reports.rules import drift as rules_drift
+
+Source = Literal["report", "raw"]
+
+# hashtextextended('ascribe_report_compact', 0): one fold at a time across replicas.
+_COMPACT_LOCK = "ascribe_report_compact"
+
+_DIMENSIONS = ("campaign_id", "currency", "coupon", "affiliate_id", "channel", "sub1", "country", "device")
+_CLICK_METRICS = ("clicks", "unique_clicks", "tracked_clicks", "rejected_clicks")
+_FILTERS = {
+    "campaign_id": "campaign_id",
+    "affiliate_id": "affiliate_id",
+    "coupon_code": "coupon",
+    "country": "country",
+    "device": "device",
+    "sub1": "sub1",
+}
+# $5 is the request's time zone. The start of a local hour is the instant
+# minus the minutes past it in local time: exact across DST changes and for
+# zones whose offset is not whole hours.
+_KEYS = {
+    "campaign": "campaign_id",
+    "coupon": "coupon",
+    "affiliate": "affiliate_id",
+    "channel": "channel",
+    "sub1": "sub1",
+    "country": "country",
+    "device": "device",
+    "day": "to_char(timezone($5::text, t), 'YYYY-MM-DD')",
+    "hour": "t - (timezone($5::text, t) - date_trunc('hour', timezone($5::text, t)))",
+}
+
+
+@dataclass(frozen=True)
+class SummedRow:
+    keys: dict[str, object]  # group word -> value (the hour's start as an instant)
+    currency: str
+    totals: Totals
+
+
+def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
+    span = aligned_span(query.start, query.end) if source == "report" else None
+    if span is None:
+        lo, hi = query.end, query.end  # no whole bucket: every event from the raw tables
+    else:
+        lo, hi = span
+    args: list[object] = [query.start, query.end, lo, hi]
+    if {"day", "hour"} & set(query.groups):
+        args.append(query.time_zone)  # $5, which _KEYS names
+    conditions = []
+    for field, column in _FILTERS.items():
+        value = getattr(query, field)
+        if value:
+            args.append(value)
+            conditions.append(f"{column} = ${len(args)}")
+    where = "".join(f" AND {c}" for c in conditions)
+    dims = ", ".join(_DIMENSIONS)
+    conversion_metrics = [m for m in TOTAL_FIELDS if m not in _CLICK_METRICS]
+    parts = []
+    if span is not None:
+        parts.append(
+            f"SELECT bucket AS t, {dims}, {', '.join(TOTAL_FIELDS)} FROM report_rollup"
+            f" WHERE bucket >= $3 AND bucket < $4{where}"
+        )
+    edges = "((at >= $1 AND at < $3) OR (at >= $4 AND at < $2))"
+    parts.append(
+        f"SELECT at AS t, {dims}, {', '.join(_CLICK_METRICS)}, {', '.join(f'0 AS {m}' for m in conversion_metrics)}"
+        f" FROM report_click_facts WHERE {edges}{where}"
+    )
+    parts.append(
+        f"SELECT at AS t, {dims}, {', '.join(f'0 AS {m}' for m in _CLICK_METRICS)}, {', '.join(conversion_metrics)}"
+        f" FROM report_conversion_facts WHERE {edges}{where}"
+    )
+    keys = [f"{_KEYS[g]} AS k_{g}" for g in query.groups]
+    group = ", ".join([*(f"k_{g}" for g in query.groups), "currency"])
+    sums = ", ".join(f"sum({m})::bigint AS {m}" for m in TOTAL_FIELDS)
+    sql = (
+        f"SELECT {', '.join([*keys, 'currency'])}, {sums}"
+        f" FROM ({' UNION ALL '.join(parts)}) e GROUP BY {group} ORDER BY {group}"
+    )
+    return sql, args
+
+
+def _summed(query: ReportQuery, record: asyncpg.Record) -> SummedRow:
+    return SummedRow(
+        keys={g: record[f"k_{g}"] for g in query.groups},
+        currency=record["currency"],
+        totals=Totals(**{m: int(record[m]) for m in TOTAL_FIELDS}),
+    )
+
+
+async def sums(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Source = "report") -> list[SummedRow]:
+    """The report's rows: one per group key and currency, in key order.
+
+    ``raw`` recomputes from the events alone (the drift check compares it
+    with the report).
+    """
+    sql, args = _statement(query, source)
+    return [_summed(query, r) for r in await conn.fetch(sql, *args)]
+
+
+async def stream_sums(conn: Connection, query: ReportQuery, prefetch: int) -> AsyncIterator[SummedRow]:
+    """``sums`` row by row through a cursor (inside the caller's transaction)."""
+    sql, args = _statement(query, "report")
+    async for record in conn.cursor(sql, *args, prefetch=prefetch):
+        yield _summed(query, record)
+
+
+async def compact(pool: asyncpg.Pool) -> int | None:
+    """Folds the rollups' fresh deltas; None when another replica is folding."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", _COMPACT_LOCK):
+            return None
+        return int(await conn.fetchval("SELECT ascribe_report_compact()"))
+
+
+@dataclass(frozen=True)
+class CodeUsage:
+    usage_limit: int
+    used: int
+    valid_until: datetime | None
+    uses_last_24h: int
+
+
+async def code_usage(
+    conn: Connection | asyncpg.Pool, codes: Sequence[tuple[str, str]], now: datetime
+) -> dict[tuple[str, str], CodeUsage]:
+    """Limited codes among ``(campaign_id, code)`` with their live uses taken in the last 24 hours."""
+    if not codes:
+        return {}
+    rows = await conn.fetch(
+        """SELECT c.campaign_id, c.code, c.usage_limit, c.used, c.valid_until,
+                  (SELECT count(*) FROM redemptions r
+                    WHERE r.campaign_id = c.campaign_id AND r.code = c.code
+                      AND r.released_at IS NULL AND r.taken_at >= $3) AS recent
+             FROM coupons c
+             JOIN unnest($1::text[], $2::text[]) AS k(campaign_id, code) USING (campaign_id, code)
+            WHERE c.usage_limit > 0""",
+        [c[0] for c in codes], [c[1] for c in codes], now - timedelta(hours=24),
+    )
+    return {
+        (r["campaign_id"], r["code"]): CodeUsage(r["usage_limit"], r["used"], r["valid_until"], r["recent"])
+        for r in rows
+    }
+
+
+async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime) -> list[Drift]:
+    """Recomputes [start, end) from the raw events and compares it with the report's sums.
+
+    The report side is what GetReport reads (rollups inside, raw events at
+    the edges); the raw side scans every event of the range.
+    """
+    query = ReportQuery(start=start, end=end, groups=DRIFT_GROUPS)
+    reported = await sums(conn, query, "report")
+    recomputed = await sums(conn, query, "raw")
+    return rules_drift(
+        [(r.keys, r.currency, r.totals) for r in reported],
+        [(r.keys, r.currency, r.totals) for r in recomputed],
+    )
