@@ -7,6 +7,7 @@ raw events) at zero.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,8 +15,11 @@ import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
+from typer.testing import CliRunner
 
+from ascribe_cli.app import app
 from services.attribution.reports import store as report_store
+from services.attribution.reports.drift import main as drift_main
 from tests.integration.conversion_env import World, ts
 from tests.support import bad_request_fields
 
@@ -30,7 +34,9 @@ def reports(world: World) -> attribution_pb2_grpc.ReportServiceAsyncStub:
     return attribution_pb2_grpc.ReportServiceStub(world.replicas[0].channel)
 
 
-async def report(world: World, start: datetime, end: datetime, *groups: int, **fields: Any) -> list[pb.ReportRow]:
+async def report(
+    world: World, start: datetime, end: datetime, *groups: pb.ReportGroupBy.ValueType, **fields: Any
+) -> list[pb.ReportRow]:
     request = pb.GetReportRequest(to=ts(end), group_by=list(groups), **fields)
     getattr(request, "from").CopyFrom(ts(start))
     answer = await reports(world).GetReport(request, timeout=10)
@@ -47,7 +53,7 @@ def metrics(row: pb.ReportRow) -> dict[str, Any]:
 
 
 def by_keys(rows: list[pb.ReportRow]) -> dict[tuple[tuple[str, str], ...], dict[str, Any]]:
-    return {tuple(sorted(r.keys.items())) + (("currency", r.metrics.currency),): metrics(r) for r in rows}
+    return {(*tuple(sorted(r.keys.items())), ("currency", r.metrics.currency)): metrics(r) for r in rows}
 
 
 async def assert_no_drift(world: World, start: datetime, end: datetime) -> None:
@@ -262,3 +268,32 @@ async def test_no_drift_after_a_multi_replica_race(world: World) -> None:
     assert rows[0].metrics.clicks == 40 and rows[0].metrics.conversions == 40
     assert rows[0].metrics.reversed == 8  # every fifth order fully refunded
     await assert_no_drift(world, t - timedelta(hours=1), t + timedelta(hours=1))
+
+
+async def test_the_cli_report_and_the_drift_check(world: World, known: datetime, capsys: pytest.CaptureFixture[str]) -> None:
+    t = known
+    env = {"ASCRIBE_ATTRIBUTION_ADDR": f"127.0.0.1:{world.replicas[0].service.port}"}
+    args = ["report", "--from", (t - timedelta(minutes=1)).isoformat(), "--to", (t + timedelta(hours=2)).isoformat(),
+            "-g", "affiliate", "--campaign", "cmp"]
+    result = await asyncio.to_thread(CliRunner().invoke, app, [*args, "--format", "json"], env=env)
+    assert result.exit_code == 0, result.output
+    rows = {(r["affiliate"], r["currency"]): r for r in json.loads(result.stdout)}
+    assert rows[("a1", "EUR")]["revenue_micros"] == 150_000_000 and rows[("a1", "EUR")]["clicks"] == 3
+    assert rows[("", "USD")]["rejected"] == 1
+    result = await asyncio.to_thread(CliRunner().invoke, app, [*args, "--format", "csv"], env=env)
+    assert result.stdout.splitlines()[0].startswith("affiliate,clicks,unique_clicks")
+    bad = await asyncio.to_thread(CliRunner().invoke, app, [*args, "--tz", "Nowhere/Land"], env=env)
+    assert bad.exit_code == 1 and "time_zone" in bad.stderr
+
+    window = ["--from", (t - timedelta(days=1)).isoformat(), "--to", (t + timedelta(days=1)).isoformat()]
+    assert await asyncio.to_thread(drift_main, window, world.database_url) == 0
+    # a rollup row that no event explains is drift, named by its key and sum
+    await world.db.execute(
+        """INSERT INTO report_rollup (bucket, campaign_id, currency, coupon, affiliate_id, channel, sub1, country,
+                                      device, clicks)
+           VALUES ($1, 'cmp', 'EUR', '', 'a1', 'social', 's1', 'DE', 'desktop', 1)""",
+        t + timedelta(minutes=15),
+    )
+    capsys.readouterr()
+    assert await asyncio.to_thread(drift_main, window, world.database_url) == 1
+    assert "clicks: report 1, raw events 0" in capsys.readouterr().out

@@ -48,11 +48,11 @@ from services.attribution.conversions import redemptions, store
 from services.attribution.conversions.rules import (
     ConversionInput,
     StaticJudgment,
-    report_dimensions,
     final_status,
     hold_until,
     is_fixable,
     judge_static,
+    report_dimensions,
 )
 from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
 from services.attribution.metrics import CONVERSION_BATCH_SIZE, CONVERSION_SECONDS, count_judged

@@ -18,12 +18,12 @@ from functools import cached_property
 
 from services.attribution.common import coupon_rules
 from services.attribution.common.models import (
+    DIRECT_CHANNEL,
     Affiliate,
     AttributionSource,
     Campaign,
     Click,
     ConversionStatus,
-    DIRECT_CHANNEL,
     Coupon,
     DeviceType,
 )
@@ -204,10 +204,7 @@ def report_dimensions(input: ConversionInput, static: StaticJudgment) -> dict[st
     (``direct`` when nobody is credited); the credited click's sub1.
     """
     click = static.click
-    if static.affiliate_id is None:
-        channel = DIRECT_CHANNEL
-    else:
-        channel = static.channel or ""
+    channel = DIRECT_CHANNEL if static.affiliate_id is None else static.channel or ""
     return {
         "country": input.country or (click.country or "" if click else ""),
         "device": input.device_type or (click.device_type or "" if click else ""),
