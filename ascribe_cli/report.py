@@ -71,7 +71,7 @@ def report(
 ) -> None:
     """Report clicks, conversions and money over [--from, --to), by any groups (streamed: any size)."""
     groups = [g.value for g in group_by or []]
-    request = pb.GetReportRequest(
+    request = pb.ExportReportRequest(
         to=end,
         group_by=[pb.ReportGroupBy.Value(f"REPORT_GROUP_BY_{g.upper()}") for g in groups],
         time_zone=time_zone,

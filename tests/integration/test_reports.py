@@ -227,7 +227,7 @@ async def test_bad_requests_name_the_field(world: World) -> None:
 
 async def test_export_streams_the_same_rows(world: World, known: datetime) -> None:
     t = known
-    request = pb.GetReportRequest(to=ts(t + timedelta(hours=2)), group_by=[G.REPORT_GROUP_BY_COUPON], campaign_id="cmp")
+    request = pb.ExportReportRequest(to=ts(t + timedelta(hours=2)), group_by=[G.REPORT_GROUP_BY_COUPON], campaign_id="cmp")
     getattr(request, "from").CopyFrom(ts(t))
     got = [row async for chunk in reports(world).ExportReport(request, timeout=10) for row in chunk.rows]
     assert got == await report(world, t, t + timedelta(hours=2), G.REPORT_GROUP_BY_COUPON, campaign_id="cmp")

@@ -107,3 +107,15 @@ def test_a_conversion_is_reported_under_its_own_country_else_its_clicks() -> Non
     assert report_dimensions(_input(country="FR", device_type="desktop"), credited)["country"] == "FR"
     nobody = StaticJudgment(reasons=[], affiliate_id=None, source="none", click=None, coupon=None)
     assert report_dimensions(_input(), nobody) == {"country": "", "device": "", "channel": "direct", "sub1": ""}
+
+
+def test_export_and_get_report_requests_hold_the_same_fields() -> None:
+    from ascribe.attribution.v1 import attribution_pb2 as pb
+
+    def shape(message: object) -> list[tuple[str, int, int, str]]:
+        descriptor = message.DESCRIPTOR  # type: ignore[attr-defined]
+        return [
+            (f.name, f.number, f.type, str(f.GetOptions()).strip()) for f in descriptor.fields
+        ]
+
+    assert shape(pb.ExportReportRequest) == shape(pb.GetReportRequest)

@@ -104,9 +104,9 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         return pb.GetReportResponse(rows=rows)
 
     async def ExportReport(
-        self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportReportResponse]:
-        query = report_query(request)
+        query = report_query(pb.GetReportRequest.FromString(request.SerializeToString()))
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             summed: list[store.SummedRow] = []
             async for row in store.stream_sums(conn, query, EXPORT_CHUNK_ROWS):
