@@ -297,3 +297,31 @@ async def test_the_cli_report_and_the_drift_check(world: World, known: datetime,
     capsys.readouterr()
     assert await asyncio.to_thread(drift_main, window, world.database_url) == 1
     assert "clicks: report 1, raw events 0" in capsys.readouterr().out
+
+
+async def test_a_visitors_first_click_per_campaign_and_affiliate_in_a_day_is_unique(world: World) -> None:
+    await world.campaign()
+    for affiliate in ("a1", "a2"):
+        await world.affiliate(affiliate)
+    t = world.clock.now - timedelta(hours=1)
+    ids = [
+        await world.click("a1", ip="198.51.100.7", occurred_at=ts(t)),
+        await world.click("a1", ip="198.51.100.7", occurred_at=ts(t + timedelta(minutes=1))),  # again: not unique
+        await world.click("a2", ip="198.51.100.7", occurred_at=ts(t + timedelta(minutes=2))),  # another affiliate
+        await world.click("a1", ip="198.51.100.7", user_agent=IPHONE_UA, occurred_at=ts(t + timedelta(minutes=3))),
+        await world.click("a1", ip="198.51.100.8", occurred_at=ts(t + timedelta(minutes=4))),  # another IP
+    ]
+    stored = await world.db.fetch("SELECT click_id, is_unique FROM clicks")
+    unique = {r["click_id"]: r["is_unique"] for r in stored}
+    assert [unique[i] for i in ids] == [True, False, True, True, True]
+    rows = await report(world, t - timedelta(minutes=1), t + timedelta(minutes=10))
+    assert (rows[0].metrics.clicks, rows[0].metrics.unique_clicks) == (5, 4)
+
+
+async def test_clicks_are_unique_while_fraud_is_unavailable(world_without_fraud: World) -> None:
+    world = world_without_fraud
+    await world.campaign()
+    await world.affiliate("a1")
+    for _ in range(2):
+        await world.click("a1", ip="198.51.100.7")
+    assert await world.db.fetchval("SELECT count(*) FROM clicks WHERE is_unique") == 2

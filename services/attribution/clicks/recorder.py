@@ -274,6 +274,7 @@ class _Judged:
     decision: ClickDecision
     reasons: list[str]
     fraud_score: int = 0
+    unique: bool = True  # until the fraud service says the visitor clicked before
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
         click = self.click
@@ -295,6 +296,8 @@ class _Judged:
     def apply(self, verdict: fraud_pb2.Verdict | None) -> None:
         self.decision, fraud_reasons, self.fraud_score = apply_verdict(self.decision, verdict)
         self.reasons.extend(fraud_reasons)
+        # No verdict (fraud down or late) counts the click as unique.
+        self.unique = verdict is None or not verdict.repeat_visit
 
     def row(self) -> Click:
         click = self.click
@@ -316,6 +319,7 @@ class _Judged:
             reasons=tuple(self.reasons),
             fraud_score=self.fraud_score,
             device_type=click.device_type,
+            unique=self.unique,
         )
 
     def outcome(self) -> ClickOutcome:

@@ -105,6 +105,7 @@ class Click:
     fraud_score: int = 0
     conversions: int = 0
     device_type: DeviceType | None = None
+    unique: bool = True  # the visitor's first click for the campaign and affiliate in 24 h
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,29 @@
 -- otherwise every click is.
 ALTER TABLE clicks ADD COLUMN is_unique boolean NOT NULL DEFAULT true;
 
+-- Click batches travel in this row type from now on (007's type cannot
+-- change: asyncpg caches a type's layout per connection).
+CREATE TYPE ascribe_click_row_v3 AS (
+    click_id               text,
+    created_at             timestamptz,
+    campaign_id            text,
+    affiliate_id           text,
+    coupon_code            text,
+    requested_coupon_code  text,
+    external_click_id      text,
+    sub1 text, sub2 text, sub3 text, sub4 text, sub5 text,
+    ip                     text,
+    user_agent             text,
+    referer                text,
+    country                text,
+    occurred_at            timestamptz,
+    decision               text,
+    reasons                text,
+    fraud_score            int,
+    device_type            text,
+    is_unique              boolean
+);
+
 -- A conversion's report dimensions, judged with it: the recorder writes them
 -- into the request it keeps (`report`: the postback's or derived country and
 -- device, else the credited click's; the credited affiliate's channel at the
