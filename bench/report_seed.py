@@ -148,7 +148,7 @@ async def seed(conn: asyncpg.Connection, clicks: int, conversions: int) -> Seede
     await conn.copy_to_table(
         "conversions", source=conversion_path, columns=list(CONVERSION_COLUMNS), format="csv", timeout=1800
     )
-    await conn.fetchval("SELECT ascribe_report_compact()", timeout=1800)
+    await conn.fetchval("SELECT ascribe_report_compact() + ascribe_report_compact_campaign()", timeout=1800)
     await conn.execute("ANALYZE")
     seconds = time.perf_counter() - started
     disk = {}

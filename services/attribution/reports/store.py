@@ -41,7 +41,7 @@ _FILTERS = {
     "device": "device",
     "sub1": "sub1",
 }
-# $5 is the request's time zone. The start of a local hour is the instant
+# {zone} stands for the request's time zone parameter. The start of a local hour is the instant
 # minus the minutes past it in local time: exact across DST changes and for
 # zones whose offset is not whole hours.
 _KEYS = {
@@ -52,8 +52,8 @@ _KEYS = {
     "sub1": "sub1",
     "country": "country",
     "device": "device",
-    "day": "to_char(timezone($5::text, t), 'YYYY-MM-DD')",
-    "hour": "t - (timezone($5::text, t) - date_trunc('hour', timezone($5::text, t)))",
+    "day": "to_char(timezone({zone}::text, t), 'YYYY-MM-DD')",
+    "hour": "t - (timezone({zone}::text, t) - date_trunc('hour', timezone({zone}::text, t)))",
 }
 
 
@@ -64,40 +64,54 @@ class SummedRow:
     totals: Totals
 
 
+# Rollup tiers, coarsest first, with the dimensions each keeps: a report
+# reads the first that keeps every dimension it groups or filters by.
+_TIERS = (
+    ("report_rollup_campaign", ("campaign_id", "currency")),
+    ("report_rollup", _DIMENSIONS),
+)
+_GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour")}
+
+
 def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
+    args: list[object] = []
+
+    def param(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
     span = aligned_span(query.start, query.end) if source == "report" else None
-    if span is None:
-        lo, hi = query.end, query.end  # no whole bucket: every event from the raw tables
-    else:
-        lo, hi = span
-    args: list[object] = [query.start, query.end, lo, hi]
-    if {"day", "hour"} & set(query.groups):
-        args.append(query.time_zone)  # $5, which _KEYS names
-    conditions = []
-    for field, column in _FILTERS.items():
-        value = getattr(query, field)
-        if value:
-            args.append(value)
-            conditions.append(f"{column} = ${len(args)}")
-    where = "".join(f" AND {c}" for c in conditions)
-    dims = ", ".join(_DIMENSIONS)
+    timed = bool({"day", "hour"} & set(query.groups))
+    zone = param(query.time_zone) if timed else ""
+    needed = {"currency"} | {_GROUP_COLUMNS[g] for g in query.groups if g in _GROUP_COLUMNS}
+    filters = {column: getattr(query, field) for field, column in _FILTERS.items() if getattr(query, field)}
+    needed |= set(filters)
+    where = "".join(f" AND {column} = {param(value)}" for column, value in filters.items())
+    columns = [c for c in _DIMENSIONS if c in needed]
     conversion_metrics = [m for m in TOTAL_FIELDS if m not in _CLICK_METRICS]
     parts = []
-    if span is not None:
+    if span is None:
+        edges = [(query.start, query.end)]  # no whole bucket: every event from the raw tables
+    else:
+        lo, hi = span
+        table = next(name for name, kept in _TIERS if needed <= set(kept))
         parts.append(
-            f"SELECT bucket AS t, {dims}, {', '.join(TOTAL_FIELDS)} FROM report_rollup"
-            f" WHERE bucket >= $3 AND bucket < $4{where}"
+            f"SELECT {', '.join([*(['bucket AS t'] if timed else []), *columns, *TOTAL_FIELDS])} FROM {table}"
+            f" WHERE bucket >= {param(lo)} AND bucket < {param(hi)}{where}"
         )
-    edges = "((at >= $1 AND at < $3) OR (at >= $4 AND at < $2))"
-    parts.append(
-        f"SELECT at AS t, {dims}, {', '.join(_CLICK_METRICS)}, {', '.join(f'0 AS {m}' for m in conversion_metrics)}"
-        f" FROM report_click_facts WHERE {edges}{where}"
-    )
-    parts.append(
-        f"SELECT at AS t, {dims}, {', '.join(f'0 AS {m}' for m in _CLICK_METRICS)}, {', '.join(conversion_metrics)}"
-        f" FROM report_conversion_facts WHERE {edges}{where}"
-    )
-    keys = [f"{_KEYS[g]} AS k_{g}" for g in query.groups]
+        edges = [(a, b) for a, b in ((query.start, lo), (hi, query.end)) if a < b]
+    for a, b in edges:
+        within = f"at >= {param(a)} AND at < {param(b)}{where}"
+        selected = [*(['at AS t'] if timed else []), *columns]
+        parts.append(
+            f"SELECT {', '.join([*selected, *_CLICK_METRICS, *(f'0 AS {m}' for m in conversion_metrics)])}"
+            f" FROM report_click_facts WHERE {within}"
+        )
+        parts.append(
+            f"SELECT {', '.join([*selected, *(f'0 AS {m}' for m in _CLICK_METRICS), *conversion_metrics])}"
+            f" FROM report_conversion_facts WHERE {within}"
+        )
+    keys = [f"{_KEYS[g].format(zone=zone)} AS k_{g}" for g in query.groups]
     group = ", ".join([*(f"k_{g}" for g in query.groups), "currency"])
     sums = ", ".join(f"sum({m})::bigint AS {m}" for m in TOTAL_FIELDS)
     sql = (
@@ -137,7 +151,8 @@ async def compact(pool: asyncpg.Pool) -> int | None:
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", _COMPACT_LOCK):
             return None
-        return int(await conn.fetchval("SELECT ascribe_report_compact()"))
+        folded = await conn.fetchval("SELECT ascribe_report_compact() + ascribe_report_compact_campaign()")
+        return int(folded)
 
 
 @dataclass(frozen=True)
@@ -174,12 +189,16 @@ async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime)
     """Recomputes [start, end) from the raw events and compares it with the report's sums.
 
     The report side is what GetReport reads (rollups inside, raw events at
-    the edges); the raw side scans every event of the range.
+    the edges), once through each tier; the raw side scans every event of
+    the range.
     """
-    query = ReportQuery(start=start, end=end, groups=DRIFT_GROUPS)
-    reported = await sums(conn, query, "report")
-    recomputed = await sums(conn, query, "raw")
-    return rules_drift(
-        [(r.keys, r.currency, r.totals) for r in reported],
-        [(r.keys, r.currency, r.totals) for r in recomputed],
-    )
+    found: list[Drift] = []
+    for groups in (DRIFT_GROUPS, ("campaign", "hour")):  # the fine tier, then the campaign tier
+        query = ReportQuery(start=start, end=end, groups=groups)
+        reported = await sums(conn, query, "report")
+        recomputed = await sums(conn, query, "raw")
+        found += rules_drift(
+            [(r.keys, r.currency, r.totals) for r in reported],
+            [(r.keys, r.currency, r.totals) for r in recomputed],
+        )
+    return found
