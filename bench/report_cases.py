@@ -70,15 +70,22 @@ def rollup_cost(runner: Runner) -> None:
     }
     oks = {"h.clicks_rollups": lambda o: o == "302", "h.conversions_rollups": lambda o: o.startswith("200:")}
     for key, title in pairs:
-        results = {}
-        for enabled in (False, True):
+        # Off and on alternate twice and each keeps its better run: on this
+        # shared 2-core machine a single pair mostly measures the neighbours.
+        results: dict[str, CaseResult] = {}
+        for enabled in (False, True, False, True):
             asyncio.run(_set_rollups(runner.env.database_url, enabled))
             state = "on" if enabled else "off"
-            results[state] = runner.load_case(
+            run = runner.load_case(
                 f"{key}_{state}", f"{title}, rollups {state}", specs[key], ok=oks[key],
                 goals=[ROLLUP_COST_GOAL] if enabled else [],
                 unit="clicks/s" if "clicks" in key else "conv/s",
             )
+            earlier = results.get(state)
+            if earlier is None or (run.throughput or 0) > (earlier.throughput or 0):
+                results[state] = run
+        for result in results.values():
+            result.note += "; the better of two alternating runs"
         runner.add(results["off"])
         runner.ratio(results["on"], f"{key}_off")
         runner.add(results["on"])
