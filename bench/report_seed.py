@@ -21,6 +21,8 @@ from pathlib import Path
 
 import asyncpg
 
+from services.attribution.reports import store as report_store
+
 CAMPAIGNS = 20
 AFFILIATES = 50
 CODES_PER_CAMPAIGN = 100
@@ -148,7 +150,7 @@ async def seed(conn: asyncpg.Connection, clicks: int, conversions: int) -> Seede
     await conn.copy_to_table(
         "conversions", source=conversion_path, columns=list(CONVERSION_COLUMNS), format="csv", timeout=1800
     )
-    await conn.fetchval("SELECT ascribe_report_compact() + ascribe_report_compact_campaign()", timeout=1800)
+    await conn.fetchval(report_store.COMPACT_ALL, timeout=1800)
     await conn.execute("ANALYZE")
     seconds = time.perf_counter() - started
     disk = {}

@@ -98,6 +98,13 @@ ALTER TABLE report_rollup_campaign
 CREATE INDEX report_rollup_campaign_time ON report_rollup_campaign (bucket);
 CREATE INDEX report_rollup_campaign_campaign ON report_rollup_campaign (campaign_id, bucket);
 
+-- Whole UTC days per campaign and code, for reports by code over weeks and
+-- months (a month of a campaign's codes is a row per code and day).
+CREATE TABLE report_rollup_coupon_day (LIKE report_rollup INCLUDING DEFAULTS);
+ALTER TABLE report_rollup_coupon_day
+    DROP COLUMN affiliate_id, DROP COLUMN channel, DROP COLUMN sub1, DROP COLUMN country, DROP COLUMN device;
+CREATE INDEX report_rollup_coupon_day_campaign ON report_rollup_coupon_day (campaign_id, bucket);
+
 -- What one click adds to its bucket (the same expressions as the triggers').
 CREATE VIEW report_click_facts AS
 SELECT date_bin('15 minutes', k.occurred_at, timestamptz '2000-01-01 00:00:00+00') AS bucket,
@@ -143,6 +150,12 @@ BEGIN
       LEFT JOIN affiliates a ON a.id = k.affiliate_id
      GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
     RETURNING *
+    ), by_day AS (
+    INSERT INTO report_rollup_coupon_day (bucket, campaign_id, currency, coupon, clicks, unique_clicks,
+                                          tracked_clicks, rejected_clicks)
+    SELECT date_trunc('day', bucket, 'UTC'), campaign_id, currency, coupon, sum(clicks), sum(unique_clicks),
+           sum(tracked_clicks), sum(rejected_clicks)
+      FROM fine GROUP BY 1, 2, 3, 4
     )
     INSERT INTO report_rollup_campaign (bucket, campaign_id, currency, clicks, unique_clicks, tracked_clicks,
                                         rejected_clicks)
@@ -189,6 +202,14 @@ BEGIN
           FROM new_conversions n, ascribe_report_conversion_delta(1, n) d
          GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
         RETURNING *
+        ), by_day AS (
+        INSERT INTO report_rollup_coupon_day (bucket, campaign_id, currency, coupon, conversions, pending,
+                                              approved, flagged, rejected, reversed, revenue_micros,
+                                              discount_micros, payout_micros, refunded_micros, uses_taken)
+        SELECT date_trunc('day', bucket, 'UTC'), campaign_id, currency, coupon, sum(conversions), sum(pending),
+               sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros),
+               sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken)
+          FROM fine GROUP BY 1, 2, 3, 4
         )
         INSERT INTO report_rollup_campaign (bucket, campaign_id, currency, conversions, pending, approved, flagged,
                                             rejected, reversed, revenue_micros, discount_micros, payout_micros,
@@ -216,6 +237,14 @@ BEGIN
             OR sum(d.revenue_micros) <> 0 OR sum(d.discount_micros) <> 0 OR sum(d.payout_micros) <> 0
             OR sum(d.refunded_micros) <> 0 OR sum(d.uses_taken) <> 0
         RETURNING *
+        ), by_day AS (
+        INSERT INTO report_rollup_coupon_day (bucket, campaign_id, currency, coupon, conversions, pending,
+                                              approved, flagged, rejected, reversed, revenue_micros,
+                                              discount_micros, payout_micros, refunded_micros, uses_taken)
+        SELECT date_trunc('day', bucket, 'UTC'), campaign_id, currency, coupon, sum(conversions), sum(pending),
+               sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros),
+               sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken)
+          FROM fine GROUP BY 1, 2, 3, 4
         )
         INSERT INTO report_rollup_campaign (bucket, campaign_id, currency, conversions, pending, approved, flagged,
                                             rejected, reversed, revenue_micros, discount_micros, payout_micros,
@@ -280,6 +309,27 @@ CREATE FUNCTION ascribe_report_compact_campaign() RETURNS bigint LANGUAGE sql AS
     SELECT (SELECT count(*) FROM gone) - (SELECT count(*) FROM folded)
 $$;
 
+CREATE FUNCTION ascribe_report_compact_coupon_day() RETURNS bigint LANGUAGE sql AS $$
+    WITH fresh AS (
+        SELECT DISTINCT bucket, campaign_id, currency, coupon FROM report_rollup_coupon_day WHERE NOT compacted
+    ), gone AS (
+        DELETE FROM report_rollup_coupon_day r USING fresh f
+         WHERE r.bucket = f.bucket AND r.campaign_id = f.campaign_id AND r.currency = f.currency
+           AND r.coupon = f.coupon
+        RETURNING r.*
+    ), folded AS (
+        INSERT INTO report_rollup_coupon_day
+        SELECT bucket, campaign_id, currency, coupon,
+               sum(clicks), sum(unique_clicks), sum(tracked_clicks), sum(rejected_clicks), sum(conversions),
+               sum(pending), sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros),
+               sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken), true
+          FROM gone
+         GROUP BY bucket, campaign_id, currency, coupon
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM gone) - (SELECT count(*) FROM folded)
+$$;
+
 -- What was recorded before this migration.
 INSERT INTO report_rollup (bucket, campaign_id, currency, coupon, affiliate_id, channel, sub1, country, device,
                            clicks, unique_clicks, tracked_clicks, rejected_clicks)
@@ -299,3 +349,9 @@ SELECT bucket, campaign_id, currency,
        sum(pending), sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros),
        sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken), false
   FROM report_rollup GROUP BY 1, 2, 3;
+INSERT INTO report_rollup_coupon_day
+SELECT date_trunc('day', bucket, 'UTC'), campaign_id, currency, coupon,
+       sum(clicks), sum(unique_clicks), sum(tracked_clicks), sum(rejected_clicks), sum(conversions),
+       sum(pending), sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros),
+       sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken), false
+  FROM report_rollup GROUP BY 1, 2, 3, 4;

@@ -30,6 +30,9 @@ Source = Literal["report", "raw"]
 
 # hashtextextended('ascribe_report_compact', 0): one fold at a time across replicas.
 _COMPACT_LOCK = "ascribe_report_compact"
+COMPACT_ALL = (
+    "SELECT ascribe_report_compact() + ascribe_report_compact_campaign() + ascribe_report_compact_coupon_day()"
+)
 
 _DIMENSIONS = ("campaign_id", "currency", "coupon", "affiliate_id", "channel", "sub1", "country", "device")
 _CLICK_METRICS = ("clicks", "unique_clicks", "tracked_clicks", "rejected_clicks")
@@ -70,7 +73,20 @@ _TIERS = (
     ("report_rollup_campaign", ("campaign_id", "currency")),
     ("report_rollup", _DIMENSIONS),
 )
+# Daily tiers (UTC days) serve the whole days inside a report that groups by
+# no time at all (a day of another zone is no UTC day); the 15-minute tiers
+# the rest.
+_DAILY_TIERS = (("report_rollup_coupon_day", ("campaign_id", "currency", "coupon")),)
+_DAY = timedelta(days=1)
 _GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour")}
+
+
+def _whole_days(lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
+    first = lo.replace(hour=0, minute=0, second=0, microsecond=0)
+    if first < lo:
+        first += _DAY
+    last = hi.replace(hour=0, minute=0, second=0, microsecond=0)
+    return (first, last) if first < last else None
 
 
 def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
@@ -89,16 +105,33 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
     where = "".join(f" AND {column} = {param(value)}" for column, value in filters.items())
     columns = [c for c in _DIMENSIONS if c in needed]
     conversion_metrics = [m for m in TOTAL_FIELDS if m not in _CLICK_METRICS]
+    # Rollup rows are summed per bucket (when a time key needs it) and key
+    # first: the outer query then computes zone keys on few rows.
+    inner = [*(["bucket AS t"] if timed else []), *columns, *(f"sum({m}) AS {m}" for m in TOTAL_FIELDS)]
+    inner_group = ", ".join([*(["bucket"] if timed else []), *columns])
     parts = []
+
+    def rollup(table: str, a: datetime, b: datetime) -> None:
+        parts.append(
+            f"SELECT {', '.join(inner)} FROM {table}"
+            f" WHERE bucket >= {param(a)} AND bucket < {param(b)}{where} GROUP BY {inner_group}"
+        )
+
     if span is None:
         edges = [(query.start, query.end)]  # no whole bucket: every event from the raw tables
     else:
         lo, hi = span
         table = next(name for name, kept in _TIERS if needed <= set(kept))
-        parts.append(
-            f"SELECT {', '.join([*(['bucket AS t'] if timed else []), *columns, *TOTAL_FIELDS])} FROM {table}"
-            f" WHERE bucket >= {param(lo)} AND bucket < {param(hi)}{where}"
-        )
+        daily = next((name for name, kept in _DAILY_TIERS if needed <= set(kept)), None)
+        days = _whole_days(lo, hi) if daily and not timed else None
+        if daily and days:
+            first, last = days
+            rollup(daily, first, last)
+            for a, b in ((lo, first), (last, hi)):
+                if a < b:
+                    rollup(table, a, b)
+        else:
+            rollup(table, lo, hi)
         edges = [(a, b) for a, b in ((query.start, lo), (hi, query.end)) if a < b]
     for a, b in edges:
         within = f"at >= {param(a)} AND at < {param(b)}{where}"
@@ -151,7 +184,7 @@ async def compact(pool: asyncpg.Pool) -> int | None:
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", _COMPACT_LOCK):
             return None
-        folded = await conn.fetchval("SELECT ascribe_report_compact() + ascribe_report_compact_campaign()")
+        folded = await conn.fetchval(COMPACT_ALL)
         return int(folded)
 
 
@@ -193,7 +226,8 @@ async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime)
     the range.
     """
     found: list[Drift] = []
-    for groups in (DRIFT_GROUPS, ("campaign", "hour")):  # the fine tier, then the campaign tier
+    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range)
+    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon")):
         query = ReportQuery(start=start, end=end, groups=groups)
         reported = await sums(conn, query, "report")
         recomputed = await sums(conn, query, "raw")
