@@ -971,20 +971,20 @@ class Runner:
             result.note += "; CPU shared with the other live load"
         return results
 
-    # (h) --------------------------------------------------------------
+    # (r) reports (issue #14) -------------------------------------------
     def reports(self) -> None:
         from bench import report_cases  # it imports this module
 
-        if self.wanted("h.clicks") or self.wanted("h.conversions"):
+        if self.wanted("r.clicks") or self.wanted("r.conversions"):
             report_cases.rollup_cost(self)
-        if self.wanted("h.report") or self.wanted("h.export"):
+        if self.wanted("r.report") or self.wanted("r.export"):
             report_cases.report_speed(self)
 
     def run(self) -> dict[str, CaseResult]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
             ("d", self.fraud), ("e", self.store), ("f", self.generate), ("g", self.rescore),
-            ("h", self.reports),
+            ("r", self.reports),
         ]
         for prefix, step in steps:
             if self.wanted(prefix):

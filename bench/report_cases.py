@@ -1,11 +1,11 @@
-"""Cases h: what rollups cost the click and conversion paths, and how fast reports answer.
+"""Cases r (reports): what rollups cost the click and conversion paths, and how fast reports answer.
 
-- h.*_rollups_off / h.*_rollups_on: the same load with the rollup triggers
+- r.*_rollups_off / r.*_rollups_on: the same load with the rollup triggers
   disabled, then enabled, in the same run (ratio on/off; the issue allows
   at most 15 % less throughput);
-- h.report_*: GetReport p99 over 50 runs on the seeded data set (see
+- r.report_*: GetReport p99 over 50 runs on the seeded data set (see
   ``report_seed``) while a steady 500 clicks/s and 100 conversions/s are
-  written through the gateway; h.export: ExportReport rows/s.
+  written through the gateway; r.export: ExportReport rows/s.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ async def _set_rollups(database_url: str, enabled: bool) -> None:
 
 def rollup_cost(runner: Runner) -> None:
     reason = runner.service_missing("fraud", "attribution", "gateway") or runner.ensure_catalog()
-    pairs = [("h.clicks_rollups", "clicks through the gateway, peak"),
-             ("h.conversions_rollups", f"conversions through the gateway, {runner.mode.codes} codes")]
+    pairs = [("r.clicks_rollups", "clicks through the gateway, peak"),
+             ("r.conversions_rollups", f"conversions through the gateway, {runner.mode.codes} codes")]
     if reason:
         for key, title in pairs:
             runner.add(unavailable(f"{key}_off", f"{title}, rollups off", reason))
@@ -59,16 +59,16 @@ def rollup_cost(runner: Runner) -> None:
     assert runner.env.stack is not None and runner.catalog is not None
     catalog, gateway = runner.catalog, runner.env.stack.gateway_url
     specs: dict[str, dict[str, Any]] = {
-        "h.clicks_rollups": {
+        "r.clicks_rollups": {
             "kind": "click", "target": gateway, "mode": "closed", "concurrency": runner.mode.concurrency,
             "params": {"campaign_id": catalog.campaign_id, "affiliate_id": catalog.affiliate_id},
         },
-        "h.conversions_rollups": {
+        "r.conversions_rollups": {
             "kind": "postback", "mode": "closed", "concurrency": runner.mode.concurrency, "target": gateway,
             "params": {"campaign_id": catalog.campaign_id, "token": catalog.token, "codes": catalog.codes},
         },
     }
-    oks = {"h.clicks_rollups": lambda o: o == "302", "h.conversions_rollups": lambda o: o.startswith("200:")}
+    oks = {"r.clicks_rollups": lambda o: o == "302", "r.conversions_rollups": lambda o: o.startswith("200:")}
     for key, title in pairs:
         # Off and on alternate twice and each keeps its better run: on this
         # shared 2-core machine a single pair mostly measures the neighbours.
@@ -93,10 +93,10 @@ def rollup_cost(runner: Runner) -> None:
 
 def report_speed(runner: Runner) -> None:
     keys = [
-        ("h.report_campaign_by_coupon", "GetReport: one campaign, 30 days, by coupon", CAMPAIGN_GOAL),
-        ("h.report_account_by_day_kolkata", "GetReport: whole account, by day, Asia/Kolkata", ACCOUNT_GOAL),
-        ("h.report_affiliate_by_sub1_country", "GetReport: one affiliate, by sub1 and country", AFFILIATE_GOAL),
-        ("h.export", "ExportReport: by coupon and country, 30 days", EXPORT_GOAL),
+        ("r.report_campaign_by_coupon", "GetReport: one campaign, 30 days, by coupon", CAMPAIGN_GOAL),
+        ("r.report_account_by_day_kolkata", "GetReport: whole account, by day, Asia/Kolkata", ACCOUNT_GOAL),
+        ("r.report_affiliate_by_sub1_country", "GetReport: one affiliate, by sub1 and country", AFFILIATE_GOAL),
+        ("r.export", "ExportReport: by coupon and country, 30 days", EXPORT_GOAL),
     ]
     reason = runner.service_missing("fraud", "attribution", "gateway") or runner.ensure_catalog()
     if reason:
@@ -167,13 +167,13 @@ async def _time_reports(
 
     g = pb.ReportGroupBy
     requests = {
-        "h.report_campaign_by_coupon": _request(
+        "r.report_campaign_by_coupon": _request(
             pb.GetReportRequest, seeded, campaign_id=report_seed.campaign_id(3), group_by=[g.REPORT_GROUP_BY_COUPON]
         ),
-        "h.report_account_by_day_kolkata": _request(
+        "r.report_account_by_day_kolkata": _request(
             pb.GetReportRequest, seeded, time_zone="Asia/Kolkata", group_by=[g.REPORT_GROUP_BY_DAY]
         ),
-        "h.report_affiliate_by_sub1_country": _request(
+        "r.report_affiliate_by_sub1_country": _request(
             pb.GetReportRequest, seeded, affiliate_id=report_seed.affiliate_id(7),
             group_by=[g.REPORT_GROUP_BY_SUB1, g.REPORT_GROUP_BY_COUNTRY],
         ),
@@ -182,7 +182,7 @@ async def _time_reports(
     async with grpc.aio.insecure_channel(addr) as channel:
         reports = pb_grpc.ReportServiceStub(channel)
         for key, title, goal in keys:
-            if key == "h.export":
+            if key == "r.export":
                 out.append(await _time_export(reports, seeded, key, title, goal))
                 continue
             latencies: list[int] = []
