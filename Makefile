@@ -122,3 +122,8 @@ buf-check:
 
 node-interop: gen/.stamp node-tools
 	$(PY) -m pytest -q tests/e2e/test_node_interop.py $(PYTEST_ARGS)
+
+# ---- the gateway against its OpenAPI description (schemathesis; also in `make test`) ----
+.PHONY: openapi-check
+openapi-check: gen/.stamp
+	$(PY) -m pytest -q tests/e2e/test_openapi_schemathesis.py $(PYTEST_ARGS)

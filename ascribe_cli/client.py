@@ -121,6 +121,7 @@ class Client:
         self._channel = tls.channel(addr) if tls else grpc.insecure_channel(addr)
         self.catalog = attribution_pb2_grpc.CatalogServiceStub(self._channel)
         self.tracking = attribution_pb2_grpc.TrackingServiceStub(self._channel)
+        self.experiments = attribution_pb2_grpc.ExperimentServiceStub(self._channel)
         self.reports = attribution_pb2_grpc.ReportServiceStub(self._channel)
 
     def __enter__(self) -> Client:

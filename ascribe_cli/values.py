@@ -126,6 +126,18 @@ class Policy(StrEnum):
     click_first = "click_first"
 
 
+class WebhookKind(StrEnum):
+    partner_postback = "partner_postback"
+    events = "events"
+
+
+class DeliveryState(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    dead = "dead"
+    cancelled = "cancelled"
+
+
 class Device(StrEnum):
     mobile = "mobile"
     desktop = "desktop"
@@ -133,8 +145,15 @@ class Device(StrEnum):
     other = "other"
 
 
+class SegmentBy(StrEnum):
+    device = "device"
+    country = "country"
+    channel = "channel"
+
+
 # Each word enum beside the proto enum it stands for.
 PROTO_ENUMS: dict[type[Enum], EnumDescriptor] = {
+    SegmentBy: pb.ExperimentSegmentBy.DESCRIPTOR,
     CampaignStatus: pb.CampaignStatus.DESCRIPTOR,
     AffiliateStatus: pb.AffiliateStatus.DESCRIPTOR,
     CouponStatus: pb.CouponStatus.DESCRIPTOR,
@@ -142,6 +161,8 @@ PROTO_ENUMS: dict[type[Enum], EnumDescriptor] = {
     ConversionStatus: pb.ConversionStatus.DESCRIPTOR,
     Policy: pb.AttributionPolicy.DESCRIPTOR,
     Device: pb.DeviceType.DESCRIPTOR,
+    WebhookKind: pb.WebhookKind.DESCRIPTOR,
+    DeliveryState: pb.DeliveryState.DESCRIPTOR,
 }
 
 

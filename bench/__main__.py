@@ -7,7 +7,9 @@ b. clicks through the gateway (closed-loop peak, open loop at 1,000/s);
 c. conversions through the gateway (many codes, one hot code); d. fraud
 checks on the fraud service (single open and closed loop, batched); e. the
 redemption store against a naive SELECT ... FOR UPDATE store, and 10,000
-concurrent attempts on a 150-use code; f. bulk code generation.
+concurrent attempts on a 150-use code; f. bulk code generation; o. overload:
+wrk at 4,000 and 10,000 connections on /click against the same run's peak
+(bench/overload.py; needs the wrk binary).
 
 Writes bench/results/latest.json and a timestamped copy, and prints a
 Markdown table (the README's) to stdout; progress goes to stderr.

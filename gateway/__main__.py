@@ -8,6 +8,7 @@ import sys
 import uvloop
 from aiohttp import web
 
+from gateway import admission
 from gateway.access_log import PathOnlyAccessLogger, install_redaction
 from gateway.app import create_app
 from gateway.config import Settings
@@ -41,16 +42,14 @@ def main() -> None:
         settings.port,
         settings.attribution_addr,
     )
-    web.run_app(
+    # web.run_app, plus the connection cap, head timeout and backlog of admission control.
+    admission.run(
         app,
-        host=settings.host,
-        port=settings.port,
+        settings,
+        uvloop.new_event_loop(),
         # Access lines cost CPU on every click; they are opt-in.
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         access_log_class=PathOnlyAccessLogger,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-        print=None,
-        loop=uvloop.new_event_loop(),
     )
     logger.info("gateway stopped")
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from ascribe.attribution.v1 import attribution_pb2 as pb
 
-from gateway import protocol_errors
+from gateway import admission, protocol_errors
 from gateway.client import AttributionClient, BackendError, open_channel
 from gateway.client_ip import ClientIpResolver
 from gateway.config import Settings
@@ -35,8 +35,10 @@ from gateway.params import (
     postback_event,
     postback_token,
     reversal_request,
+    variant_request,
 )
-from gateway.render import DECISION_WORDS, STATUS_WORDS, render_conversion
+from gateway.render import ARM_WORDS, DECISION_WORDS, STATUS_WORDS, render_conversion
+from services.common.batcher import QueueTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ CONVERSION_FIELDS = {
     "postback_token": "token",
 }
 REVERSAL_FIELDS = {"amount_micros": "amount", "postback_token": "token"}
+VARIANT_FIELDS = {"postback_token": "token"}
 
 
 def http_field(field: str | None, names: dict[str, str]) -> str | None:
@@ -272,6 +275,29 @@ class Gateway:
         counter.inc()
         return json_response(body)
 
+    # ------------------------------------------------------------ experiments (issue #17)
+
+    async def variant(self, request: web.Request) -> web.StreamResponse:
+        """The unit's arm and, for treatment, the code to show; the exposure is recorded once."""
+        try:
+            params = parse_urlencoded(request.rel_url.raw_query_string)
+            token = postback_token(request.headers.get("X-Ascribe-Token"), params)
+            rpc_request = variant_request(params, token)
+        except ParamError as error:
+            return param_error_response(error)
+        try:
+            answer = await self._client().assign_variant(rpc_request)
+        except BackendError as error:
+            return backend_response(error, VARIANT_FIELDS)
+        body: dict[str, Any] = {
+            "experiment_id": answer.experiment_id,
+            "unit_id": answer.unit_id,
+            "arm": ARM_WORDS.shown(answer.arm),
+        }
+        if answer.coupon_code:
+            body["coupon"] = answer.coupon_code
+        return json_response(body)
+
     # ------------------------------------------------------------ operations
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
@@ -321,6 +347,8 @@ class Gateway:
                 if error.status < 400:
                     raise
                 response = http_error_response(error)
+            except QueueTimeout:
+                response = admission.busy_response()  # over the time budget: 503, Retry-After
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -346,6 +374,7 @@ def create_app(settings: Settings, client: AttributionClient | None = None) -> w
     app.router.add_get("/healthz", guarded(gateway.healthz, "/healthz"))
     app.router.add_get("/readyz", guarded(gateway.readyz, "/readyz"))
     app.router.add_get("/openapi.json", guarded(gateway.openapi, "/openapi.json"))
+    app.router.add_get("/variant", guarded(gateway.variant, "/variant"), allow_head=False)
     # Last: the router tries a path's own resource first, so this only takes
     # what no route above does (404, or 405 on a known path). /metrics is one
     # of those 404s: it lives on ASCRIBE_GATEWAY_METRICS_PORT (gateway.metrics).

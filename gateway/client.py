@@ -100,6 +100,7 @@ class AttributionClient:
         self._health_deadline = settings.health_deadline_seconds
         self._metadata = bearer_metadata(settings.internal_token)
         self._tracking = attribution_pb2_grpc.TrackingServiceStub(channel)
+        self._experiments = attribution_pb2_grpc.ExperimentServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._fraud_health = health_pb2_grpc.HealthStub(fraud_channel) if fraud_channel else None
         self._clicks: MicroBatcher[pb.RecordClickRequest, pb.RecordClickResponse] = MicroBatcher(
@@ -109,6 +110,7 @@ class AttributionClient:
             size_histogram=CLICK_BATCH_SIZE,
             name="click",
             min_interval=settings.click_linger_ms / 1000,
+            max_wait=settings.queue_budget_ms / 1000,
         )
         # Click batches as messages on one stream (batch_stream explains why).
         self._click_stream: BatchStream[pb.RecordClickBatchRequest, pb.RecordClickBatchResponse] | None = None
@@ -131,6 +133,7 @@ class AttributionClient:
                 size_histogram=CONVERSION_BATCH_SIZE,
                 name="conversion",
                 min_batch_when_busy=settings.conversion_busy_min_batch,
+                max_wait=settings.queue_budget_ms / 1000,
             )
 
     # ------------------------------------------------------------ recording
@@ -199,6 +202,13 @@ class AttributionClient:
             )
         except grpc.aio.AioRpcError as error:
             raise backend_error(error, "ReverseConversion") from None
+
+    async def assign_variant(self, request: pb.AssignVariantRequest) -> pb.AssignVariantResponse:
+        """Experiments (issue #17): the token in the request is the campaign's; no internal token needed."""
+        try:
+            return await self._experiments.AssignVariant(request, timeout=self._deadline, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, "AssignVariant") from None
 
     # ------------------------------------------------------------ health
 

@@ -77,6 +77,25 @@ class Settings:
     # A POST body that has not arrived whole by then is answered 408 and its
     # connection closed (a body that never comes held one for minutes).
     body_timeout_ms: int = 10_000
+    # Admission control (gateway/admission.py). A click or postback that
+    # cannot start within the budget is answered 503 with Retry-After at once.
+    queue_budget_ms: int = 250
+    # Past this many open connections a new one is answered 503 and closed.
+    # Each admitted connection is a client the event loop serves in turn, so
+    # this bounds the loop's lag (and the RSS): with wrk at 4,000 connections
+    # a cap of 1,024 kept clicks at the peak rate, where 4,096 let the loop
+    # fall so far behind that most clicks were shed (bench/overload.py).
+    max_connections: int = 1024
+    # A request head (request line and headers) must arrive whole within this.
+    header_timeout_ms: int = 5_000
+    # An idle keep-alive connection is closed after this (it holds a slot of max_connections).
+    # Short: a visitor's browser keeps a connection it will not use again.
+    idle_timeout_ms: int = 15_000
+    # The kernel caps it at net.core.somaxconn (4096 on this machine): asking
+    # for more lets an operator who raises the sysctl get it without a setting.
+    # wrk's burst of 10,000 connects overflowed a 4,096 queue (34,550 listen
+    # drops in one run, retried SYNs that wrk counts as timeouts).
+    listen_backlog: int = 16384
     # Keepalive and TLS of its channels to attribution and fraud.
     transport: Transport = field(default_factory=Transport)
 
@@ -150,5 +169,10 @@ class Settings:
             conversion_busy_min_batch=env_int(
                 "ASCRIBE_GATEWAY_CONVERSION_BUSY_MIN_BATCH", cls.conversion_busy_min_batch, minimum=1
             ),
+            queue_budget_ms=env_int("ASCRIBE_GATEWAY_QUEUE_BUDGET_MS", cls.queue_budget_ms, minimum=1),
+            max_connections=env_int("ASCRIBE_GATEWAY_MAX_CONNECTIONS", cls.max_connections, minimum=1),
+            header_timeout_ms=env_int("ASCRIBE_GATEWAY_HEADER_TIMEOUT_MS", cls.header_timeout_ms, minimum=1),
+            idle_timeout_ms=env_int("ASCRIBE_GATEWAY_IDLE_TIMEOUT_MS", cls.idle_timeout_ms, minimum=1),
+            listen_backlog=env_int("ASCRIBE_GATEWAY_LISTEN_BACKLOG", cls.listen_backlog, minimum=1),
             transport=Transport.from_env(serves=False),
         )

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # As the attribution server's grpc_service label names it.
 TRACKING_SERVICE = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
 
-ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/openapi.json"})
+ROUTES = frozenset({"/click", "/postback", "/healthz", "/readyz", "/openapi.json", "/variant"})
 
 HTTP_REQUESTS_TOTAL = Counter(
     "ascribe_gateway_requests_total",
@@ -54,6 +54,13 @@ BACKEND_UP = Gauge(
     "ascribe_gateway_backend_up",
     "1 when the backend answered SERVING to the last readiness probe.",
     ["backend"],
+)
+# Admission control (gateway/admission.py): what was answered "busy" instead of waiting.
+SHED_TOTAL = Counter(
+    "ascribe_gateway_shed_total",
+    "Requests and connections answered 503 (408 for slow_head) by admission control, by reason "
+    "(queue, event_loop, connections, slow_head).",
+    ["reason"],
 )
 
 CLICK_BATCH_SIZE = GRPC_CLIENT_BATCH_SIZE.labels(TRACKING_SERVICE, "RecordClickBatch")

@@ -63,7 +63,9 @@ def _decode(component: str, field: str) -> str:
         raise ParamError(field, f"{field} has malformed percent-encoding")
     try:
         return unquote_to_bytes(component).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeError:
+        # Decode: the escapes are not UTF-8. Encode: raw bytes that are not
+        # UTF-8 beside the escapes (aiohttp hands them over as lone surrogates).
         raise ParamError(field, f"{field} is not valid UTF-8") from None
 
 
@@ -97,6 +99,10 @@ def parse_urlencoded(raw: str, into: Params | None = None) -> Params:
         if not pair:
             continue
         key, _, value = pair.partition("=")
+        if not key:
+            # "=value": no route reads a nameless parameter, and an error
+            # about it could name no field; it is dropped like an empty pair.
+            continue
         try:
             name = _decode(key, "")
         except ParamError:
@@ -293,6 +299,16 @@ def click_request(params: Params, *, ip: str, user_agent: str, referer: str) -> 
         ip=ip,
         user_agent=check_text("user_agent", user_agent, limits.USER_AGENT),
         referer=header_text_lenient(referer, limits.REFERER),
+        vid=get_one(params, "vid", limits.VISITOR_ID),
+    )
+
+
+def variant_request(params: Params, token: str) -> pb.AssignVariantRequest:
+    """``GET /variant`` (issue #17): the unit's arm of a running experiment."""
+    return pb.AssignVariantRequest(
+        experiment_id=get_one(params, "experiment_id", limits.CAMPAIGN_ID, required=True),
+        unit_id=get_one(params, "unit_id", limits.UNIT_ID, required=True),
+        postback_token=token,
     )
 
 

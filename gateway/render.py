@@ -20,6 +20,7 @@ from services.common.timestamps import in_range
 STATUS_WORDS = EnumWords(pb.ConversionStatus, "CONVERSION_STATUS_")
 SOURCE_WORDS = EnumWords(pb.AttributionSource, "ATTRIBUTION_SOURCE_")
 DECISION_WORDS = EnumWords(pb.ClickDecision, "CLICK_DECISION_")
+ARM_WORDS = EnumWords(pb.ExperimentArm, "EXPERIMENT_ARM_")  # GET /variant (issue #17)
 
 
 def money(micros: int) -> str:

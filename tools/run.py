@@ -2,8 +2,8 @@
 
 Stays in the foreground, following the services' logs (their start-up
 warnings included) and restarting any process that dies (tools/supervisor.py);
-SIGINT or SIGTERM stops the services (gateway first), then the embedded
-servers, and exits 0. A service that exits with code 2 (a configuration
+SIGINT, SIGTERM or SIGHUP stops the services (gateway first), then the
+embedded servers, and exits 0. A service that exits with code 2 (a configuration
 error) stops everything and `make run` exits 2.
 `--migrate-only` (`make migrate`) applies the migrations and exits.
 
@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP (the terminal closed) stops as cleanly as Ctrl-C: there is nothing
+    # of make run's own to reload, and by default it would kill us mid-way,
+    # leaving the embedded servers to be found and stopped by the next run.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
     def check_stop() -> None:

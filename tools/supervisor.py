@@ -15,6 +15,12 @@ noticing another crash.
   waits, twice as long each time, up to `MAX_DELAY`.
 - Exit code 2 is a configuration error: restarting cannot fix it, so the
   supervisor raises `ConfigurationError` and the caller stops the stack.
+- A launch that fails (Popen's OSError: no file descriptors, no memory, a
+  missing interpreter) counts as a crash: retried, and backed off the same way.
+- Reaping never blocks for long (`REAP_WAIT`): a process group that has not
+  gone within it is waited for between polls (state `REAPING`), and killed
+  again every `REAP_PATIENCE` seconds; an embedded server is relaunched on its
+  data directory only once its old group has gone.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ CONFIG_ERROR_EXIT = 2
 # A check of whether a process answers must not hold up the others' supervision.
 CHECK_TIMEOUT = 0.3
 CHECK_EVERY = 0.1
+# The most one reap blocks the poll loop (each of its two waits); what has not
+# gone by then is waited for between polls, never in one.
+REAP_WAIT = 0.5
+REAP_PATIENCE = 10.0
 
 
 class ConfigurationError(RuntimeError):
@@ -79,7 +89,10 @@ class Unit(Protocol):
         """Whether the process serves: quick (CHECK_TIMEOUT for a service, 2 s at most for PostgreSQL)."""
 
     def reap(self) -> None:
-        """After an exit: ends whatever the process left behind (its process group) and waits for it."""
+        """After an exit: kills whatever the process left behind (its process group), waiting briefly."""
+
+    def remains(self) -> bool:
+        """Whether anything of the last process is still alive (a relaunch must wait for it)."""
 
     def last_lines(self) -> str:
         """The end of its log, to show why it exited."""
@@ -113,7 +126,12 @@ class ServiceUnit:
 
     def reap(self) -> None:
         # Forgets the dead child: its group is killed and its log closed.
-        self.stack.stop_service(self.name, timeout=1.0)
+        self.stack.stop_service(self.name, timeout=REAP_WAIT)
+
+    def remains(self) -> bool:
+        # stop_service waited for the process itself; a service owns no files a
+        # second instance would fight over, so its relaunch need not wait.
+        return False
 
     def last_lines(self) -> str:
         return log_tail(self.stack.log_path(self.name), 15)
@@ -154,7 +172,12 @@ class EmbeddedUnit:
 
     def reap(self) -> None:
         if self.server is not None:
-            self.server.kill_group()
+            self.server.kill_group(timeout=REAP_WAIT)
+
+    def remains(self) -> bool:
+        if self.server is None:
+            return False
+        return self.server.process.poll() is None or bool(embedded.group_members(self.server.process.pid))
 
     def last_lines(self) -> str:
         return "" if self.server is None else log_tail(self.server.log_path, 15)
@@ -168,6 +191,7 @@ class State(Enum):
     STARTING = "starting"
     UP = "up"
     WAITING = "waiting"
+    REAPING = "reaping"  # the old process (group) has not gone yet
 
 
 @dataclass
@@ -178,6 +202,7 @@ class _Watch:
     since: float = 0.0  # when the state began
     died_at: float = 0.0
     next_check: float = 0.0
+    reaped_at: float = 0.0  # the last reap, while REAPING
     backoff: Backoff = field(default_factory=Backoff)
 
 
@@ -215,6 +240,9 @@ class Supervisor:
         if watch.state is State.WAITING:
             if now >= watch.since:
                 self._launch(watch, now)
+            return
+        if watch.state is State.REAPING:
+            self._launch(watch, now)
             return
         code = unit.exit_code()
         if code is not None:
@@ -260,10 +288,24 @@ class Supervisor:
             self._launch(watch, now)
 
     def _launch(self, watch: _Watch, now: float) -> None:
+        unit = watch.unit
+        if unit.remains():
+            # PostgreSQL refuses a data directory its old backends still hold:
+            # wait for them between polls, killing them again now and then.
+            if watch.state is not State.REAPING:
+                self._say(f"{unit.name}: waiting for the old process to exit before restarting")
+                watch.state, watch.reaped_at = State.REAPING, now
+            elif now - watch.reaped_at >= REAP_PATIENCE:
+                self._say(f"{unit.name}: the old process is still there after {REAP_PATIENCE:.0f}s; killing it again")
+                unit.reap()
+                watch.reaped_at = now
+            return
         try:
-            watch.pid = watch.unit.launch()
-        except RuntimeError as error:
-            self._say(f"{watch.unit.name} could not be restarted: {error}")
+            watch.pid = unit.launch()
+        except (RuntimeError, OSError) as error:
+            # Popen's OSError (EMFILE, ENOMEM, a missing interpreter) may pass:
+            # a crash like any other, retried with the same backoff.
+            self._say(f"{unit.name} could not be restarted: {error}")
             self._schedule(watch, now)
             return
         watch.state, watch.since, watch.next_check = State.STARTING, now, now

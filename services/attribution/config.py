@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.attribution.webhooks import rules
+from services.attribution.webhooks.settings import WebhookConfig
 from services.common.channels import Transport
 from services.common.env import (
     ConfigError,
@@ -63,6 +65,8 @@ class Settings:
     transport: Transport = field(default_factory=Transport)
     # A plaintext port answering only grpc.health.v1.Health (probes, under TLS).
     health_addr: str | None = None
+    # Webhooks (issue #18): see services/attribution/webhooks/delivery.py.
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
 
     def __repr__(self) -> str:  # secrets never reach the logs
         return (
@@ -108,7 +112,25 @@ class Settings:
             geoip_db=_geoip_db(),
             transport=Transport.from_env(serves=True),
             health_addr=health_addr_from_env("ASCRIBE_ATTRIBUTION_HEALTH_ADDR"),
+            webhooks=_webhook_config(),
         )
+
+
+def _webhook_config() -> WebhookConfig:
+    raw_schedule = env_optional("ASCRIBE_WEBHOOK_RETRY_SCHEDULE")
+    schedule = rules.DEFAULT_SCHEDULE_SECONDS
+    if raw_schedule is not None:
+        try:
+            schedule = rules.parse_schedule(raw_schedule)
+        except ValueError as error:
+            raise ConfigError(f"ASCRIBE_WEBHOOK_RETRY_SCHEDULE: {error}, got {raw_schedule!r}") from None
+    return WebhookConfig(
+        allow_private_networks=env_bool("ASCRIBE_WEBHOOK_ALLOW_PRIVATE_NETWORKS", False),
+        schedule=schedule,
+        poll_seconds=env_int("ASCRIBE_WEBHOOK_POLL_MS", round(WebhookConfig.poll_seconds * 1000), minimum=10) / 1000,
+        concurrency=env_int("ASCRIBE_WEBHOOK_CONCURRENCY", WebhookConfig.concurrency, minimum=1),
+        per_destination=env_int("ASCRIBE_WEBHOOK_PER_DESTINATION", WebhookConfig.per_destination, minimum=1),
+    )
 
 
 def _geoip_db() -> Path | None:

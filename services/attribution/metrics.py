@@ -92,6 +92,30 @@ RESCORED_TOTAL = Counter("ascribe_conversions_rescored_total", "Re-scored conver
 REVERSED_TOTAL = Counter("ascribe_conversion_refunds_total", "Refunds applied, by kind.", ["kind"])
 LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD after a CODE_LEAK alert.")
 
+# ---------------------------------------------------------------- webhooks (issue #18)
+
+WEBHOOK_ATTEMPTS_TOTAL = Counter(
+    "ascribe_webhook_attempts_total",
+    "Webhook delivery attempts, by outcome (delivered, retry, dead, refused).",
+    ["outcome"],
+)
+WEBHOOK_DEAD_TOTAL = Counter(
+    "ascribe_webhook_deliveries_dead_total",
+    "Webhook deliveries that died (refused by the receiver, a forbidden address, or out of retries).",
+)
+WEBHOOK_EVENTS_TOTAL = Counter(
+    "ascribe_webhook_events_total", "Outbox events fanned out to webhook deliveries."
+)
+WEBHOOK_DELIVERY_LAG_SECONDS = Gauge(
+    "ascribe_webhook_delivery_lag_seconds",
+    "How late the most overdue pending webhook delivery is (0: none waits past its time).",
+)
+WEBHOOK_ATTEMPT_SECONDS = Histogram(
+    "ascribe_webhook_attempt_seconds",
+    "Time of one webhook delivery attempt (connect, send, read up to 64 KB).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
 
 def count_judged(conversions: Iterable[Conversion]) -> None:
     """Counts committed judgments: how many, and their money unless rejected."""

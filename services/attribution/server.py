@@ -23,13 +23,18 @@ from services.attribution.common.visitor import VisitorDerivation
 from services.attribution.config import Settings
 from services.attribution.conversions.recorder import ConversionRecorder
 from services.attribution.conversions.servicer import ConversionRpcs
+from services.attribution.experiments.assignment import ClickAssigner, ExperimentCache
+from services.attribution.experiments.servicer import ExperimentServicer
 from services.attribution.fraud_client import FraudClient
 from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
 from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
 from services.attribution.reports import store as report_store
 from services.attribution.reports.servicer import ReportServicer
+from services.attribution.schema_gate import SchemaGate
 from services.attribution.tracking_servicer import TrackingServicer
+from services.attribution.webhooks import delivery as webhook_delivery
+from services.attribution.webhooks.servicer import WebhookRpcs
 from services.common.channels import open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.readiness import Probe, first_attempt, follow_dependency, postgres_probe
@@ -50,6 +55,10 @@ RECORDING_METHODS = (
     "ReverseConversion",
 )
 ADMIN_TRACKING_METHODS = ("ReviewConversion", "GetConversion", "ListConversions", "GetClick")
+# Experiments (issue #17): admin, except AssignVariant, which checks the
+# campaign's postback token (or the admin token) itself.
+EXPERIMENT_SERVICE = f"{_PACKAGE}.ExperimentService"
+EXPERIMENT_SHOP_METHODS = ("AssignVariant",)
 
 
 def required_tokens(settings: Settings) -> dict[str, str | None]:
@@ -63,6 +72,9 @@ def required_tokens(settings: Settings) -> dict[str, str | None]:
         tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.admin_token
     for name in RECORDING_METHODS:
         tokens[f"/{TRACKING_SERVICE}/{name}"] = settings.internal_token
+    for method in attribution_pb2.DESCRIPTOR.services_by_name["ExperimentService"].methods:
+        if method.name not in EXPERIMENT_SHOP_METHODS:
+            tokens[f"/{EXPERIMENT_SERVICE}/{method.name}"] = settings.admin_token
     return tokens
 
 
@@ -90,6 +102,7 @@ class AttributionService:
     fraud: FraudClient
     recorder: ConversionRecorder
     lifecycle: Lifecycle
+    webhooks: webhook_delivery.WebhookWorker
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -109,7 +122,7 @@ class AttributionService:
         await self.pool.close()
 
 
-def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
+def _background_jobs(service: AttributionService, gate: SchemaGate) -> list[asyncio.Task[None]]:
     """Approval of due conversions, re-scoring, click partitions and the leak response."""
     settings, lifecycle = service.settings, service.lifecycle
 
@@ -126,7 +139,11 @@ def _background_jobs(service: AttributionService) -> list[asyncio.Task[None]]:
     ]
     if settings.auto_hold_leaked_codes:
         jobs.append(follow_alerts(lifecycle, service.pool, service.fraud_channel, settings.internal_token))
-    return [asyncio.create_task(job) for job in jobs]
+    # Webhooks (issue #18): every replica delivers; alerts become outbox events.
+    jobs.append(service.webhooks.run())
+    jobs.append(webhook_delivery.follow_alerts(service.pool, service.fraud_channel, settings.internal_token))
+    # Not before the deferred start-up migrations have run (services/attribution/schema_gate.py).
+    return [asyncio.create_task(gate.after_opening(job)) for job in jobs]
 
 
 async def start_attribution(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> AttributionService:
@@ -161,6 +178,9 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     else:
         pending = await first_attempt(prepare_database, DATABASE_UNAVAILABLE, "PostgreSQL")
     POOLS.watch(pool)
+    # Every service of the proto package, whichever capability added it.
+    gate = SchemaGate(pending, [service.full_name for service in attribution_pb2.DESCRIPTOR.services_by_name.values()])
+    pending = gate.deferred_step()
     fraud_channel = open_channel(settings.fraud_addr, settings.transport)
     fraud = FraudClient(
         fraud_channel, settings.fraud_deadline_ms, settings.internal_token, click_stream=settings.fraud_click_stream
@@ -168,36 +188,44 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     cache = CatalogCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
     visitors = VisitorDerivation(settings.geoip_db)
     logger.info("visitor countries from %s", visitors.source)
-    clicks = ClickRpcs(ClickRecorder(pool, cache, fraud, visitors=visitors))
+    experiment_cache = ExperimentCache(pool, ttl_seconds=settings.catalog_cache_ms / 1000)
+    clicks = ClickRpcs(
+        ClickRecorder(pool, cache, fraud, visitors=visitors, experiments=ClickAssigner(pool, experiment_cache))
+    )
     recorder = ConversionRecorder(pool, cache, fraud, clock=clock, visitors=visitors)
     lifecycle = Lifecycle(pool, cache, fraud, clock=clock, rescore_per_second=settings.rescore_per_second)
-    catalog = CatalogServicer(pool)
+    webhook_worker = webhook_delivery.WebhookWorker(pool, settings.webhooks)
+    catalog = CatalogServicer(pool, WebhookRpcs(pool, settings.webhooks, wake=webhook_worker.wake.set))
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
+    experiments = ExperimentServicer(pool, experiment_cache, cache, admin_token=settings.admin_token, clock=clock)
     report = ReportServicer(pool, clock=clock)
 
     def register(server: grpc.aio.Server) -> None:
         attribution_pb2_grpc.add_CatalogServiceServicer_to_server(catalog, server)
         attribution_pb2_grpc.add_TrackingServiceServicer_to_server(tracking, server)
         attribution_pb2_grpc.add_ReportServiceServicer_to_server(report, server)
+        attribution_pb2_grpc.add_ExperimentServiceServicer_to_server(experiments, server)
 
     running = await start_server(
         name="attribution",
         addr=settings.addr,
-        service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        service_names=[CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE, EXPERIMENT_SERVICE],
         register=register,
-        interceptor=ServerInterceptor(required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE),
+        interceptor=ServerInterceptor(
+            required_tokens(settings), unavailable_errors=DATABASE_UNAVAILABLE, gate=gate.refusal
+        ),
         transport=settings.transport,
         health_addr=settings.health_addr,
     )
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,
-        fraud=fraud, recorder=recorder, lifecycle=lifecycle,
+        fraud=fraud, recorder=recorder, lifecycle=lifecycle, webhooks=webhook_worker,
     )
     if settings.background_jobs:
-        service.tasks = _background_jobs(service)
+        service.tasks = _background_jobs(service, gate)
     # A pooled connection may still answer a stopped postmaster: the probe connects afresh.
     service.tasks.append(await follow_dependency(
-        running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE],
+        running.health, [CATALOG_SERVICE, TRACKING_SERVICE, REPORT_SERVICE, EXPERIMENT_SERVICE],
         postgres_probe(settings.database_url), "PostgreSQL", prepare=pending,
     ))
     return service

@@ -23,6 +23,13 @@ flushes stay large.
 
 Each caller awaits the result of its own item, and a failed flush fails
 exactly the items that were in it.
+
+``max_wait`` bounds the queue by time, not only by count: an item that would
+wait longer than that before a flush takes it fails with ``QueueTimeout``,
+at once when the recent flushes say it cannot go in time, or when its time
+runs out. Under overload a caller then hears "busy" in a bounded time instead
+of waiting seconds, and the work it would have cost is never done (an item
+that is refused was never sent anywhere).
 """
 
 from __future__ import annotations
@@ -43,6 +50,13 @@ R = TypeVar("R")
 # (a result may itself be an exception instance: that item alone fails).
 FlushFn = Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]]
 
+# How much the newest flush weighs in the running estimate of a flush's duration.
+_FLUSH_EWMA_WEIGHT = 0.2
+
+
+class QueueTimeout(Exception):
+    """The item could not start within the batcher's ``max_wait``; it was never sent."""
+
 
 class MicroBatcher(Generic[T, R]):
     def __init__(
@@ -55,6 +69,7 @@ class MicroBatcher(Generic[T, R]):
         name: str = "batch",
         min_interval: float = 0.0,
         min_batch_when_busy: int = 1,
+        max_wait: float = 0.0,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
@@ -65,7 +80,13 @@ class MicroBatcher(Generic[T, R]):
         self._min_batch_when_busy = min_batch_when_busy
         self._last_start = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._max_wait = max_wait
+        # Each pending item with the loop time it arrived (its age decides a shed).
+        self._pending: list[tuple[T, asyncio.Future[R], float]] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._flush_seconds = 0.0  # running estimate, for the refusal at submit
+        self._flushes_seen = False
+        self._flush_starts: list[float] = []  # loop times the flushes in flight began
         self._in_flight = 0
         self._closed = False
         self._scheduled = False
@@ -74,12 +95,49 @@ class MicroBatcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         if self._closed:
             raise RuntimeError(f"{self._name} batcher is closed")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        loop = asyncio.get_running_loop()
+        now = 0.0  # the arrival time matters only with a time budget
+        if self._max_wait > 0:
+            now = loop.time()
+            if self.expected_wait() > self._max_wait:
+                raise QueueTimeout(f"{self._name} queue is full for its time budget")
+            if self._expiry is None:
+                self._expiry = loop.call_at(now + self._max_wait, self._expire)
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, future, now))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._maybe_flush)
+            loop.call_soon(self._maybe_flush)
         return await future
+
+    def expected_wait(self) -> float:
+        """How long a new item would wait for its flush, from the recent flushes' duration.
+
+        With every slot busy it waits for the oldest flush to end, and then
+        for each full batch ahead of it. An estimate: ``_expire`` is the hard bound.
+        """
+        wait = len(self._pending) // self._max_batch * self._flush_seconds / self._max_in_flight
+        if self._in_flight >= self._max_in_flight and self._flush_starts:
+            running = asyncio.get_running_loop().time() - min(self._flush_starts)
+            wait += max(0.0, self._flush_seconds - running)
+        return wait
+
+    def _expire(self) -> None:
+        """Fails the items that have waited ``max_wait``; the oldest are first in the queue."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self._max_wait
+        expired = 0
+        for _, future, arrived in self._pending:
+            if arrived > deadline:
+                break
+            expired += 1
+            if not future.done():
+                future.set_exception(QueueTimeout(f"{self._name} queue wait exceeded its time budget"))
+        if expired:
+            del self._pending[:expired]
+        if self._pending:
+            self._expiry = loop.call_at(self._pending[0][2] + self._max_wait, self._expire)
 
     def _maybe_flush(self) -> None:
         self._scheduled = False
@@ -98,7 +156,7 @@ class MicroBatcher(Generic[T, R]):
             if self._timer is not None:  # a full batch or close() went first
                 self._timer.cancel()
                 self._timer = None
-            batch = self._pending[: self._max_batch]
+            batch = [(item, future) for item, future, _ in self._pending[: self._max_batch]]
             del self._pending[: self._max_batch]
             self._in_flight += 1
             task = loop.create_task(self._run(batch))
@@ -110,6 +168,9 @@ class MicroBatcher(Generic[T, R]):
         self._maybe_flush()
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._flush_starts.append(started)
         try:
             if self._size_histogram is not None:
                 self._size_histogram.observe(len(batch))
@@ -134,12 +195,22 @@ class MicroBatcher(Generic[T, R]):
                 else:
                     future.set_result(result)
         finally:
+            self._flush_starts.remove(started)
+            took = loop.time() - started
+            if self._flushes_seen:
+                self._flush_seconds += _FLUSH_EWMA_WEIGHT * (took - self._flush_seconds)
+            else:
+                self._flush_seconds = took
+            self._flushes_seen = True
             self._in_flight -= 1
             self._maybe_flush()
 
     async def close(self) -> None:
         """Refuses new items at once; pending ones go without lingering, and all finish."""
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._maybe_flush()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

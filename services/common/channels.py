@@ -22,7 +22,9 @@ from typing import Any
 import grpc
 
 from services.common.env import ConfigError, env_int
-from services.common.tls import TlsSettings, channel_credentials
+from services.common.grpc_client_metrics import client_interceptors
+from services.common.tls import TlsSettings
+from services.common.tls_channel import ReloadingChannel
 
 # Requests and answers carry batches of up to thousands of clicks.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -110,11 +112,19 @@ def channel_options(keepalive: Keepalive) -> list[tuple[str, Any]]:
 
 
 def open_channel(addr: str, transport: Transport) -> grpc.aio.Channel:
-    """The channel to one of our services at ``addr``, with TLS when it is configured."""
+    """The channel to one of our services at ``addr``, with TLS when it is configured.
+
+    Under TLS it follows the certificate files (services.common.tls_channel):
+    a rotated CA or client certificate is used without a restart. Every call
+    is counted in the grpc_client_* metrics (services.common.grpc_client_metrics).
+    """
     options = channel_options(transport.keepalive)
-    credentials = channel_credentials(transport.tls)
-    if credentials is None:
-        return grpc.aio.insecure_channel(addr, options=options)
+    if not transport.tls.enabled:
+        return grpc.aio.insecure_channel(addr, options=options, interceptors=client_interceptors())
     if transport.tls.server_name:
         options.append(("grpc.ssl_target_name_override", transport.tls.server_name))
-    return grpc.aio.secure_channel(addr, credentials, options=options)
+
+    def secure(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(addr, credentials, options=options, interceptors=client_interceptors())
+
+    return ReloadingChannel(transport.tls, secure)

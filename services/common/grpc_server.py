@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import signal
 import time
@@ -57,6 +58,10 @@ def _presented_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str 
             if scheme.lower() == "bearer":
                 return token.strip()
     return None
+
+
+# Public for servicers that accept a token besides the interceptor's (AssignVariant).
+presented_token = _presented_token
 
 
 def token_matches(presented: str | None, expected: str) -> bool:
@@ -151,6 +156,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         *,
         peer_identities: Mapping[str, frozenset[str]] | None = None,
         malformed_log_interval_seconds: float = MALFORMED_LOG_INTERVAL_SECONDS,
+        gate: Callable[[str], str | None] | None = None,
     ) -> None:
         self._required_tokens = dict(required_tokens)
         self._peer_identities = dict(peer_identities or {})
@@ -164,6 +170,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         # building handler tuples, closures and metric children on every call
         # costs tens of microseconds per RPC.
         self._wrapped: dict[tuple[str, bool], tuple[_Handler, _Handler]] = {}
+        # Given a full method name, a reason to refuse it as UNAVAILABLE for
+        # now, or None (the attribution service's deferred migrations).
+        self._gate = gate
 
     async def intercept_service(
         self,
@@ -178,6 +187,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         authorized = expected is None or token_matches(
             _presented_token(handler_call_details.invocation_metadata), expected
         )
+        if self._gate is not None and authorized:
+            refusal = self._gate(full_method)
+            if refusal is not None:
+                return _refusing(handler, grpc.StatusCode.UNAVAILABLE, refusal)
         cached = self._wrapped.get((full_method, authorized))
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -310,8 +323,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if not authorized or allowed is not None:
                     await check(context, authorized, allowed)
-                async for item in behavior(prepare(request, service, method), context):
-                    yield item
+                responses = behavior(prepare(request, service, method), context)
+                if inspect.isawaitable(responses):
+                    # A servicer that answers with context.write() and returns
+                    # nothing (grpc's own Health/Watch): there is nothing to iterate.
+                    await responses
+                else:
+                    async for item in responses:
+                        yield item
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -368,6 +387,23 @@ def _peer_allowed(context: grpc.aio.ServicerContext[Any, Any], allowed: frozense
     """True when the client certificate names one of ``allowed`` (SAN names, else its CN)."""
     identities = context.peer_identities() or ()
     return any(identity.decode(errors="replace") in allowed for identity in identities)
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of ``handler``'s kind that ends the call with ``code`` at once, reading nothing."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(code, message)
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 async def _abort(

@@ -63,6 +63,10 @@ SKUS_PER_ORDER = max_items(_CONVERSION, "skus")
 CLICKS_PER_BATCH = max_items(apb.RecordClickBatchRequest.DESCRIPTOR, "requests")
 # Every list of a coupon's rules (affiliates, countries, devices, channels, SKUs).
 COUPON_LIST_ITEMS = max_items(apb.Coupon.DESCRIPTOR, "skus")
+# Experiments (issue #17).
+VISITOR_ID = max_bytes(_CLICK, "vid")
+UNIT_ID = max_bytes(apb.AssignVariantRequest.DESCRIPTOR, "unit_id")
+EXPERIMENT_NAME = max_bytes(apb.Experiment.DESCRIPTOR, "name")
 
 # Reports.
 TIME_ZONE = max_bytes(apb.GetReportRequest.DESCRIPTOR, "time_zone")

@@ -46,6 +46,27 @@ GRPC_SERVER_HANDLING_SECONDS = Histogram(
 
 # ---------------------------------------------------------------- gRPC clients
 
+# Outgoing calls (gateway -> attribution, attribution -> fraud, the readiness
+# probes' health checks), counted by services.common.grpc_client_metrics on
+# every channel open_channel makes; the names and labels of
+# go-grpc-prometheus's client metrics.
+GRPC_CLIENT_STARTED_TOTAL = Counter(
+    "grpc_client_started_total",
+    "RPCs started by this process as a client.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_CLIENT_HANDLED_TOTAL = Counter(
+    "grpc_client_handled_total",
+    "RPCs this process started as a client that completed, whatever their status.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_CLIENT_HANDLING_SECONDS = Histogram(
+    "grpc_client_handling_seconds",
+    "Time from an outgoing RPC's start to its status (for streams: to the stream's end).",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
 GRPC_CLIENT_BATCH_SIZE = Histogram(
     "ascribe_grpc_client_batch_size",
     "Requests carried by one outgoing batched gRPC call.",

@@ -13,6 +13,7 @@ bundle), checked at each new connection, so a rotation needs no restart;
 connections already open keep the certificate they were made with. A pair
 that does not load (a key that is not the certificate's, a file still being
 written) is refused with a log line and the previous pair stays in use.
+Clients follow their files the same way (services.common.tls_channel).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def publish_expiry(label: str, pem: bytes) -> None:
 
 
 def channel_credentials(settings: TlsSettings) -> grpc.ChannelCredentials | None:
-    """A client's credentials; None without TLS. Read once, when the channel is made."""
+    """A client's credentials; None without TLS. Read now: ReloadingChannel calls it again after a rotation."""
     if not settings.enabled:
         return None
     assert settings.ca_file is not None

@@ -92,9 +92,12 @@ def _wait_ready(run: subprocess.Popen[bytes], ports: Ports, data_dir: Path, time
     raise AssertionError(f"not ready within {timeout:.0f}s:\n{(data_dir / 'run.out').read_text()}")
 
 
-def test_run_starts_everything_and_stops_cleanly_twice(tmp_path: Path, ipintel_dir: Path) -> None:
-    """The second run reuses the embedded servers' data: it must still be valid after the first stop."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+def test_run_starts_everything_and_stops_cleanly_three_times(tmp_path: Path, ipintel_dir: Path) -> None:
+    """Stopped by SIGINT, SIGTERM and SIGHUP (its terminal closed) alike.
+
+    Each run reuses the embedded servers' data: it must still be valid after the previous stop.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         ports = Ports.free()
         run = _start_run(tmp_path, ports, ipintel_dir)
         try:

@@ -247,3 +247,48 @@ async def test_the_cli_speaks_mutual_tls_with_the_services_settings(database_url
         assert unreadable.exit_code == 2 and "missing.pem" in unreadable.stderr
     finally:
         await service.stop(0.5)
+
+
+async def test_experiments_create_show_list_result_stop(cli: Cli) -> None:
+    await campaign(cli)
+    await cli.ok("coupons", "create", "cmp", "SUMMER10")
+    created = await cli.json(
+        "experiments", "create", "--campaign", "cmp", "--code", "summer10", "--holdout", "30", "--margin", "40",
+        "--name", "summer holdout",
+    )
+    assert created["coupon_code"] == "SUMMER10" and created["holdout_percent"] == 30
+    assert created["status"] == "EXPERIMENT_STATUS_RUNNING"
+    again = await cli("experiments", "create", "--campaign", "cmp", "--code", "SUMMER10", "--holdout", "10")
+    assert again.exit_code == 1 and "ALREADY_EXISTS" in again.stderr
+    bad = await cli("experiments", "create", "--campaign", "cmp", "--code", "SUMMER10", "--holdout", "60")
+    assert bad.exit_code == 2  # typer's range check, before any call
+    assert (await cli.json("experiments", "show", created["id"]))["name"] == "summer holdout"
+    rows = list(csv.DictReader(io.StringIO(await cli.ok("experiments", "list", "--campaign", "cmp", "-f", "csv"))))
+    assert [r["id"] for r in rows] == [created["id"]]
+    result = await cli.json("experiments", "result", created["id"], "--segment-by", "device")
+    assert [a["arm"] for a in result["arms"]] == ["EXPERIMENT_ARM_TREATMENT", "EXPERIMENT_ARM_CONTROL"]
+    assert result.get("ready", False) is False and result["currency"] == "EUR"
+    assert "summer holdout" in await cli.ok("experiments", "result", created["id"])
+    stopped = await cli.json("experiments", "stop", created["id"])
+    assert stopped["status"] == "EXPERIMENT_STATUS_STOPPED"
+async def test_webhooks_from_create_to_delete(cli: Cli) -> None:
+    await campaign(cli)
+    # An address literal: no lookup, and nothing is sent (the test runs no worker).
+    created = await cli.json(
+        "webhooks", "create", "--kind", "partner_postback", "--campaign-id", "cmp",
+        "--url", "https://93.184.216.34/pb?o={order_id}&s={status}", "--event", "conversion.approved",
+    )
+    assert len(created["secret"]) >= 32 and created["http_method"] == "GET"
+    webhook_id = created["id"]
+    listed = await cli.json("webhooks", "list", "--campaign-id", "cmp")
+    assert [w["id"] for w in listed] == [webhook_id] and listed[0]["secret"] == ""
+    updated = await cli.json("webhooks", "update", webhook_id, "--disabled", "--event", "conversion.reversed")
+    assert updated["enabled"] is False and updated["events"] == ["conversion.reversed"]
+    delivery = await cli.json("webhooks", "test", webhook_id)
+    assert delivery["event"] == "test"
+    pending = await cli.json("webhooks", "deliveries", webhook_id, "--state", "pending")
+    assert [d["id"] for d in pending] == [delivery["id"]]
+    refused = await cli("webhooks", "create", "--kind", "events", "--url", "http://127.0.0.1/x", "--event", "coupon.held")
+    assert refused.exit_code == 1 and "webhook.url" in refused.output
+    deleted = await cli.json("webhooks", "delete", webhook_id)
+    assert deleted["cancelled_deliveries"] == 1

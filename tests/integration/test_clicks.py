@@ -581,3 +581,25 @@ async def check_fraud_stop(harness: Harness, fraud_service: RunningFraud) -> Non
     assert await harness.rows() == 60
     fraud_gauge = sample(FRAUD_AVAILABLE)
     assert fraud_gauge == 0
+
+
+async def test_the_click_writer_never_uses_a_connection_the_pool_took_back(
+    fraud_down: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer connection that dies between flushes is the pool's again: the next flush takes a new one.
+
+    (It used to keep the dead one's proxy, which asyncpg had detached: the next
+    group commit failed with "connection has been released back to the pool",
+    failing a batch of clicks after PostgreSQL was already back.)
+    """
+    await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    # Every other session of this database ends, as in a PostgreSQL restart.
+    await fraud_down.db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    await asyncio.sleep(0.3)  # the service's loop sees its connections close
+    for _ in range(3):
+        await fraud_down.click(campaign_id="cmp", affiliate_id="aff-a")
+    assert await fraud_down.rows() == 4
+    assert not [r for r in caplog.records if "released back to the pool" in r.getMessage()]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.common.batcher import MicroBatcher
+from services.common.batcher import MicroBatcher, QueueTimeout
 
 
 class Recorder:
@@ -119,3 +119,40 @@ async def test_a_second_flush_in_flight_waits_for_enough_items() -> None:
     # When nothing is in flight, a single item goes at once again.
     assert await batcher.submit("e") == "E"
     assert recorder.batches[-1] == ["e"]
+
+
+async def test_an_item_that_waits_past_max_wait_fails_and_is_never_sent() -> None:
+    recorder = Recorder(delay=0.3)
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, max_wait=0.05)
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.01)  # "a" is in flight for 0.3 s
+    began = loop.time()
+    with pytest.raises(QueueTimeout):
+        await batcher.submit("b")
+    assert loop.time() - began < 0.15, "the shed came late"
+    assert await first == "A"
+    await batcher.close()
+    assert recorder.batches == [["a"]], "a shed item was sent anyway"
+
+
+async def test_once_flushes_are_known_slow_an_item_that_cannot_go_in_time_is_refused_at_once() -> None:
+    recorder = Recorder(delay=0.2)
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, max_wait=0.1)
+    loop = asyncio.get_running_loop()
+    assert await batcher.submit("a") == "A"  # teaches the batcher a flush takes 0.2 s
+    second = asyncio.ensure_future(batcher.submit("b"))
+    await asyncio.sleep(0.01)
+    began = loop.time()
+    with pytest.raises(QueueTimeout):
+        await batcher.submit("c")
+    assert loop.time() - began < 0.01, "not refused at once"
+    assert await second == "B"
+
+
+async def test_max_wait_sheds_nothing_when_flushes_keep_up() -> None:
+    recorder = Recorder(delay=0.005)
+    batcher: MicroBatcher[str, str] = MicroBatcher(recorder.flush, max_batch=4, max_wait=0.2)
+    results = await asyncio.gather(*(batcher.submit(str(i)) for i in range(40)))
+    assert results == [str(i) for i in range(40)]
+    assert sum(len(b) for b in recorder.batches) == 40

@@ -271,6 +271,9 @@ def test_the_command_tree_is_what_the_readme_shows() -> None:
         "coupons create", "coupons show", "coupons list", "coupons update",
         "codes generate", "codes export", "codes import", "codes assign",
         "conversions list", "conversions show", "conversions review",
+        "experiments create", "experiments show", "experiments list", "experiments stop", "experiments result",
+        "webhooks create", "webhooks show", "webhooks list", "webhooks update", "webhooks delete",
+        "webhooks rotate-secret", "webhooks test", "webhooks deliveries", "webhooks redeliver",
     }
 
 

@@ -116,3 +116,40 @@ def test_bad_metrics_settings_fail_fast(
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
         Settings.from_env()
+
+
+ADMISSION = (
+    "ASCRIBE_GATEWAY_QUEUE_BUDGET_MS",
+    "ASCRIBE_GATEWAY_MAX_CONNECTIONS",
+    "ASCRIBE_GATEWAY_HEADER_TIMEOUT_MS",
+    "ASCRIBE_GATEWAY_IDLE_TIMEOUT_MS",
+    "ASCRIBE_GATEWAY_LISTEN_BACKLOG",
+)
+
+
+def test_admission_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ADMISSION:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_env()
+    assert settings.queue_budget_ms == 250
+    assert settings.max_connections == 1024
+    assert (settings.header_timeout_ms, settings.idle_timeout_ms) == (5000, 15000)
+    assert settings.listen_backlog >= 4096
+
+
+@pytest.mark.parametrize("name", ADMISSION)
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_admission_settings_refuse_what_is_not_a_positive_number(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env()
+
+
+def test_admission_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in zip(ADMISSION, ("100", "2000", "3000", "4000", "8192"), strict=True):
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert (settings.queue_budget_ms, settings.max_connections, settings.header_timeout_ms,
+            settings.idle_timeout_ms, settings.listen_backlog) == (100, 2000, 3000, 4000, 8192)

@@ -62,7 +62,7 @@ def walk(node: Any) -> list[str]:
 def test_served_file_is_the_repository_file_and_an_openapi_31_document() -> None:
     assert (REPO / "gateway" / "openapi.json").read_bytes() == OPENAPI_JSON
     assert SPEC["openapi"] == "3.1.0" and SPEC["info"]["title"] and SPEC["info"]["version"]
-    assert set(SPEC["paths"]) == {"/click", "/postback", "/healthz", "/readyz"}
+    assert set(SPEC["paths"]) == {"/click", "/postback", "/healthz", "/readyz", "/variant"}
     assert set(SPEC["paths"]) <= ROUTES
     for ref in walk(SPEC):
         assert resolve({"$ref": ref}), ref  # every reference resolves (KeyError otherwise)
@@ -84,6 +84,20 @@ def test_click_parameters_are_the_ones_the_parser_reads() -> None:
     spec = query_parameters("/click", "get")
     assert set(spec) == recorded.asked
     assert {name for name, p in spec.items() if p["required"]} == {"campaign_id", "aff_id"}
+
+
+def test_variant_parameters_are_the_ones_the_parser_reads() -> None:
+    recorded = Recording({"experiment_id": ["e"], "unit_id": ["u"]})
+    gp.variant_request(recorded, "token")
+    spec = query_parameters("/variant", "get")
+    assert set(spec) == recorded.asked
+    assert all(p["required"] for p in spec.values())
+    for name, parameter in spec.items():
+        limit = parameter["schema"]["maxLength"]
+        gp.variant_request({"experiment_id": ["e"], "unit_id": ["u"], name: ["x" * limit]}, "token")
+        with pytest.raises(gp.ParamError) as raised:
+            gp.variant_request({"experiment_id": ["e"], "unit_id": ["u"], name: ["x" * (limit + 1)]}, "token")
+        assert raised.value.field == name
 
 
 def test_postback_parameters_are_the_ones_the_parsers_read() -> None:

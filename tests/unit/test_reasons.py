@@ -18,6 +18,8 @@ CONTRACT_REASONS = {
     "postback_too_late",
     # Added by issue 15 (codes at scale).
     "coupon_mistyped",
+    # Added by issue 17 (holdout experiments): a click in the control arm.
+    "experiment_holdout",
 }
 CONTRACT_FRAUD_REASONS = {
     "fraud_duplicate_click_id", "fraud_tor_exit", "fraud_datacenter_ip", "fraud_vpn_ip", "fraud_bot_user_agent",

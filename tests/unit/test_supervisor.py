@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import json
 import signal
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -17,7 +19,16 @@ from grpc_health.v1 import health_pb2
 
 from services.common.readiness import Readiness
 from tools.run import is_warning
-from tools.supervisor import Backoff, ConfigurationError, State, Supervisor, describe_exit
+from tools.supervisor import (
+    REAP_PATIENCE,
+    REAP_WAIT,
+    Backoff,
+    ConfigurationError,
+    EmbeddedUnit,
+    State,
+    Supervisor,
+    describe_exit,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,8 +53,12 @@ class FakeUnit:
         self.up = True
         self.launches = 0
         self.reaped = 0
+        self.lingering = False  # the old process has not gone yet
+        self.launch_error: BaseException | None = None
 
     def launch(self) -> int:
+        if self.launch_error is not None:
+            raise self.launch_error
         self.launches += 1
         self.pid += 1
         self.code = None
@@ -57,6 +72,9 @@ class FakeUnit:
 
     def reap(self) -> None:
         self.reaped += 1
+
+    def remains(self) -> bool:
+        return self.lingering
 
     def last_lines(self) -> str:
         return "last words"
@@ -135,6 +153,58 @@ def test_exit_code_2_is_a_configuration_error_that_stops_everything() -> None:
     with pytest.raises(ConfigurationError, match="last words"):
         supervisor.poll()
     assert unit.launches == 1
+
+
+def test_a_launch_that_fails_with_oserror_is_retried_with_the_crash_backoff() -> None:
+    clock = Clock()
+    supervisor, unit, lines = _supervised(clock)
+    unit.launch_error = OSError(24, "Too many open files")
+    unit.code = -signal.SIGKILL
+    supervisor.poll()  # the crash, and a restart that fails twice more: three in a minute
+    assert "fraud could not be restarted: [Errno 24] Too many open files" in lines
+    assert supervisor.state("fraud") is State.WAITING
+    assert lines[-1] == "fraud crashed 3 times in 60s: restarting in 1s"
+    unit.launch_error = None
+    clock.now += 1.1
+    supervisor.poll()
+    assert supervisor.state("fraud") is State.STARTING
+    assert unit.launches == 2
+
+
+def test_an_old_process_that_lingers_is_waited_for_between_polls_and_killed_again() -> None:
+    clock = Clock()
+    supervisor, unit, lines = _supervised(clock)
+    unit.code, unit.lingering = -signal.SIGKILL, True
+    began = time.monotonic()
+    supervisor.poll()
+    assert time.monotonic() - began < 0.1, "the poll blocked on the reap"
+    assert supervisor.state("fraud") is State.REAPING
+    assert unit.launches == 1 and unit.reaped == 1
+    assert lines[-1] == "fraud: waiting for the old process to exit before restarting"
+    clock.now += REAP_PATIENCE
+    supervisor.poll()
+    assert unit.reaped == 2 and "killing it again" in lines[-1]
+    unit.lingering = False
+    clock.now += 0.1
+    supervisor.poll()
+    assert supervisor.state("fraud") is State.STARTING and unit.launches == 2
+
+
+class _FakeServer:
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def kill_group(self, timeout: float = 10.0) -> None:
+        self.waits.append(timeout)
+
+
+def test_an_embedded_servers_reap_waits_at_most_reap_wait() -> None:
+    unit = EmbeddedUnit("redis", lambda port: cast(Any, None), lambda server: None)
+    server = _FakeServer()
+    unit.server = cast(Any, server)
+    unit.reap()
+    # kill_group waits twice at most (the leader, then the group): about a second, not 20.
+    assert server.waits == [REAP_WAIT] and 2 * REAP_WAIT <= 1.0
 
 
 def test_describe_exit() -> None:

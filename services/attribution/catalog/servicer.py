@@ -38,6 +38,8 @@ from services.attribution.catalog.convert import (
 )
 from services.attribution.common import code_check
 from services.attribution.common.models import Affiliate, Campaign, Coupon
+from services.attribution.webhooks.servicer import WebhookRpcs
+from services.attribution.webhooks.settings import WebhookConfig
 from services.common.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -50,9 +52,10 @@ T = TypeVar("T")
 
 
 class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, webhooks: WebhookRpcs | None = None) -> None:
         self._pool = pool
         self._assigner = CodeAssigner(pool)
+        self._webhooks = webhooks or WebhookRpcs(pool, WebhookConfig())
 
     # ------------------------------------------------------------ campaigns
 
@@ -259,6 +262,47 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         )
         return attribution_pb2.ImportCodesResponse(batch_id=batch_id, imported=imported)
 
+
+    # ------------------------------------------------------------ webhooks (services/attribution/webhooks)
+
+    async def CreateWebhook(self, request: attribution_pb2.CreateWebhookRequest, context: Context) -> attribution_pb2.Webhook:
+        return await self._webhooks.create(request)
+
+    async def GetWebhook(self, request: attribution_pb2.GetWebhookRequest, context: Context) -> attribution_pb2.Webhook:
+        return await self._webhooks.get(request)
+
+    async def ListWebhooks(
+        self, request: attribution_pb2.ListWebhooksRequest, context: Context
+    ) -> attribution_pb2.ListWebhooksResponse:
+        return await self._webhooks.list(request)
+
+    async def UpdateWebhook(self, request: attribution_pb2.UpdateWebhookRequest, context: Context) -> attribution_pb2.Webhook:
+        return await self._webhooks.update(request)
+
+    async def DeleteWebhook(
+        self, request: attribution_pb2.DeleteWebhookRequest, context: Context
+    ) -> attribution_pb2.DeleteWebhookResponse:
+        return await self._webhooks.delete(request)
+
+    async def RotateWebhookSecret(
+        self, request: attribution_pb2.RotateWebhookSecretRequest, context: Context
+    ) -> attribution_pb2.Webhook:
+        return await self._webhooks.rotate(request)
+
+    async def TestWebhook(
+        self, request: attribution_pb2.TestWebhookRequest, context: Context
+    ) -> attribution_pb2.WebhookDelivery:
+        return await self._webhooks.test(request)
+
+    async def ListDeliveries(
+        self, request: attribution_pb2.ListDeliveriesRequest, context: Context
+    ) -> attribution_pb2.ListDeliveriesResponse:
+        return await self._webhooks.list_deliveries(request)
+
+    async def RedeliverDelivery(
+        self, request: attribution_pb2.RedeliverDeliveryRequest, context: Context
+    ) -> attribution_pb2.WebhookDelivery:
+        return await self._webhooks.redeliver(request)
 
 def _page(items: list[T], size: int, scope: str, key: Callable[[T], str]) -> tuple[list[T], str]:
     """One page and the token of the next (empty on the last): ``items`` holds up to size + 1."""

@@ -29,7 +29,6 @@ from urllib.parse import quote, unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 from ascribe.fraud.v1 import fraud_pb2
-from asyncpg.pool import PoolConnectionProxy
 
 from services.attribution.catalog.cache import CatalogCache
 from services.attribution.clicks import store
@@ -45,11 +44,14 @@ from services.attribution.common.models import Campaign, Click, ClickDecision, D
 from services.attribution.common.reasons import (
     AFFILIATE_INACTIVE,
     CAMPAIGN_INACTIVE,
+    EXPERIMENT_HOLDOUT,
     FRAUD_UNAVAILABLE,
     UNKNOWN_AFFILIATE,
     UNKNOWN_COUPON,
 )
 from services.attribution.common.visitor import VisitorDerivation
+from services.attribution.experiments import store as experiment_store
+from services.attribution.experiments.assignment import ClickArm, ClickAssigner
 from services.attribution.fraud_client import FraudClient, fraud_reasons
 from services.attribution.metrics import (
     CLICK_FLUSH_FAILURES_TOTAL,
@@ -98,6 +100,7 @@ class ClickInput:
     referer: str = ""
     country: str = ""
     occurred_at: datetime | None = None  # None: now
+    vid: str = ""  # the visitor key of experiments (issue #17)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class ValidClick:
     # False for a code no coupon can have (``SAVE 10``): the click is still
     # recorded and redirected, with the code untracked as ``unknown_coupon``.
     coupon_well_formed: bool = True
+    vid: str = ""
 
 
 def _too_long(value: str, max_bytes: int) -> bool:
@@ -162,6 +166,8 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
             violations.add("ip", "not an IP address")
     if inp.user_agent:
         _check_text(violations, "user_agent", inp.user_agent, limits.USER_AGENT)
+    if inp.vid:
+        _check_text(violations, "vid", inp.vid, limits.VISITOR_ID)
     # The Referer is a browser header, not an affiliate's parameter: an overlong
     # one is cut rather than costing the visitor the redirect.
     referer = inp.referer[: limits.REFERER]
@@ -188,6 +194,7 @@ def validate_click(inp: ClickInput, now: datetime) -> ValidClick:
         country=country,
         occurred_at=occurred_at,
         coupon_well_formed=not code or is_valid_code(code),
+        vid=inp.vid,
     )
 
 
@@ -274,6 +281,7 @@ class _Judged:
     decision: ClickDecision
     reasons: list[str]
     fraud_score: int = 0
+    arm: ClickArm | None = None  # the experiment arm it joined (issue #17)
     unique: bool = True  # until the fraud service says the visitor clicked before
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
@@ -319,6 +327,9 @@ class _Judged:
             reasons=tuple(self.reasons),
             fraud_score=self.fraud_score,
             device_type=click.device_type,
+            experiment_id=self.arm.experiment_id if self.arm else None,
+            experiment_arm=self.arm.arm if self.arm else None,
+            experiment_unit=self.arm.unit_key if self.arm else None,
             unique=self.unique,
         )
 
@@ -327,8 +338,17 @@ class _Judged:
             click_id=self.click_id,
             decision=self.decision,
             reasons=tuple(self.reasons),
-            redirect_url=redirect_url(self.campaign.landing_url, self.click_id, self.click.coupon_code),
+            redirect_url=redirect_url(
+                self.campaign.landing_url, self.click_id, "" if self.arm and self.arm.holdout else self.click.coupon_code
+            ),
         )
+
+    def join(self, arm: ClickArm | None) -> None:
+        """Joins an experiment's arm: control (the holdout) loses the code, in the row and the redirect."""
+        self.arm = arm
+        if arm is not None and arm.holdout:
+            self.tracked_code = ""
+            self.reasons.append(EXPERIMENT_HOLDOUT)
 
 
 class ClickRecorder:
@@ -341,6 +361,7 @@ class ClickRecorder:
         fraud: FraudClient,
         *,
         visitors: VisitorDerivation | None = None,
+        experiments: ClickAssigner | None = None,
         max_rpcs_per_flush: int = 256,
         flushes_in_flight: int = 1,
     ) -> None:
@@ -348,9 +369,7 @@ class ClickRecorder:
         self._cache = cache
         self._fraud = fraud
         self._visitors = visitors or VisitorDerivation()
-        # The writer keeps its connections: giving one back to the pool costs
-        # a reset round trip, once per flush otherwise.
-        self._writer_conns: list[PoolConnectionProxy] = []
+        self._experiments = experiments
         # One item is the rows of one RPC, so a RecordClickBatch commits as a whole.
         self._writer: MicroBatcher[Sequence[Click], None] = MicroBatcher(
             self._flush,
@@ -365,6 +384,7 @@ class ClickRecorder:
         judged = await self._judge(inp, utcnow())
         if judged.decision != "rejected":
             judged.apply(await self._fraud.check_click(judged.fraud_request()))
+        await self._join_experiment(judged)
         await self._commit([judged.row()])
         _CLICKS_BY_DECISION[judged.decision].inc()
         outcome = judged.outcome()
@@ -394,6 +414,8 @@ class ClickRecorder:
             verdicts = await self._fraud.check_clicks([j.fraud_request() for j in to_check])
             for item, verdict in zip(to_check, verdicts, strict=True):
                 item.apply(verdict)
+        for item in judged:
+            await self._join_experiment(item)
         if judged:
             await self._commit([j.row() for j in judged])
         for item in judged:
@@ -415,14 +437,28 @@ class ClickRecorder:
             raise Unavailable("the click store is unavailable") from None
         if click is None:
             raise NotFound(f"click {click_id} not found")
+        if self._experiments is not None:
+            click = await self._experiments.with_arm(click)
         return click
+
+    async def _join_experiment(self, judged: _Judged) -> None:
+        """Issue #17's one hook: the arm of a judged click (after fraud, before the commit)."""
+        if self._experiments is not None:
+            judged.join(
+                await self._experiments.assign(
+                    campaign_id=judged.click.campaign_id,
+                    tracked_code=judged.tracked_code,
+                    decision=judged.decision,
+                    vid=judged.click.vid,
+                    ip=judged.click.ip,
+                    user_agent=judged.click.user_agent,
+                    at=judged.click.occurred_at,
+                )
+            )
 
     async def close(self) -> None:
         """Waits for the group commits in flight (their callers are still waiting)."""
         await self._writer.close()
-        conns, self._writer_conns = self._writer_conns, []
-        for conn in conns:
-            await self._pool.release(conn)
 
     def _with_visitor(self, click: ValidClick) -> ValidClick:
         """The visitor's country (unless the caller sent one) and device, from the IP and user agent."""
@@ -489,32 +525,26 @@ class ClickRecorder:
         rows = [row for group in groups for row in group]
         CLICK_FLUSH_ROWS.observe(len(rows))
         started = time.perf_counter()
-        conn: PoolConnectionProxy | None = None
         try:
-            conn = await self._writer_connection()
-            await store.insert_clicks(conn, rows)
+            # A connection for this flush only, handed back by the block however
+            # it ends (a cancellation included). The writer used to keep its
+            # connections between flushes to save the reset, but asyncpg takes
+            # a connection back by itself when it dies (a PostgreSQL restart),
+            # and the kept proxy then failed the next commit with "connection
+            # has been released back to the pool". The reset costs nothing now
+            # (the pool's reset is _keep_session: no round trip).
+            async with self._pool.acquire() as conn:
+                in_experiments = [row for row in rows if row.experiment_arm]
+                if in_experiments:
+                    # A click and its arm are committed together or not at all.
+                    async with conn.transaction():
+                        await store.insert_clicks(conn, rows)
+                        await experiment_store.insert_click_arms(conn, in_experiments)
+                else:
+                    await store.insert_clicks(conn, rows)
         except Exception as error:  # each waiting caller gets UNAVAILABLE
             CLICK_FLUSH_FAILURES_TOTAL.inc()
             logger.error("group commit of %d clicks failed: %r", len(rows), error)
-            if conn is not None:
-                await self._give_back(conn)
             return [Unavailable("the click could not be recorded; retry") for _ in groups]
-        self._writer_conns.append(conn)
         CLICK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         return [None] * len(groups)
-
-    async def _writer_connection(self) -> PoolConnectionProxy:
-        while self._writer_conns:
-            conn = self._writer_conns.pop()
-            if not conn.is_closed():
-                return conn
-            await self._give_back(conn)
-        return await self._pool.acquire()
-
-    async def _give_back(self, conn: PoolConnectionProxy) -> None:
-        # The pool replaces a broken connection; failing to hand one back
-        # must not turn a failed flush into an unhandled error.
-        try:
-            await self._pool.release(conn)
-        except Exception as error:
-            logger.warning("releasing a click writer connection failed: %r", error)

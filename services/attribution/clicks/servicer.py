@@ -17,6 +17,7 @@ from services.attribution.catalog.convert import device_type_to_proto
 from services.attribution.clicks.recorder import ClickInput, ClickOutcome, ClickRecorder
 from services.attribution.common.batch_errors import error_proto
 from services.attribution.common.models import Click
+from services.attribution.experiments.convert import arm_to_proto
 from services.common.batch_stream import serve_batch_stream
 from services.common.enum_words import EnumWords
 from services.common.errors import DomainError, InvalidArgument
@@ -46,6 +47,7 @@ def click_input(request: pb.RecordClickRequest) -> ClickInput:
         referer=request.referer,
         country=request.country,
         occurred_at=_occurred_at(request),
+        vid=request.vid,
     )
 
 
@@ -89,6 +91,8 @@ def click_proto(click: Click) -> pb.Click:
         fraud_score=click.fraud_score,
         conversions=click.conversions,
         device_type=device_type_to_proto(click.device_type),
+        experiment_arm=arm_to_proto(click.experiment_arm),
+        experiment_id=click.experiment_id or "",
     )
     set_timestamp(message.occurred_at, click.occurred_at)
     # A click is received when its id is made: the id carries that time.

@@ -20,6 +20,7 @@ DeviceType = Literal["mobile", "desktop", "tablet", "other"]
 ClickDecision = Literal["accepted", "flagged", "rejected"]
 ConversionStatus = Literal["pending", "approved", "rejected", "reversed", "flagged"]
 AttributionSource = Literal["click", "coupon", "none"]
+ExperimentArm = Literal["treatment", "control"]  # issue #17
 
 DEFAULT_HOLD_DAYS = 30
 DEFAULT_CLICK_LOOKBACK_DAYS = 30
@@ -105,6 +106,10 @@ class Click:
     fraud_score: int = 0
     conversions: int = 0
     device_type: DeviceType | None = None
+    # Experiments (issue #17): the arm the click joined, if any.
+    experiment_id: str | None = None
+    experiment_arm: ExperimentArm | None = None
+    experiment_unit: str | None = None
     unique: bool = True  # the visitor's first click for the campaign and affiliate in 24 h
 
 

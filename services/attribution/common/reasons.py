@@ -47,6 +47,10 @@ CUSTOMER_LIMIT_REACHED = "customer_limit_reached"
 # row types): the words are snake_case, so a comma never occurs in one.
 REASONS_SEPARATOR = ","
 
+# Experiments (issue #17): the click is in a holdout experiment's control
+# arm, so its code was not tracked nor passed on to the landing page.
+EXPERIMENT_HOLDOUT = "experiment_holdout"
+
 # Fraud.
 FRAUD_PREFIX = "fraud_"
 FRAUD_UNAVAILABLE = "fraud_unavailable"
