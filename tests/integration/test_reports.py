@@ -233,6 +233,11 @@ async def test_export_streams_the_same_rows(world: World, known: datetime) -> No
     assert got == await report(world, t, t + timedelta(hours=2), G.REPORT_GROUP_BY_COUPON, campaign_id="cmp")
     save = next(r for r in got if r.keys["coupon"] == "SAVE" and r.metrics.currency == "EUR")
     assert save.pace.remaining == 97  # A, B and C hold a use (D was refunded); F was rejected
+    # three live uses taken in the last 24 hours: 97 left last 97 / 3 days at that pace
+    assert save.pace.uses_per_day == 3.0 and save.pace.HasField("exhausted_at_forecast")
+    forecast = save.pace.exhausted_at_forecast.ToDatetime(tzinfo=UTC)
+    assert abs(forecast - (world.clock.now + timedelta(days=97 / 3))) < timedelta(seconds=1)
+    assert not save.pace.exhausted_before_valid_until  # the code has no valid_until
     coupons = await world.tracking.ListConversions(
         pb.ListConversionsRequest(campaign_id="cmp", coupon_code="held"), timeout=10
     )
