@@ -71,6 +71,12 @@ prometheus-rules:
 bench: gen/.stamp
 	$(PY) -m bench --mode $(BENCH)
 
+# Reports: recompute [FROM, TO) (ISO 8601; default the last 30 days) from the
+# raw events and compare with what GetReport answers; exit 1 on any drift.
+.PHONY: report-drift
+report-drift: gen/.stamp
+	$(PY) -m services.attribution.reports.drift $(if $(FROM),--from $(FROM)) $(if $(TO),--to $(TO))
+
 clean:
 	rm -rf gen $(VENV) .pytest_cache .mypy_cache .ruff_cache
 

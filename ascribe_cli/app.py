@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from ascribe_cli import affiliates, campaigns, codes, conversions, coupons, experiments, webhooks
+from ascribe_cli import affiliates, campaigns, codes, conversions, coupons, experiments, report, webhooks
 from ascribe_cli.client import DEFAULT_ADDR, RequestFailed, Tls
 from ascribe_cli.common import Target
 
@@ -53,6 +53,7 @@ app.add_typer(codes.app, name="codes")
 app.add_typer(conversions.app, name="conversions")
 app.add_typer(experiments.app, name="experiments")
 app.add_typer(webhooks.app, name="webhooks")
+app.command("report")(report.report)
 
 
 @app.callback()

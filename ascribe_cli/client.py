@@ -122,6 +122,7 @@ class Client:
         self.catalog = attribution_pb2_grpc.CatalogServiceStub(self._channel)
         self.tracking = attribution_pb2_grpc.TrackingServiceStub(self._channel)
         self.experiments = attribution_pb2_grpc.ExperimentServiceStub(self._channel)
+        self.reports = attribution_pb2_grpc.ReportServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self

@@ -1084,6 +1084,15 @@ class Runner:
             self.add(on)
         asyncio.run(_set_webhook_outbox(self.env.database_url, on=True))
 
+    # (r) reports (issue #14) -------------------------------------------
+    def reports(self) -> None:
+        from bench import report_cases  # it imports this module
+
+        if self.wanted("r.clicks") or self.wanted("r.conversions"):
+            report_cases.rollup_cost(self)
+        if self.wanted("r.report") or self.wanted("r.export"):
+            report_cases.report_speed(self)
+
     def run(self) -> dict[str, CaseResult]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("a", self.reference_redirect), ("b", self.clicks), ("c", self.conversions),
@@ -1091,6 +1100,7 @@ class Runner:
             ("h", self.experiments),
             ("w", self.webhook_outbox),
             ("o", self.overload),
+            ("r", self.reports),
         ]
         for prefix, step in steps:
             if self.wanted(prefix):

@@ -52,6 +52,9 @@ class Settings:
     catalog_cache_ms: int = 1000
     approval_interval_ms: int = 5000
     rescore_interval_ms: int = 10000
+    # How often the report rollups' deltas are folded (reports read the
+    # deltas too, so this bounds the table's growth, not freshness).
+    report_compact_interval_ms: int = 30000
     # The most conversions a second the re-scoring job checks while it drains
     # a backlog: above the issue's 2,000/s, below what would crowd out live
     # clicks and postbacks on a small machine.
@@ -103,6 +106,9 @@ class Settings:
             ),
             rescore_interval_ms=env_int("ASCRIBE_RESCORE_INTERVAL_MS", cls.rescore_interval_ms, minimum=10),
             rescore_per_second=env_int("ASCRIBE_RESCORE_PER_SECOND", cls.rescore_per_second, minimum=1),
+            report_compact_interval_ms=env_int(
+                "ASCRIBE_REPORT_COMPACT_INTERVAL_MS", cls.report_compact_interval_ms, minimum=100
+            ),
             geoip_db=_geoip_db(),
             transport=Transport.from_env(serves=True),
             health_addr=health_addr_from_env("ASCRIBE_ATTRIBUTION_HEALTH_ADDR"),

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 import asyncpg
 import grpc
@@ -30,6 +31,7 @@ from services.attribution.fraud_client import FraudClient
 from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
 from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
+from services.attribution.reports import store as report_store
 from services.attribution.reports.servicer import ReportServicer
 from services.attribution.schema_gate import SchemaGate
 from services.attribution.tracking_servicer import TrackingServicer
@@ -140,6 +142,9 @@ def _background_jobs(service: AttributionService, gate: SchemaGate) -> list[asyn
         run_periodically("approval", settings.approval_interval_ms / 1000, lifecycle.approve_all_due),
         run_periodically("rescore", settings.rescore_interval_ms / 1000, lifecycle.rescore),
         run_periodically("click partitions", 6 * 3600, ensure_partitions),
+        # Reports: fold the rollups' deltas (one replica at a time).
+        run_periodically("report compaction", settings.report_compact_interval_ms / 1000,
+                         partial(report_store.compact, service.pool)),
     ]
     if settings.auto_hold_leaked_codes:
         jobs.append(follow_alerts(lifecycle, service.pool, service.fraud_channel, settings.internal_token))
@@ -206,8 +211,8 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
         CheckoutValidator(pool, cache, guard, admin_token=settings.admin_token, visitors=visitors, clock=clock),
     )
     tracking = TrackingServicer(clicks, ConversionRpcs(pool, recorder, lifecycle))
-    report = ReportServicer()
     experiments = ExperimentServicer(pool, experiment_cache, cache, admin_token=settings.admin_token, clock=clock)
+    report = ReportServicer(pool, clock=clock)
 
     def register(server: grpc.aio.Server) -> None:
         attribution_pb2_grpc.add_CatalogServiceServicer_to_server(catalog, server)

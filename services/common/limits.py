@@ -68,3 +68,6 @@ COUPON_LIST_ITEMS = max_items(apb.Coupon.DESCRIPTOR, "skus")
 VISITOR_ID = max_bytes(_CLICK, "vid")
 UNIT_ID = max_bytes(apb.AssignVariantRequest.DESCRIPTOR, "unit_id")
 EXPERIMENT_NAME = max_bytes(apb.Experiment.DESCRIPTOR, "name")
+
+# Reports.
+TIME_ZONE = max_bytes(apb.GetReportRequest.DESCRIPTOR, "time_zone")

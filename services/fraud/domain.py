@@ -124,10 +124,13 @@ class Verdict:
     action: Action
     score: int
     signals: tuple[Signal, ...] = ()
+    repeat_visit: bool = False  # clicks: not the visitor's first for the campaign and affiliate in 24 h
 
 
 # The verdict of an event without signals (most traffic): one shared instance.
 CLEAN = Verdict(action=Action.ALLOW, score=0, signals=())
+# The same for a visitor's repeated click.
+CLEAN_REPEAT = Verdict(action=Action.ALLOW, score=0, signals=(), repeat_visit=True)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class ClickCounters:
     duplicate_of: str | None = None  # the owning click id when this external id is a duplicate
     ip_last_minute: float = 0.0
     ip_last_hour: float = 0.0
+    repeat_visit: bool = False  # the visitor clicked for this campaign and affiliate in the last 24 h
 
 
 @dataclass(frozen=True)
@@ -402,7 +406,10 @@ def click_verdict(
         *user_agent_signals(ua, spoof, rules, conversion=False),
         *click_signals(event, counters, rules),
     ]
-    return decide(signals, rules)
+    verdict = decide(signals, rules)
+    if not counters.repeat_visit:
+        return verdict
+    return CLEAN_REPEAT if verdict is CLEAN else replace(verdict, repeat_visit=True)
 
 
 def conversion_verdict(

@@ -195,15 +195,21 @@ def _code_attempt(request: pb.CodeAttempt, read: _Reader) -> domain.CodeAttempt:
 
 
 _CLEAN_PROTO = pb.Verdict(action=pb.VerdictAction.ValueType(domain.CLEAN.action.value), score=domain.CLEAN.score)
+_CLEAN_REPEAT_PROTO = pb.Verdict(
+    action=pb.VerdictAction.ValueType(domain.CLEAN.action.value), score=domain.CLEAN.score, repeat_visit=True
+)
 
 
 def _verdict_proto(verdict: domain.Verdict) -> pb.Verdict:
     if verdict is domain.CLEAN:
         return _CLEAN_PROTO  # never mutated: gRPC serializes it, a batch copies it
+    if verdict is domain.CLEAN_REPEAT:
+        return _CLEAN_REPEAT_PROTO
     return pb.Verdict(
         action=pb.VerdictAction.ValueType(verdict.action.value),
         score=verdict.score,
         signals=[pb.Signal(code=s.code, detail=s.detail, weight=s.weight) for s in verdict.signals],
+        repeat_visit=verdict.repeat_visit,
     )
 
 

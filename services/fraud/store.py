@@ -3,6 +3,8 @@
 Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
 
     P:fraud:{bNN}:xc:<affiliate>:<external click id>   dedup, value = owning click id
+    P:fraud:{bNN}:uv:<campaign>:<affiliate>:<visitor>  a visitor's first click in 24 h (unique clicks),
+      value = that click id; <visitor>: a hash of the IP and user agent
     P:fraud:{bNN}:ip:<ip>                              click velocity windows of an IP
     P:fraud:{bNN}:cip:<campaign>:<ip>                  conversions of an IP in a campaign
       (<ip>: an IPv4 address, or an IPv6 address's /64, see ipintel.subscriber_key)
@@ -24,6 +26,7 @@ them all at once; the k-th of them is told the count as it was after the k-th.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -134,6 +137,16 @@ def valid_stream_id(value: str) -> bool:
     return bool(_STREAM_ID.match(value))
 
 
+# A visitor's first click for a campaign and affiliate is unique; later
+# ones within this window are not (the reporting issue's definition).
+UNIQUE_CLICK_WINDOW_MS = 24 * 3600 * 1000
+
+
+def visitor_key(ip: str, user_agent: str) -> str:
+    """The visitor of a click: IP and user agent, hashed to bound the key's length."""
+    return hashlib.blake2b(f"{ip}\x1f{user_agent}".encode(), digest_size=12).hexdigest()
+
+
 def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
 
@@ -158,6 +171,7 @@ class FraudStore:
         self._key_prefix = f"{self.prefix}:".encode()
         cfg = config
         self.dedup = Dedup(ttl_ms=cfg.dedup_ttl_seconds * 1000)
+        self.first_visit = Dedup(ttl_ms=UNIQUE_CLICK_WINDOW_MS)
         self.ip_clicks = Window(windows_ms=(60_000, 3_600_000))
         self.ip_conversions = OncePerOrder(window_ms=86_400_000, ttl_ms=2 * 86400 * 1000)
         self.code_spread = Spread(max_distinct=cfg.code_max_distinct, ttl_ms=cfg.code_spread_ttl_seconds * 1000)
@@ -237,6 +251,7 @@ class FraudStore:
         cfg = self.config
         batch = self.batch()
         dedup_at: dict[int, Handle[str | None]] = {}
+        visit_at: dict[int, Handle[str | None]] = {}
         by_ip: dict[str, list[int]] = {}
         by_affiliate: dict[tuple[str, str], list[int]] = {}
         ip_keys = [subscriber_key(event.ip) if event.ip else "" for event in events]
@@ -250,6 +265,13 @@ class FraudStore:
                 )
             if event.ip:
                 by_ip.setdefault(ip_keys[index], []).append(index)
+                # The first owner of the visitor's key is the unique click; a
+                # retried check of that click finds itself the owner.
+                visit_at[index] = self.first_visit.add(
+                    batch,
+                    f"uv:{event.campaign_id}:{event.affiliate_id}:{visitor_key(event.ip, event.user_agent)}",
+                    event.click_id or f"anonymous:{secrets.token_hex(8)}",
+                )
             if event.affiliate_id:
                 by_affiliate.setdefault((event.campaign_id, event.affiliate_id), []).append(index)
         ip_at: dict[str, Handle[tuple[float, ...]]] = {}
@@ -286,7 +308,13 @@ class FraudStore:
                 estimates = answers[ip_at[ip_keys[index]]]
                 minute = max(0.0, estimates[0] - behind)
                 hour = max(0.0, estimates[1] - behind)
-            counters.append(ClickCounters(duplicate_of=duplicate_of, ip_last_minute=minute, ip_last_hour=hour))
+            repeat = False
+            if index in visit_at:
+                first = answers[visit_at[index]]
+                repeat = first is not None and first != event.click_id
+            counters.append(ClickCounters(
+                duplicate_of=duplicate_of, ip_last_minute=minute, ip_last_hour=hour, repeat_visit=repeat
+            ))
 
         alerts: list[Alert] = []
         for (campaign_id, affiliate_id), handle in burst_at.items():

@@ -283,6 +283,7 @@ class _Judged:
     fraud_score: int = 0
     arm: ClickArm | None = None  # the experiment arm it joined (issue #17)
     code_missed: bool = False  # the link's code is unknown or mistyped: counted against its IP (code guessing)
+    unique: bool = True  # until the fraud service says the visitor clicked before
 
     def fraud_request(self) -> fraud_pb2.CheckClickRequest:
         click = self.click
@@ -305,6 +306,8 @@ class _Judged:
     def apply(self, verdict: fraud_pb2.Verdict | None) -> None:
         self.decision, fraud_reasons, self.fraud_score = apply_verdict(self.decision, verdict)
         self.reasons.extend(fraud_reasons)
+        # No verdict (fraud down or late) counts the click as unique.
+        self.unique = verdict is None or not verdict.repeat_visit
 
     def row(self) -> Click:
         click = self.click
@@ -329,6 +332,7 @@ class _Judged:
             experiment_id=self.arm.experiment_id if self.arm else None,
             experiment_arm=self.arm.arm if self.arm else None,
             experiment_unit=self.arm.unit_key if self.arm else None,
+            unique=self.unique,
         )
 
     def outcome(self) -> ClickOutcome:

@@ -38,18 +38,20 @@ _INSERT_COLUMNS = (
     "reasons",
     "fraud_score",
     "device_type",
+    "is_unique",
 )
 _SELECT_COLUMNS = ", ".join((*_INSERT_COLUMNS, "conversions"))
 
-# One parameter, an array of rows (migration 007's ascribe_click_row_v2, fields
+# One parameter, an array of rows (migration 009's ascribe_click_row_v3, fields
 # in _INSERT_COLUMNS order), so any number of rows is one statement that
 # asyncpg prepares once.
 _INSERT_CLICKS = f"""
 INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)})
 SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_coupon_code,
        external_click_id, sub1, sub2, sub3, sub4, sub5, ip::inet, user_agent, referer, country,
-       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score, device_type
-FROM unnest($1::ascribe_click_row_v2[])
+       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score, device_type,
+       is_unique
+FROM unnest($1::ascribe_click_row_v3[])
 """
 
 
@@ -79,6 +81,7 @@ def _record(click: Click) -> tuple[object, ...]:
         REASONS_SEPARATOR.join(click.reasons),
         click.fraud_score,
         click.device_type,
+        click.unique,
     )
 
 
@@ -112,6 +115,7 @@ def click_from_row(row: asyncpg.Record) -> Click:
         fraud_score=row["fraud_score"],
         conversions=row["conversions"],
         device_type=row["device_type"],
+        unique=row["is_unique"],
     )
 
 
@@ -175,11 +179,17 @@ async def fetch_clicks(
         return {}
     rows = await conn.fetch(
         """SELECT c.click_id, c.created_at, c.campaign_id, c.affiliate_id, c.occurred_at,
-                  c.decision, c.conversions, c.country, c.device_type
+                  c.decision, c.conversions, c.country, c.device_type, c.sub1
              FROM clicks c
              JOIN unnest($1::text[], $2::timestamptz[]) AS k(click_id, created_at)
                ON c.click_id = k.click_id AND c.created_at = k.created_at""",
         [c[0] for c in clicks],
         [c[1] for c in clicks],
     )
-    return {r["click_id"]: Click(**dict(r)) for r in rows}
+    found = {}
+    for r in rows:
+        values = dict(r)
+        # sub1: what reports count the click's conversions under
+        values["subs"] = (values.pop("sub1") or "", "", "", "", "")
+        found[r["click_id"]] = Click(**values)
+    return found

@@ -110,6 +110,7 @@ class Click:
     experiment_id: str | None = None
     experiment_arm: ExperimentArm | None = None
     experiment_unit: str | None = None
+    unique: bool = True  # the visitor's first click for the campaign and affiliate in 24 h
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from services.attribution.conversions.rules import (
     hold_until,
     is_fixable,
     judge_static,
+    report_dimensions,
 )
 from services.attribution.fraud_client import FraudClient, conversion_check, fraud_reasons
 from services.attribution.metrics import CONVERSION_BATCH_SIZE, CONVERSION_SECONDS, count_judged
@@ -492,7 +493,7 @@ class ConversionRecorder:
             holds_coupon_use=case.coupon_use and accepted,
             holds_customer_use=case.customer_use and accepted,
             holds_click_slot=case.click_slot and accepted,
-            request=_request_json(item),
+            request=_request_json(item) | {"report": report_dimensions(item, static)},
         )
 
 

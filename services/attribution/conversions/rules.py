@@ -18,6 +18,7 @@ from functools import cached_property
 
 from services.attribution.common import coupon_rules
 from services.attribution.common.models import (
+    DIRECT_CHANNEL,
     Affiliate,
     AttributionSource,
     Campaign,
@@ -192,6 +193,24 @@ def judge_static(
         coupon=coupon,
         channel=channel,
     )
+
+
+def report_dimensions(input: ConversionInput, static: StaticJudgment) -> dict[str, str]:
+    """What reports count a judged order under (migration 009 reads them into columns).
+
+    Country and device: the postback's, else derived from its IP and user
+    agent (the recorder derived both before judging), else the credited
+    click's; the credited affiliate's channel when the order is judged
+    (``direct`` when nobody is credited); the credited click's sub1.
+    """
+    click = static.click
+    channel = DIRECT_CHANNEL if static.affiliate_id is None else static.channel or ""
+    return {
+        "country": input.country or (click.country or "" if click else ""),
+        "device": input.device_type or (click.device_type or "" if click else ""),
+        "channel": channel,
+        "sub1": click.subs[0] if click else "",
+    }
 
 
 def is_fixable(reasons: Sequence[str]) -> bool:

@@ -254,6 +254,7 @@ class ConversionRpcs:
     async def list_conversions(self, request: pb.ListConversionsRequest) -> pb.ListConversionsResponse:
         v = Violations()
         _check_len(v, "campaign_id", request.campaign_id, limits.CAMPAIGN_ID, required=True)
+        _check_len(v, "coupon_code", request.coupon_code, limits.COUPON_CODE)
         if request.status and request.status not in _STATUSES.words:
             v.add("status", "unknown conversion status")
         received_from = _time(v, "from", getattr(request, "from")) if request.HasField("from") else None
@@ -273,6 +274,7 @@ class ConversionRpcs:
             campaign_id=request.campaign_id.strip(),
             status=_STATUSES.words.get(request.status),
             affiliate_id=request.affiliate_id.strip() or None,
+            coupon_code=coupon_rules.normalize_code(request.coupon_code) or None,
             received_from=received_from,
             received_to=received_to,
             after=after,

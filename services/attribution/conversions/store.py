@@ -222,6 +222,7 @@ async def list_conversions(
     received_to: datetime | None,
     after: tuple[datetime, str] | None,
     limit: int,
+    coupon_code: str | None = None,
 ) -> list[Conversion]:
     """Newest first, keyset-paged on (received_at, id)."""
     rows = await conn.fetch(
@@ -232,10 +233,11 @@ async def list_conversions(
                AND ($4::timestamptz IS NULL OR received_at >= $4)
                AND ($5::timestamptz IS NULL OR received_at < $5)
                AND ($6::timestamptz IS NULL OR (received_at, id) < ($6, $7))
+               AND ($9::text IS NULL OR coupon_code = $9)
              ORDER BY received_at DESC, id DESC
              LIMIT $8""",
         campaign_id, status, affiliate_id, received_from, received_to,
-        after[0] if after else None, after[1] if after else "", limit,
+        after[0] if after else None, after[1] if after else "", limit, coupon_code,
     )
     return [conversion_from_row(r) for r in rows]
 

@@ -1,19 +1,150 @@
 """ReportService: what every code, affiliate, channel and country earns.
 
-Reports land with the reporting work; until then the contract says UNIMPLEMENTED
-(the interceptor turns NotImplementedError into that status).
+Proto <-> domain translation only: the rules are in ``reports.rules``, the SQL
+in ``reports.store``.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
+import asyncpg
 import grpc
-from ascribe.attribution.v1 import attribution_pb2, attribution_pb2_grpc
+from ascribe.attribution.v1 import attribution_pb2 as pb
+from ascribe.attribution.v1 import attribution_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.attribution.catalog.convert import from_timestamp
+from services.attribution.reports import rules, store
+from services.common import limits
+from services.common.enum_words import EnumWords
+from services.common.errors import Violations
+from services.common.timestamps import in_range, set_timestamp, utcnow
+
+_GROUPS = EnumWords(pb.ReportGroupBy, "REPORT_GROUP_BY_")
+_DEVICES = EnumWords(pb.DeviceType, "DEVICE_TYPE_")
+EXPORT_CHUNK_ROWS = 1000
+
+
+def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
+    """The request as a query, or INVALID_ARGUMENT naming each bad field."""
+    v = Violations()
+    for field, limit in (
+        ("campaign_id", limits.CAMPAIGN_ID),
+        ("affiliate_id", limits.AFFILIATE_ID),
+        ("coupon_code", limits.COUPON_CODE),
+        ("sub1", limits.SUB_ID),
+        ("time_zone", limits.TIME_ZONE),
+    ):
+        if len(getattr(request, field).encode()) > limit:
+            v.add(field, f"must be at most {limit} bytes")
+    if request.device_type and request.device_type not in _DEVICES.words:
+        v.add("device_type", "unknown device type")
+    start = _time(v, "from", getattr(request, "from")) if request.HasField("from") else None
+    end = _time(v, "to", request.to) if request.HasField("to") else None
+    v.raise_if_any()
+    return rules.report_query(
+        start=start,
+        end=end,
+        groups=[_GROUPS.words.get(g) for g in request.group_by],
+        time_zone=request.time_zone.strip(),
+        campaign_id=request.campaign_id.strip(),
+        affiliate_id=request.affiliate_id.strip(),
+        coupon_code=request.coupon_code,
+        country=request.country.strip(),
+        device=_DEVICES.words.get(request.device_type, ""),
+        sub1=request.sub1,
+    )
+
+
+def _time(v: Violations, field: str, stamp: Timestamp) -> datetime | None:
+    if not in_range(stamp.seconds, stamp.nanos):
+        v.add(field, "is out of range")
+        return None
+    return from_timestamp(stamp)
+
+
+def row_to_proto(query: rules.ReportQuery, row: store.SummedRow) -> pb.ReportRow:
+    keys: dict[str, str] = {}
+    for group, value in row.keys.items():
+        if group == "hour":
+            assert isinstance(value, datetime)
+            keys[group] = rules.hour_key(value, query.time_zone)
+        else:
+            keys[group] = "" if value is None else str(value)
+    t = row.totals
+    r = rules.rates(t)
+    metrics = pb.ReportMetrics(
+        currency=row.currency,
+        conversion_rate=r.conversion_rate,
+        epc_micros=r.epc_micros,
+        aov_micros=r.aov_micros,
+        roas=r.roas,
+        fraud_rate=r.fraud_rate,
+        reversal_rate=r.reversal_rate,
+        **{name: getattr(t, name) for name in rules.TOTAL_FIELDS},
+    )
+    return pb.ReportRow(keys=keys, metrics=metrics)
 
 
 class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self._pool = pool
+        self._clock = clock
+
     async def GetReport(
-        self, request: attribution_pb2.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> attribution_pb2.GetReportResponse:
-        raise NotImplementedError("GetReport")
+        self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetReportResponse:
+        query = report_query(request)
+        summed = await store.sums(self._pool, query)
+        rows = [row_to_proto(query, s) for s in summed]
+        await self._add_pace(query, summed, rows)
+        return pb.GetReportResponse(rows=rows)
+
+    async def ExportReport(
+        self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ExportReportResponse]:
+        query = report_query(pb.GetReportRequest.FromString(request.SerializeToString()))
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            summed: list[store.SummedRow] = []
+            async for row in store.stream_sums(conn, query, EXPORT_CHUNK_ROWS):
+                summed.append(row)
+                if len(summed) == EXPORT_CHUNK_ROWS:
+                    yield await self._chunk(query, summed)
+                    summed = []
+            if summed:
+                yield await self._chunk(query, summed)
+
+    async def _chunk(self, query: rules.ReportQuery, summed: list[store.SummedRow]) -> pb.ExportReportResponse:
+        rows = [row_to_proto(query, s) for s in summed]
+        await self._add_pace(query, summed, rows)
+        return pb.ExportReportResponse(rows=rows)
+
+    async def _add_pace(
+        self, query: rules.ReportQuery, summed: Sequence[store.SummedRow], rows: Sequence[pb.ReportRow]
+    ) -> None:
+        """Pace and forecast on the rows of limited codes (a COUPON grouping that names the campaign)."""
+        if "coupon" not in query.groups:
+            return
+        codes: dict[tuple[str, str], list[int]] = {}
+        for i, s in enumerate(summed):
+            campaign = str(s.keys.get("campaign") or query.campaign_id)
+            code = str(s.keys["coupon"] or "")
+            if campaign and code:
+                codes.setdefault((campaign, code), []).append(i)
+        if not codes:
+            return
+        now = self._clock()
+        usage = await store.code_usage(self._pool, list(codes), now)
+        for key, found in usage.items():
+            p = rules.pace(max(found.usage_limit - found.used, 0), found.uses_last_24h, now, found.valid_until)
+            for i in codes[key]:
+                pace = rows[i].pace
+                pace.SetInParent()
+                pace.remaining = p.remaining
+                pace.uses_per_day = p.uses_per_day
+                pace.exhausted_before_valid_until = p.exhausted_before_valid_until
+                if p.exhausted_at_forecast is not None:
+                    set_timestamp(pace.exhausted_at_forecast, p.exhausted_at_forecast)

@@ -1,0 +1,238 @@
+"""SQL of reports: sums from the rollups (migration 009) and raw events, compaction, pace.
+
+A report sums the rollup rows of the whole 15-minute buckets inside its range
+and completes the partial buckets at its two edges from the raw events
+(``report_click_facts`` and ``report_conversion_facts``, the same expressions
+the triggers use). The drift check sums the same range both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+import asyncpg
+
+from services.attribution.common.database import Connection
+from services.attribution.reports.rules import (
+    DRIFT_GROUPS,
+    TOTAL_FIELDS,
+    Drift,
+    ReportQuery,
+    Totals,
+    aligned_span,
+)
+from services.attribution.reports.rules import drift as rules_drift
+
+Source = Literal["report", "raw"]
+
+# hashtextextended('ascribe_report_compact', 0): one fold at a time across replicas.
+_COMPACT_LOCK = "ascribe_report_compact"
+COMPACT_ALL = (
+    "SELECT ascribe_report_compact() + ascribe_report_compact_campaign() + ascribe_report_compact_coupon_day()"
+)
+
+_DIMENSIONS = ("campaign_id", "currency", "coupon", "affiliate_id", "channel", "sub1", "country", "device")
+_CLICK_METRICS = ("clicks", "unique_clicks", "tracked_clicks", "rejected_clicks")
+_FILTERS = {
+    "campaign_id": "campaign_id",
+    "affiliate_id": "affiliate_id",
+    "coupon_code": "coupon",
+    "country": "country",
+    "device": "device",
+    "sub1": "sub1",
+}
+# {zone} stands for the request's time zone parameter. The start of a local hour is the instant
+# minus the minutes past it in local time: exact across DST changes and for
+# zones whose offset is not whole hours.
+_KEYS = {
+    "campaign": "campaign_id",
+    "coupon": "coupon",
+    "affiliate": "affiliate_id",
+    "channel": "channel",
+    "sub1": "sub1",
+    "country": "country",
+    "device": "device",
+    "day": "to_char(timezone({zone}::text, t), 'YYYY-MM-DD')",
+    "hour": "t - (timezone({zone}::text, t) - date_trunc('hour', timezone({zone}::text, t)))",
+}
+
+
+@dataclass(frozen=True)
+class SummedRow:
+    keys: dict[str, object]  # group word -> value (the hour's start as an instant)
+    currency: str
+    totals: Totals
+
+
+# Rollup tiers, coarsest first, with the dimensions each keeps: a report
+# reads the first that keeps every dimension it groups or filters by.
+_TIERS = (
+    ("report_rollup_campaign", ("campaign_id", "currency")),
+    ("report_rollup", _DIMENSIONS),
+)
+# Daily tiers (UTC days) serve the whole days inside a report that groups by
+# no time at all (a day of another zone is no UTC day); the 15-minute tiers
+# the rest.
+_DAILY_TIERS = (("report_rollup_coupon_day", ("campaign_id", "currency", "coupon")),)
+_DAY = timedelta(days=1)
+_GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour")}
+
+
+def _whole_days(lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
+    first = lo.replace(hour=0, minute=0, second=0, microsecond=0)
+    if first < lo:
+        first += _DAY
+    last = hi.replace(hour=0, minute=0, second=0, microsecond=0)
+    return (first, last) if first < last else None
+
+
+def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
+    args: list[object] = []
+
+    def param(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    span = aligned_span(query.start, query.end) if source == "report" else None
+    timed = bool({"day", "hour"} & set(query.groups))
+    zone = param(query.time_zone) if timed else ""
+    needed = {"currency"} | {_GROUP_COLUMNS[g] for g in query.groups if g in _GROUP_COLUMNS}
+    filters = {column: getattr(query, field) for field, column in _FILTERS.items() if getattr(query, field)}
+    needed |= set(filters)
+    where = "".join(f" AND {column} = {param(value)}" for column, value in filters.items())
+    columns = [c for c in _DIMENSIONS if c in needed]
+    conversion_metrics = [m for m in TOTAL_FIELDS if m not in _CLICK_METRICS]
+    # Rollup rows are summed per bucket (when a time key needs it) and key
+    # first: the outer query then computes zone keys on few rows.
+    inner = [*(["bucket AS t"] if timed else []), *columns, *(f"sum({m}) AS {m}" for m in TOTAL_FIELDS)]
+    inner_group = ", ".join([*(["bucket"] if timed else []), *columns])
+    parts = []
+
+    def rollup(table: str, a: datetime, b: datetime) -> None:
+        parts.append(
+            f"SELECT {', '.join(inner)} FROM {table}"
+            f" WHERE bucket >= {param(a)} AND bucket < {param(b)}{where} GROUP BY {inner_group}"
+        )
+
+    if span is None:
+        edges = [(query.start, query.end)]  # no whole bucket: every event from the raw tables
+    else:
+        lo, hi = span
+        table = next(name for name, kept in _TIERS if needed <= set(kept))
+        daily = next((name for name, kept in _DAILY_TIERS if needed <= set(kept)), None)
+        days = _whole_days(lo, hi) if daily and not timed else None
+        if daily and days:
+            first, last = days
+            rollup(daily, first, last)
+            for a, b in ((lo, first), (last, hi)):
+                if a < b:
+                    rollup(table, a, b)
+        else:
+            rollup(table, lo, hi)
+        edges = [(a, b) for a, b in ((query.start, lo), (hi, query.end)) if a < b]
+    for a, b in edges:
+        within = f"at >= {param(a)} AND at < {param(b)}{where}"
+        selected = [*(['at AS t'] if timed else []), *columns]
+        parts.append(
+            f"SELECT {', '.join([*selected, *_CLICK_METRICS, *(f'0 AS {m}' for m in conversion_metrics)])}"
+            f" FROM report_click_facts WHERE {within}"
+        )
+        parts.append(
+            f"SELECT {', '.join([*selected, *(f'0 AS {m}' for m in _CLICK_METRICS), *conversion_metrics])}"
+            f" FROM report_conversion_facts WHERE {within}"
+        )
+    keys = [f"{_KEYS[g].format(zone=zone)} AS k_{g}" for g in query.groups]
+    group = ", ".join([*(f"k_{g}" for g in query.groups), "currency"])
+    sums = ", ".join(f"sum({m})::bigint AS {m}" for m in TOTAL_FIELDS)
+    sql = (
+        f"SELECT {', '.join([*keys, 'currency'])}, {sums}"
+        f" FROM ({' UNION ALL '.join(parts)}) e GROUP BY {group} ORDER BY {group}"
+    )
+    return sql, args
+
+
+def _summed(query: ReportQuery, record: asyncpg.Record) -> SummedRow:
+    return SummedRow(
+        keys={g: record[f"k_{g}"] for g in query.groups},
+        currency=record["currency"],
+        totals=Totals(**{m: int(record[m]) for m in TOTAL_FIELDS}),
+    )
+
+
+async def sums(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Source = "report") -> list[SummedRow]:
+    """The report's rows: one per group key and currency, in key order.
+
+    ``raw`` recomputes from the events alone (the drift check compares it
+    with the report).
+    """
+    sql, args = _statement(query, source)
+    return [_summed(query, r) for r in await conn.fetch(sql, *args)]
+
+
+async def stream_sums(conn: Connection, query: ReportQuery, prefetch: int) -> AsyncIterator[SummedRow]:
+    """``sums`` row by row through a cursor (inside the caller's transaction)."""
+    sql, args = _statement(query, "report")
+    async for record in conn.cursor(sql, *args, prefetch=prefetch):
+        yield _summed(query, record)
+
+
+async def compact(pool: asyncpg.Pool) -> int | None:
+    """Folds the rollups' fresh deltas; None when another replica is folding."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", _COMPACT_LOCK):
+            return None
+        folded = await conn.fetchval(COMPACT_ALL)
+        return int(folded)
+
+
+@dataclass(frozen=True)
+class CodeUsage:
+    usage_limit: int
+    used: int
+    valid_until: datetime | None
+    uses_last_24h: int
+
+
+async def code_usage(
+    conn: Connection | asyncpg.Pool, codes: Sequence[tuple[str, str]], now: datetime
+) -> dict[tuple[str, str], CodeUsage]:
+    """Limited codes among ``(campaign_id, code)`` with their live uses taken in the last 24 hours."""
+    if not codes:
+        return {}
+    rows = await conn.fetch(
+        """SELECT c.campaign_id, c.code, c.usage_limit, c.used, c.valid_until,
+                  (SELECT count(*) FROM redemptions r
+                    WHERE r.campaign_id = c.campaign_id AND r.code = c.code
+                      AND r.released_at IS NULL AND r.taken_at >= $3) AS recent
+             FROM coupons c
+             JOIN unnest($1::text[], $2::text[]) AS k(campaign_id, code) USING (campaign_id, code)
+            WHERE c.usage_limit > 0""",
+        [c[0] for c in codes], [c[1] for c in codes], now - timedelta(hours=24),
+    )
+    return {
+        (r["campaign_id"], r["code"]): CodeUsage(r["usage_limit"], r["used"], r["valid_until"], r["recent"])
+        for r in rows
+    }
+
+
+async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime) -> list[Drift]:
+    """Recomputes [start, end) from the raw events and compares it with the report's sums.
+
+    The report side is what GetReport reads (rollups inside, raw events at
+    the edges), once through each tier; the raw side scans every event of
+    the range.
+    """
+    found: list[Drift] = []
+    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range)
+    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon")):
+        query = ReportQuery(start=start, end=end, groups=groups)
+        reported = await sums(conn, query, "report")
+        recomputed = await sums(conn, query, "raw")
+        found += rules_drift(
+            [(r.keys, r.currency, r.totals) for r in reported],
+            [(r.keys, r.currency, r.totals) for r in recomputed],
+        )
+    return found
