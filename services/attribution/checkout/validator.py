@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
+from urllib.parse import unquote
 
 import asyncpg
 from ascribe.attribution.v1 import attribution_pb2 as pb
@@ -52,12 +53,13 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # grpc's peer: "ipv4:203.0.113.9:5000", "ipv6:[2001:db8::1]:5000" (or "unix:...": no address).
+# gRPC core (1.85 here) percent-encodes the brackets: "ipv6:%5B2001:db8::1%5D:5000".
 _PEER = re.compile(r"^ipv[46]:\[?([^\]]+?)\]?:\d+$")
 
 
 def peer_ip(peer: str | None) -> str:
     """The caller's own address from grpc's peer string, canonical; "" when it has none."""
-    match = _PEER.match(peer or "")
+    match = _PEER.match(unquote(peer or ""))
     return (normalize_ip(match.group(1)) or "") if match else ""
 
 
