@@ -31,7 +31,7 @@ async def test_the_peer_of_a_real_call_is_an_address(bind: str, target: str, exp
     seen: list[str] = []
 
     class Health(health_pb2_grpc.HealthServicer):
-        async def Check(  # noqa: N802 (the generated name)
+        async def Check(
             self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
         ) -> health_pb2.HealthCheckResponse:
             seen.append(peer_ip(context.peer()))
