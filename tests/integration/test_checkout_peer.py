@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -40,7 +40,8 @@ async def test_the_peer_of_a_real_call_is_an_address(bind: str, target: str, exp
     await server.start()
     try:
         async with grpc.aio.insecure_channel(target.format(port=port)) as channel:
-            answer = await channel.unary_unary("/t.Peer/Peer")(b"", timeout=5)
+            call = cast("grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]", channel.unary_unary("/t.Peer/Peer"))
+            answer = await call(b"", timeout=5)
     finally:
         await server.stop(None)
     assert answer == expected.encode()
