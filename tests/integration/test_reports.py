@@ -215,6 +215,12 @@ async def test_bad_requests_name_the_field(world: World) -> None:
         ({"start": now, "end": now + timedelta(hours=1), "time_zone": "Mars/Olympus"}, "time_zone"),
         ({"start": now, "end": now + timedelta(hours=1), "group_by": [99]}, "group_by"),
         ({"start": now, "end": now + timedelta(hours=1), "country": "DEU"}, "country"),
+        # a NUL in a text filter was a PostgreSQL error, answered INTERNAL
+        ({"start": now, "end": now + timedelta(hours=1), "sub1": "a\x00b"}, "sub1"),
+        ({"start": now, "end": now + timedelta(hours=1), "campaign_id": "c\x00"}, "campaign_id"),
+        ({"start": now, "end": now + timedelta(hours=1), "coupon_code": "\x00SAVE"}, "coupon_code"),
+        ({"start": now, "end": now + timedelta(hours=1), "affiliate_id": "a\x00"}, "affiliate_id"),
+        ({"start": now, "end": now + timedelta(hours=1), "time_zone": "UTC\x00"}, "time_zone"),
     ]
     for fields, field in cases:
         request = pb.GetReportRequest(to=ts(fields.pop("end")), **{k: v for k, v in fields.items() if k != "start"})

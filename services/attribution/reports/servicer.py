@@ -40,6 +40,9 @@ def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
     ):
         if len(getattr(request, field).encode()) > limit:
             v.add(field, f"must be at most {limit} bytes")
+        elif "\x00" in getattr(request, field):
+            # PostgreSQL text cannot hold NUL: as a filter it failed the query (INTERNAL).
+            v.add(field, "must not contain NUL characters")
     if request.device_type and request.device_type not in _DEVICES.words:
         v.add("device_type", "unknown device type")
     start = _time(v, "from", getattr(request, "from")) if request.HasField("from") else None
