@@ -81,6 +81,12 @@ def test_pace_forecasts_exhaustion_at_the_trailing_rate() -> None:
     assert rules.pace(10, 0, T, None) == rules.Pace(10, 0.0, None, False)
 
 
+def test_a_pace_past_year_9999_has_no_forecast() -> None:
+    """A 10M-use code used once a day ran out after 9999: OverflowError, GetReport by coupon INTERNAL."""
+    assert rules.pace(10_000_000, 1, T, T + timedelta(days=30)) == rules.Pace(10_000_000, 1.0, None, False)
+    assert rules.pace(2**62, 1, T, None) == rules.Pace(2**62, 1.0, None, False)
+
+
 def test_drift_names_each_differing_sum() -> None:
     keys: dict[str, object] = {"campaign": "c"}
     same = [(keys, "EUR", rules.Totals(clicks=2))]

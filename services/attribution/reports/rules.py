@@ -183,7 +183,12 @@ def pace(remaining: int, uses_last_24h: int, now: datetime, valid_until: datetim
     """When a limited code runs out at its trailing-24-hour pace."""
     if uses_last_24h <= 0:
         return Pace(remaining, 0.0, None, False)
-    at = now + timedelta(days=remaining / uses_last_24h)
+    try:
+        at = now + timedelta(days=remaining / uses_last_24h)
+    except OverflowError:
+        # A large limit at a slow pace runs out after year 9999 (no datetime,
+        # no Timestamp): never in any window a code can have.
+        return Pace(remaining, float(uses_last_24h), None, False)
     return Pace(
         remaining=remaining,
         uses_per_day=float(uses_last_24h),
