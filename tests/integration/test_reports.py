@@ -231,6 +231,14 @@ async def test_bad_requests_name_the_field(world: World) -> None:
         assert field in bad_request_fields(bad.value)
 
 
+async def test_a_range_in_the_last_day_of_year_9999_is_answered(world: World) -> None:
+    """Its whole-day tier has no next day: that raised OverflowError, answered INTERNAL."""
+    await world.campaign()
+    start, end = datetime(9999, 12, 31, 0, 0, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    rows = await report(world, start, end, campaign_id="cmp")
+    assert all(metrics(r) == {} for r in rows)
+
+
 async def test_export_streams_the_same_rows(world: World, known: datetime) -> None:
     t = known
     request = pb.ExportReportRequest(to=ts(t + timedelta(hours=2)), group_by=[G.REPORT_GROUP_BY_COUPON], campaign_id="cmp")

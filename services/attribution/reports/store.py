@@ -84,6 +84,8 @@ _GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour")}
 def _whole_days(lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
     first = lo.replace(hour=0, minute=0, second=0, microsecond=0)
     if first < lo:
+        if first.date() == first.date().max:
+            return None  # no day after 9999-12-31 (adding one raised OverflowError: INTERNAL)
         first += _DAY
     last = hi.replace(hour=0, minute=0, second=0, microsecond=0)
     return (first, last) if first < last else None
