@@ -90,7 +90,10 @@ def report(
             for row in chunk.rows
         ]
     out = stdout()
-    columns = list(records[0]) if records else [*groups, *(f.name for f in pb.ReportMetrics.DESCRIPTOR.fields)]
+    # Every record's columns: only limited codes' rows carry the pace, and a row without it may come first.
+    columns = list(dict.fromkeys(name for record in records for name in record)) if records else [
+        *groups, *(f.name for f in pb.ReportMetrics.DESCRIPTOR.fields)
+    ]
     if fmt is Format.json:
         out.write(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     elif fmt is Format.csv:

@@ -321,6 +321,22 @@ async def test_the_cli_report_and_the_drift_check(world: World, known: datetime,
     assert "clicks: report 1, raw events 0" in capsys.readouterr().out
 
 
+async def test_the_cli_report_by_coupon_as_csv_has_the_pace_columns(world: World, known: datetime) -> None:
+    """The columns were the first row's: a code without a limit (or "", no code) first, then a
+    limited code's pace made csv.DictWriter raise, and the command failed."""
+    t = known
+    env = {"ASCRIBE_ATTRIBUTION_ADDR": f"127.0.0.1:{world.replicas[0].service.port}"}
+    args = ["report", "--from", (t - timedelta(minutes=1)).isoformat(), "--to", (t + timedelta(hours=2)).isoformat(),
+            "-g", "coupon", "--campaign", "cmp", "--format", "csv"]
+    result = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = lines[0].split(",")
+    assert header[0] == "coupon" and "remaining" in header
+    remaining = {line.split(",")[0]: line.split(",")[header.index("remaining")] for line in lines[1:]}
+    assert remaining[""] == "" and remaining["SAVE"] != ""
+
+
 async def test_a_visitors_first_click_per_campaign_and_affiliate_in_a_day_is_unique(world: World) -> None:
     await world.campaign()
     for affiliate in ("a1", "a2"):
