@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from ascribe_cli.app import app
 from services.attribution.reports import store as report_store
+from services.attribution.reports.drift import check as drift_check
 from services.attribution.reports.drift import main as drift_main
 from tests.integration.conversion_env import World, ts
 from tests.support import bad_request_fields
@@ -335,6 +336,28 @@ async def test_the_cli_report_by_coupon_as_csv_has_the_pace_columns(world: World
     assert header[0] == "coupon" and "remaining" in header
     remaining = {line.split(",")[0]: line.split(",")[header.index("remaining")] for line in lines[1:]}
     assert remaining[""] == "" and remaining["SAVE"] != ""
+
+
+async def test_the_drift_check_sees_one_moment_while_events_are_written(
+    world: World, known: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report side and the raw side are read in one snapshot: a click committed between the
+    two reads was drift on a live system (one side had it, the other not)."""
+    t = known
+    real_sums = report_store.sums
+    written: list[str] = []
+
+    async def sums_then_a_click(conn: Any, query: Any, source: Any = "report") -> Any:
+        found = await real_sums(conn, query, source)
+        if not written:  # between the first report read and its raw recomputation
+            written.append(await world.click("a1", coupon_code="SAVE", occurred_at=ts(t + timedelta(minutes=50))))
+        return found
+
+    monkeypatch.setattr(report_store, "sums", sums_then_a_click)
+    assert await drift_check(world.database_url, t - timedelta(days=1), t + timedelta(days=1)) == 0
+    assert written
+    monkeypatch.undo()
+    await assert_no_drift(world, t - timedelta(days=1), t + timedelta(days=1))
 
 
 async def test_a_visitors_first_click_per_campaign_and_affiliate_in_a_day_is_unique(world: World) -> None:

@@ -30,7 +30,10 @@ async def check(url: str, start: datetime, end: datetime) -> int:
         "TimeZone": "UTC", "statement_timeout": str(STATEMENT_TIMEOUT_MS),
     })
     try:
-        found = await store.drift(conn, start, end)
+        # One snapshot for both sides: on a live system an event committed between
+        # the report's read and the raw recomputation would be reported as drift.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            found = await store.drift(conn, start, end)
     finally:
         await conn.close()
     for d in found:
