@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import zoneinfo
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +21,7 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from typer.testing import CliRunner
 
 from ascribe_cli.app import app
+from services.attribution.reports import rules
 from services.attribution.reports import store as report_store
 from services.attribution.reports.drift import check as drift_check
 from services.attribution.reports.drift import main as drift_main
@@ -238,6 +242,35 @@ async def test_a_range_in_the_last_day_of_year_9999_is_answered(world: World) ->
     start, end = datetime(9999, 12, 31, 0, 0, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
     rows = await report(world, start, end, campaign_id="cmp")
     assert all(metrics(r) == {} for r in rows)
+
+
+async def test_a_zone_python_knows_and_postgresql_does_not_is_a_bad_time_zone(
+    world: World, known: datetime, tmp_path: Path
+) -> None:
+    """The two zone databases differ (the embedded PostgreSQL has no posix/ or right/ zones, nor
+    localtime): a name only Python knew passed validation and PostgreSQL's error was INTERNAL."""
+    t = known
+    (tmp_path / "Review").mkdir()
+    shutil.copy(Path(zoneinfo.TZPATH[0]) / "Europe" / "Berlin", tmp_path / "Review" / "Nowhere")
+    saved = zoneinfo.TZPATH
+    zoneinfo.reset_tzpath([str(tmp_path), *saved])
+    try:
+        assert rules.valid_time_zone("Review/Nowhere")  # Python knows it now; PostgreSQL does not
+        for call in ("get", "export"):
+            request = pb.GetReportRequest(to=ts(t + timedelta(hours=2)), group_by=[G.REPORT_GROUP_BY_DAY],
+                                          time_zone="Review/Nowhere")
+            getattr(request, "from").CopyFrom(ts(t - timedelta(minutes=1)))
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                if call == "get":
+                    await reports(world).GetReport(request, timeout=10)
+                else:
+                    export = pb.ExportReportRequest.FromString(request.SerializeToString())
+                    async for _ in reports(world).ExportReport(export, timeout=10):
+                        pass
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (call, bad.value)
+            assert bad_request_fields(bad.value) == ["time_zone"]
+    finally:
+        zoneinfo.reset_tzpath(saved)
 
 
 async def test_export_streams_the_same_rows(world: World, known: datetime) -> None:

@@ -20,7 +20,7 @@ from services.attribution.catalog.convert import from_timestamp
 from services.attribution.reports import rules, store
 from services.common import limits
 from services.common.enum_words import EnumWords
-from services.common.errors import Violations
+from services.common.errors import InvalidArgument, Violations
 from services.common.timestamps import in_range, set_timestamp, utcnow
 
 _GROUPS = EnumWords(pb.ReportGroupBy, "REPORT_GROUP_BY_")
@@ -92,6 +92,12 @@ def row_to_proto(query: rules.ReportQuery, row: store.SummedRow) -> pb.ReportRow
     return pb.ReportRow(keys=keys, metrics=metrics)
 
 
+def _zone_unknown_to_postgresql() -> InvalidArgument:
+    """PostgreSQL's zone database is not Python's (the embedded server has no posix/ or right/
+    zones): a name only Python knows fails the query; it is the caller's bad time_zone."""
+    return InvalidArgument.one("time_zone", "unknown to the database's time zones; an IANA name such as Europe/Berlin")
+
+
 class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
     def __init__(self, pool: asyncpg.Pool, *, clock: Callable[[], datetime] = utcnow) -> None:
         self._pool = pool
@@ -101,7 +107,10 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetReportResponse:
         query = report_query(request)
-        summed = await store.sums(self._pool, query)
+        try:
+            summed = await store.sums(self._pool, query)
+        except asyncpg.InvalidParameterValueError:
+            raise _zone_unknown_to_postgresql() from None
         rows = [row_to_proto(query, s) for s in summed]
         await self._add_pace(query, summed, rows)
         return pb.GetReportResponse(rows=rows)
@@ -110,15 +119,18 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportReportResponse]:
         query = report_query(pb.GetReportRequest.FromString(request.SerializeToString()))
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            summed: list[store.SummedRow] = []
-            async for row in store.stream_sums(conn, query, EXPORT_CHUNK_ROWS):
-                summed.append(row)
-                if len(summed) == EXPORT_CHUNK_ROWS:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+                summed: list[store.SummedRow] = []
+                async for row in store.stream_sums(conn, query, EXPORT_CHUNK_ROWS):
+                    summed.append(row)
+                    if len(summed) == EXPORT_CHUNK_ROWS:
+                        yield await self._chunk(query, summed)
+                        summed = []
+                if summed:
                     yield await self._chunk(query, summed)
-                    summed = []
-            if summed:
-                yield await self._chunk(query, summed)
+        except asyncpg.InvalidParameterValueError:
+            raise _zone_unknown_to_postgresql() from None
 
     async def _chunk(self, query: rules.ReportQuery, summed: list[store.SummedRow]) -> pb.ExportReportResponse:
         rows = [row_to_proto(query, s) for s in summed]
