@@ -163,9 +163,9 @@ async def write(replica: Replica, tag: str, sent: Sent, tokens: dict[str, str], 
                 sent.clicks[entry.response.click_id] = tag
             conversions = await replica.tracking.RecordConversionBatch(
                 conversion_batch(tag, n, 40, own_clicks, tokens), timeout=20)
-            for entry in conversions.responses:
-                assert entry.HasField("conversion"), entry.error
-                c = entry.conversion
+            for result in conversions.responses:
+                assert result.HasField("conversion"), result.error
+                c = result.conversion
                 sent.conversions[(c.campaign_id, c.order_id)] = c
             sent.batches += 1
         except grpc.aio.AioRpcError as error:
@@ -344,6 +344,11 @@ async def test_totals_equal_the_raw_events_after_a_replica_is_killed_mid_batch(
         assert total[("EUR",)]["refunded_micros"] + total.get(("USD",), {}).get("refunded_micros", 0) == (
             refunded_by_client)
         assert sum(n["clicks"] for n in total.values()) == len(stored_clicks)
+        # Every state the issue names is in the race (else equality would prove little).
+        eur = total[("EUR",)]
+        assert all(eur[k] > 0 for k in ("tracked_clicks", "pending", "approved", "flagged", "rejected",
+                                        "reversed", "discount_micros", "payout_micros", "uses_taken")), eur
+        assert total[("USD",)]["rejected"] > 0
         assert sum(n["conversions"] for n in total.values()) == len(stored_orders)
         for zone in ("Asia/Kathmandu", "America/New_York"):
             reported = await report_rows(a, start, end, [G.REPORT_GROUP_BY_HOUR], zone)
@@ -382,32 +387,67 @@ async def test_a_committed_click_and_conversion_are_in_the_other_replicas_report
     campaigns = await setup_catalog(a)
     now = datetime.now(UTC)
     start, end = now - timedelta(minutes=33, seconds=7), now + timedelta(minutes=41, seconds=3)
+    for writer, reader in ((b, a), (a, b)):
+        await _seen_on_the_other_replica(writer, reader, campaigns["now"].postback_token, start, end)
 
-    async def totals(replica: Replica, campaign_id: str) -> dict[str, int]:
-        request = pb.GetReportRequest(to=ts(end), campaign_id=campaign_id)
+
+async def _seen_on_the_other_replica(
+    writer: Replica, reader: Replica, token: str, start: datetime, end: datetime
+) -> None:
+    async def totals() -> dict[str, int]:
+        request = pb.GetReportRequest(to=ts(end), campaign_id="now")
         getattr(request, "from").CopyFrom(ts(start))
-        answer = await replica.reports.GetReport(request, timeout=1)
+        answer = await reader.reports.GetReport(request, timeout=1)
         return {name: int(getattr(r.metrics, name)) for r in answer.rows for name in NUMBERS}
 
-    for writer, reader in ((b, a), (a, b)):
-        before = await totals(reader, "now")
-        click = await writer.tracking.RecordClick(pb.RecordClickRequest(
-            campaign_id="now", affiliate_id="aff-1", coupon_code="SUMMER", ip="203.0.113.9",
-            user_agent="Mozilla/5.0 (Windows NT 10.0)"), timeout=5)
+    before = await totals()
+    click = await writer.tracking.RecordClick(pb.RecordClickRequest(
+        campaign_id="now", affiliate_id="aff-1", coupon_code="SUMMER", ip="203.0.113.9",
+        user_agent="Mozilla/5.0 (Windows NT 10.0)"), timeout=5)
 
-        async def click_seen() -> bool:
-            return (await totals(reader, "now")).get("clicks", 0) == before.get("clicks", 0) + 1
+    async def click_seen() -> bool:
+        return (await totals()).get("clicks", 0) == before.get("clicks", 0) + 1
 
-        assert await _until(click_seen, 1.0) < 1.0
-        conversion = await writer.tracking.RecordConversion(pb.RecordConversionRequest(
-            campaign_id="now", order_id=f"o-{click.click_id}", click_id=click.click_id, amount_micros=7_000_000,
-            currency="EUR", postback_token=campaigns["now"].postback_token,
-            occurred_at=ts(datetime.now(UTC) + timedelta(minutes=1))), timeout=5)
-        assert conversion.status == pb.CONVERSION_STATUS_APPROVED, conversion.reasons
+    assert await _until(click_seen, 1.0) < 1.0
+    conversion = await writer.tracking.RecordConversion(pb.RecordConversionRequest(
+        campaign_id="now", order_id=f"o-{click.click_id}", click_id=click.click_id, amount_micros=7_000_000,
+        currency="EUR", postback_token=token, occurred_at=ts(datetime.now(UTC) + timedelta(minutes=1))), timeout=5)
+    assert conversion.status == pb.CONVERSION_STATUS_APPROVED, conversion.reasons
 
-        async def conversion_seen() -> bool:
-            seen = await totals(reader, "now")
-            return (seen.get("approved", 0), seen.get("revenue_micros", 0)) == (
-                before.get("approved", 0) + 1, before.get("revenue_micros", 0) + 7_000_000)
+    async def conversion_seen() -> bool:
+        seen = await totals()
+        return (seen.get("approved", 0), seen.get("revenue_micros", 0)) == (
+            before.get("approved", 0) + 1, before.get("revenue_micros", 0) + 7_000_000)
 
-        assert await _until(conversion_seen, 1.0) < 1.0
+    assert await _until(conversion_seen, 1.0) < 1.0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: clicks do not store their channel; the insert trigger (migration 009, ascribe_report_clicks) takes "
+    "the affiliate's channel at click time, the view report_click_facts (the reports' raw edges and the drift "
+    "check's raw side) joins the affiliate's current channel"
+))
+async def test_a_click_counts_under_its_affiliates_channel_at_the_time_of_the_click(
+    replicas: tuple[Replica, Replica], database_url: str
+) -> None:
+    """The same click in a rollup bucket and in a report's raw edge: one channel, the one at click time."""
+    a, b = replicas
+    await setup_catalog(a)
+    at = datetime.now(UTC).replace(second=30, microsecond=0) - timedelta(minutes=20)
+    click = await b.tracking.RecordClick(pb.RecordClickRequest(
+        campaign_id="now", affiliate_id="aff-1", ip="203.0.113.10", user_agent="Mozilla/5.0 (Windows NT 10.0)",
+        occurred_at=ts(at)), timeout=5)
+    assert click.click_id
+    await a.catalog.UpdateAffiliate(pb.UpdateAffiliateRequest(
+        affiliate=pb.Affiliate(id="aff-1", name="aff-1", channel="search")), timeout=10)
+
+    async def channels(start: datetime, end: datetime) -> dict[str, int]:
+        request = pb.GetReportRequest(to=ts(end), campaign_id="now", group_by=[G.REPORT_GROUP_BY_CHANNEL])
+        getattr(request, "from").CopyFrom(ts(start))
+        answer = await a.reports.GetReport(request, timeout=5)
+        return {r.keys["channel"]: r.metrics.clicks for r in answer.rows if r.metrics.clicks}
+
+    from_rollups = await channels(at - timedelta(hours=1), at + timedelta(hours=1))  # whole buckets around it
+    from_raw_edge = await channels(at - timedelta(seconds=1), at + timedelta(seconds=1))  # no whole bucket
+    assert from_rollups == {"social": 1}
+    assert from_raw_edge == from_rollups
