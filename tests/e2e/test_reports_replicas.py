@@ -27,6 +27,7 @@ import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
 
+from services.attribution.reports import store as report_store
 from tests.support import ts
 from tools.stack import REPO, Ports, Stack, free_port
 
@@ -451,3 +452,80 @@ async def test_a_click_counts_under_its_affiliates_channel_at_the_time_of_the_cl
     from_raw_edge = await channels(at - timedelta(seconds=1), at + timedelta(seconds=1))  # no whole bucket
     assert from_rollups == {"social": 1}
     assert from_raw_edge == from_rollups
+
+
+async def test_refunds_and_reviews_racing_on_both_replicas_keep_the_totals_exact(
+    replicas: tuple[Replica, Replica], database_url: str
+) -> None:
+    """The same orders refunded (partly and fully) and reviewed (both ways) through both replicas at once."""
+    a, b = replicas
+    campaigns = await setup_catalog(a)
+    token = campaigns["held"].postback_token
+    later = ts(datetime.now(UTC) + timedelta(minutes=1))
+    recorded = await a.tracking.RecordConversionBatch(pb.RecordConversionBatchRequest(requests=[
+        pb.RecordConversionRequest(
+            campaign_id="held", order_id=f"o-{i}", amount_micros=50_000_000, discount_micros=1_000_000,
+            currency="EUR", coupon_code="HELD" if i >= 30 else "SUMMER", country="DE",
+            device_type=pb.DEVICE_TYPE_MOBILE, occurred_at=later, postback_token=token,
+        )
+        for i in range(40)
+    ]), timeout=20)
+    statuses = [r.conversion.status for r in recorded.responses]
+    assert statuses == [pb.CONVERSION_STATUS_PENDING] * 30 + [pb.CONVERSION_STATUS_FLAGGED] * 10, statuses
+
+    async def refund(replica: Replica, order: int, refund_id: str, amount: int | None) -> int:
+        request = pb.ReverseConversionRequest(campaign_id="held", order_id=f"o-{order}", refund_id=refund_id,
+                                              postback_token=token)
+        if amount is not None:
+            request.amount_micros = amount
+        try:
+            await replica.tracking.ReverseConversion(request, timeout=10)
+        except grpc.aio.AioRpcError as error:  # the other replica's full refund came first
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+            return 0
+        return 1
+
+    async def review(replica: Replica, order: int, approve: bool) -> pb.ConversionStatus.ValueType:
+        try:
+            answer = await replica.tracking.ReviewConversion(pb.ReviewConversionRequest(
+                campaign_id="held", order_id=f"o-{order}", approve=approve), timeout=10)
+        except grpc.aio.AioRpcError as error:  # the other replica's review came first
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+            return pb.CONVERSION_STATUS_UNSPECIFIED
+        return answer.status
+
+    partial = [refund(r, i, f"{tag}-{i}", 1_000_000) for i in range(20) for r, tag in ((a, "ra"), (b, "rb"))]
+    full = [refund(r, i, "", None) for i in range(20, 30) for r in (a, b)]
+    reviews = [review(r, i, approve) for i in range(30, 40) for r, approve in ((a, True), (b, False))]
+    partial_ok = await asyncio.gather(*partial)
+    full_ok = await asyncio.gather(*full)
+    reviewed = await asyncio.gather(*reviews)
+    assert sum(partial_ok) == 40
+    assert sum(full_ok) >= 10  # at least one of each pair; a retried full refund may also answer OK
+    assert sum(s != pb.CONVERSION_STATUS_UNSPECIFIED for s in reviewed) >= 10
+
+    now = datetime.now(UTC)
+    start, end = now - timedelta(minutes=47, seconds=13), now + timedelta(minutes=16, seconds=29)
+    conn = await asyncpg.connect(database_url, server_settings={"TimeZone": "UTC"})
+    try:
+        by_status: dict[str, int] = {
+            r["status"]: r["count"] for r in await conn.fetch("SELECT status, count(*) FROM conversions GROUP BY status")
+        }
+        # An approved review sends a flagged order on to its hold (pending); a rejection ends it.
+        assert by_status.get("reversed") == 10 and set(by_status) <= {"reversed", "pending", "rejected"}, by_status
+        assert by_status["pending"] + by_status.get("rejected", 0) == 30, by_status
+        released = by_status["pending"] - 20
+        refunded = await conn.fetchval("SELECT sum(refunded_micros) FROM conversions")
+        assert refunded == 20 * 2_000_000 + 10 * 50_000_000
+        for zone, groups in (("UTC", []), ("Asia/Kathmandu", [G.REPORT_GROUP_BY_DAY, G.REPORT_GROUP_BY_COUPON])):
+            words = [GROUP_WORDS[g] for g in groups]
+            for replica in (a, b):
+                assert await report_rows(replica, start, end, groups, zone) == await raw_rows(
+                    conn, start, end, words, zone), (zone, words)
+        total = (await report_rows(b, start, end, [], "UTC"))[("EUR",)]
+        assert total["refunded_micros"] == refunded
+        assert total["revenue_micros"] == 20 * 48_000_000 + released * 50_000_000
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            assert await report_store.drift(conn, start, end) == []
+    finally:
+        await conn.close()
