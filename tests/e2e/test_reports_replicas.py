@@ -118,6 +118,7 @@ class Sent:
     conversions: dict[tuple[str, str], pb.Conversion] = field(default_factory=dict)
     cut_calls: int = 0
     batches: int = 0
+    converting: bool = False  # a conversion batch is in flight
 
 
 def click_batch(tag: str, n: int, size: int) -> pb.RecordClickBatchRequest:
@@ -162,8 +163,10 @@ async def write(replica: Replica, tag: str, sent: Sent, tokens: dict[str, str], 
                 assert entry.HasField("response"), entry.error
                 own_clicks.append(entry.response.click_id)
                 sent.clicks[entry.response.click_id] = tag
+            sent.converting = True
             conversions = await replica.tracking.RecordConversionBatch(
-                conversion_batch(tag, n, 40, own_clicks, tokens), timeout=20)
+                conversion_batch(tag, n, 200, own_clicks, tokens), timeout=20)
+            sent.converting = False
             for result in conversions.responses:
                 assert result.HasField("conversion"), result.error
                 c = result.conversion
@@ -281,10 +284,18 @@ async def test_totals_equal_the_raw_events_after_a_replica_is_killed_mid_batch(
 
     writer_a = asyncio.create_task(write(a, "a", sent_a, tokens, batches=8))
     writer_b = asyncio.create_task(write(b, "b", sent_b, tokens, batches=1000))
-    while sent_b.batches < 3:  # B is well into its batches: kill it mid-way through the next
-        await asyncio.sleep(0.01)
-        assert time.monotonic() - started < 30, "replica B never got three batches through"
-    await asyncio.sleep(0.05)
+    # B is well into its batches: kill it mid-way through a conversion batch (its
+    # conversions commit one by one; a click batch is one statement), once the
+    # first of that batch is committed and before B has answered.
+    watcher = await asyncpg.connect(database_url)
+    try:
+        while not (sent_b.batches >= 3 and sent_b.converting and await watcher.fetchval(
+            "SELECT count(*) FROM conversions WHERE order_id LIKE $1", f"b-{sent_b.batches}-%"
+        )):
+            await asyncio.sleep(0.002)
+            assert time.monotonic() - started < 30, "replica B never got three batches through"
+    finally:
+        await watcher.close()
     await asyncio.to_thread(b.stack.kill_service, "attribution")
     await asyncio.wait_for(writer_b, 10)
     await asyncio.wait_for(writer_a, 30)
@@ -325,6 +336,11 @@ async def test_totals_equal_the_raw_events_after_a_replica_is_killed_mid_batch(
         # The cut batch: a click batch is one statement, so all of it or none of it.
         b_clicks = await conn.fetchval("SELECT count(*) FROM clicks WHERE external_click_id LIKE 'b-%'")
         assert b_clicks - len(sent_b.clicks) in (0, 100), (b_clicks, len(sent_b.clicks))
+        b_orders = sum(1 for campaign_id, order_id in stored_orders if order_id.startswith("b-"))
+        assert b_orders > len(sent_b.conversions), "the kill did not land inside a conversion batch"
+        print(f"OK answers: {len(sent_a.clicks) + len(sent_b.clicks)} clicks, {len(ok)} conversions; "
+              f"B killed after {sent_b.batches} batches; of its cut conversion batch, "
+              f"{b_orders - len(sent_b.conversions)} of 200 were committed without an answer")
         refunded_stored = await conn.fetchval("SELECT coalesce(sum(refunded_micros), 0) FROM conversions")
         assert refunded_stored == refunded_by_client
 
@@ -409,7 +425,7 @@ async def _seen_on_the_other_replica(
     async def click_seen() -> bool:
         return (await totals()).get("clicks", 0) == before.get("clicks", 0) + 1
 
-    assert await _until(click_seen, 1.0) < 1.0
+    click_after = await _until(click_seen, 1.0)
     conversion = await writer.tracking.RecordConversion(pb.RecordConversionRequest(
         campaign_id="now", order_id=f"o-{click.click_id}", click_id=click.click_id, amount_micros=7_000_000,
         currency="EUR", postback_token=token, occurred_at=ts(datetime.now(UTC) + timedelta(minutes=1))), timeout=5)
@@ -420,7 +436,10 @@ async def _seen_on_the_other_replica(
         return (seen.get("approved", 0), seen.get("revenue_micros", 0)) == (
             before.get("approved", 0) + 1, before.get("revenue_micros", 0) + 7_000_000)
 
-    assert await _until(conversion_seen, 1.0) < 1.0
+    conversion_after = await _until(conversion_seen, 1.0)
+    print(f"in the other replica's report after: click {click_after * 1000:.0f} ms, "
+          f"conversion {conversion_after * 1000:.0f} ms")
+    assert click_after < 1.0 and conversion_after < 1.0
 
 
 @pytest.mark.xfail(strict=True, reason=(
