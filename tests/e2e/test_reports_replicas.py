@@ -268,6 +268,21 @@ async def report_rows(
     return rows
 
 
+async def exported_rows(
+    replica: Replica, start: datetime, end: datetime, groups: Sequence[pb.ReportGroupBy.ValueType], zone: str
+) -> dict[tuple[str, ...], dict[str, int]]:
+    """``report_rows`` through ExportReport's stream."""
+    request = pb.ExportReportRequest(to=ts(end), group_by=list(groups), time_zone=zone)
+    getattr(request, "from").CopyFrom(ts(start))
+    rows = {}
+    async for chunk in replica.reports.ExportReport(request, timeout=10):
+        for r in chunk.rows:
+            numbers = {name: int(getattr(r.metrics, name)) for name in NUMBERS}
+            if any(numbers.values()):
+                rows[(*(r.keys[k] for k in sorted(r.keys)), r.metrics.currency)] = numbers
+    return rows
+
+
 def hour_shape(rows: dict[tuple[str, ...], dict[str, int]]) -> list[tuple[str, dict[str, int]]]:
     """Hour keys differ in spelling (RFC 3339 in the report, local wall time raw): compare in time order."""
     return [(key[-1], numbers) for key, numbers in sorted(rows.items())]
@@ -357,6 +372,7 @@ async def test_totals_equal_the_raw_events_after_a_replica_is_killed_mid_batch(
             reported = await report_rows(a, start, end, groups, zone)
             raw = await raw_rows(conn, start, end, words, zone)
             assert reported == raw, (zone, words)
+            assert await exported_rows(a, start, end, groups, zone) == raw, (zone, words)
         total = await report_rows(a, start, end, [], "UTC")
         assert total[("EUR",)]["refunded_micros"] + total.get(("USD",), {}).get("refunded_micros", 0) == (
             refunded_by_client)
