@@ -34,7 +34,8 @@ def test_a_query_keeps_groups_in_key_order_once_and_defaults_to_utc() -> None:
         ({"end": T + timedelta(days=400, seconds=1)}, "to"),
         ({"start": None}, "from"),
         ({"groups": [None]}, "group_by"),
-        ({"groups": ["arm"]}, "group_by"),
+        ({"groups": ["week"]}, "group_by"),
+        ({"groups": ["arm"]}, "experiment_id"),  # only an experiment's events have an arm
         ({"time_zone": "Mars/Olympus"}, "time_zone"),
         ({"time_zone": "../etc/passwd"}, "time_zone"),
         ({"country": "DEU"}, "country"),
@@ -44,6 +45,10 @@ def test_bad_queries_name_the_field(fields: dict[str, object], field: str) -> No
     with pytest.raises(InvalidArgument) as bad:
         query(**fields)
     assert field in [f for f, _ in bad.value.violations]
+
+
+def test_arm_groups_an_experiment_report() -> None:
+    assert query(groups=["arm", "day"], experiment_id="exp").groups == ("day", "arm")
 
 
 def test_exactly_400_days_is_allowed() -> None:

@@ -17,6 +17,7 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution.catalog.convert import from_timestamp
+from services.attribution.experiments import store as experiments_store
 from services.attribution.reports import rules, store
 from services.common import limits
 from services.common.enum_words import EnumWords
@@ -37,6 +38,7 @@ def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
         ("coupon_code", limits.COUPON_CODE),
         ("sub1", limits.SUB_ID),
         ("time_zone", limits.TIME_ZONE),
+        ("experiment_id", limits.EXPERIMENT_ID),
     ):
         if len(getattr(request, field).encode()) > limit:
             v.add(field, f"must be at most {limit} bytes")
@@ -56,6 +58,7 @@ def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
         country=request.country.strip(),
         device=_DEVICES.words.get(request.device_type, ""),
         sub1=request.sub1,
+        experiment_id=request.experiment_id.strip(),
     )
 
 
@@ -97,7 +100,7 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
     async def GetReport(
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetReportResponse:
-        query = report_query(request)
+        query = await self._query(request)
         summed = await store.sums(self._pool, query)
         rows = [row_to_proto(query, s) for s in summed]
         await self._add_pace(query, summed, rows)
@@ -106,7 +109,7 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
     async def ExportReport(
         self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportReportResponse]:
-        query = report_query(pb.GetReportRequest.FromString(request.SerializeToString()))
+        query = await self._query(pb.GetReportRequest.FromString(request.SerializeToString()))
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             summed: list[store.SummedRow] = []
             async for row in store.stream_sums(conn, query, EXPORT_CHUNK_ROWS):
@@ -116,6 +119,12 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
                     summed = []
             if summed:
                 yield await self._chunk(query, summed)
+
+    async def _query(self, request: pb.GetReportRequest) -> rules.ReportQuery:
+        query = report_query(request)
+        if query.experiment_id:  # NOT_FOUND rather than an empty report for a mistyped id
+            await experiments_store.get_experiment(self._pool, query.experiment_id)
+        return query
 
     async def _chunk(self, query: rules.ReportQuery, summed: list[store.SummedRow]) -> pb.ExportReportResponse:
         rows = [row_to_proto(query, s) for s in summed]
