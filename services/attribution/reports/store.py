@@ -33,6 +33,7 @@ Source = Literal["report", "raw"]
 _COMPACT_LOCK = "ascribe_report_compact"
 COMPACT_ALL = (
     "SELECT ascribe_report_compact() + ascribe_report_compact_campaign() + ascribe_report_compact_coupon_day()"
+    " + ascribe_report_compact_account()"
 )
 
 _DIMENSIONS = ("campaign_id", "currency", "coupon", "affiliate_id", "channel", "sub1", "country", "device")
@@ -72,6 +73,7 @@ class SummedRow:
 # Rollup tiers, coarsest first, with the dimensions each keeps: a report
 # reads the first that keeps every dimension it groups or filters by.
 _TIERS = (
+    ("report_rollup_account", ("currency",)),  # migration 013
     ("report_rollup_campaign", ("campaign_id", "currency")),
     ("report_rollup", _DIMENSIONS),
 )
@@ -200,11 +202,18 @@ async def sums(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Sour
     return [_summed(query, r) for r in await conn.fetch(sql, *args)]
 
 
-async def stream_sums(conn: Connection, query: ReportQuery, prefetch: int) -> AsyncIterator[SummedRow]:
-    """``sums`` row by row through a cursor (inside the caller's transaction)."""
+async def records(conn: Connection | asyncpg.Pool, query: ReportQuery) -> list[asyncpg.Record]:
+    """The report's rows as the database answers them: ``k_<group>`` keys, currency, TOTAL_FIELDS."""
     sql, args = _statement(query, "report")
-    async for record in conn.cursor(sql, *args, prefetch=prefetch):
-        yield _summed(query, record)
+    return list(await conn.fetch(sql, *args))
+
+
+async def stream_records(conn: Connection, query: ReportQuery, chunk: int) -> AsyncIterator[list[asyncpg.Record]]:
+    """``records`` in lists of ``chunk`` through a cursor (inside the caller's transaction)."""
+    sql, args = _statement(query, "report")
+    cursor = await conn.cursor(sql, *args)
+    while found := await cursor.fetch(chunk):
+        yield found
 
 
 async def compact(pool: asyncpg.Pool) -> int | None:
@@ -254,8 +263,8 @@ async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime)
     the range.
     """
     found: list[Drift] = []
-    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range)
-    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon")):
+    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range), the account tier
+    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon"), ("hour",)):
         query = ReportQuery(start=start, end=end, groups=groups)
         reported = await sums(conn, query, "report")
         recomputed = await sums(conn, query, "raw")
