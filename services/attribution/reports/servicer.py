@@ -6,7 +6,7 @@ in ``reports.store``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -70,7 +70,7 @@ def _time(v: Violations, field: str, stamp: Timestamp) -> datetime | None:
     return from_timestamp(stamp)
 
 
-def add_rows(query: rules.ReportQuery, found: Sequence[asyncpg.Record], rows: Any) -> None:
+def add_rows(query: rules.ReportQuery, found: Iterable[Iterable[Any]], rows: Any) -> None:
     """Appends ``found`` (``store.records``) to the repeated ReportRow field ``rows``.
 
     Rows are filled in place (``add()``, then field by field) rather than built
