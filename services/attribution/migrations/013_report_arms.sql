@@ -90,8 +90,12 @@ BEGIN
          GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
         RETURNING *
         ), by_account AS (
-        INSERT INTO report_rollup_account (bucket, currency, conversions, pending, approved, flagged, rejected, reversed, revenue_micros, discount_micros, payout_micros, refunded_micros, uses_taken)
-        SELECT bucket, currency, sum(conversions), sum(pending), sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros), sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken)
+        INSERT INTO report_rollup_account (bucket, currency, conversions, pending, approved, flagged, rejected,
+                                           reversed, revenue_micros, discount_micros, payout_micros,
+                                           refunded_micros, uses_taken)
+        SELECT bucket, currency, sum(conversions), sum(pending), sum(approved), sum(flagged), sum(rejected),
+               sum(reversed), sum(revenue_micros), sum(discount_micros), sum(payout_micros),
+               sum(refunded_micros), sum(uses_taken)
           FROM fine GROUP BY 1, 2
         ), by_day AS (
         INSERT INTO report_rollup_coupon_day (bucket, campaign_id, currency, coupon, conversions, pending,
@@ -129,8 +133,12 @@ BEGIN
             OR sum(d.refunded_micros) <> 0 OR sum(d.uses_taken) <> 0
         RETURNING *
         ), by_account AS (
-        INSERT INTO report_rollup_account (bucket, currency, conversions, pending, approved, flagged, rejected, reversed, revenue_micros, discount_micros, payout_micros, refunded_micros, uses_taken)
-        SELECT bucket, currency, sum(conversions), sum(pending), sum(approved), sum(flagged), sum(rejected), sum(reversed), sum(revenue_micros), sum(discount_micros), sum(payout_micros), sum(refunded_micros), sum(uses_taken)
+        INSERT INTO report_rollup_account (bucket, currency, conversions, pending, approved, flagged, rejected,
+                                           reversed, revenue_micros, discount_micros, payout_micros,
+                                           refunded_micros, uses_taken)
+        SELECT bucket, currency, sum(conversions), sum(pending), sum(approved), sum(flagged), sum(rejected),
+               sum(reversed), sum(revenue_micros), sum(discount_micros), sum(payout_micros),
+               sum(refunded_micros), sum(uses_taken)
           FROM fine GROUP BY 1, 2
         ), by_day AS (
         INSERT INTO report_rollup_coupon_day (bucket, campaign_id, currency, coupon, conversions, pending,

@@ -28,6 +28,7 @@ _GROUPS = EnumWords(pb.ReportGroupBy, "REPORT_GROUP_BY_")
 _DEVICES = EnumWords(pb.DeviceType, "DEVICE_TYPE_")
 # About 150 bytes a row: a chunk stays far below gRPC's 4 MiB message limit.
 EXPORT_CHUNK_ROWS = 5000
+EXPORT_MAX_SECONDS = 600.0  # the CLI's export deadline
 
 
 def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
@@ -120,8 +121,14 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportReportResponse]:
         query = await self._query(pb.GetReportRequest.FromString(request.SerializeToString()))
+        # An export sums every rollup row of its range before its first row:
+        # it gets the caller's deadline (capped), not the pool's statement
+        # timeout meant for short reads.
+        remaining = context.time_remaining()
+        seconds = min(remaining if remaining is not None else EXPORT_MAX_SECONDS, EXPORT_MAX_SECONDS)
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            async for found in store.stream_records(conn, query, EXPORT_CHUNK_ROWS):
+            await conn.execute(f"SET LOCAL statement_timeout = {max(int(seconds * 1000), 1)}")
+            async for found in store.stream_records(conn, query, EXPORT_CHUNK_ROWS, timeout=seconds):
                 chunk = pb.ExportReportResponse()
                 add_rows(query, found, chunk.rows)
                 await self._add_pace(query, chunk.rows)

@@ -208,11 +208,13 @@ async def records(conn: Connection | asyncpg.Pool, query: ReportQuery) -> list[a
     return list(await conn.fetch(sql, *args))
 
 
-async def stream_records(conn: Connection, query: ReportQuery, chunk: int) -> AsyncIterator[list[asyncpg.Record]]:
+async def stream_records(
+    conn: Connection, query: ReportQuery, chunk: int, timeout: float
+) -> AsyncIterator[list[asyncpg.Record]]:
     """``records`` in lists of ``chunk`` through a cursor (inside the caller's transaction)."""
     sql, args = _statement(query, "report")
-    cursor = await conn.cursor(sql, *args)
-    while found := await cursor.fetch(chunk):
+    cursor = await conn.cursor(sql, *args, timeout=timeout)
+    while found := await cursor.fetch(chunk, timeout=timeout):
         yield found
 
 
