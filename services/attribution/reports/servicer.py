@@ -29,6 +29,7 @@ _DEVICES = EnumWords(pb.DeviceType, "DEVICE_TYPE_")
 # About 150 bytes a row: a chunk stays far below gRPC's 4 MiB message limit.
 EXPORT_CHUNK_ROWS = 5000
 EXPORT_MAX_SECONDS = 600.0  # the CLI's export deadline
+EXPORT_WORK_MEM = "64MB"
 
 
 def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
@@ -128,6 +129,10 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         seconds = min(remaining if remaining is not None else EXPORT_MAX_SECONDS, EXPORT_MAX_SECONDS)
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
             await conn.execute(f"SET LOCAL statement_timeout = {max(int(seconds * 1000), 1)}")
+            # Its sorts and hash aggregates over ~1M rollup rows spill to disk
+            # with the default 4 MB (measured on the bench's 1M clicks, coupon
+            # by country: 5.4 s of SQL; 3.6 s with 64 MB, 3.3 s with 128 MB).
+            await conn.execute(f"SET LOCAL work_mem = '{EXPORT_WORK_MEM}'")
             async for found in store.stream_records(conn, query, EXPORT_CHUNK_ROWS, timeout=seconds):
                 chunk = pb.ExportReportResponse()
                 add_rows(query, found, chunk.rows)
