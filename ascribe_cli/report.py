@@ -31,6 +31,7 @@ class Group(StrEnum):
     device = "device"
     day = "day"
     hour = "hour"
+    arm = "arm"  # with --experiment: treatment or control
 
 
 def flat(row: pb.ReportRow, groups: list[str]) -> dict[str, Any]:
@@ -67,6 +68,9 @@ def report(
     country: Annotated[str, typer.Option(metavar="CC", help="ISO 3166-1 alpha-2")] = "",
     device: Annotated[Device | None, typer.Option()] = None,
     sub1: Annotated[str, typer.Option(metavar="SUB1")] = "",
+    experiment_id: Annotated[
+        str, typer.Option("--experiment", metavar="ID", help="only this experiment's clicks and conversions")
+    ] = "",
     fmt: FormatOption = Format.table,
 ) -> None:
     """Report clicks, conversions and money over [--from, --to), by any groups (streamed: any size)."""
@@ -81,6 +85,7 @@ def report(
         country=country,
         device_type=pb.DeviceType.Value(f"DEVICE_TYPE_{device.value.upper()}") if device else pb.DEVICE_TYPE_UNSPECIFIED,
         sub1=sub1,
+        experiment_id=experiment_id,
     )
     getattr(request, "from").CopyFrom(start)
     with connect(ctx) as client:

@@ -156,7 +156,8 @@ async def seed(conn: asyncpg.Connection, clicks: int, conversions: int) -> Seede
     await conn.execute("VACUUM (ANALYZE)")
     seconds = time.perf_counter() - started
     disk = {}
-    for table in ("clicks", "conversions", "report_rollup", "report_rollup_campaign", "report_rollup_coupon_day"):
+    for table in ("clicks", "conversions", "report_rollup", "report_rollup_campaign", "report_rollup_coupon_day",
+                  "report_rollup_account"):
         # clicks is partitioned: its size is its partitions' (and the default one's)
         disk[table] = int(await conn.fetchval(
             """SELECT coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size($1::regclass))

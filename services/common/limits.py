@@ -71,3 +71,4 @@ EXPERIMENT_NAME = max_bytes(apb.Experiment.DESCRIPTOR, "name")
 
 # Reports.
 TIME_ZONE = max_bytes(apb.GetReportRequest.DESCRIPTOR, "time_zone")
+EXPERIMENT_ID = max_bytes(apb.GetReportRequest.DESCRIPTOR, "experiment_id")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from ascribe.attribution.v1 import attribution_pb2 as pb
 
 from services.attribution.common.models import Click
 from services.attribution.conversions.rules import ConversionInput, StaticJudgment, report_dimensions
 from services.attribution.reports import rules
+from services.attribution.reports.servicer import add_rows
 from services.common.errors import InvalidArgument
 
 T = datetime(2026, 11, 1, 5, 0, tzinfo=UTC)
@@ -34,7 +36,8 @@ def test_a_query_keeps_groups_in_key_order_once_and_defaults_to_utc() -> None:
         ({"end": T + timedelta(days=400, seconds=1)}, "to"),
         ({"start": None}, "from"),
         ({"groups": [None]}, "group_by"),
-        ({"groups": ["arm"]}, "group_by"),
+        ({"groups": ["week"]}, "group_by"),
+        ({"groups": ["arm"]}, "experiment_id"),  # only an experiment's events have an arm
         ({"time_zone": "Mars/Olympus"}, "time_zone"),
         ({"time_zone": "../etc/passwd"}, "time_zone"),
         ({"country": "DEU"}, "country"),
@@ -44,6 +47,10 @@ def test_bad_queries_name_the_field(fields: dict[str, object], field: str) -> No
     with pytest.raises(InvalidArgument) as bad:
         query(**fields)
     assert field in [f for f, _ in bad.value.violations]
+
+
+def test_arm_groups_an_experiment_report() -> None:
+    assert query(groups=["arm", "day"], experiment_id="exp").groups == ("day", "arm")
 
 
 def test_exactly_400_days_is_allowed() -> None:
@@ -125,3 +132,16 @@ def test_export_and_get_report_requests_hold_the_same_fields() -> None:
         ]
 
     assert shape(pb.ExportReportRequest) == shape(pb.GetReportRequest)
+
+
+def test_rows_are_filled_from_records_field_by_field() -> None:
+    # add_rows unpacks a record by position: a reordered rules.TOTAL_FIELDS must fail here.
+    q = query(groups=["coupon", "hour"], time_zone="Asia/Kathmandu")
+    values = tuple(range(1, len(rules.TOTAL_FIELDS) + 1))
+    answer = pb.GetReportResponse()
+    add_rows(q, [("SAVE", datetime(2026, 3, 1, 6, 15, tzinfo=UTC), "EUR", *values)], answer.rows)
+    (row,) = answer.rows
+    assert dict(row.keys) == {"coupon": "SAVE", "hour": "2026-03-01T12:00:00+05:45"}
+    assert row.metrics.currency == "EUR"
+    assert [getattr(row.metrics, name) for name in rules.TOTAL_FIELDS] == list(values)
+    assert row.metrics.conversion_rate == pytest.approx(5 / 1)  # conversions / clicks

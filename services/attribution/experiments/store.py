@@ -190,28 +190,56 @@ _SEGMENT_EXPRESSIONS = {
     "channel": "COALESCE(NULLIF(a.channel, ''), 'unknown')",
 }
 
-# Units come from the units table; a live conversion inside the counting
-# window reaches a unit through its click (experiment_clicks) or, failing
-# that, its customer id equal to a unit key. Per unit first, then per arm and
-# segment, so the moments of per-unit values (for the variances) come out of
-# the same one statement.
+# Every conversion of the experiment's campaign that reaches a counting unit
+# (one first seen before the end) within the window, whatever its status:
+# through its click (experiment_clicks, then conversions' click index) or,
+# when its click joined no arm of this experiment, through its customer id
+# equal to a unit key (experiment_units, then conversions_customer). Starting
+# from the experiment's own rows reads none of the campaign's other
+# conversions. {experiment} is the experiment id's parameter; reports use it too
+# (joining each conversion_id to its report facts).
+# The OFFSET 0 fences keep each lateral probe a lookup by index per click or
+# unit: flattened into a join, the planner may instead walk the conversions
+# of the window (conversions_occurred) and look each one up in the arm tables.
+ARM_CONVERSIONS = """
+SELECT c.id AS conversion_id, u.unit_key, u.arm, c.status, c.revenue, c.discount, c.coupon_code
+  FROM experiments e
+  JOIN experiment_clicks ec ON ec.experiment_id = e.id
+  JOIN experiment_units u ON u.experiment_id = e.id AND u.unit_key = ec.unit_key
+ CROSS JOIN LATERAL (SELECT v.id, v.occurred_at, v.click_id, v.status, v.amount_micros - v.refunded_micros AS revenue,
+                            v.discount_micros AS discount, v.coupon_code
+                       FROM conversions v
+                      WHERE v.click_id = ec.click_id AND v.campaign_id = e.campaign_id OFFSET 0) c
+ WHERE e.id = {experiment}
+   AND c.occurred_at >= e.starts_at
+   AND c.occurred_at < LEAST(COALESCE(e.ends_at, 'infinity'), COALESCE(e.stopped_at, 'infinity'))
+   AND u.first_seen_at < LEAST(COALESCE(e.ends_at, 'infinity'), COALESCE(e.stopped_at, 'infinity'))
+UNION ALL
+SELECT c.id, u.unit_key, u.arm, c.status, c.revenue, c.discount, c.coupon_code
+  FROM experiments e
+  JOIN experiment_units u ON u.experiment_id = e.id
+ CROSS JOIN LATERAL (SELECT v.id, v.occurred_at, v.click_id, v.status, v.amount_micros - v.refunded_micros AS revenue,
+                            v.discount_micros AS discount, v.coupon_code
+                       FROM conversions v
+                      WHERE v.campaign_id = e.campaign_id AND v.customer_id = u.unit_key OFFSET 0) c
+ WHERE e.id = {experiment}
+   AND c.occurred_at >= e.starts_at
+   AND c.occurred_at < LEAST(COALESCE(e.ends_at, 'infinity'), COALESCE(e.stopped_at, 'infinity'))
+   AND u.first_seen_at < LEAST(COALESCE(e.ends_at, 'infinity'), COALESCE(e.stopped_at, 'infinity'))
+   AND NOT EXISTS (SELECT 1 FROM experiment_clicks k WHERE k.click_id = c.click_id AND k.experiment_id = e.id)
+"""
+
+# Units come from the units table, live conversions from ARM_CONVERSIONS.
+# Per unit first, then per arm and segment, so the moments of per-unit
+# values (for the variances) come out of the same one statement.
 _RESULT = """
 WITH e AS (
-    SELECT campaign_id, coupon_code, starts_at,
-           LEAST(COALESCE(ends_at, 'infinity'), COALESCE(stopped_at, 'infinity')) AS ends
+    SELECT coupon_code, LEAST(COALESCE(ends_at, 'infinity'), COALESCE(stopped_at, 'infinity')) AS ends
       FROM experiments WHERE id = $1
-), conv AS (
-    SELECT COALESCE(ec.unit_key, cu.unit_key) AS unit_key,
-           c.amount_micros - c.refunded_micros AS revenue,
-           c.discount_micros AS discount,
-           (c.coupon_code IS NOT DISTINCT FROM e.coupon_code) AS with_code
-      FROM e
-      JOIN conversions c ON c.campaign_id = e.campaign_id
-      LEFT JOIN experiment_clicks ec ON ec.click_id = c.click_id AND ec.experiment_id = $1
-      LEFT JOIN experiment_units cu ON cu.experiment_id = $1 AND cu.unit_key = c.customer_id
-     WHERE c.status IN ('pending', 'approved', 'flagged')
-       AND c.occurred_at >= e.starts_at AND c.occurred_at < e.ends
-       AND (ec.unit_key IS NOT NULL OR cu.unit_key IS NOT NULL)
+), conv AS MATERIALIZED (  -- once, not once per unit
+    SELECT x.unit_key, x.revenue, x.discount, (x.coupon_code IS NOT DISTINCT FROM e.coupon_code) AS with_code
+      FROM e, ({arm_conversions}) x
+     WHERE x.status IN ('pending', 'approved', 'flagged')
 ), per_unit AS (
     SELECT u.arm, {segment} AS segment, u.unit_key,
            count(cv.unit_key) AS conversions,
@@ -238,9 +266,14 @@ SELECT arm, segment, count(*) AS units,
 """
 
 
+def result_statement(segment_by: str) -> str:
+    """The result aggregate's SQL ($1: the experiment id); a test EXPLAINs it."""
+    return _RESULT.format(segment=_SEGMENT_EXPRESSIONS[segment_by], arm_conversions=ARM_CONVERSIONS.format(experiment="$1"))
+
+
 async def result_aggregates(conn: Executor, experiment_id: str, segment_by: str) -> list[ArmAggregate]:
     """One row per arm and segment (``segment_by`` '' : one segment, '')."""
-    rows = await conn.fetch(_RESULT.format(segment=_SEGMENT_EXPRESSIONS[segment_by]), experiment_id)
+    rows = await conn.fetch(result_statement(segment_by), experiment_id)
     return [ArmAggregate(**dict(r)) for r in rows]
 
 

@@ -23,7 +23,8 @@ MAX_RANGE = timedelta(days=400)
 
 # Group words, in the order a row's keys are listed (the enum's words after
 # REPORT_GROUP_BY_; services.common.enum_words maps them).
-GROUPS = ("campaign", "coupon", "affiliate", "channel", "sub1", "country", "device", "day", "hour")
+# "arm" (issue #17) needs an experiment_id: only an experiment's events have an arm.
+GROUPS = ("campaign", "coupon", "affiliate", "channel", "sub1", "country", "device", "day", "hour", "arm")
 DEVICES = ("mobile", "tablet", "desktop", "other")
 
 
@@ -39,6 +40,7 @@ class ReportQuery:
     country: str = ""
     device: str = ""
     sub1: str = ""
+    experiment_id: str = ""
 
 
 def report_query(
@@ -53,6 +55,7 @@ def report_query(
     country: str = "",
     device: str = "",
     sub1: str = "",
+    experiment_id: str = "",
 ) -> ReportQuery:
     """A valid query, or InvalidArgument naming every bad field.
 
@@ -75,6 +78,8 @@ def report_query(
             v.add("group_by", f"unknown group; one of {', '.join(GROUPS)}")
         elif group not in chosen:
             chosen.append(group)
+    if "arm" in chosen and not experiment_id:
+        v.add("experiment_id", "is required to group by arm")
     zone = time_zone or "UTC"
     if not valid_time_zone(zone):
         v.add("time_zone", "unknown time zone; an IANA name such as Europe/Berlin")
@@ -85,7 +90,7 @@ def report_query(
     return ReportQuery(
         start=start, end=end, groups=tuple(g for g in GROUPS if g in chosen), time_zone=zone,
         campaign_id=campaign_id, affiliate_id=affiliate_id, coupon_code=coupon_code.strip().upper(),
-        country=country.upper(), device=device, sub1=sub1,
+        country=country.upper(), device=device, sub1=sub1, experiment_id=experiment_id,
     )
 
 

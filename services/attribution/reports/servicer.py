@@ -6,7 +6,7 @@ in ``reports.store``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from ascribe.attribution.v1 import attribution_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution.catalog.convert import from_timestamp
+from services.attribution.experiments import store as experiments_store
 from services.attribution.reports import rules, store
 from services.common import limits
 from services.common.enum_words import EnumWords
@@ -25,7 +26,10 @@ from services.common.timestamps import in_range, set_timestamp, utcnow
 
 _GROUPS = EnumWords(pb.ReportGroupBy, "REPORT_GROUP_BY_")
 _DEVICES = EnumWords(pb.DeviceType, "DEVICE_TYPE_")
-EXPORT_CHUNK_ROWS = 1000
+# About 150 bytes a row: a chunk stays far below gRPC's 4 MiB message limit.
+EXPORT_CHUNK_ROWS = 5000
+EXPORT_MAX_SECONDS = 600.0  # the CLI's export deadline
+EXPORT_WORK_MEM = "64MB"
 
 
 def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
@@ -37,6 +41,7 @@ def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
         ("coupon_code", limits.COUPON_CODE),
         ("sub1", limits.SUB_ID),
         ("time_zone", limits.TIME_ZONE),
+        ("experiment_id", limits.EXPERIMENT_ID),
     ):
         if len(getattr(request, field).encode()) > limit:
             v.add(field, f"must be at most {limit} bytes")
@@ -59,6 +64,7 @@ def report_query(request: pb.GetReportRequest) -> rules.ReportQuery:
         country=request.country.strip(),
         device=_DEVICES.words.get(request.device_type, ""),
         sub1=request.sub1,
+        experiment_id=request.experiment_id.strip(),
     )
 
 
@@ -69,27 +75,36 @@ def _time(v: Violations, field: str, stamp: Timestamp) -> datetime | None:
     return from_timestamp(stamp)
 
 
-def row_to_proto(query: rules.ReportQuery, row: store.SummedRow) -> pb.ReportRow:
-    keys: dict[str, str] = {}
-    for group, value in row.keys.items():
-        if group == "hour":
-            assert isinstance(value, datetime)
-            keys[group] = rules.hour_key(value, query.time_zone)
-        else:
-            keys[group] = "" if value is None else str(value)
-    t = row.totals
-    r = rules.rates(t)
-    metrics = pb.ReportMetrics(
-        currency=row.currency,
-        conversion_rate=r.conversion_rate,
-        epc_micros=r.epc_micros,
-        aov_micros=r.aov_micros,
-        roas=r.roas,
-        fraud_rate=r.fraud_rate,
-        reversal_rate=r.reversal_rate,
-        **{name: getattr(t, name) for name in rules.TOTAL_FIELDS},
-    )
-    return pb.ReportRow(keys=keys, metrics=metrics)
+def add_rows(query: rules.ReportQuery, found: Iterable[Iterable[Any]], rows: Any) -> None:
+    """Appends ``found`` (``store.records``) to the repeated ReportRow field ``rows``.
+
+    Rows are filled in place (``add()``, then field by field) rather than built
+    and copied: exports of 100,000 rows spend most of their time here.
+    """
+    groups = query.groups
+    first = len(groups)
+    for record in found:
+        values = tuple(record)
+        row = rows.add()
+        keys = row.keys
+        for i, group in enumerate(groups):
+            value = values[i]
+            if group == "hour":
+                keys[group] = rules.hour_key(value, query.time_zone)
+            else:
+                keys[group] = "" if value is None else str(value)
+        m = row.metrics
+        m.currency = values[first]
+        (m.clicks, m.unique_clicks, m.tracked_clicks, m.rejected_clicks, m.conversions, m.pending, m.approved,
+         m.flagged, m.rejected, m.reversed, m.revenue_micros, m.discount_micros, m.payout_micros,
+         m.refunded_micros, m.uses_taken) = values[first + 1:]
+        r = rules.rates(rules.Totals(*values[first + 1:]))
+        m.conversion_rate = r.conversion_rate
+        m.epc_micros = r.epc_micros
+        m.aov_micros = r.aov_micros
+        m.roas = r.roas
+        m.fraud_rate = r.fraud_rate
+        m.reversal_rate = r.reversal_rate
 
 
 def _zone_unknown_to_postgresql() -> InvalidArgument:
@@ -106,47 +121,54 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
     async def GetReport(
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetReportResponse:
-        query = report_query(request)
+        query = await self._query(request)
+        answer = pb.GetReportResponse()
         try:
-            summed = await store.sums(self._pool, query)
+            found = await store.records(self._pool, query)
         except asyncpg.InvalidParameterValueError:
             raise _zone_unknown_to_postgresql() from None
-        rows = [row_to_proto(query, s) for s in summed]
-        await self._add_pace(query, summed, rows)
-        return pb.GetReportResponse(rows=rows)
+        add_rows(query, found, answer.rows)
+        await self._add_pace(query, answer.rows)
+        return answer
 
     async def ExportReport(
         self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportReportResponse]:
-        query = report_query(pb.GetReportRequest.FromString(request.SerializeToString()))
+        query = await self._query(pb.GetReportRequest.FromString(request.SerializeToString()))
+        # An export sums every rollup row of its range before its first row:
+        # it gets the caller's deadline (capped), not the pool's statement
+        # timeout meant for short reads.
+        remaining = context.time_remaining()
+        seconds = min(remaining if remaining is not None else EXPORT_MAX_SECONDS, EXPORT_MAX_SECONDS)
         try:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-                summed: list[store.SummedRow] = []
-                async for row in store.stream_sums(conn, query, EXPORT_CHUNK_ROWS):
-                    summed.append(row)
-                    if len(summed) == EXPORT_CHUNK_ROWS:
-                        yield await self._chunk(query, summed)
-                        summed = []
-                if summed:
-                    yield await self._chunk(query, summed)
+                await conn.execute(f"SET LOCAL statement_timeout = {max(int(seconds * 1000), 1)}")
+                # Its sorts and hash aggregates over ~1M rollup rows spill to disk
+                # with the default 4 MB (measured on the bench's 1M clicks, coupon
+                # by country: 5.4 s of SQL; 3.6 s with 64 MB, 3.3 s with 128 MB).
+                await conn.execute(f"SET LOCAL work_mem = '{EXPORT_WORK_MEM}'")
+                async for found in store.stream_records(conn, query, EXPORT_CHUNK_ROWS, timeout=seconds):
+                    chunk = pb.ExportReportResponse()
+                    add_rows(query, found, chunk.rows)
+                    await self._add_pace(query, chunk.rows)
+                    yield chunk
         except asyncpg.InvalidParameterValueError:
             raise _zone_unknown_to_postgresql() from None
 
-    async def _chunk(self, query: rules.ReportQuery, summed: list[store.SummedRow]) -> pb.ExportReportResponse:
-        rows = [row_to_proto(query, s) for s in summed]
-        await self._add_pace(query, summed, rows)
-        return pb.ExportReportResponse(rows=rows)
+    async def _query(self, request: pb.GetReportRequest) -> rules.ReportQuery:
+        query = report_query(request)
+        if query.experiment_id:  # NOT_FOUND rather than an empty report for a mistyped id
+            await experiments_store.get_experiment(self._pool, query.experiment_id)
+        return query
 
-    async def _add_pace(
-        self, query: rules.ReportQuery, summed: Sequence[store.SummedRow], rows: Sequence[pb.ReportRow]
-    ) -> None:
+    async def _add_pace(self, query: rules.ReportQuery, rows: Sequence[pb.ReportRow]) -> None:
         """Pace and forecast on the rows of limited codes (a COUPON grouping that names the campaign)."""
         if "coupon" not in query.groups:
             return
         codes: dict[tuple[str, str], list[int]] = {}
-        for i, s in enumerate(summed):
-            campaign = str(s.keys.get("campaign") or query.campaign_id)
-            code = str(s.keys["coupon"] or "")
+        for i, row in enumerate(rows):
+            campaign = row.keys.get("campaign") or query.campaign_id
+            code = row.keys["coupon"]
             if campaign and code:
                 codes.setdefault((campaign, code), []).append(i)
         if not codes:

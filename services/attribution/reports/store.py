@@ -16,6 +16,7 @@ from typing import Literal
 import asyncpg
 
 from services.attribution.common.database import Connection
+from services.attribution.experiments.store import ARM_CONVERSIONS
 from services.attribution.reports.rules import (
     DRIFT_GROUPS,
     TOTAL_FIELDS,
@@ -32,6 +33,7 @@ Source = Literal["report", "raw"]
 _COMPACT_LOCK = "ascribe_report_compact"
 COMPACT_ALL = (
     "SELECT ascribe_report_compact() + ascribe_report_compact_campaign() + ascribe_report_compact_coupon_day()"
+    " + ascribe_report_compact_account()"
 )
 
 _DIMENSIONS = ("campaign_id", "currency", "coupon", "affiliate_id", "channel", "sub1", "country", "device")
@@ -57,6 +59,7 @@ _KEYS = {
     "device": "device",
     "day": "to_char(timezone({zone}::text, t), 'YYYY-MM-DD')",
     "hour": "t - (timezone({zone}::text, t) - date_trunc('hour', timezone({zone}::text, t)))",
+    "arm": "coalesce(arm, '')",
 }
 
 
@@ -70,6 +73,7 @@ class SummedRow:
 # Rollup tiers, coarsest first, with the dimensions each keeps: a report
 # reads the first that keeps every dimension it groups or filters by.
 _TIERS = (
+    ("report_rollup_account", ("currency",)),  # migration 013
     ("report_rollup_campaign", ("campaign_id", "currency")),
     ("report_rollup", _DIMENSIONS),
 )
@@ -78,7 +82,7 @@ _TIERS = (
 # the rest.
 _DAILY_TIERS = (("report_rollup_coupon_day", ("campaign_id", "currency", "coupon")),)
 _DAY = timedelta(days=1)
-_GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour")}
+_GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour", "arm")}
 
 
 def _whole_days(lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
@@ -119,7 +123,33 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
             f" WHERE bucket >= {param(a)} AND bucket < {param(b)}{where} GROUP BY {inner_group}"
         )
 
-    if span is None:
+    if query.experiment_id:
+        # An experiment's events are a small set: read them raw, joined to
+        # their arms (no rollup keeps arms). Clicks with an arm of this
+        # experiment inside its window; conversions as GetExperimentResult
+        # reaches them (every status here: the report shows them all).
+        experiment = param(query.experiment_id)
+        within = f"at >= {param(query.start)} AND at < {param(query.end)}{where}"
+        selected = [*(['at AS t'] if timed else []), *columns, "arm"]
+        parts.append(
+            f"SELECT {', '.join([*selected, *_CLICK_METRICS, *(f'0 AS {m}' for m in conversion_metrics)])}"
+            f" FROM (SELECT f.*, ec.arm FROM experiments x"
+            f" JOIN experiment_clicks ec ON ec.experiment_id = x.id"
+            f" JOIN report_click_facts f ON f.click_id = ec.click_id"
+            f" WHERE x.id = {experiment} AND f.at >= x.starts_at"
+            f" AND f.at < LEAST(COALESCE(x.ends_at, 'infinity'), COALESCE(x.stopped_at, 'infinity'))) k"
+            f" WHERE {within}"
+        )
+        parts.append(
+            f"SELECT {', '.join([*selected, *(f'0 AS {m}' for m in _CLICK_METRICS), *conversion_metrics])}"
+            f" FROM (SELECT f.*, a.arm FROM ({ARM_CONVERSIONS.format(experiment=experiment)}) a"
+            # a probe by primary key per conversion (the fence keeps it one)
+            f" CROSS JOIN LATERAL (SELECT * FROM report_conversion_facts r"
+            f" WHERE r.conversion_id = a.conversion_id OFFSET 0) f) v"
+            f" WHERE {within}"
+        )
+        edges = []
+    elif span is None:
         edges = [(query.start, query.end)]  # no whole bucket: every event from the raw tables
     else:
         lo, hi = span
@@ -174,11 +204,20 @@ async def sums(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Sour
     return [_summed(query, r) for r in await conn.fetch(sql, *args)]
 
 
-async def stream_sums(conn: Connection, query: ReportQuery, prefetch: int) -> AsyncIterator[SummedRow]:
-    """``sums`` row by row through a cursor (inside the caller's transaction)."""
+async def records(conn: Connection | asyncpg.Pool, query: ReportQuery) -> list[asyncpg.Record]:
+    """The report's rows as the database answers them: ``k_<group>`` keys, currency, TOTAL_FIELDS."""
     sql, args = _statement(query, "report")
-    async for record in conn.cursor(sql, *args, prefetch=prefetch):
-        yield _summed(query, record)
+    return list(await conn.fetch(sql, *args))
+
+
+async def stream_records(
+    conn: Connection, query: ReportQuery, chunk: int, timeout: float
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """``records`` in lists of ``chunk`` through a cursor (inside the caller's transaction)."""
+    sql, args = _statement(query, "report")
+    cursor = await conn.cursor(sql, *args, timeout=timeout)
+    while found := await cursor.fetch(chunk, timeout=timeout):
+        yield found
 
 
 async def compact(pool: asyncpg.Pool) -> int | None:
@@ -228,8 +267,8 @@ async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime)
     the range.
     """
     found: list[Drift] = []
-    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range)
-    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon")):
+    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range), the account tier
+    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon"), ("hour",)):
         query = ReportQuery(start=start, end=end, groups=groups)
         reported = await sums(conn, query, "report")
         recomputed = await sums(conn, query, "raw")
