@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,7 @@ from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
+from services.attribution.common.ids import new_click_id
 from services.attribution.server import start_attribution
 from tests.integration.test_clicks import seed
 from tests.support import attribution_settings
@@ -114,3 +116,30 @@ async def test_without_a_caller_deadline_the_configured_one_applies(
     call.cancel()
     seen = servicer.time_remaining[0]
     assert seen is not None and CALLER_DEADLINE_SECONDS * 2 < seen <= CONFIGURED_FRAUD_DEADLINE_MS / 1000
+
+
+async def test_postgresql_work_ends_at_the_callers_deadline(
+    tracking: attribution_pb2_grpc.TrackingServiceAsyncStub, db: asyncpg.Connection
+) -> None:
+    """A query stuck behind a lock is cancelled when its caller gives up, not at statement_timeout (10 s)."""
+    lock = db.transaction()
+    await lock.start()
+    try:
+        await db.execute("LOCK TABLE clicks IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await tracking.GetClick(pb.GetClickRequest(click_id=new_click_id(datetime.now(UTC))), timeout=0.5)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        waiting = -1
+        while time.monotonic() - started < 5:
+            waiting = int(await db.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"""
+            ))
+            if waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 0
+        assert time.monotonic() - started < 2.0
+    finally:
+        await lock.rollback()
