@@ -87,3 +87,8 @@ def batch_context(deadlines: Iterable[float | None]) -> contextvars.Context:
     context = contextvars.copy_context()
     context.run(_CALLER_DEADLINE.set, latest(deadlines))
     return context
+
+
+def background_context() -> contextvars.Context:
+    """A context for a task that outlives its RPC: no caller deadline bounds its calls."""
+    return batch_context([None])

@@ -68,3 +68,18 @@ async def test_the_batchers_flush_sees_the_latest_deadline_not_the_schedulers() 
     assert await caller(3, None) == 3
     assert seen[1] is None
     await batcher.close()
+
+
+async def test_a_background_task_does_not_inherit_its_rpcs_deadline() -> None:
+    seen: list[float | None] = []
+
+    async def later() -> None:
+        seen.append(deadlines.caller_deadline())
+
+    token = deadlines.enter(1.0)
+    try:
+        await asyncio.get_running_loop().create_task(later())
+        await asyncio.get_running_loop().create_task(later(), context=deadlines.background_context())
+    finally:
+        deadlines.leave(token)
+    assert seen[0] is not None and seen[1] is None
