@@ -92,3 +92,8 @@ def batch_context(deadlines: Iterable[float | None]) -> contextvars.Context:
 def background_context() -> contextvars.Context:
     """A context for a task that outlives its RPC: no caller deadline bounds its calls."""
     return batch_context([None])
+
+
+def message_context(timeout_seconds: float | None) -> contextvars.Context:
+    """A context for one stream message carrying its sender's remaining time (batch_stream)."""
+    return batch_context([None if timeout_seconds is None else time.monotonic() + timeout_seconds])

@@ -143,3 +143,26 @@ async def test_postgresql_work_ends_at_the_callers_deadline(
         assert time.monotonic() - started < 2.0
     finally:
         await lock.rollback()
+
+
+async def test_a_stream_messages_deadline_bounds_its_fraud_call(
+    tracking: attribution_pb2_grpc.TrackingServiceAsyncStub, slow_fraud: tuple[SlowFraud, str]
+) -> None:
+    """RecordClickStream (the gateway's click path): each message's timeout_ms is its caller's deadline."""
+    servicer, _ = slow_fraud
+    call = tracking.RecordClickStream(timeout=30)
+    started = time.monotonic()
+    await call.write(pb.RecordClickStreamRequest(
+        seq=1,
+        batch=pb.RecordClickBatchRequest(requests=[pb.RecordClickRequest(campaign_id="cmp", affiliate_id="aff-a")]),
+        timeout_ms=int(CALLER_DEADLINE_SECONDS * 1000),
+    ))
+    reply = await call.read()
+    elapsed = time.monotonic() - started
+    await call.done_writing()
+    assert isinstance(reply, pb.RecordClickStreamResponse)
+    (answer,) = reply.batch.responses
+    assert list(answer.response.reasons) == ["fraud_unavailable"]
+    assert elapsed < CALLER_DEADLINE_SECONDS
+    seen = servicer.time_remaining[0]
+    assert seen is not None and 0 < seen < CALLER_DEADLINE_SECONDS * 0.95
