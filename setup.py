@@ -7,10 +7,18 @@ build tree, beside the services: ``ascribe.attribution.v1``,
 gen/). An editable install (``make install``) skips it: it reads gen/.
 Everything else is declared in pyproject.toml; grpcio-tools comes from its
 build-system requirements, at requirements-dev.txt's pin.
+
+The IP lists' snapshot (data/ipintel, with its README, sources and
+licences) goes into the wheel beside the fraud service's loader, as
+``services/fraud/ipintel_snapshot`` (services.fraud.ipintel.PACKAGED_LISTS):
+a wheel-installed fraud service has its Tor, VPN and datacenter signals on
+without ASCRIBE_IPINTEL_DIR (issue #16). The checkout keeps one copy, at
+data/ipintel, where the Dockerfile and the tests read it.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -18,6 +26,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 PROTOS = ROOT / "protos"
+IPINTEL = ROOT / "data" / "ipintel"
+# Where services/fraud/ipintel.py looks when it is not in a checkout.
+PACKAGED_IPINTEL = Path("services") / "fraud" / "ipintel_snapshot"
 
 
 class BuildPyWithStubs(build_py):
@@ -25,6 +36,13 @@ class BuildPyWithStubs(build_py):
         super().run()
         if not self.editable_mode:
             generate_stubs(Path(self.build_lib))
+            copy_ipintel(Path(self.build_lib))
+
+
+def copy_ipintel(out: Path) -> None:
+    if not (IPINTEL / "SOURCES.tsv").is_file():
+        raise SystemExit(f"no IP list snapshot at {IPINTEL}: the wheel would have the fraud signals off")
+    shutil.copytree(IPINTEL, out / PACKAGED_IPINTEL, dirs_exist_ok=True)
 
 
 def generate_stubs(out: Path) -> None:

@@ -6,6 +6,11 @@ per-call overhead, not Redis, limits us). A caller waits at most the fraud
 deadline in all, queueing included; past it, or when the fraud service fails,
 it gets None and records the event as FLAGGED with ``fraud_unavailable``.
 Fraud trouble never fails or loses an event.
+
+The fraud deadline is shortened to what the RPC's caller has left
+(services/common/deadlines.py): the wait, and the outgoing call, which runs
+under the latest deadline of the callers in its batch. A caller with no time
+left gets None at once and no call is made for it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
 from services.attribution.common.reasons import fraud_reason
 from services.attribution.metrics import FRAUD_AVAILABLE, FRAUD_UNAVAILABLE_TOTAL
+from services.common import deadlines
 from services.common.batch_stream import BatchStream, StreamCallError, status_code
 from services.common.batcher import MicroBatcher
 from services.common.grpc_server import bearer_metadata
@@ -111,7 +117,7 @@ class _BatchedCheck:
             return []
         verdicts: Verdicts
         try:
-            async with asyncio.timeout(self._client.deadline_seconds):
+            async with asyncio.timeout(max(0.0, deadlines.bound(self._client.deadline_seconds))):
                 if len(requests) <= MAX_CALL_REQUESTS:
                     verdicts = await self.batcher.submit(requests)
                 else:
@@ -132,13 +138,15 @@ class _BatchedCheck:
         requests = [request for group in groups for request in group]
         self._size.observe(len(requests))
         verdicts: Sequence[fraud_pb2.Verdict | None]
-        if self._client.known_down():
-            # The call would fail at once; skipping it keeps an outage cheap.
+        timeout = deadlines.bound(self._client.deadline_seconds)
+        if timeout <= 0 or self._client.known_down():
+            # Every caller in the batch has gone, or the call would fail at
+            # once; skipping it keeps an outage cheap.
             return [[None] * len(group) for group in groups]
         try:
             response = await self._call(
                 self._batch_type(requests=requests),
-                timeout=self._client.deadline_seconds,
+                timeout=timeout,
                 metadata=self._client.metadata,
             )
             verdicts = list(response.verdicts)
@@ -226,7 +234,7 @@ class FraudClient:
     async def check_code_attempt(self, attempt: fraud_pb2.CodeAttempt) -> fraud_pb2.GuessingState | None:
         """Counts a tried code (when missed); its address's state. None when fraud is down or late (fail open)."""
         try:
-            async with asyncio.timeout(self.deadline_seconds):
+            async with asyncio.timeout(max(0.0, deadlines.bound(self.deadline_seconds))):
                 return await self._guesses.submit(attempt)
         except TimeoutError:
             FRAUD_UNAVAILABLE_TOTAL.labels("guessing").inc()
@@ -235,12 +243,13 @@ class FraudClient:
     async def _flush_guesses(
         self, attempts: Sequence[fraud_pb2.CodeAttempt]
     ) -> list[fraud_pb2.GuessingState | None]:
-        if self.known_down():
+        timeout = deadlines.bound(self.deadline_seconds)
+        if timeout <= 0 or self.known_down():
             return [None] * len(attempts)
         try:
             answer = await self._stub.CheckCodeGuessing(
                 fraud_pb2.CheckCodeGuessingRequest(attempts=attempts),
-                timeout=self.deadline_seconds,
+                timeout=timeout,
                 metadata=self.metadata,
             )
             if len(answer.states) != len(attempts):

@@ -46,6 +46,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from services.common import deadlines
 from services.common.errors import DomainError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,12 @@ async def serve_batch_stream(
         try:
             async for request in requests:
                 outstanding += 1
-                task = asyncio.create_task(answer(request.seq, request.batch, request.timeout_ms))
+                # The message's deadline bounds the calls made for it, as a unary call's does.
+                timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+                task = asyncio.create_task(
+                    answer(request.seq, request.batch, request.timeout_ms),
+                    context=deadlines.message_context(timeout),
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:

@@ -41,6 +41,8 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Histogram
 
+from services.common import deadlines
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -81,8 +83,9 @@ class MicroBatcher(Generic[T, R]):
         self._last_start = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
         self._max_wait = max_wait
-        # Each pending item with the loop time it arrived (its age decides a shed).
-        self._pending: list[tuple[T, asyncio.Future[R], float]] = []
+        # Each pending item with the loop time it arrived (its age decides a
+        # shed) and its caller's deadline (the flush runs under the latest).
+        self._pending: list[tuple[T, asyncio.Future[R], float, float | None]] = []
         self._expiry: asyncio.TimerHandle | None = None
         self._flush_seconds = 0.0  # running estimate, for the refusal at submit
         self._flushes_seen = False
@@ -104,7 +107,7 @@ class MicroBatcher(Generic[T, R]):
             if self._expiry is None:
                 self._expiry = loop.call_at(now + self._max_wait, self._expire)
         future: asyncio.Future[R] = loop.create_future()
-        self._pending.append((item, future, now))
+        self._pending.append((item, future, now, deadlines.caller_deadline()))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._maybe_flush)
@@ -128,7 +131,7 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         deadline = loop.time() - self._max_wait
         expired = 0
-        for _, future, arrived in self._pending:
+        for _, future, arrived, _ in self._pending:
             if arrived > deadline:
                 break
             expired += 1
@@ -156,10 +159,14 @@ class MicroBatcher(Generic[T, R]):
             if self._timer is not None:  # a full batch or close() went first
                 self._timer.cancel()
                 self._timer = None
-            batch = [(item, future) for item, future, _ in self._pending[: self._max_batch]]
+            taken = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
+            batch = [(item, future) for item, future, _, _ in taken]
             self._in_flight += 1
-            task = loop.create_task(self._run(batch))
+            # The flush works for all its callers: it runs under the latest of
+            # their deadlines, not under whichever caller scheduled this call.
+            context = deadlines.batch_context(deadline for *_, deadline in taken)
+            task = loop.create_task(self._run(batch), context=context)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

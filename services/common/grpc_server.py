@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from services.common import deadlines
 from services.common.channels import Transport, server_options
 from services.common.errors import DomainError, InvalidArgument, ResourceExhausted
 from services.common.metrics import (
@@ -289,9 +290,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             started_total.inc()
             code = grpc.StatusCode.OK
+            token = None
             try:
                 if not authorized or allowed is not None:
                     await check(context, authorized, allowed)
+                # The caller's deadline bounds every call made for it; a call
+                # whose caller has already gone is not started.
+                token = deadlines.enter(context.time_remaining())
                 return await behavior(prepare(request, service, method), context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -302,6 +307,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await _abort(context, code, answer)
             finally:
+                if token is not None:
+                    deadlines.leave(token)
                 handling_seconds.observe(time.perf_counter() - started)
                 count(code)
 

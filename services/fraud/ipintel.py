@@ -5,7 +5,8 @@ comments allowed), named by kind: ``datacenter-*.txt``, ``vpn-*.txt``,
 ``tor-*.txt``. The folder is ``ASCRIBE_IPINTEL_DIR`` when set; unset, it is
 the copy ``make ipintel`` downloaded (``.data/ipintel``) when that copy has
 every list and is newer, else the dated snapshot the repository carries
-(``data/ipintel``), so a fresh checkout has every signal on.
+(``data/ipintel``; in a wheel, ``services/fraud/ipintel_snapshot``), so a
+fresh checkout or a ``pip install .`` has every signal on.
 
 A folder's ``SOURCES.tsv`` says when each list was current (``as_of``); a
 list it does not name is dated by its file's modification time. The lists'
@@ -38,8 +39,12 @@ from services.common.ip import subscriber_key as subscriber_key  # one home; the
 logger = logging.getLogger(__name__)
 
 
-# The dated snapshot of the lists in the repository (with its README and licences).
-REPOSITORY_LISTS = Path(__file__).resolve().parents[2] / "data" / "ipintel"
+# The dated snapshot of the lists in the repository (with its README and
+# licences); a wheel carries the same files beside this module (setup.py), so
+# `pip install .` has every signal on without ASCRIBE_IPINTEL_DIR.
+CHECKOUT_LISTS = Path(__file__).resolve().parents[2] / "data" / "ipintel"
+PACKAGED_LISTS = Path(__file__).resolve().parent / "ipintel_snapshot"
+REPOSITORY_LISTS = CHECKOUT_LISTS if CHECKOUT_LISTS.is_dir() else PACKAGED_LISTS
 # Per list: entries, the time it was current, where it came from, its licence.
 MANIFEST = "SOURCES.tsv"
 # Tor exits churn within 48 hours and hosting ranges move within weeks: a

@@ -26,12 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 # What pyproject.toml, setup.py and MANIFEST.in read: the checkout minus gen/,
 # tests, the venv and caches.
 SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "requirements.txt", "README.md")
-TREES = ("protos", "services", "gateway", "tools", "ascribe_cli")
+TREES = ("protos", "services", "gateway", "tools", "ascribe_cli", "data/ipintel")
 STUBS = (
     "ascribe/attribution/v1/attribution_pb2.py", "ascribe/attribution/v1/attribution_pb2_grpc.py",
     "ascribe/fraud/v1/fraud_pb2.py", "ascribe/fraud/v1/fraud_pb2_grpc.py",
     "ascribe/options/v1/limits_pb2.py",
 )
+# The IP lists' snapshot as the wheel carries it (setup.py; issue #16).
+PACKAGED_IPINTEL = "services/fraud/ipintel_snapshot"
+SNAPSHOT = REPO / "data" / "ipintel"
 
 
 def _run(*args: str | Path, cwd: Path) -> str:
@@ -80,6 +83,49 @@ def test_the_wheel_carries_the_stubs_services_and_entry_point(wheel: Path) -> No
     assert any(name.startswith("services/fraud/lua/") for name in names)
     assert "ascribe = ascribe_cli:main" in entry_points
     assert not any(name.startswith(("tests/", "gen/")) for name in names)
+
+
+def test_the_wheel_carries_the_ip_lists_snapshot_with_its_licences(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        tor = archive.read(f"{PACKAGED_IPINTEL}/tor-exit-nodes.txt")
+    shipped = {
+        f"{PACKAGED_IPINTEL}/{path.relative_to(SNAPSHOT)}" for path in SNAPSHOT.rglob("*") if path.is_file()
+    }
+    # Every file of the snapshot, the lists, README, SOURCES.tsv and licences alike, byte for byte.
+    assert shipped and shipped <= names, sorted(shipped - names)
+    assert {f"{PACKAGED_IPINTEL}/{name}" for name in ("SOURCES.tsv", "README.md", "vpn-ipv4.txt")} <= shipped
+    assert any(name.startswith(f"{PACKAGED_IPINTEL}/LICENSES/") for name in shipped)
+    assert tor == (SNAPSHOT / "tor-exit-nodes.txt").read_bytes()
+
+
+def test_the_installed_fraud_service_loads_the_packaged_ip_lists(wheel: Path, tmp_path: Path) -> None:
+    """No checkout, no ASCRIBE_IPINTEL_DIR, no .data/ipintel: the signals are on."""
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    pip = (python, "-m", "pip", "install", "--disable-pip-version-check", "-q")
+    _run(*pip, "--no-deps", wheel, cwd=tmp_path)
+    _run(*pip, _pin("requirements.txt", "pytricia"), cwd=tmp_path)
+    tor_exit = next(
+        line for line in (SNAPSHOT / "tor-exit-nodes.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ).split("/")[0]
+    out = _run(python, "-I", "-c", (
+        "import os, sys\n"
+        "os.environ.pop('ASCRIBE_IPINTEL_DIR', None)\n"
+        "from services.fraud import ipintel\n"
+        "holder = ipintel.IpIntelHolder(None)\n"
+        "print(holder.folder)\n"
+        "print(holder.folder == ipintel.PACKAGED_LISTS)\n"
+        f"print(holder.current.lookup({tor_exit!r}).tor is not None)\n"
+        "print(sorted(ipintel.list_dates(holder.folder)))\n"
+    ), cwd=tmp_path)
+    folder, packaged, tor, kinds = out.splitlines()
+    assert folder.startswith(str(venv)) and folder.endswith(PACKAGED_IPINTEL), folder
+    assert packaged == "True"
+    assert tor == "True"
+    assert kinds == "[<IpList.DATACENTER: 'datacenter'>, <IpList.TOR: 'tor'>, <IpList.VPN: 'vpn'>]"
 
 
 def test_the_stubs_import_from_a_clean_venv(wheel: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from ascribe.fraud.v1 import fraud_pb2
 
 from services.attribution.fraud_client import FraudClient
+from services.common import deadlines
 from services.common.ip import subscriber_key
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ class GuessGuard:
 
     def missed_later(self, campaign_id: str, code: str, ip: str, customer_id: str) -> None:
         """``missed`` without waiting: a conversion's answer does not depend on it."""
-        task = asyncio.get_running_loop().create_task(self.missed(campaign_id, code, ip, customer_id))
+        # It outlives the RPC, so the caller's deadline must not cut its fraud call short.
+        task = asyncio.get_running_loop().create_task(
+            self.missed(campaign_id, code, ip, customer_id), context=deadlines.background_context()
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
