@@ -36,11 +36,11 @@ COUNTRIES = [
 DEVICES = ["mobile", "desktop", "tablet"]
 CHANNELS = ["social", "email", "search", "display", "influencer"]
 DAYS = 30
-_VERSION = 1  # bump when the generated rows change shape
+_VERSION = 2  # bump when the generated rows change shape
 
 CLICK_COLUMNS = (
     "click_id", "created_at", "campaign_id", "affiliate_id", "coupon_code", "requested_coupon_code", "sub1",
-    "country", "device_type", "occurred_at", "decision", "is_unique",
+    "country", "device_type", "occurred_at", "decision", "is_unique", "channel", "currency",
 )
 CONVERSION_COLUMNS = (
     "id", "campaign_id", "order_id", "fingerprint", "status", "affiliate_id", "source", "coupon_code",
@@ -88,11 +88,12 @@ def _generate(clicks: int, conversions: int, end: datetime, click_path: Path, co
             c = rng.randrange(CAMPAIGNS)
             code = f"RS{c:02d}C{rng.randrange(CODES_PER_CAMPAIGN):03d}"
             tracked = rng.random() < 0.8
+            a = rng.randrange(AFFILIATES)
             out.writerow([
-                f"rsk{n:08d}", stamp(at), campaign_id(c), affiliate_id(rng.randrange(AFFILIATES)),
+                f"rsk{n:08d}", stamp(at), campaign_id(c), affiliate_id(a),
                 code if tracked else "", code, f"s{rng.randrange(SUB1S)}", rng.choice(COUNTRIES),
                 rng.choice(DEVICES), stamp(at), "rejected" if rng.random() < 0.02 else "accepted",
-                "t" if rng.random() < 0.7 else "f",
+                "t" if rng.random() < 0.7 else "f", CHANNELS[a % len(CHANNELS)], currencies[c],
             ])
     with conversion_path.open("w", newline="") as f:
         out = csv.writer(f)

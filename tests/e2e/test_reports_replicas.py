@@ -458,11 +458,6 @@ async def _seen_on_the_other_replica(
     assert click_after < 1.0 and conversion_after < 1.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: clicks do not store their channel; the insert trigger (migration 009, ascribe_report_clicks) takes "
-    "the affiliate's channel at click time, the view report_click_facts (the reports' raw edges and the drift "
-    "check's raw side) joins the affiliate's current channel"
-))
 async def test_a_click_counts_under_its_affiliates_channel_at_the_time_of_the_click(
     replicas: tuple[Replica, Replica], database_url: str
 ) -> None:

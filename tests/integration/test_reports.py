@@ -419,3 +419,35 @@ async def test_clicks_are_unique_while_fraud_is_unavailable(world_without_fraud:
     for _ in range(2):
         await world.click("a1", ip="198.51.100.7")
     assert await world.db.fetchval("SELECT count(*) FROM clicks WHERE is_unique") == 2
+
+
+async def test_made_up_affiliates_and_codes_count_under_empty_keys(world: World) -> None:
+    """Unknown affiliate ids and unknown or mistyped codes add no rows of their own (issue #14)."""
+    await world.campaign()
+    await world.affiliate("a1", channel="social")
+    await world.coupon("SAVE", usage_limit=100, allow_all_affiliates=True)
+    t = world.clock.now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    await world.click("a1", coupon_code="SAVE", occurred_at=ts(t + timedelta(minutes=1)))
+    for n in range(3):
+        await world.click(f"ghost{n}", occurred_at=ts(t + timedelta(minutes=2 + n)))
+        await world.convert(order_id=f"X{n}", coupon_code=f"NOPE{n}", amount_micros=10_000_000,
+                            occurred_at=ts(t + timedelta(minutes=10 + n)))
+    # Both the rollups (a whole range) and the raw edges (an unaligned one) answer the same keys.
+    for start, end in ((t, t + timedelta(hours=1)), (t + timedelta(seconds=30), t + timedelta(minutes=13))):
+        by_affiliate = by_keys(await report(world, start, end, G.REPORT_GROUP_BY_AFFILIATE))
+        assert {dict(k)["affiliate"]: v.get("clicks", 0) for k, v in by_affiliate.items()} == {"a1": 1, "": 3}
+        by_coupon = by_keys(await report(world, start, end, G.REPORT_GROUP_BY_COUPON))
+        assert {dict(k)["coupon"]: v.get("conversions", 0) for k, v in by_coupon.items()} == {"SAVE": 0, "": 3}
+    await assert_no_drift(world, t - timedelta(days=1), t + timedelta(days=1))
+
+
+async def test_a_click_keeps_its_affiliates_channel_after_the_affiliate_changes(world: World) -> None:
+    await world.campaign()
+    await world.affiliate("a1", channel="social")
+    t = world.clock.now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    await world.click("a1", occurred_at=ts(t + timedelta(minutes=1)))
+    await world.db.execute("UPDATE affiliates SET channel = 'email' WHERE id = 'a1'")
+    for start, end in ((t, t + timedelta(hours=1)), (t + timedelta(seconds=30), t + timedelta(minutes=5))):
+        rows = by_keys(await report(world, start, end, G.REPORT_GROUP_BY_CHANNEL))
+        assert {dict(k)["channel"]: v["clicks"] for k, v in rows.items()} == {"social": 1}
+    await assert_no_drift(world, t - timedelta(days=1), t + timedelta(days=1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ascribe.fraud.v1 import fraud_pb2
 
 from services.attribution.common import reasons
@@ -56,3 +58,10 @@ def test_the_fraud_services_enums_are_the_generated_ones() -> None:
     assert kinds == {name.removeprefix("ALERT_KIND_"): value
                      for name, value in fraud_pb2.AlertKind.items() if value}
     assert len(domain.CouponKind) == len(fraud_pb2.CouponKind.values())
+
+
+def test_the_report_migration_names_the_unknown_code_reasons_by_their_words() -> None:
+    """Migration 014 counts orders with these reasons under coupon "": the words must be the module's."""
+    sql = (Path(__file__).parents[2] / "services/attribution/migrations/014_report_keys.sql").read_text()
+    expected = f"ARRAY['{reasons.UNKNOWN_COUPON}', '{reasons.COUPON_MISTYPED}']"
+    assert sql.count(expected) == 2

@@ -46,12 +46,16 @@ _SELECT_COLUMNS = ", ".join((*_INSERT_COLUMNS, "conversions"))
 # in _INSERT_COLUMNS order), so any number of rows is one statement that
 # asyncpg prepares once.
 _INSERT_CLICKS = f"""
-INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)})
-SELECT click_id, created_at, campaign_id, affiliate_id, coupon_code, requested_coupon_code,
-       external_click_id, sub1, sub2, sub3, sub4, sub5, ip::inet, user_agent, referer, country,
-       occurred_at, decision, string_to_array(reasons, '{REASONS_SEPARATOR}'), fraud_score, device_type,
-       is_unique
-FROM unnest($1::ascribe_click_row_v3[])
+INSERT INTO clicks ({", ".join(_INSERT_COLUMNS)}, channel, currency)
+SELECT r.click_id, r.created_at, r.campaign_id, r.affiliate_id, r.coupon_code, r.requested_coupon_code,
+       r.external_click_id, r.sub1, r.sub2, r.sub3, r.sub4, r.sub5, r.ip::inet, r.user_agent, r.referer, r.country,
+       r.occurred_at, r.decision, string_to_array(r.reasons, '{REASONS_SEPARATOR}'), r.fraud_score, r.device_type,
+       r.is_unique, a.channel, c.currency
+FROM unnest($1::ascribe_click_row_v3[]) r
+-- The keys reports count the click under as they are now (migration 014): a
+-- later UpdateAffiliate does not move it; NULL when the affiliate is unknown.
+LEFT JOIN affiliates a ON a.id = r.affiliate_id
+LEFT JOIN campaigns c ON c.id = r.campaign_id
 """
 
 

@@ -202,10 +202,9 @@ def pace(remaining: int, uses_last_24h: int, now: datetime, valid_until: datetim
     )
 
 
-# The drift check compares every key but the channel: a click's channel is
-# its affiliate's at the time of the click (kept in the rollups), which the
-# raw events do not record.
-DRIFT_GROUPS = ("campaign", "coupon", "affiliate", "sub1", "country", "device", "hour")
+# The drift check compares every key: a click keeps its affiliate's channel at
+# the time of the click (migration 014), as the rollups do.
+DRIFT_GROUPS = ("campaign", "coupon", "affiliate", "channel", "sub1", "country", "device", "hour")
 
 
 @dataclass(frozen=True)
