@@ -73,3 +73,13 @@ def test_status_and_counting_window() -> None:
 def test_incremental_profit_needs_a_margin() -> None:
     assert rules.incremental_profit_micros(100_000_000, None, 5_000_000) is None
     assert rules.incremental_profit_micros(100_000_000, 40.0, 5_000_000) == 35_000_000
+
+
+def test_the_attribution_service_loads_numpy_and_scipy_only_for_a_result() -> None:
+    """They cost about 85 MB of RSS: a service that serves clicks and conversions never pays it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, services.attribution.server; print(sorted({'numpy', 'scipy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.attribution.common.models import ExperimentArm
-from services.attribution.experiments.results import ArmTotals, ExperimentOutcome
 from services.attribution.experiments.rules import Experiment
-from services.attribution.experiments.stats import Lift
 from services.common.enum_words import EnumWords
 from services.common.errors import InvalidArgument
 from services.common.timestamps import in_range, set_timestamp
+
+if TYPE_CHECKING:  # numpy and scipy load with the first result, not with the service (about 85 MB)
+    from services.attribution.experiments.results import ArmTotals, ExperimentOutcome
+    from services.attribution.experiments.stats import Lift
 
 ARM_WORDS = EnumWords(pb.ExperimentArm, "EXPERIMENT_ARM_")
 STATUS_WORDS = EnumWords(pb.ExperimentStatus, "EXPERIMENT_STATUS_")

@@ -17,9 +17,11 @@ from datetime import datetime
 
 from services.attribution.common.coupon_rules import is_valid_code, normalize_code
 from services.attribution.common.models import ExperimentArm
-from services.attribution.experiments.stats import DEFAULT_MIN_DETECTABLE_EFFECT
 from services.common import limits
 from services.common.errors import Violations
+
+# The smallest absolute lift in conversion rate a marketer cares about, when not given.
+DEFAULT_MIN_DETECTABLE_EFFECT = 0.01
 
 BUCKETS = 10_000
 MIN_HOLDOUT_PERCENT = 1

@@ -59,7 +59,6 @@ from scipy import optimize, stats
 
 ALPHA = 0.05
 POWER = 0.8
-DEFAULT_MIN_DETECTABLE_EFFECT = 0.01
 
 Array = NDArray[np.float64]
 
