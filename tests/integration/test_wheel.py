@@ -10,6 +10,7 @@ path. About 40 s with pip's cache warm: marked slow.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -38,7 +39,11 @@ SNAPSHOT = REPO / "data" / "ipintel"
 
 
 def _run(*args: str | Path, cwd: Path) -> str:
-    done = subprocess.run([str(arg) for arg in args], cwd=cwd, capture_output=True, text=True)
+    # Without the Makefile's PYTHONPATH: through it the clean venv's pip sees the
+    # checkout's ascribe.egg-info, says the wheel is "already satisfied" and
+    # installs nothing (make test failed where pytest alone passed).
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([str(arg) for arg in args], cwd=cwd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{args} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
