@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     def idle() -> None:
         if follower is not None:
             follower.poll()
+        # A unit that died while a later one starts is restarted now: waiting
+        # for the start-up to end would leave it dead, and the later unit (the
+        # gateway's /readyz needs attribution) waiting for it until its timeout.
+        supervisor.poll()
         check_stop()
 
     with ExitStack() as cleanup:

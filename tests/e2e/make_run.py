@@ -86,8 +86,11 @@ class MakeRun:
         return self
 
     def ready(self) -> bool:
+        # The run's own word first: before it, the supervisor is still starting
+        # units, and a test that kills one then races its start-up.
         return (
-            http_ok(f"{self.gateway_url}/readyz")
+            "ascribe: ready in " in self.output()
+            and http_ok(f"{self.gateway_url}/readyz")
             and grpc_serving(self.addr("attribution"))
             and grpc_serving(self.addr("fraud"))
         )

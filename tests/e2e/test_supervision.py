@@ -164,6 +164,26 @@ def test_a_killed_process_is_restarted_and_nothing_acknowledged_is_lost(make_run
     assert _stored_click(make_run, clicked[-1]).click_id == clicked[-1]
 
 
+def test_a_process_killed_while_a_later_one_starts_is_restarted_and_the_run_comes_up(
+    tmp_path: Path, ipintel_dir: Path
+) -> None:
+    """attribution killed while the gateway starts: without a restart the gateway's /readyz never turns 200."""
+    run = MakeRun(tmp_path / "run", ipintel_dir).start()
+    try:
+        _wait_for(lambda: "ascribe: attribution pid" in run.output(), 120.0, interval=0.005)
+        assert "ascribe: ready in " not in run.output(), run.output()  # the gateway is still starting
+        killed = run.pids()["attribution"]
+        os.kill(killed, signal.SIGKILL)
+        up = _wait_for(lambda: "ascribe: ready in " in run.output(), SERVING_AGAIN_WITHIN)
+        print(f"\nattribution killed while the gateway started; the run was ready {up:.2f}s later")
+        assert f"attribution (pid {killed}) was killed by SIGKILL" in run.output(), run.output()
+        assert run.pids()["attribution"] != killed
+        run.wait_ready()
+        assert _stored_click(run, _click(run, _campaign(run)))
+    finally:
+        assert run.stop() == 0, run.output()
+
+
 def test_readiness_follows_a_paused_postgres_and_liveness_does_not(make_run: MakeRun) -> None:
     postmaster = make_run.pids()["postgres"]
     os.kill(postmaster, signal.SIGSTOP)
