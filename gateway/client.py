@@ -27,6 +27,7 @@ from services.common.batcher import MicroBatcher
 from services.common.channels import Transport
 from services.common.grpc_server import bearer_metadata
 from services.common.status_details import TOKEN_REFUSED, error_reason
+from services.common.tls_channel import generation_of
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class AttributionClient:
                 _stream_batch,
                 self._record_click_batch,
                 name="RecordClickStream",
+                channel_generation=generation_of(channel),
             )
         self._conversions: MicroBatcher[pb.RecordConversionRequest, pb.Conversion] | None = None
         if settings.batch_conversions:

@@ -32,6 +32,7 @@ from services.common.batcher import MicroBatcher
 from services.common.grpc_server import bearer_metadata
 from services.common.metrics import GRPC_CLIENT_BATCH_SIZE
 from services.common.timestamps import set_timestamp
+from services.common.tls_channel import generation_of
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class FraudClient:
                 stream_verdicts,
                 self._check_click_batch,
                 name="CheckClickStream",
+                channel_generation=generation_of(channel),
             )
             click_call = self._send_click_stream
         self._clicks = _BatchedCheck(

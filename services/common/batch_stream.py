@@ -31,7 +31,10 @@ Failure semantics follow the unary call's:
 
 A stream is re-opened after ``max_age_seconds`` (the old one is half-closed
 and drains), so behind a balancer that spreads calls, replicas share streams
-over time rather than one replica keeping a client forever.
+over time rather than one replica keeping a client forever; and at once when
+``channel_generation`` says the channel was made again (a TLS channel after
+its certificate files changed: services.common.tls_channel), so the next
+batch goes out with the new certificate.
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ class BatchStream(Generic[B, A]):
         *,
         name: str,
         max_age_seconds: float = 30.0,
+        channel_generation: Callable[[], int] | None = None,
     ) -> None:
         self._open_stream = open_stream
         self._request = request
@@ -204,6 +208,8 @@ class BatchStream(Generic[B, A]):
         self._unary = unary
         self._name = name
         self._max_age = max_age_seconds
+        self._generation = channel_generation
+        self._opened_generation = 0
         self._seq = itertools.count(1)
         self._call: Any = None
         self._opened_at = 0.0
@@ -287,11 +293,14 @@ class BatchStream(Generic[B, A]):
             raise StreamCallError(grpc.StatusCode.UNAVAILABLE, f"{self._name}: closed")
         if self._call is not None and self._call.done():
             self._call = None  # ended; its reader settles its messages
-        if self._call is not None and time.monotonic() - self._opened_at > self._max_age:
+        generation = self._generation() if self._generation is not None else 0
+        if self._call is not None and (
+            time.monotonic() - self._opened_at > self._max_age or generation != self._opened_generation
+        ):
             await self._retire()
         if self._call is None:
             call = self._open_stream()
-            self._call, self._opened_at = call, time.monotonic()
+            self._call, self._opened_at, self._opened_generation = call, time.monotonic(), generation
             reader = asyncio.create_task(self._read(call))
             self._readers[reader] = call
             reader.add_done_callback(self._reader_done)

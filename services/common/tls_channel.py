@@ -9,10 +9,14 @@ CA, certificate or key file has changed (looked at on a call at most every
 interval), makes a new channel with the new files; calls from then on use it.
 
 The stubs keep the multicallables they were built with at start-up, so those
-are proxies that resolve the current channel at each call. The old channel
-closes after ``drain_seconds``: calls and streams already open on it finish
-(the batch streams re-open every 30 s, on the new channel), and what is still
-open then is cancelled. Files that do not load (a key that is not the
+are proxies that resolve the current channel at each call. A long-lived
+stream does not make calls: the batch streams (services.common.batch_stream)
+ask ``generation_of(channel)`` before each batch and, when the channel was
+made again, half-close their stream and open the next one on the new
+channel, so a rotated client certificate is shown at once rather than when
+the stream next renews itself. The old channel closes after
+``drain_seconds``: calls and streams already open on it finish, and what is
+still open then is cancelled. Files that do not load (a key that is not the
 certificate's, a file half written) are refused with one log line per state
 of the files, and the previous channel stays in use.
 """
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 # How often a call looks at the files: rotations are rare, and this bounds the
 # cost to a clock read per call.
 CHECK_INTERVAL_SECONDS = 5.0
-# Past the batch streams' 30 s re-open, so they drain onto the new channel.
+# Long enough for what is open on the old channel (a stream's answers in flight) to finish.
 DRAIN_SECONDS = 60.0
 
 FileStamp = tuple[tuple[int, int, int], ...]
@@ -77,6 +81,11 @@ class ReloadingChannel(grpc.aio.Channel):
         self._next_check = time.monotonic() + self._check_interval
         self._draining: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.reloads = 0
+
+    def generation(self) -> int:
+        """How many times the channel was made again, the files looked at first (as a call does)."""
+        self.current()
+        return self.reloads
 
     def _credentials(self) -> grpc.ChannelCredentials:
         credentials = channel_credentials(self._settings)
@@ -158,6 +167,11 @@ class ReloadingChannel(grpc.aio.Channel):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close(None)
+
+
+def generation_of(channel: grpc.aio.Channel) -> Callable[[], int] | None:
+    """What a stream on ``channel`` asks to know the channel was made again; None when it never is."""
+    return channel.generation if isinstance(channel, ReloadingChannel) else None
 
 
 class _Proxy:
