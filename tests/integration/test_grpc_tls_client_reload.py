@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from services.common import tls_channel
+from services.common.batch_stream import BatchStream
 from services.common.channels import Transport, open_channel
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.tls import TlsSettings, channel_credentials
-from services.common.tls_channel import ReloadingChannel
+from services.common.tls_channel import ReloadingChannel, generation_of
 from tests.integration.test_grpc_tls import PEER, Pair, Pki, _expiry, _register, raw_unary
 
 CHECK = 0.05
@@ -179,3 +183,72 @@ async def test_the_old_channel_drains_then_closes(rotation: tuple[Files, Files, 
         await channel.close()
         await running.stop(0)
     assert made[1].get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+
+ECHO = "/t.Streams/Echo"
+
+
+def _serial(pem: bytes) -> int:
+    return int(x509.load_pem_x509_certificate(pem).serial_number)
+
+
+async def _echo(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    """Answers each message's seq with the serial of the client certificate its connection was made with."""
+    serial = _serial(next(iter(context.auth_context()["x509_pem_cert"])))
+    async for seq in requests:
+        yield b"%d %d" % (int(seq), serial)
+
+
+def _register_echo(server: grpc.aio.Server) -> None:
+    _register(server)
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("t.Streams", {"Echo": grpc.stream_stream_rpc_method_handler(_echo)}),
+    ))
+
+
+class _Answer:
+    def __init__(self, data: bytes) -> None:
+        seq, serial = data.split()
+        self.seq, self.serial = int(seq), int(serial)
+
+
+async def _no_unary(batch: object, timeout: float) -> int:
+    raise AssertionError("the echo server has the stream method")
+
+
+async def test_a_batch_stream_moves_to_the_new_channel_at_its_next_batch(
+    rotation: tuple[Files, Files, Pki, Pki],
+) -> None:
+    """A stream does not make calls: it asks the channel's generation, so a rotated client certificate shows at once."""
+    server_files, client_files, before, _ = rotation
+    running = await start_server(
+        name="t", addr="127.0.0.1:0", service_names=[], register=_register_echo,
+        interceptor=ServerInterceptor({}), transport=server_files.transport(),
+    )
+    channel = open_channel(f"127.0.0.1:{running.port}", client_files.transport())
+    echo: Any = channel.stream_stream(
+        ECHO, request_serializer=lambda message: b"%d" % message[0], response_deserializer=_Answer
+    )
+
+    def stream(generation: Any) -> BatchStream[str, int]:
+        return BatchStream(
+            lambda: echo(), lambda seq, batch, timeout_ms: (seq, batch), lambda answer: int(answer.serial),
+            _no_unary, name="echo", channel_generation=generation,
+        )
+
+    following, control = stream(generation_of(channel)), stream(None)
+    try:
+        first = _serial(client_files.cert.read_bytes())
+        assert await following.send("a", 3) == first
+        assert await control.send("a", 3) == first
+        client_files.install(before, before.issue("gateway", days=7))
+        await asyncio.sleep(CHECK * 2)
+        renewed = _serial(client_files.cert.read_bytes())
+        assert await following.send("b", 3) == renewed
+        # Without the generation a stream stays on the old channel until its max age (30 s).
+        assert await control.send("b", 3) == first
+    finally:
+        await following.close(1)
+        await control.close(1)
+        await channel.close()
+        await running.stop(0)
