@@ -307,6 +307,9 @@ async def test_channel_segment_keeps_the_channel_of_the_click(env: Env) -> None:
         )
         assert moved.channel == "display"
     await env.click(vid=_vid_in(experiment.id, "treatment", start=int(t_vid[1:]) + 1))  # aff-a, now display
+    # Later clicks of the first unit (now display, one through aff-b) leave it where its first click put it.
+    await env.click(vid=t_vid)
+    await env.click(vid=t_vid, affiliate_id="aff-b")
 
     segmented = await env.result(experiment.id, pb.EXPERIMENT_SEGMENT_BY_CHANNEL)
     units = {(s.segment, a.arm): a.units for s in segmented.segments for a in s.arms if a.units}

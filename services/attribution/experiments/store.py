@@ -190,19 +190,19 @@ _SEGMENT_EXPRESSIONS = {
     "channel": "COALESCE(NULLIF(uc.channel, ''), 'unknown')",
 }
 
-# A unit's channel is the one its first click (of the unit's affiliate) was
-# stored with (clicks.channel, migration 014), not its affiliate's channel
-# now: a later UpdateAffiliate does not move the unit, as it does not move the
-# click in reports. Once per experiment, not once per unit (experiment_clicks
-# is indexed by experiment only). A unit without clicks (AssignVariant) or
-# whose affiliate was unknown has none: 'unknown'.
+# A unit's channel is the one its first click through the unit's affiliate
+# was stored with (clicks.channel, migration 014), not that affiliate's
+# channel now: a later UpdateAffiliate does not move the unit, as it does not
+# move the click in reports. One pass over the experiment's clicks, not a
+# probe per unit (experiment_clicks is indexed by experiment only); unique per
+# (unit, affiliate), so the join adds no row. A unit without clicks
+# (AssignVariant) or whose affiliate was unknown has none: 'unknown'.
 _UNIT_CHANNELS = """, uc AS (
-    SELECT DISTINCT ON (ec.unit_key) ec.unit_key, k.channel
+    SELECT DISTINCT ON (ec.unit_key, k.affiliate_id) ec.unit_key, k.affiliate_id, k.channel
       FROM experiment_clicks ec
-      JOIN experiment_units eu ON eu.experiment_id = ec.experiment_id AND eu.unit_key = ec.unit_key
       JOIN clicks k ON k.click_id = ec.click_id AND k.created_at = ec.created_at
-     WHERE ec.experiment_id = $1 AND k.affiliate_id = eu.affiliate_id
-     ORDER BY ec.unit_key, ec.created_at, ec.click_id
+     WHERE ec.experiment_id = $1
+     ORDER BY ec.unit_key, k.affiliate_id, ec.created_at, ec.click_id
 )"""
 
 # Every conversion of the experiment's campaign that reaches a counting unit
@@ -288,7 +288,7 @@ def result_statement(segment_by: str) -> str:
         segment=_SEGMENT_EXPRESSIONS[segment_by],
         arm_conversions=ARM_CONVERSIONS.format(experiment="$1"),
         unit_channels=_UNIT_CHANNELS if channel else "",
-        segment_join="LEFT JOIN uc ON uc.unit_key = u.unit_key" if channel else "",
+        segment_join="LEFT JOIN uc ON uc.unit_key = u.unit_key AND uc.affiliate_id = u.affiliate_id" if channel else "",
     )
 
 
