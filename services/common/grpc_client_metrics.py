@@ -59,19 +59,28 @@ class _Method:
 
 
 class _Metered:
+    """What the four interceptors share: the method's labels, the start, the observation."""
+
     def __init__(self, grpc_type: str) -> None:
         self._type = grpc_type
         self._methods: dict[str | bytes, _Method] = {}
 
-    def _method(self, details: ClientCallDetails) -> _Method:
+    def _start(self, details: ClientCallDetails) -> tuple[_Method, float]:
         name = details.method
         method = self._methods.get(name)
         if method is None:
             text = name.decode() if isinstance(name, bytes) else name
             method = self._methods[name] = _Method(self._type, text)
-        return method
+        method.started.inc()
+        return method, time.perf_counter()
 
-    def _observe_when_done(self, call: Any, method: _Method, started_at: float) -> None:
+    async def _streaming(
+        self, continuation: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any
+    ) -> Any:
+        """A call that streams requests, answers or both: observed from its done callback."""
+        method, started_at = self._start(details)
+        call = await continuation(details, request)
+
         def done(finished: Any) -> None:
             async def record() -> None:
                 method.done(await finished.code(), started_at)
@@ -81,15 +90,14 @@ class _Metered:
             task.add_done_callback(_PENDING.discard)
 
         call.add_done_callback(done)
+        return call
 
 
 class _UnaryUnary(_Metered, UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any
     ) -> Any:
-        method = self._method(details)
-        method.started.inc()
-        started_at = time.perf_counter()
+        method, started_at = self._start(details)
         try:
             call = await continuation(details, request)
             code = await call.code()
@@ -104,12 +112,7 @@ class _UnaryStream(_Metered, UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any
     ) -> Any:
-        method = self._method(details)
-        method.started.inc()
-        started_at = time.perf_counter()
-        call = await continuation(details, request)
-        self._observe_when_done(call, method, started_at)
-        return call
+        return await self._streaming(continuation, details, request)
 
 
 class _StreamUnary(_Metered, StreamUnaryClientInterceptor):
@@ -119,12 +122,7 @@ class _StreamUnary(_Metered, StreamUnaryClientInterceptor):
         details: ClientCallDetails,
         request_iterator: AsyncIterable[Any] | Iterable[Any],
     ) -> Any:
-        method = self._method(details)
-        method.started.inc()
-        started_at = time.perf_counter()
-        call = await continuation(details, request_iterator)
-        self._observe_when_done(call, method, started_at)
-        return call
+        return await self._streaming(continuation, details, request_iterator)
 
 
 class _StreamStream(_Metered, StreamStreamClientInterceptor):
@@ -134,12 +132,7 @@ class _StreamStream(_Metered, StreamStreamClientInterceptor):
         details: ClientCallDetails,
         request_iterator: AsyncIterable[Any] | Iterable[Any],
     ) -> Any:
-        method = self._method(details)
-        method.started.inc()
-        started_at = time.perf_counter()
-        call = await continuation(details, request_iterator)
-        self._observe_when_done(call, method, started_at)
-        return call
+        return await self._streaming(continuation, details, request_iterator)
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

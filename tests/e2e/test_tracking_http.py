@@ -88,6 +88,18 @@ async def test_crawlers_and_duplicate_affiliate_click_ids_are_rejected_but_redir
     assert "fraud_duplicate_click_id" in (await live.get_click(dup.headers["X-Ascribe-Click-Id"])).reasons
 
 
+async def test_a_browser_user_agent_with_commas_and_quotes_reaches_the_bot_check_intact(live: LiveWorld) -> None:
+    # (A quote-wrapped user agent once showed as a rejected clean event in the
+    # fraud efficacy run: its test data, not this path; this pins the path.)
+    await seed(live)
+    ua = ('Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) '
+          'Version/17.4 Safari/605.1.15 ShopApp/2.1 (build "42", beta; de,en)')
+    click = await live.click(ua=ua, campaign_id="cmp", aff_id="aff-a")
+    assert click.status == 302 and click.headers["X-Ascribe-Decision"] == "accepted"
+    stored = await live.get_click(click.headers["X-Ascribe-Click-Id"])
+    assert stored.user_agent == ua and not any(r.startswith("fraud_") for r in stored.reasons)
+
+
 JSON_ERROR_KEYS = {"code", "message", "field"}
 PLAIN = "campaign_id=cmp&aff_id=aff-a"
 HUGE_UA = "Mozilla/5.0 " + "x" * 1100

@@ -10,17 +10,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 import asyncpg
-import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
-from ascribe.attribution.v1 import attribution_pb2_grpc
 
-from tests.e2e.world import LiveWorld
+from tests.e2e.world import LiveWorld, live_world
 from tests.unit.test_webhook_rules import readme_receiver
 from tests.webhook_receiver import Receiver
-from tools.stack import Stack
 
 
 @pytest.fixture
@@ -35,27 +31,12 @@ async def hooked(
     database_url: str, redis_server_url: str, redis_prefix: str, ipintel_dir: Path, tmp_path: Path,
     redis_client: Any,
 ) -> AsyncIterator[LiveWorld]:
-    stack = Stack(
-        database_url=database_url, redis_url=redis_server_url, log_dir=tmp_path,
-        env={
-            "ASCRIBE_IPINTEL_DIR": str(ipintel_dir),
-            "ASCRIBE_FRAUD_KEY_PREFIX": redis_prefix,
-            "ASCRIBE_CATALOG_CACHE_MS": "0",
-            "ASCRIBE_FRAUD_DEADLINE_MS": "1000",
-            "ASCRIBE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "1",  # the receiver is on loopback
-            "ASCRIBE_WEBHOOK_RETRY_SCHEDULE": "0.5,0.5,0.5",
-        },
-    )
-    await asyncio.to_thread(stack.start)
-    channel = grpc.aio.insecure_channel(stack.addr("attribution"))
-    async with aiohttp.ClientSession() as http:
-        yield LiveWorld(
-            stack, http, channel,
-            attribution_pb2_grpc.CatalogServiceStub(channel),
-            attribution_pb2_grpc.TrackingServiceStub(channel),
-        )
-    await channel.close()
-    await asyncio.to_thread(stack.stop)
+    env = {
+        "ASCRIBE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "1",  # the receiver is on loopback
+        "ASCRIBE_WEBHOOK_RETRY_SCHEDULE": "0.5,0.5,0.5",
+    }
+    async with live_world(database_url, redis_server_url, redis_prefix, ipintel_dir, tmp_path, env) as world:
+        yield world
 
 
 def in_a_minute() -> str:

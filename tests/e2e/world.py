@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,14 @@ class LiveWorld:
         return await self.tracking.GetClick(pb.GetClickRequest(click_id=click_id), timeout=10)
 
 
-@pytest.fixture
-async def live(
-    database_url: str, redis_server_url: str, redis_prefix: str, ipintel_dir: Path, tmp_path: Path,
-    redis_client: Any,
+@asynccontextmanager
+async def live_world(
+    database_url: str, redis_url: str, redis_prefix: str, ipintel_dir: Path, log_dir: Path,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[LiveWorld]:
+    """The stack started with the e2e settings (``env`` adds to or overrides them), stopped after."""
     stack = Stack(
-        database_url=database_url, redis_url=redis_server_url, log_dir=tmp_path,
+        database_url=database_url, redis_url=redis_url, log_dir=log_dir,
         env={
             "ASCRIBE_IPINTEL_DIR": str(ipintel_dir),
             "ASCRIBE_FRAUD_KEY_PREFIX": redis_prefix,
@@ -79,15 +81,27 @@ async def live(
             # said allow", which a late answer would blur. (The deadline itself
             # is tested in tests/integration/test_clicks.py.)
             "ASCRIBE_FRAUD_DEADLINE_MS": "1000",
+            **(env or {}),
         },
     )
     await asyncio.to_thread(stack.start)
     channel = grpc.aio.insecure_channel(stack.addr("attribution"))
-    async with aiohttp.ClientSession() as http:
-        yield LiveWorld(
-            stack, http, channel,
-            attribution_pb2_grpc.CatalogServiceStub(channel),
-            attribution_pb2_grpc.TrackingServiceStub(channel),
-        )
-    await channel.close()
-    await asyncio.to_thread(stack.stop)
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield LiveWorld(
+                stack, http, channel,
+                attribution_pb2_grpc.CatalogServiceStub(channel),
+                attribution_pb2_grpc.TrackingServiceStub(channel),
+            )
+    finally:
+        await channel.close()
+        await asyncio.to_thread(stack.stop)
+
+
+@pytest.fixture
+async def live(
+    database_url: str, redis_server_url: str, redis_prefix: str, ipintel_dir: Path, tmp_path: Path,
+    redis_client: Any,
+) -> AsyncIterator[LiveWorld]:
+    async with live_world(database_url, redis_server_url, redis_prefix, ipintel_dir, tmp_path) as world:
+        yield world

@@ -20,6 +20,7 @@ import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
+from google.protobuf import field_mask_pb2
 from typer.testing import CliRunner
 
 from ascribe_cli.app import app
@@ -285,6 +286,34 @@ async def test_conversions_reach_arms_by_click_and_by_unit_and_stop_ends_countin
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await env.result(experiment.id, 99)
     assert bad_request_fields(bad.value) == ["segment_by"]
+
+
+async def test_channel_segment_keeps_the_channel_of_the_click(env: Env) -> None:
+    experiment = await env.create()
+    t_vid = _vid_in(experiment.id, "treatment")
+    c_vid = _vid_in(experiment.id, "control")
+    await env.click(vid=t_vid)  # aff-a: social at click time
+    await env.click(vid=c_vid, affiliate_id="aff-b")  # aff-b: email at click time
+    # Both partners move to another channel after their clicks; the units
+    # keep the channel they came through, as the clicks (and reports) do.
+    catalog = attribution_pb2_grpc.CatalogServiceStub(env.service_channel)
+    for affiliate_id in ("aff-a", "aff-b"):
+        moved = await catalog.UpdateAffiliate(
+            pb.UpdateAffiliateRequest(
+                affiliate=pb.Affiliate(id=affiliate_id, channel="display"),
+                update_mask=field_mask_pb2.FieldMask(paths=["channel"]),
+            ),
+            timeout=10,
+        )
+        assert moved.channel == "display"
+    await env.click(vid=_vid_in(experiment.id, "treatment", start=int(t_vid[1:]) + 1))  # aff-a, now display
+    # Later clicks of the first unit (now display, one through aff-b) leave it where its first click put it.
+    await env.click(vid=t_vid)
+    await env.click(vid=t_vid, affiliate_id="aff-b")
+
+    segmented = await env.result(experiment.id, pb.EXPERIMENT_SEGMENT_BY_CHANNEL)
+    units = {(s.segment, a.arm): a.units for s in segmented.segments for a in s.arms if a.units}
+    assert units == {("social", TREATMENT): 1, ("email", CONTROL): 1, ("display", TREATMENT): 1}
 
 
 async def _report(env: Env, experiment_id: str, *groups: pb.ReportGroupBy.ValueType, **fields: Any) -> list[pb.ReportRow]:

@@ -32,6 +32,7 @@ from ascribe.fraud.v1 import fraud_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2_grpc
 from fake_useragent.utils import load as load_browser_user_agents
 
+from services.fraud.bots import BotDetector, UaKind
 from services.fraud.config import Settings
 from services.fraud.ipintel import IpInfo, IpIntel
 from services.fraud.server import FraudService, start_fraud
@@ -93,6 +94,22 @@ IN_APP = [
 ]
 
 
+def browser_user_agents() -> list[str]:
+    """fake-useragent's browsers, as browsers send them. One entry of its
+    2.2.0 data is wrapped in double quotes (a CSV quoting artefact no browser
+    sends): labelled clean, the bot check rightly rejected it."""
+    agents = (str(entry["useragent"]).strip() for entry in load_browser_user_agents())
+    return [ua[1:-1] if len(ua) > 1 and ua[0] == ua[-1] == '"' else ua for ua in agents]
+
+
+def test_the_clean_user_agents_are_browsers_as_the_bot_check_sees_them() -> None:
+    detector = BotDetector()
+    agents = browser_user_agents()
+    assert len(agents) > 1000
+    not_browsers = [ua for ua in agents if detector.classify(ua).kind not in (UaKind.BROWSER, UaKind.IN_APP)]
+    assert not_browsers == []
+
+
 def _entries(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
@@ -109,7 +126,7 @@ class Generator:
         self.start = start
         self.span = timedelta(hours=6)
         self.intel = IpIntel.load(ipintel_dir)
-        self.browsers = [entry["useragent"] for entry in load_browser_user_agents()]
+        self.browsers = browser_user_agents()
         self.tor = _entries(ipintel_dir / "tor-exit-nodes.txt")
         self.datacenter = [p for p in _entries(ipintel_dir / "datacenter-ipv4.txt") if "/" in p]
         self.vpn = [p for p in _entries(ipintel_dir / "vpn-ipv4.txt") if "/" in p]

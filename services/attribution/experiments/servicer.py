@@ -7,10 +7,11 @@ enough there, as for recording conversions, and the admin token also works.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -32,6 +33,9 @@ from services.common import limits
 from services.common.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from services.common.grpc_server import presented_token, token_matches
 from services.common.timestamps import utcnow
+
+if TYPE_CHECKING:  # numpy and scipy load with the first result, not with the service (about 85 MB)
+    from services.attribution.experiments.results import ExperimentOutcome
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -173,9 +177,16 @@ class ExperimentServicer(attribution_pb2_grpc.ExperimentServiceServicer):
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await store.result_aggregates(conn, experiment.id, segment_by)
             currency = await store.campaign_currency(conn, experiment.campaign_id)
-        # Imported here: numpy and scipy cost the service about 85 MB of RSS, paid
-        # only once somebody asks for a result.
-        from services.attribution.experiments import results
-
-        outcome = results.outcome(experiment, rows, segmented=bool(segment_by))
+        # In a worker thread: the first call imports numpy and scipy (about a
+        # second), which on the event loop would hold every other RPC of the
+        # replica that long; the statistics are CPU work too.
+        outcome = await asyncio.to_thread(_outcome, experiment, rows, bool(segment_by))
         return result_to_proto(experiment, outcome, currency, self._clock())
+
+
+def _outcome(experiment: rules.Experiment, rows: list[store.ArmAggregate], segmented: bool) -> ExperimentOutcome:
+    # Imported here: numpy and scipy cost the service about 85 MB of RSS, paid
+    # only once somebody asks for a result.
+    from services.attribution.experiments import results
+
+    return results.outcome(experiment, rows, segmented=segmented)

@@ -187,8 +187,23 @@ _SEGMENT_EXPRESSIONS = {
     "": "''",
     "device": "COALESCE(u.device_type, 'unknown')",
     "country": "COALESCE(u.country, 'unknown')",
-    "channel": "COALESCE(NULLIF(a.channel, ''), 'unknown')",
+    "channel": "COALESCE(NULLIF(uc.channel, ''), 'unknown')",
 }
+
+# A unit's channel is the one its first click through the unit's affiliate
+# was stored with (clicks.channel, migration 014), not that affiliate's
+# channel now: a later UpdateAffiliate does not move the unit, as it does not
+# move the click in reports. One pass over the experiment's clicks, not a
+# probe per unit (experiment_clicks is indexed by experiment only); unique per
+# (unit, affiliate), so the join adds no row. A unit without clicks
+# (AssignVariant) or whose affiliate was unknown has none: 'unknown'.
+_UNIT_CHANNELS = """, uc AS (
+    SELECT DISTINCT ON (ec.unit_key, k.affiliate_id) ec.unit_key, k.affiliate_id, k.channel
+      FROM experiment_clicks ec
+      JOIN clicks k ON k.click_id = ec.click_id AND k.created_at = ec.created_at
+     WHERE ec.experiment_id = $1
+     ORDER BY ec.unit_key, k.affiliate_id, ec.created_at, ec.click_id
+)"""
 
 # Every conversion of the experiment's campaign that reaches a counting unit
 # (one first seen before the end) within the window, whatever its status:
@@ -240,7 +255,7 @@ WITH e AS (
     SELECT x.unit_key, x.revenue, x.discount, (x.coupon_code IS NOT DISTINCT FROM e.coupon_code) AS with_code
       FROM e, ({arm_conversions}) x
      WHERE x.status IN ('pending', 'approved', 'flagged')
-), per_unit AS (
+){unit_channels}, per_unit AS (
     SELECT u.arm, {segment} AS segment, u.unit_key,
            count(cv.unit_key) AS conversions,
            COALESCE(sum(cv.revenue), 0) AS revenue,
@@ -248,7 +263,7 @@ WITH e AS (
            count(*) FILTER (WHERE cv.with_code) AS contaminated
       FROM e
       JOIN experiment_units u ON u.experiment_id = $1
-      LEFT JOIN affiliates a ON a.id = u.affiliate_id
+      {segment_join}
       LEFT JOIN conv cv ON cv.unit_key = u.unit_key
      -- A replica whose cache has not yet seen the stop may still assign a
      -- click for up to its TTL: such late units do not count either.
@@ -268,7 +283,13 @@ SELECT arm, segment, count(*) AS units,
 
 def result_statement(segment_by: str) -> str:
     """The result aggregate's SQL ($1: the experiment id); a test EXPLAINs it."""
-    return _RESULT.format(segment=_SEGMENT_EXPRESSIONS[segment_by], arm_conversions=ARM_CONVERSIONS.format(experiment="$1"))
+    channel = segment_by == "channel"
+    return _RESULT.format(
+        segment=_SEGMENT_EXPRESSIONS[segment_by],
+        arm_conversions=ARM_CONVERSIONS.format(experiment="$1"),
+        unit_channels=_UNIT_CHANNELS if channel else "",
+        segment_join="LEFT JOIN uc ON uc.unit_key = u.unit_key AND uc.affiliate_id = u.affiliate_id" if channel else "",
+    )
 
 
 async def result_aggregates(conn: Executor, experiment_id: str, segment_by: str) -> list[ArmAggregate]:
