@@ -148,9 +148,9 @@ def test_rows_are_filled_from_records_field_by_field() -> None:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_rows_carry_the_rates_of_rules_rates(seed: int) -> None:
-    # add_rows computes the rates inline (for speed): they must equal
-    # rules.rates for every row, zero denominators included.
+def test_rows_carry_their_totals_and_the_rates_of_rules_rates(seed: int) -> None:
+    # add_rows computes the rates inline and leaves zeros unset (for speed):
+    # every row must read back its totals and rules.rates, zeros included.
     import random
 
     rng = random.Random(seed)
@@ -160,5 +160,6 @@ def test_rows_carry_the_rates_of_rules_rates(seed: int) -> None:
     answer = pb.GetReportResponse()
     add_rows(query(groups=[]), [("EUR", *t) for t in totals], answer.rows)
     for values, row in zip(totals, answer.rows, strict=True):
+        assert [getattr(row.metrics, name) for name in rules.TOTAL_FIELDS] == values
         expected = rules.rates(rules.Totals(*values))
         assert [getattr(row.metrics, f) for f in vars(expected)] == list(vars(expected).values())

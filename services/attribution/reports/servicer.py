@@ -104,22 +104,39 @@ def add_rows(query: rules.ReportQuery, found: Iterable[Any], rows: Any) -> None:
          flagged, rejected, reversed_, revenue, discount, payout, refunded, uses_taken) = values[first:]
         m = row.metrics
         m.currency = currency
-        m.clicks = clicks
-        m.unique_clicks = unique_clicks
-        m.tracked_clicks = tracked_clicks
-        m.rejected_clicks = rejected_clicks
-        m.conversions = conversions
-        m.pending = pending
-        m.approved = approved
-        m.flagged = flagged
-        m.rejected = rejected
-        m.reversed = reversed_
-        m.revenue_micros = revenue
-        m.discount_micros = discount
-        m.payout_micros = payout
-        m.refunded_micros = refunded
-        m.uses_taken = uses_taken
-        # rules.rates, inline; a zero stays unset, as the field's default
+        # Zeros stay unset (the same message: proto3 sends no zero), and most
+        # are zero: a key of clicks without orders, or orders without clicks.
+        if clicks:
+            m.clicks = clicks
+        if unique_clicks:
+            m.unique_clicks = unique_clicks
+        if tracked_clicks:
+            m.tracked_clicks = tracked_clicks
+        if rejected_clicks:
+            m.rejected_clicks = rejected_clicks
+        if conversions:
+            m.conversions = conversions
+        if pending:
+            m.pending = pending
+        if approved:
+            m.approved = approved
+        if flagged:
+            m.flagged = flagged
+        if rejected:
+            m.rejected = rejected
+        if reversed_:
+            m.reversed = reversed_
+        if revenue:
+            m.revenue_micros = revenue
+        if discount:
+            m.discount_micros = discount
+        if payout:
+            m.payout_micros = payout
+        if refunded:
+            m.refunded_micros = refunded
+        if uses_taken:
+            m.uses_taken = uses_taken
+        # rules.rates, inline (0 where the denominator is 0: unset)
         if clicks:
             m.conversion_rate = conversions / clicks
             m.epc_micros = payout / clicks
