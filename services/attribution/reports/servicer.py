@@ -29,7 +29,7 @@ _DEVICES = EnumWords(pb.DeviceType, "DEVICE_TYPE_")
 # About 150 bytes a row: a chunk stays far below gRPC's 4 MiB message limit.
 EXPORT_CHUNK_ROWS = 5000
 EXPORT_MAX_SECONDS = 600.0  # the CLI's export deadline
-EXPORT_WORK_MEM = "128MB"
+EXPORT_WORK_MEM = "64MB"
 REPORT_WORK_MEM = "32MB"
 
 
@@ -194,7 +194,8 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
                 await conn.execute(f"SET LOCAL statement_timeout = {max(int(seconds * 1000), 1)}")
                 # Its aggregation over ~1M rollup rows spills to disk with the
                 # default 4 MB (the bench's 120,066 keys of coupon by country
-                # hold 168 MB of sums; work_mem times hash_mem_multiplier, 2).
+                # hold 37 MB of sums; a hash may take work_mem times
+                # hash_mem_multiplier, 2 by default).
                 await conn.execute(f"SET LOCAL work_mem = '{EXPORT_WORK_MEM}'")
                 async for found in store.stream_records(conn, query, EXPORT_CHUNK_ROWS, timeout=seconds):
                     chunk = pb.ExportReportResponse()

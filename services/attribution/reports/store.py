@@ -118,7 +118,7 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
         if timed:
             # Summed per bucket and key first: the outer query then computes
             # the zone's keys on few rows.
-            inner = ["bucket AS t", *columns, *(f"sum({m}) AS {m}" for m in TOTAL_FIELDS)]
+            inner = ["bucket AS t", *columns, *(f"ascribe_report_sum({m}) AS {m}" for m in TOTAL_FIELDS)]
             group = ", ".join(["bucket", *columns])
             parts.append(f"SELECT {', '.join(inner)} FROM {table}{within} GROUP BY {group}")
         else:
@@ -183,7 +183,8 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
         )
     keys = [f"{_KEYS[g].format(zone=zone)} AS k_{g}" for g in query.groups]
     group = ", ".join([*(f"k_{g}" for g in query.groups), "currency"])
-    sums = ", ".join(f"sum({m})::bigint AS {m}" for m in TOTAL_FIELDS)
+    # ascribe_report_sum (migration 015): sum() of bigints answers numeric.
+    sums = ", ".join(f"ascribe_report_sum({m}) AS {m}" for m in TOTAL_FIELDS)
     sql = (
         f"SELECT {', '.join([*keys, 'currency'])}, {sums}"
         f" FROM ({' UNION ALL '.join(parts)}) e GROUP BY {group} ORDER BY {group}"
