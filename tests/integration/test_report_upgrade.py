@@ -46,7 +46,7 @@ async def test_014_rebuilds_the_rollups_under_the_new_keys(pg_server_url: str) -
         )
         await conn.execute("UPDATE affiliates SET channel = 'email' WHERE id = 'a1'")
 
-        assert await migrate(conn) == [14]
+        assert await migrate(conn) == [v for v, _ in migration_files() if v >= 14]  # 014 and every later one
         # A change after the upgrade moves the order under its new keys only.
         await conn.execute("UPDATE conversions SET status = 'rejected' WHERE id = 'v1'")
         assert await report_store.drift(conn, now - timedelta(days=1), now + timedelta(days=1)) == []

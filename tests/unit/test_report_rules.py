@@ -145,3 +145,21 @@ def test_rows_are_filled_from_records_field_by_field() -> None:
     assert row.metrics.currency == "EUR"
     assert [getattr(row.metrics, name) for name in rules.TOTAL_FIELDS] == list(values)
     assert row.metrics.conversion_rate == pytest.approx(5 / 1)  # conversions / clicks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_carry_their_totals_and_the_rates_of_rules_rates(seed: int) -> None:
+    # add_rows computes the rates inline and leaves zeros unset (for speed):
+    # every row must read back its totals and rules.rates, zeros included.
+    import random
+
+    rng = random.Random(seed)
+    totals = [
+        [rng.choice([0, 0, 1, rng.randrange(1, 10**12)]) for _ in rules.TOTAL_FIELDS] for _ in range(300)
+    ]
+    answer = pb.GetReportResponse()
+    add_rows(query(groups=[]), [("EUR", *t) for t in totals], answer.rows)
+    for values, row in zip(totals, answer.rows, strict=True):
+        assert [getattr(row.metrics, name) for name in rules.TOTAL_FIELDS] == values
+        expected = rules.rates(rules.Totals(*values))
+        assert [getattr(row.metrics, f) for f in vars(expected)] == list(vars(expected).values())
