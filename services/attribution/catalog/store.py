@@ -476,7 +476,7 @@ class TableAnalyzer:
                 async with self._pool.acquire() as conn, conn.transaction():
                     await conn.execute(f"SET LOCAL statement_timeout = '{BULK_STATEMENT_TIMEOUT_S}s'")
                     await conn.execute("ANALYZE coupons")
-            except (TimeoutError, asyncpg.PostgresError, OSError) as error:
+            except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
                 logger.warning("ANALYZE coupons after a generated batch failed: %r", error)
             if not self._again:
                 return
