@@ -781,3 +781,33 @@ async def test_a_large_batch_is_stored_whole_and_exported_whole(client: Client) 
     ):
         codes.update(chunk.codes)
     assert len(codes) == 100_000
+
+
+async def test_statistics_refreshes_run_one_at_a_time_and_stop_with_the_service(database_url: str) -> None:
+    """Requests during a run add one run after it, not one each; close() stops a run under way."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    try:
+        analyzer = store.TableAnalyzer(pool)
+        runs_before = await _analyze_count(pool)
+        async with pool.acquire() as blocker:
+            async with blocker.transaction():
+                # ANALYZE waits for this lock: the run stays under way until the block ends.
+                await blocker.execute("LOCK TABLE coupons IN SHARE UPDATE EXCLUSIVE MODE")
+                analyzer.request()
+                await asyncio.sleep(0.2)
+                analyzer.request()
+                analyzer.request()
+            await asyncio.wait_for(analyzer.wait(), 10)
+            assert await _analyze_count(pool) - runs_before == 2
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE coupons IN SHARE UPDATE EXCLUSIVE MODE")
+                analyzer.request()
+                await asyncio.sleep(0.2)
+                await asyncio.wait_for(analyzer.close(), 5)
+        assert await _analyze_count(pool) - runs_before == 2
+    finally:
+        await pool.close()
+
+
+async def _analyze_count(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'coupons'"))
