@@ -112,6 +112,7 @@ class AttributionService:
     webhooks: webhook_delivery.WebhookWorker
     guard: GuessGuard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    catalog: CatalogServicer | None = None
 
     @property
     def port(self) -> int:
@@ -128,6 +129,8 @@ class AttributionService:
         await self.guard.close()
         await self.fraud.close()
         await self.fraud_channel.close()
+        if self.catalog is not None:
+            await self.catalog.close()
         await self.pool.close()
 
 
@@ -234,6 +237,7 @@ async def start_attribution(settings: Settings, *, clock: Callable[[], datetime]
     service = AttributionService(
         settings=settings, pool=pool, fraud_channel=fraud_channel, server=running, clicks=clicks,
         fraud=fraud, recorder=recorder, lifecycle=lifecycle, webhooks=webhook_worker, guard=guard,
+        catalog=catalog,
     )
     if settings.background_jobs:
         service.tasks = _background_jobs(service, gate)

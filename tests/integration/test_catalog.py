@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from grpc_status import rpc_status
 
 from services.attribution.catalog import store
 from services.attribution.catalog.rules import CODE_ALPHABET
+from services.attribution.catalog.servicer import ANALYZE_AFTER_CODES
 from services.attribution.common.code_check import CodeShape, check_symbol
 from services.attribution.common.models import Coupon
 from services.attribution.config import Settings
@@ -713,32 +715,54 @@ async def test_generate_codes_refuses_bad_requests(client: Client) -> None:
 
 
 async def test_generation_tops_up_collisions(client: Client, db: asyncpg.Connection) -> None:
-    """Codes repeated within the batch, or already in the campaign, are replaced, not fatal."""
+    """A code the campaign already has fails its chunk alone, and is replaced, not fatal."""
     campaign = await client.campaign()
-    await client.coupon(campaign.id, "TAKEN", kind=pb.COUPON_KIND_UNIQUE)
+    await client.coupon(campaign.id, "NEW-7", kind=pb.COUPON_KIND_UNIQUE)
     draws = iter(
         [
-            b"NEW-1NEW-1TAKENNEW-2",  # four 5-symbol codes, one repeat, one existing: 2 stored
-            b"NEW-2NEW-3",  # NEW-2 again: 1 stored
-            b"NEW-4",
+            [b"NEW-1NEW-2", b"NEW-7NEW-8"],  # chunks of 2 codes: (1, 2) stored, (7, 8) clashes: 8 alone stored
+            [b"NEW-2"],  # the batch's own code again: nothing stored
+            [b"NEW-3"],
         ]
     )
     requested: list[int] = []
 
-    def make_block(n: int) -> bytes:
+    def draw(n: int) -> Iterator[bytes]:
         requested.append(n)
-        return next(draws)
+        return iter(next(draws))
 
     template = Coupon(campaign_id=campaign.id, code="", kind="unique", usage_limit=1, batch_id="bat_test")
     stored = await store.insert_generated_codes(
-        db, template, batch_id="bat_test", shape=CodeShape("NEW", 1), count=4, make_block=make_block
+        db, template, batch_id="bat_test", shape=CodeShape("NEW", 1), count=4, draw=draw, chunk=2
     )
     assert stored == 4
-    assert requested == [4, 2, 1]
+    assert requested == [4, 1, 1]
     codes = await db.fetch("SELECT code FROM coupons WHERE batch_id = 'bat_test' ORDER BY code")
-    assert [r["code"] for r in codes] == ["NEW-1", "NEW-2", "NEW-3", "NEW-4"]
-    taken = await store.get_coupon(db, campaign.id, "TAKEN")
+    assert [r["code"] for r in codes] == ["NEW-1", "NEW-2", "NEW-3", "NEW-8"]
+    taken = await store.get_coupon(db, campaign.id, "NEW-7")
     assert taken.batch_id is None  # the existing code was left alone
+
+
+async def test_a_large_batch_has_the_planner_statistics_refreshed_after_it_commits(
+    client: Client, db: asyncpg.Connection
+) -> None:
+    """Off the answer's path (store.TableAnalyzer): the planner soon knows the batch is large."""
+    campaign = await client.campaign()
+    generated = await client.stub.GenerateCodes(
+        pb.GenerateCodesRequest(template=pb.Coupon(campaign_id=campaign.id), count=ANALYZE_AFTER_CODES),
+        metadata=AUTH,
+        timeout=60,
+    )
+    for _ in range(200):
+        known = await db.fetchval(
+            """SELECT $1 = ANY(most_common_vals::text::text[]) FROM pg_stats
+                WHERE tablename = 'coupons' AND attname = 'batch_id'""",
+            generated.batch_id,
+        )
+        if known:
+            break
+        await asyncio.sleep(0.05)
+    assert known
 
 
 @pytest.mark.slow
@@ -757,3 +781,33 @@ async def test_a_large_batch_is_stored_whole_and_exported_whole(client: Client) 
     ):
         codes.update(chunk.codes)
     assert len(codes) == 100_000
+
+
+async def test_statistics_refreshes_run_one_at_a_time_and_stop_with_the_service(database_url: str) -> None:
+    """Requests during a run add one run after it, not one each; close() stops a run under way."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    try:
+        analyzer = store.TableAnalyzer(pool)
+        runs_before = await _analyze_count(pool)
+        async with pool.acquire() as blocker:
+            async with blocker.transaction():
+                # ANALYZE waits for this lock: the run stays under way until the block ends.
+                await blocker.execute("LOCK TABLE coupons IN SHARE UPDATE EXCLUSIVE MODE")
+                analyzer.request()
+                await asyncio.sleep(0.2)
+                analyzer.request()
+                analyzer.request()
+            await asyncio.wait_for(analyzer.wait(), 10)
+            assert await _analyze_count(pool) - runs_before == 2
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE coupons IN SHARE UPDATE EXCLUSIVE MODE")
+                analyzer.request()
+                await asyncio.sleep(0.2)
+                await asyncio.wait_for(analyzer.close(), 5)
+        assert await _analyze_count(pool) - runs_before == 2
+    finally:
+        await pool.close()
+
+
+async def _analyze_count(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'coupons'"))

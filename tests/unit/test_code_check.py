@@ -100,3 +100,33 @@ def test_mistyped_needs_the_shape_of_a_batch() -> None:
     ):
         assert missing_code_reason(other, [shape]) == UNKNOWN_COUPON, other
     assert missing_code_reason(wrong_check, []) == UNKNOWN_COUPON
+
+
+def test_a_sorted_batch_is_distinct_ascending_and_whole() -> None:
+    # 4 random symbols: 1,048,576 codes, so 20,000 draws repeat some (about 190): they are drawn again.
+    blocks = list(code_check.sorted_codes(20_000, "VIP-", 4, piece=3_000))
+    codes = [code for block in blocks for code in code_check.split_block(block, 4 + 4 + 1)]
+    assert len(codes) == 20_000
+    assert codes == sorted(set(codes))
+    assert max(len(block) for block in blocks) <= 3_000 * 9
+    for code in codes:
+        assert code.startswith("VIP-") and code[-1] == code_check.check_symbol(code[4:-1])
+    # Every symbol at every random position, the first (drawn as the group) included.
+    for position in range(4, 8):
+        assert {code[position] for code in codes} == set(ALPHABET)
+
+
+def test_the_groups_of_a_sorted_batch_are_as_large_as_chance_makes_them() -> None:
+    """How many codes start with each symbol is drawn, not fixed: about 1/32 each, varying."""
+    codes = [c for block in code_check.sorted_codes(64_000, "", 8) for c in code_check.split_block(block, 9)]
+    sizes = [sum(1 for c in codes if c[0] == symbol) for symbol in ALPHABET]
+    assert sum(sizes) == 64_000
+    assert all(1_700 < size < 2_300 for size in sizes)
+    assert len(set(sizes)) > 1
+
+
+def test_a_sorted_batch_too_large_for_its_code_space_comes_short() -> None:
+    """One random symbol: 32 codes at most; the caller (the store) draws the rest again."""
+    codes = [c for block in code_check.sorted_codes(200, "X", 1) for c in code_check.split_block(block, 3)]
+    assert len(codes) == len(set(codes)) <= 32
+    assert codes == sorted(codes)
