@@ -52,8 +52,9 @@ OPS.window = function(key, a)
   redis.call('HSET', cur_key, a.member, table.concat(vals, ','))
   -- The hash serves as the previous bucket through the next one, then goes
   -- (a lifetime counted from the event's time, as the windows are: a
-  -- replayed old event's hash still lives its two buckets).
-  redis.call('PEXPIRE', cur_key, (h + 2) * long + a.slack_ms - now)
+  -- replayed old event's hash still lives its two buckets). Set with each
+  -- new field, which is when the hash is created (and the deadline the same).
+  if not cur then redis.call('PEXPIRE', cur_key, (h + 2) * long + a.slack_ms - now) end
   local frac = (now - h * long) / long
   out[n] = milli(before * (1 - frac) + count)
   return out
