@@ -233,10 +233,14 @@ class FirstVisit(Counter[bool]):
 
 
 # Members a sharded hash holds on average at the expected peak population
-# (shards = population / SHARD_FILL): half of Redis's default limit for a
-# listpack hash (hash-max-listpack-entries 128; hash-max-ziplist-entries on
-# 6.2), room for the unevenness of the hash and for growth. A fuller hash
-# turns into a hash table: still exact, about four times the bytes.
+# (shards = population / SHARD_FILL). Redis keeps a hash of up to 512
+# fields as a listpack by default (hash-max-listpack-entries;
+# hash-max-ziplist-entries on 6.2): an eighth of it leaves room for the
+# unevenness of the hash and for eight times the population, and keeps the
+# listpacks that each operation scans short (a few hundred bytes). A
+# fuller hash turns into a hash table: still exact, about four times the
+# bytes. Fewer members a hash would spread its fixed cost (about 150 bytes)
+# over fewer.
 SHARD_FILL = 64
 
 

@@ -136,7 +136,7 @@ class StoreConfig:
     # The expected peak of distinct click addresses in an hour, and of
     # distinct visitors (campaign, affiliate, IP and user agent) in 24
     # hours: they size the shards of the per-address windows and of the
-    # unique visitors (counters.shards_for). Up to about twice them a member
+    # unique visitors (counters.shards_for). Up to about eight times them a member
     # costs about 25 bytes of Redis; far beyond, the hashes turn into hash
     # tables (about 95); far below, fewer members share a hash's fixed cost
     # (about 150) and the checks touch more keys. Either way it is exact.
