@@ -142,7 +142,7 @@ class StoreConfig:
     # (about 150) and the checks touch more keys. Either way it is exact.
     # A change re-shards: for one window, repeat visits may count unique.
     addresses_per_hour: int = 250_000
-    visitors_per_day: int = 2_000_000
+    visitors_per_day: int = 500_000
     # Off only in tests, to run the per-bucket (cluster) path on a standalone server.
     single_call_when_standalone: bool = True
 
