@@ -52,20 +52,22 @@ async def test_a_click_from_a_distinct_address_costs_at_most_100_bytes(tmp_path:
     count = 20_000
     server = embedded.start_redis(tmp_path / "redis", extra_args=["--appendonly", "no"])
     client = aioredis.from_url(server.url)
-    store = FraudStore(client, StoreConfig(prefix="mem", addresses_per_hour=count, visitors_per_day=count))
     try:
-        await store.load_scripts()
-        before = int((await client.info("memory"))["used_memory"])
-        await send(store, count)
-        after = int((await client.info("memory"))["used_memory"])
-        per_click = (after - before) / count
-        assert per_click <= 100, f"{per_click:.0f} bytes per click"
-        for family in ("ip", "uv"):
-            found, sizes = await encodings(client, f"mem:fraud:*:{family}#*")
-            assert set(found) <= SMALL, f"{family}: {found}"
-            assert sum(sizes) == count, f"{family}: a field per address or visitor"
+        store = FraudStore(client, StoreConfig(prefix="mem", addresses_per_hour=count, visitors_per_day=count))
+        try:
+            await store.load_scripts()
+            before = int((await client.info("memory"))["used_memory"])
+            await send(store, count)
+            after = int((await client.info("memory"))["used_memory"])
+            per_click = (after - before) / count
+            assert per_click <= 100, f"{per_click:.0f} bytes per click"
+            for family in ("ip", "uv"):
+                found, sizes = await encodings(client, f"mem:fraud:*:{family}#*")
+                assert set(found) <= SMALL, f"{family}: {found}"
+                assert sum(sizes) == count, f"{family}: a field per address or visitor"
+        finally:
+            await store.aclose()
     finally:
-        await store.aclose()
         await client.aclose()
         server.stop()
 
