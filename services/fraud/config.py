@@ -168,6 +168,10 @@ class Settings:
             surge_factor=env_float("ASCRIBE_FRAUD_SURGE_FACTOR", StoreConfig.surge_factor, minimum=1.0),
             alerts_maxlen=env_int("ASCRIBE_FRAUD_ALERTS_MAXLEN", StoreConfig.alerts_maxlen, minimum=100),
             key_buckets=env_int("ASCRIBE_FRAUD_KEY_BUCKETS", StoreConfig.key_buckets, minimum=1),
+            addresses_per_hour=env_int(
+                "ASCRIBE_FRAUD_ADDRESSES_PER_HOUR", StoreConfig.addresses_per_hour, minimum=1
+            ),
+            visitors_per_day=env_int("ASCRIBE_FRAUD_VISITORS_PER_DAY", StoreConfig.visitors_per_day, minimum=1),
             guess_threshold=env_int("ASCRIBE_FRAUD_GUESS_THRESHOLD", StoreConfig.guess_threshold, minimum=1),
             guess_window_seconds=env_int(
                 "ASCRIBE_FRAUD_GUESS_WINDOW_SECONDS", StoreConfig.guess_window_seconds, minimum=1

@@ -3,9 +3,10 @@
 Keys (``P`` is ``ASCRIBE_FRAUD_KEY_PREFIX``, ``NN`` a bucket number):
 
     P:fraud:{bNN}:xc:<affiliate>:<external click id>   dedup, value = owning click id
-    P:fraud:{bNN}:uv:<campaign>:<affiliate>:<visitor>  a visitor's first click in 24 h (unique clicks),
-      value = that click id; <visitor>: a hash of the IP and user agent
-    P:fraud:{bNN}:ip:<ip>                              click velocity windows of an IP
+    P:fraud:{bNN}:uv#<day>:<shard>                     visitors' unique clicks of a UTC day (24 h periods),
+      a field per visitor (8 bytes of a digest of campaign, affiliate, IP and user agent) =
+      the click's ms in the day and a tag of its id (FirstVisit)
+    P:fraud:{bNN}:ip#<hour>:<shard>                    click velocity windows, a field per IP (Window)
     P:fraud:{bNN}:cip:<campaign>:<ip>                  conversions of an IP in a campaign
       (<ip>: an IPv4 address, or an IPv6 address's /64, see ipintel.subscriber_key)
     P:fraud:{bNN}:cip:<campaign>:<ip>:o:<order>        the order's count there (each order counts once)
@@ -30,6 +31,7 @@ import hashlib
 import logging
 import re
 import secrets
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +44,7 @@ from services.fraud.counters import (
     Answers,
     Batch,
     Dedup,
+    FirstVisit,
     Handle,
     Misses,
     MissesAnswer,
@@ -52,6 +55,7 @@ from services.fraud.counters import (
     SpreadAnswer,
     Window,
     script,
+    shards_for,
     unpack,
 )
 from services.fraud.domain import (
@@ -129,6 +133,16 @@ class StoreConfig:
     guess_threshold: int = 20  # unknown codes in the window that make an address or customer a guesser
     guess_window_seconds: int = 600
     key_buckets: int = 16
+    # The expected peak of distinct click addresses in an hour, and of
+    # distinct visitors (campaign, affiliate, IP and user agent) in 24
+    # hours: they size the shards of the per-address windows and of the
+    # unique visitors (counters.shards_for). Up to about eight times them a member
+    # costs about 25 bytes of Redis; far beyond, the hashes turn into hash
+    # tables (about 95); far below, fewer members share a hash's fixed cost
+    # (about 150) and the checks touch more keys. Either way it is exact.
+    # A change re-shards: for one window, repeat visits may count unique.
+    addresses_per_hour: int = 250_000
+    visitors_per_day: int = 500_000
     # Off only in tests, to run the per-bucket (cluster) path on a standalone server.
     single_call_when_standalone: bool = True
 
@@ -142,9 +156,18 @@ def valid_stream_id(value: str) -> bool:
 UNIQUE_CLICK_WINDOW_MS = 24 * 3600 * 1000
 
 
-def visitor_key(ip: str, user_agent: str) -> str:
-    """The visitor of a click: IP and user agent, hashed to bound the key's length."""
-    return hashlib.blake2b(f"{ip}\x1f{user_agent}".encode(), digest_size=12).hexdigest()
+def visitor_digest(campaign_id: str, affiliate_id: str, ip: str, user_agent: str) -> bytes:
+    """The visitor of a click for a campaign and affiliate: 12 bytes of a digest (FirstVisit.add)."""
+    return hashlib.blake2b(
+        f"{campaign_id}\x1f{affiliate_id}\x1f{ip}\x1f{user_agent}".encode(), digest_size=12
+    ).digest()
+
+
+def owner_tag(click_id: str) -> bytes:
+    """A click's 4-byte tag: a retried check of a unique click finds its own tag."""
+    if not click_id:
+        return secrets.token_bytes(4)  # no id: no retry to recognise
+    return zlib.crc32(click_id.encode()).to_bytes(4, "big")
 
 
 def _ms(at: datetime) -> int:
@@ -171,8 +194,12 @@ class FraudStore:
         self._key_prefix = f"{self.prefix}:".encode()
         cfg = config
         self.dedup = Dedup(ttl_ms=cfg.dedup_ttl_seconds * 1000)
-        self.first_visit = Dedup(ttl_ms=UNIQUE_CLICK_WINDOW_MS)
-        self.ip_clicks = Window(windows_ms=(60_000, 3_600_000))
+        self.first_visit = FirstVisit(
+            window_ms=UNIQUE_CLICK_WINDOW_MS, shards=shards_for(cfg.visitors_per_day, cfg.key_buckets)
+        )
+        self.ip_clicks = Window(
+            windows_ms=(60_000, 3_600_000), shards=shards_for(cfg.addresses_per_hour, cfg.key_buckets)
+        )
         self.ip_conversions = OncePerOrder(window_ms=86_400_000, ttl_ms=2 * 86400 * 1000)
         self.code_spread = Spread(max_distinct=cfg.code_max_distinct, ttl_ms=cfg.code_spread_ttl_seconds * 1000)
         self.affiliate_burst = Spike(
@@ -251,10 +278,11 @@ class FraudStore:
         cfg = self.config
         batch = self.batch()
         dedup_at: dict[int, Handle[str | None]] = {}
-        visit_at: dict[int, Handle[str | None]] = {}
+        visit_at: dict[int, Handle[bool]] = {}
         by_ip: dict[str, list[int]] = {}
         by_affiliate: dict[tuple[str, str], list[int]] = {}
         ip_keys = [subscriber_key(event.ip) if event.ip else "" for event in events]
+        at_ms = [_ms(event.occurred_at) for event in events]
         for index, event in enumerate(events):
             if event.external_click_id and event.affiliate_id:
                 # A click without our id cannot be recognised as a retry, so
@@ -265,25 +293,21 @@ class FraudStore:
                 )
             if event.ip:
                 by_ip.setdefault(ip_keys[index], []).append(index)
-                # The first owner of the visitor's key is the unique click; a
-                # retried check of that click finds itself the owner.
+                # A retried check of a unique click finds its own tag.
                 visit_at[index] = self.first_visit.add(
-                    batch,
-                    f"uv:{event.campaign_id}:{event.affiliate_id}:{visitor_key(event.ip, event.user_agent)}",
-                    event.click_id or f"anonymous:{secrets.token_hex(8)}",
+                    batch, "uv",
+                    visitor_digest(event.campaign_id, event.affiliate_id, event.ip, event.user_agent),
+                    owner_tag(event.click_id), at_ms[index],
                 )
             if event.affiliate_id:
                 by_affiliate.setdefault((event.campaign_id, event.affiliate_id), []).append(index)
         ip_at: dict[str, Handle[tuple[float, ...]]] = {}
         for ip, members in by_ip.items():
-            if len(members) == 1:
-                now = _ms(events[members[0]].occurred_at)
-            else:
-                now = max(_ms(events[i].occurred_at) for i in members)
+            now = at_ms[members[0]] if len(members) == 1 else max(at_ms[i] for i in members)
             ip_at[ip] = self.ip_clicks.add(batch, f"ip:{ip}", now, len(members))
         burst_at: dict[tuple[str, str], Handle[SpikeAnswer]] = {}
         for (campaign_id, affiliate_id), members in by_affiliate.items():
-            now = max(_ms(events[i].occurred_at) for i in members)
+            now = max(at_ms[i] for i in members)
             burst_at[(campaign_id, affiliate_id)] = self.affiliate_burst.add(
                 batch, f"aff:{campaign_id}:{affiliate_id}", now, len(members)
             )
@@ -308,10 +332,7 @@ class FraudStore:
                 estimates = answers[ip_at[ip_keys[index]]]
                 minute = max(0.0, estimates[0] - behind)
                 hour = max(0.0, estimates[1] - behind)
-            repeat = False
-            if index in visit_at:
-                first = answers[visit_at[index]]
-                repeat = first is not None and first != event.click_id
+            repeat = index in visit_at and answers[visit_at[index]]
             counters.append(ClickCounters(
                 duplicate_of=duplicate_of, ip_last_minute=minute, ip_last_hour=hour, repeat_visit=repeat
             ))

@@ -72,7 +72,13 @@ async def story(store: FraudStore) -> list[dict[str, Any]]:
 
 
 def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    """Bytes as text; binary ones (the unique visitors' fields) as 0x and their hex."""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return "0x" + value.hex()
 
 
 async def stored(client: aioredis.Redis, prefix: str) -> dict[str, Any]:

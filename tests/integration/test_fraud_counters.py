@@ -18,6 +18,7 @@ from services.common.errors import Unavailable
 from services.fraud.counters import (
     Counter,
     Dedup,
+    FirstVisit,
     OncePerOrder,
     Spike,
     SpikeAnswer,
@@ -26,7 +27,7 @@ from services.fraud.counters import (
     Window,
 )
 from services.fraud.redis_transport import RedisPyTransport, RespTransport
-from services.fraud.store import FraudStore, StoreConfig
+from services.fraud.store import FraudStore, StoreConfig, owner_tag, visitor_digest
 from tests.integration.fraud_golden import text
 from tests.integration.test_fraud_golden import transport
 
@@ -49,6 +50,13 @@ def key(store: FraudStore, subject: str) -> str:
     """The full name of a subject's key (its bucket's tag included)."""
     batch = store.batch()
     batch.add(Dedup(1), subject, {})
+    return f"{store.prefix}:{batch.ops[0][1]}"
+
+
+def sharded_key(store: FraudStore, add: Any, *args: Any) -> str:
+    """The family key (bucket's tag included) an operation of a sharded counter goes to."""
+    batch = store.batch()
+    add(batch, *args)
     return f"{store.prefix}:{batch.ops[0][1]}"
 
 
@@ -76,9 +84,9 @@ async def test_window_slides_over_its_buckets(store: FraudStore, redis_client: a
         seen.append((await store.run(batch))[handle])
     # At 90 s the previous minute (5) counts half: 5 * 0.5 + 1; at 200 s it is gone.
     assert seen == [(3.0, 3.0), (5.0, 5.0), (3.5, 6.0), (0.0, 6.0)]
-    # The family's IPs share one hash per hour, a field each: the minute
+    # The family's IPs share small hashes per hour, a field each: the minute
     # (relative to the hour), its count, the previous minute's, the hour's count.
-    hour = key(store, "ip:1.2.3.4").removesuffix("1.2.3.4") + f"#{T0 // 3_600_000}"
+    hour = sharded_key(store, window.add, "ip:1.2.3.4", T0, 1) + f"#{T0 // 3_600_000}:0"
     assert text(cast(bytes, await redis_client.hget(hour, "1.2.3.4"))) == "3,0,0,6"
     assert 3_600_000 < await redis_client.pttl(hour) <= 2 * 3_600_000 + Window.SLACK_MS
 
@@ -149,6 +157,63 @@ async def test_spread_flags_once_past_its_limit(store: FraudStore) -> None:
         SpreadAnswer(1, 1, False), SpreadAnswer(2, 1, False), SpreadAnswer(3, 2, True),
         SpreadAnswer(4, 2, False), SpreadAnswer(4, 3, False),
     ]
+
+
+DAY = 86_400_000
+D0 = DAY * 20_000  # ms, on a UTC midnight
+
+
+async def visits(store: FraudStore, *events: tuple[str, str, int]) -> list[bool]:
+    """(visitor, click id, ms after D0) in one batch: whether each is a repeat visit."""
+    first_visit = FirstVisit(window_ms=DAY, shards=4)
+    batch = store.batch()
+    handles = [
+        first_visit.add(batch, "uv", visitor_digest("c", "a", visitor, "UA"), owner_tag(click), D0 + at)
+        for visitor, click, at in events
+    ]
+    answers = await store.run(batch)
+    return [answers[h] for h in handles]
+
+
+async def test_a_repeat_visit_is_one_within_24_hours_of_the_unique_one_across_midnight(store: FraudStore) -> None:
+    hour = 3_600_000
+    # Unique at 22:00; repeats at 23:00, and the next day until 21:59:59.999.
+    assert await visits(store, ("v1", "k1", 22 * hour), ("v1", "k2", 23 * hour)) == [False, True]
+    assert await visits(store, ("v1", "k3", DAY + 21 * hour), ("v1", "k4", DAY + 22 * hour - 1)) == [True, True]
+    # 24 hours after the unique click: unique again, and the new one counts from then.
+    assert await visits(store, ("v1", "k5", DAY + 22 * hour)) == [False]
+    assert await visits(store, ("v1", "k6", 2 * DAY + 22 * hour - 1), ("v1", "k7", 2 * DAY + 22 * hour)) == [
+        True, False,
+    ]
+    # Another visitor, or the same address with another campaign, is its own.
+    first_visit = FirstVisit(window_ms=DAY, shards=4)
+    batch = store.batch()
+    other = first_visit.add(batch, "uv", visitor_digest("c2", "a", "v1", "UA"), owner_tag("k8"), D0 + 23 * hour)
+    assert (await store.run(batch))[other] is False
+    assert await visits(store, ("v2", "k9", 23 * hour)) == [False]
+
+
+async def test_a_retried_check_of_a_unique_click_stays_unique(store: FraudStore) -> None:
+    hour = 3_600_000
+    assert await visits(store, ("v1", "k1", 23 * hour), ("v1", "k1", 23 * hour + 5)) == [False, False]
+    # Retried the next day (from the previous day's hash), and a repeat stays a repeat.
+    assert await visits(store, ("v1", "k2", DAY + hour)) == [True]
+    assert await visits(store, ("v1", "k1", DAY + 2 * hour), ("v1", "k2", DAY + 2 * hour)) == [False, True]
+    # A click without an id is never taken for the owner.
+    assert await visits(store, ("v1", "", DAY + 3 * hour)) == [True]
+
+
+async def test_visitors_live_in_small_hashes_of_their_day(store: FraudStore, redis_client: aioredis.Redis) -> None:
+    first_visit = FirstVisit(window_ms=DAY, shards=4)
+    batch = store.batch()
+    digest = visitor_digest("c", "a", "198.51.100.7", "UA")
+    first_visit.add(batch, "uv", digest, owner_tag("k1"), D0 + 1_234)
+    shard = batch.ops[0][2]["shard"]
+    await store.run(batch)
+    name = f"{store.prefix}:{batch.ops[0][1]}#{D0 // DAY}:{shard}"
+    # 8 bytes of the visitor's digest = the click's ms in its day and its owner's tag.
+    assert await redis_client.hgetall(name) == {digest[:8]: (1_234).to_bytes(4, "big") + owner_tag("k1")}
+    assert DAY < await redis_client.pttl(name) <= 2 * DAY + DAY // 1440
 
 
 class _Unknown(Counter[Any]):

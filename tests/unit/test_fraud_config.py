@@ -9,6 +9,7 @@ import pytest
 from services.common.env import ConfigError
 from services.fraud.config import Settings
 from services.fraud.server import FRAUD_SERVICE, required_tokens
+from services.fraud.store import FraudStore
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,6 +59,19 @@ def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch)
     assert len(required_tokens(settings)) == 7  # CheckCodeGuessing too
 
 
+def test_shards_are_sized_for_the_populations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """About 64 members a hash at the stated peak, per key bucket, at least one."""
+    monkeypatch.setenv("ASCRIBE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("ASCRIBE_FRAUD_ADDRESSES_PER_HOUR", "9000000")
+    monkeypatch.setenv("ASCRIBE_FRAUD_VISITORS_PER_DAY", "100")
+    monkeypatch.setenv("ASCRIBE_FRAUD_KEY_BUCKETS", "8")
+    config = Settings.from_env().store
+    assert (config.addresses_per_hour, config.visitors_per_day) == (9_000_000, 100)
+    store = FraudStore(None, config, transport=object())  # type: ignore[arg-type]  # no I/O here
+    assert store.ip_clicks.shards == 17_579  # ceil(9,000,000 / (8 x 64))
+    assert store.first_visit.shards == 1
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -67,6 +81,8 @@ def test_overrides_and_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch)
         ("ASCRIBE_FRAUD_CLICKS_PER_IP_MINUTE", "ten"),
         ("ASCRIBE_FRAUD_REVIEW_SCORE", "95"),
         ("ASCRIBE_FRAUD_CHECK_LINGER_MS", "-1"),
+        ("ASCRIBE_FRAUD_VISITORS_PER_DAY", "0"),
+        ("ASCRIBE_FRAUD_ADDRESSES_PER_HOUR", "many"),
         ("ASCRIBE_IPINTEL_REFRESH_HOURS", "0.5"),  # below the minimum: hammers the upstream servers
         ("ASCRIBE_IPINTEL_REFRESH_HOURS", "-1"),
         ("ASCRIBE_IPINTEL_REFRESH_HOURS", "nan"),
