@@ -14,7 +14,10 @@ stream does not make calls: the batch streams (services.common.batch_stream)
 ask ``generation_of(channel)`` before each batch and, when the channel was
 made again, half-close their stream and open the next one on the new
 channel, so a rotated client certificate is shown at once rather than when
-the stream next renews itself. The old channel closes after
+the stream next renews itself. Other long streams (the alert followers'
+``WatchAlerts``) stay on the old channel until it closes, and resume from
+their cursor on the new one: the old client certificate may be shown there
+for up to ``drain_seconds``. The old channel closes after
 ``drain_seconds``: calls and streams already open on it finish, and what is
 still open then is cancelled. Files that do not load (a key that is not the
 certificate's, a file half written) are refused with one log line per state

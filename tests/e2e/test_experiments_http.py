@@ -31,7 +31,7 @@ HOLDOUT = 30
 TREATMENT_RATE = 0.12
 CONTROL_RATE = 0.06
 CONTAMINATED = 3  # control buyers who found the code anyway
-HEALTH_BOUND_SECONDS = 0.3
+HEALTH_BOUND_SECONDS = 0.3  # a first result quicker than twice this proves nothing
 
 
 def address(i: int) -> str:
@@ -194,14 +194,19 @@ async def test_the_first_result_does_not_stall_the_other_rpcs(live: LiveWorld) -
         pb.GetExperimentResultRequest(experiment_id=experiment.id), timeout=60
     ))
     slowest = 0.0
-    while not result.done():
-        sent = time.perf_counter()
-        await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        slowest = max(slowest, time.perf_counter() - sent)
-        await asyncio.sleep(0.02)
-    await result
+    try:
+        while not result.done():
+            sent = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            slowest = max(slowest, time.perf_counter() - sent)
+            await asyncio.sleep(0.02)
+        await result
+    finally:
+        result.cancel()
     took = time.perf_counter() - started
     if took < 2 * HEALTH_BOUND_SECONDS:
         pytest.skip(f"the first result took only {took:.2f} s: a stalled loop could not be told from a slow answer")
-    # On the event loop, the import held every health check for all of it.
-    assert slowest < HEALTH_BOUND_SECONDS, (slowest, took)
+    # On the event loop, the import held the health checks for nearly all of it
+    # (0.84 s of 0.89 s, measured): bounded by half of it, not by a fixed figure
+    # a loaded machine's scheduling could break.
+    assert slowest < took / 2, (slowest, took)

@@ -58,7 +58,10 @@ UA = (
 )
 # Every wait is bounded by this; the scenario (once the stack is up) by TEST_BUDGET_S.
 STEP_DEADLINE_S = 20.0
-TEST_BUDGET_S = 45.0
+# Four steps each wait for a client's file check (every 5 s) and healing for a
+# reconnect backoff: about 22 s at worst before the traffic; 60 s leaves room
+# on a loaded machine while STEP_DEADLINE_S still bounds any hang.
+TEST_BUDGET_S = 60.0
 GRPC_SERVICES = ("fraud", "attribution")
 
 
@@ -156,9 +159,21 @@ async def expiry_metric(http: aiohttp.ClientSession, port: int) -> float | None:
 def reloads(stack: Stack, name: str) -> int:
     """How many times ``name``'s client channels were made again from changed files (its log says)."""
     try:
-        return stack.log_path(name).read_text().count("client TLS files changed")
+        # The success line only: "... changed but do not load" (a key replaced
+        # before its certificate, seen half-way) is not a reload.
+        return stack.log_path(name).read_text().count("client TLS files changed (")
     except FileNotFoundError:
         return 0
+
+
+async def streams_started(http: aiohttp.ClientSession, port: int, method: str) -> float:
+    """``grpc_client_started_total`` of a client stream method on a /metrics page."""
+    async with http.get(f"http://{HOST}:{port}/metrics") as response:
+        text = await response.text()
+    return sum(
+        float(match.group(1))
+        for match in re.finditer(rf'^grpc_client_started_total\{{[^}}]*grpc_method="{method}"[^}}]*\}} (\S+)$', text, re.M)
+    )
 
 
 async def readyz(http: aiohttp.ClientSession, stack: Stack) -> tuple[int, str]:
@@ -246,6 +261,7 @@ class World:
 @pytest.fixture
 async def world(
     database_url: str, redis_server_url: str, redis_prefix: str, ipintel_dir: Path, tmp_path: Path,
+    redis_client: Any,  # its teardown deletes the prefix's keys
 ) -> AsyncIterator[World]:
     ours = trustme.CA()
     files = {name: Files(tmp_path / name, ours) for name in (*GRPC_SERVICES, "gateway", "operator")}
@@ -360,6 +376,11 @@ async def _scenario(world: World, load: Load) -> None:
 
     # 2. Renewal: every service's pair replaced by a new one of the same CA.
     load.phase = "renewed"
+    # The click streams of both client hops, before the renewal.
+    click_streams = {"attribution": "CheckClickStream", "gateway": "RecordClickStream"}
+    streams_before = {
+        name: await streams_started(http, metrics[name], method) for name, method in click_streams.items()
+    }
     renewed = {name: issue(world.ours, name, HOST, days=7) for name in GRPC_SERVICES}
     renewed["gateway"] = issue(world.ours, "gateway", days=7)
     for name, leaf in renewed.items():
@@ -377,6 +398,13 @@ async def _scenario(world: World, load: Load) -> None:
         async def channel_remade(name: str = name) -> bool:
             return reloads(stack, name) == 1
         await until(f"{name}'s client channels remade with the renewed pair", channel_remade, load)
+        # ...and its click stream moved to the new channel at its next batch, not at
+        # its 30 s renewal (a stream left on the old one would show the old pair).
+        remade_at = time.monotonic()
+        async def stream_moved(name: str = name) -> bool:
+            return await streams_started(http, metrics[name], click_streams[name]) > streams_before[name]
+        await until(f"{name}'s click stream opened again on the new channel", stream_moved, load)
+        assert time.monotonic() - remade_at < 5.0, f"{name}'s click stream moved only at its renewal"
     # Traffic after every process has reloaded.
     mark = len(load.of("renewed", "conversion"))
     await until("conversions after the renewal", lambda: answered(
@@ -398,7 +426,8 @@ async def _scenario(world: World, load: Load) -> None:
     async def remade_again() -> bool:
         return reloads(stack, "attribution") == 2
     await until("attribution's client channels remade with the foreign pair", remade_again, load)
-    # Clicks from now on: their batches go on a stream over attribution's new channel, refused too.
+    # Clicks from now on fail open too: the fraud client sees its new channel refused
+    # (TRANSIENT_FAILURE) and sends no batch (the stream's move is step 2's check).
     load.phase = "foreign, refused"
     await until("clicks after the refusal", lambda: answered("click", "foreign, refused", lambda a: True, 3), load)
     # The gateway refuses attribution's certificate on its next connection (made when its own pair renews).
