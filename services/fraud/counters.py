@@ -201,9 +201,13 @@ class Window(Counter[tuple[float, ...]]):
 class FirstVisit(Counter[bool]):
     """Whether a visitor had its first (unique) event within the last ``window_ms``.
 
-    Exact: an event is a repeat iff the same visitor's unique event came
-    less than ``window_ms`` before it (event times); a retried check of that
-    unique event (the same owner) is not a repeat. Each period of
+    Exact for events checked in time order: an event is a repeat iff the
+    same visitor's unique event came less than ``window_ms`` before it; a
+    retried check of that unique event (the same owner) is not a repeat. An
+    event checked after a later one of the same visitor is that one's
+    repeat (the visitor counts once either way). Times are the caller's:
+    the store passes the event's time held near the check's own
+    (``FraudStore.count_clicks``), so the hashes it looks in are alive. Each period of
     ``window_ms`` has its hashes, ``shards`` per key bucket
     (``<family>#<period>:<shard>``), a field per visitor whose unique event
     fell in the period: 8 bytes of the visitor's digest, then the event's

@@ -31,7 +31,7 @@ from services.fraud.store import FraudStore, StoreConfig, owner_tag, visitor_dig
 from tests.integration.fraud_golden import text
 from tests.integration.test_fraud_golden import transport
 
-T0 = 3_600_000 * 500_000  # ms, on a whole hour (so on a whole minute and ten minutes too)
+T0 = 3_600_000 * 490_000  # ms, on a whole hour (so on a whole minute and ten minutes too), in the past
 
 
 @pytest.fixture(params=["resp", "redis-py"])
@@ -201,6 +201,34 @@ async def test_a_retried_check_of_a_unique_click_stays_unique(store: FraudStore)
     assert await visits(store, ("v1", "k1", DAY + 2 * hour), ("v1", "k2", DAY + 2 * hour)) == [False, True]
     # A click without an id is never taken for the owner.
     assert await visits(store, ("v1", "", DAY + 3 * hour)) == [True]
+
+
+async def test_a_visitor_checked_out_of_time_order_across_midnight_counts_once(store: FraudStore) -> None:
+    # A replica checks the click at 00:00:00.100 before another checks the one at 23:59:59.900.
+    assert await visits(store, ("v1", "later", DAY + 100)) == [False]
+    assert await visits(store, ("v1", "earlier", DAY - 100)) == [True]
+    # Within a day the order decides which one is unique, and still one is.
+    assert await visits(store, ("v2", "later", 5_000), ("v2", "earlier", 4_000)) == [False, True]
+    # The later unique one's retried check stays its own.
+    assert await visits(store, ("v1", "later", DAY + 100)) == [False]
+
+
+async def test_a_future_dated_visit_does_not_cut_its_hash_short(
+    store: FraudStore, redis_client: aioredis.Redis
+) -> None:
+    seconds, micros = await redis_client.time()
+    server_ms = seconds * 1000 + micros // 1000
+    ahead = server_ms + 300_000  # the 5 minutes a click may be dated ahead
+    first_visit = FirstVisit(window_ms=DAY, shards=4)
+    batch = store.batch()
+    first_visit.add(batch, "uv", visitor_digest("c", "a", "198.51.100.9", "UA"), owner_tag("k1"), ahead)
+    shard = batch.ops[0][2]["shard"]
+    await store.run(batch)
+    name = f"{store.prefix}:{batch.ops[0][1]}#{ahead // DAY}:{shard}"
+    # Until the end of the next day (and its minute) on this server's clock,
+    # not five minutes less (counted from the event's time).
+    deadline = (ahead // DAY + 2) * DAY + DAY // 1440
+    assert await redis_client.pttl(name) >= deadline - server_ms - 5_000
 
 
 async def test_visitors_live_in_small_hashes_of_their_day(store: FraudStore, redis_client: aioredis.Redis) -> None:

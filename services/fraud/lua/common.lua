@@ -3,6 +3,18 @@
 -- order by services/fraud/counters.py.
 local OPS = {}
 
+-- Makes key expire at until_ms on the events' clock. A shared hash's TTL is
+-- counted from the event's time (a replayed old event's hash still lives its
+-- periods), but from this server's clock when that is earlier: a click may
+-- be dated minutes ahead, and one such event must not cut short the life of
+-- a hash that every other subject in it still needs.
+local function expire_at(key, until_ms, now)
+  local t = redis.call('TIME')
+  local server = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if server < now then now = server end
+  redis.call('PEXPIRE', key, until_ms - now)
+end
+
 -- Counts inc events at now (ms) into each window of the state hash at key
 -- (one HMGET and one HSET whatever the number of windows) and returns the
 -- estimates: previous bucket * (1 - elapsed fraction) + current bucket.

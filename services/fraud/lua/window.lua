@@ -54,7 +54,7 @@ OPS.window = function(key, a)
   -- (a lifetime counted from the event's time, as the windows are: a
   -- replayed old event's hash still lives its two buckets). Set with each
   -- new field, which is when the hash is created (and the deadline the same).
-  if not cur then redis.call('PEXPIRE', cur_key, (h + 2) * long + a.slack_ms - now) end
+  if not cur then expire_at(cur_key, (h + 2) * long + a.slack_ms, now) end
   local frac = (now - h * long) / long
   out[n] = milli(before * (1 - frac) + count)
   return out
