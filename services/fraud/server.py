@@ -180,6 +180,12 @@ async def start_fraud(
     # connection while it waits.
     watch_client = redis_client(settings, extra_timeout_ms=settings.watch_block_ms)
     store = FraudStore(client, settings.store)
+    # Replicas must agree on these (they name the hashes a check looks in):
+    # logged so that a rolling change of the settings can be seen.
+    logger.info(
+        "fraud counters: %d key buckets, %d address shards and %d visitor shards per bucket",
+        settings.store.key_buckets, store.ip_clicks.shards, store.first_visit.shards,
+    )
     try:
         await store.load_scripts()
     except Unavailable:
