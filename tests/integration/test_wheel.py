@@ -104,14 +104,21 @@ def test_the_wheel_carries_the_ip_lists_snapshot_with_its_licences(wheel: Path) 
     assert tor == (SNAPSHOT / "tor-exit-nodes.txt").read_bytes()
 
 
-def test_the_installed_fraud_service_loads_the_packaged_ip_lists(wheel: Path, tmp_path: Path) -> None:
-    """No checkout, no ASCRIBE_IPINTEL_DIR, no .data/ipintel: the signals are on."""
+def _venv_with_wheel(wheel: Path, tmp_path: Path, *requirements: str) -> Path:
+    """A clean venv under ``tmp_path`` with the wheel and the pinned ``requirements``; its python."""
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
     pip = (python, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     _run(*pip, "--no-deps", wheel, cwd=tmp_path)
-    _run(*pip, _pin("requirements.txt", "pytricia"), cwd=tmp_path)
+    _run(*pip, *(_pin("requirements.txt", name) for name in requirements), cwd=tmp_path)
+    return python
+
+
+def test_the_installed_fraud_service_loads_the_packaged_ip_lists(wheel: Path, tmp_path: Path) -> None:
+    """No checkout, no ASCRIBE_IPINTEL_DIR, no .data/ipintel: the signals are on."""
+    python = _venv_with_wheel(wheel, tmp_path, "pytricia")
+    venv = tmp_path / "venv"
     tor_exit = next(
         line for line in (SNAPSHOT / "tor-exit-nodes.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
@@ -134,12 +141,8 @@ def test_the_installed_fraud_service_loads_the_packaged_ip_lists(wheel: Path, tm
 
 
 def test_the_stubs_import_from_a_clean_venv(wheel: Path, tmp_path: Path) -> None:
+    python = _venv_with_wheel(wheel, tmp_path, "protobuf", "grpcio")
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    pip = (python, "-m", "pip", "install", "--disable-pip-version-check", "-q")
-    _run(*pip, "--no-deps", wheel, cwd=tmp_path)
-    _run(*pip, _pin("requirements.txt", "protobuf"), _pin("requirements.txt", "grpcio"), cwd=tmp_path)
     # -I: no PYTHONPATH, no current folder; only the venv's site-packages.
     out = _run(python, "-I", "-c", (
         "import ascribe.attribution.v1.attribution_pb2 as pb, ascribe.attribution.v1.attribution_pb2_grpc as g\n"

@@ -52,8 +52,9 @@ OPS.window = function(key, a)
   redis.call('HSET', cur_key, a.member, table.concat(vals, ','))
   -- The hash serves as the previous bucket through the next one, then goes
   -- (a lifetime counted from the event's time, as the windows are: a
-  -- replayed old event's hash still lives its two buckets). Set with each
-  -- new field, which is when the hash is created (and the deadline the same).
+  -- replayed old event's hash still lives its two buckets; see expire_at).
+  -- Set with each new field only: every new field's deadline is the same
+  -- instant, on the earlier of the event's and the server's clocks.
   if not cur then expire_at(cur_key, (h + 2) * long + a.slack_ms, now) end
   local frac = (now - h * long) / long
   out[n] = milli(before * (1 - frac) + count)
