@@ -137,6 +137,12 @@ def random_code_block(count: int, prefix: str, length: int, *, first: int | None
     return bytes(block)
 
 
+# Rounds in a row that bring a group no new code before it is left short. One
+# was too few: redrawing the last few codes of a small space can all collide
+# by chance (a unit test of 4 symbols missed one code in 20,000 once).
+_FRUITLESS_ROUNDS = 8
+
+
 def sorted_codes(count: int, prefix: str, length: int, *, piece: int = 16_384) -> Iterator[bytes]:
     """``count`` distinct random codes in ascending order, ``piece`` codes at a time (blocks as above).
 
@@ -152,20 +158,21 @@ def sorted_codes(count: int, prefix: str, length: int, *, piece: int = 16_384) -
     thirty-second of the batch) when its turn comes, while PostgreSQL takes
     the groups before it.
 
-    A group whose draws stop bringing new codes (only a nearly exhausted
-    code space: never with the space ``catalog.rules`` requires) is left
-    short; the caller draws what is missing again.
+    A group whose draws bring no new code ``_FRUITLESS_ROUNDS`` times in a
+    row (only a nearly exhausted code space: never with the space
+    ``catalog.rules`` requires) is left short; the caller draws what is
+    missing again.
     """
     width = len(prefix) + length + 1
     firsts = os.urandom(count).translate(_FIVE_BITS)
     for first in range(len(ALPHABET)):
         wanted = firsts.count(first)
         group: set[str] = set()
-        while len(group) < wanted:
+        fruitless = 0
+        while len(group) < wanted and fruitless < _FRUITLESS_ROUNDS:
             before = len(group)
             group.update(split_block(random_code_block(wanted - before, prefix, length, first=first), width))
-            if len(group) == before:
-                break
+            fruitless = fruitless + 1 if len(group) == before else 0
         ordered = sorted(group)
         for start in range(0, len(ordered), piece):
             yield "".join(ordered[start : start + piece]).encode("ascii")
