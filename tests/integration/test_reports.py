@@ -451,3 +451,37 @@ async def test_a_click_keeps_its_affiliates_channel_after_the_affiliate_changes(
         rows = by_keys(await report(world, start, end, G.REPORT_GROUP_BY_CHANNEL))
         assert {dict(k)["channel"]: v["clicks"] for k, v in rows.items()} == {"social": 1}
     await assert_no_drift(world, t - timedelta(days=1), t + timedelta(days=1))
+
+
+async def test_rows_come_in_byte_order_whatever_the_servers_collation(world: World) -> None:
+    """Keys sort byte by byte (COLLATE "C"), as Python sorts str: not by the server's locale.
+
+    The embedded server and the machine's here are initialised with C-like
+    locales, where this held before; a server initialised with en_US.UTF-8
+    (common in production) put "a" before "B" and "_x" first.
+    """
+    await world.campaign()
+    await world.affiliate("a1", channel="social")
+    t = world.clock.now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    subs = ["b", "B", "a", "_x", "Ä", "a b", "10", "9"]
+    for n, sub in enumerate(subs):
+        await world.click("a1", sub1=sub, occurred_at=ts(t + timedelta(minutes=1 + n)))
+    # rollups inside, raw edges at both ends
+    for start, end in ((t, t + timedelta(hours=1)), (t + timedelta(seconds=30), t + timedelta(minutes=13))):
+        rows = await report(world, start, end, G.REPORT_GROUP_BY_SUB1)
+        assert [r.keys["sub1"] for r in rows] == sorted(subs)
+    await assert_no_drift(world, t - timedelta(days=1), t + timedelta(days=1))
+
+
+async def test_a_reports_transaction_has_its_memory_no_jit_and_its_deadline(world: World) -> None:
+    conn = world.db
+    before = await conn.fetchval("SELECT current_setting('work_mem') || current_setting('jit')")
+    async with conn.transaction(readonly=True):
+        await report_store.settle(conn, work_mem="48MB", timeout_ms=1234)
+        shown = await conn.fetchrow(
+            "SELECT current_setting('work_mem') AS w, current_setting('jit') AS j,"
+            " current_setting('statement_timeout') AS s"
+        )
+        assert shown is not None and tuple(shown) == ("48MB", "off", "1234ms")
+    # SET LOCAL: a pooled connection gets its own settings back with the transaction's end
+    assert await conn.fetchval("SELECT current_setting('work_mem') || current_setting('jit')") == before

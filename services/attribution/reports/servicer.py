@@ -172,7 +172,7 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
                 # The planner cannot guess how many keys a report has: with the
                 # default 4 MB its one aggregation spilled to disk (the bench's
                 # one affiliate by sub1 and country: 17,787 keys, 5 batches).
-                await conn.execute(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
+                await store.settle(conn, work_mem=REPORT_WORK_MEM)
                 found = await store.records(conn, query)
         except asyncpg.InvalidParameterValueError:
             raise _zone_unknown_to_postgresql() from None
@@ -191,12 +191,11 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         seconds = min(remaining if remaining is not None else EXPORT_MAX_SECONDS, EXPORT_MAX_SECONDS)
         try:
             async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-                await conn.execute(f"SET LOCAL statement_timeout = {max(int(seconds * 1000), 1)}")
                 # Its aggregation over ~1M rollup rows spills to disk with the
                 # default 4 MB (the bench's 120,066 keys of coupon by country
                 # hold 37 MB of sums; a hash may take work_mem times
                 # hash_mem_multiplier, 2 by default).
-                await conn.execute(f"SET LOCAL work_mem = '{EXPORT_WORK_MEM}'")
+                await store.settle(conn, work_mem=EXPORT_WORK_MEM, timeout_ms=max(int(seconds * 1000), 1))
                 async for found in store.stream_records(conn, query, EXPORT_CHUNK_ROWS, timeout=seconds):
                     chunk = pb.ExportReportResponse()
                     add_rows(query, found, chunk.rows)
