@@ -83,9 +83,10 @@ def instant(text: str, *, end: bool = False) -> timestamp_pb2.Timestamp:
 
 
 # ---------------------------------------------------------------- enum words
-# Typer shows these as the choices of an option. tests/unit/test_cli_values.py
-# checks each against its proto enum, so a value added to a proto fails a test
-# until it is offered here.
+# Typer shows these as the choices of an option. tests/unit/test_cli.py
+# (test_every_word_enum_offers_exactly_its_proto_enum) checks each against
+# its proto enum, so a value added to a proto fails a test until it is
+# offered here.
 
 
 class CampaignStatus(StrEnum):

@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"fraud        grpc {stack.addr('fraud')}   metrics http://127.0.0.1:{stack.ports.fraud_metrics}/metrics")
             say(f"attribution  grpc {stack.addr('attribution')}   metrics "
                 f"http://127.0.0.1:{stack.ports.attribution_metrics}/metrics")
-            say(f"gateway      {stack.gateway_url}   (/click, /postback, /healthz, /readyz, /metrics)")
+            say(f"gateway      {stack.gateway_url}   (/click, /postback, /validate, /variant, /healthz, /readyz)   "
+                f"metrics http://127.0.0.1:{stack.ports.gateway_metrics}/metrics")
             say(f"ready in {time.monotonic() - started:.1f}s; try: curl -i {stack.gateway_url}/readyz ; "
                 "Ctrl-C stops everything")
             say("crashed processes are restarted; /healthz is liveness, /readyz readiness")
