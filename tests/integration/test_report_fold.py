@@ -1,0 +1,148 @@
+"""The rollups' fold (migration 017): single rows stay where they are, keys with several rows become one.
+
+Real PostgreSQL; events inserted by SQL, one statement each where a test
+needs separate delta rows (the triggers write one set of rows a statement).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from services.attribution.migrate import migrate, migration_files
+from services.attribution.reports import store as report_store
+from tests.conftest import with_database
+
+TIERS = ("report_rollup", "report_rollup_campaign", "report_rollup_coupon_day", "report_rollup_account")
+
+
+async def _catalog(conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)"
+                       " VALUES ('cmp', 'cmp', 'https://shop.example/', 'EUR', '\\x00')")
+    await conn.execute("INSERT INTO affiliates (id, name, channel) VALUES ('a1', 'a1', 'social')")
+    await conn.fetchval("SELECT ascribe_ensure_click_partitions(2, 1)")
+
+
+async def _clicks(conn: asyncpg.Connection, at: datetime, *clicks: tuple[str, str]) -> None:
+    """One INSERT statement of (click_id, sub1) clicks at ``at``."""
+    await conn.execute(
+        """INSERT INTO clicks (click_id, created_at, campaign_id, affiliate_id, sub1, occurred_at, decision,
+                               channel, currency)
+           SELECT k, $1, 'cmp', 'a1', s, $1, 'accepted', 'social', 'EUR' FROM unnest($2::text[], $3::text[]) AS x(k, s)""",
+        at, [c[0] for c in clicks], [c[1] for c in clicks],
+    )
+
+
+async def _fine(conn: asyncpg.Connection) -> dict[str, list[tuple[str, int, int | None]]]:
+    """The fine tier's rows by sub1: (ctid, clicks, seq) each."""
+    rows: dict[str, list[tuple[str, int, int | None]]] = {}
+    for r in await conn.fetch("SELECT ctid::text AS c, sub1, clicks, seq FROM report_rollup ORDER BY seq NULLS FIRST"):
+        rows.setdefault(r["sub1"], []).append((r["c"], r["clicks"], r["seq"]))
+    return rows
+
+
+async def _counts(conn: asyncpg.Connection) -> dict[str, int]:
+    return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in TIERS}
+
+
+@pytest.fixture
+def at() -> datetime:
+    return datetime.now(UTC).replace(minute=1, second=0, microsecond=0) - timedelta(hours=2)
+
+
+async def _no_drift(conn: asyncpg.Connection, at: datetime) -> None:
+    assert await report_store.drift(conn, at - timedelta(days=1), at + timedelta(days=1)) == []
+
+
+async def test_single_rows_stay_and_keys_with_several_rows_become_one(db: asyncpg.Connection, at: datetime) -> None:
+    await _catalog(db)
+    await _clicks(db, at, ("k1", "s1"), ("k2", "s2"))  # two keys of the fine tier, one statement
+    await _clicks(db, at, ("k3", "s1"))  # s1's key again, another statement
+    before = await _fine(db)
+    assert [n for _, n, _ in before["s1"]] == [1, 1] and len(before["s2"]) == 1
+    assert await _counts(db) == dict.fromkeys(TIERS, 2) | {"report_rollup": 3}
+
+    # fine: s1's two rows -> one; every coarser tier: two rows -> one
+    assert await db.fetchval(report_store.COMPACT_ALL) == 4
+    after = await _fine(db)
+    assert after["s2"] == before["s2"]  # the same row, not rewritten (same ctid, still numbered)
+    ((_, clicks, seq),) = after["s1"]
+    assert (clicks, seq) == (2, None)
+    assert await _counts(db) == dict.fromkeys(TIERS, 1) | {"report_rollup": 2}
+    assert await db.fetchval("SELECT clicks FROM report_rollup_account") == 3
+
+    # nothing new: nothing to do, nothing touched
+    assert await db.fetchval(report_store.COMPACT_ALL) == 0
+    assert await _fine(db) == after
+
+    # a later row of a single row's key folds both
+    await _clicks(db, at, ("k4", "s2"))
+    assert await db.fetchval(report_store.COMPACT_ALL) == 4
+    assert [(n, seq) for _, n, seq in (await _fine(db))["s2"]] == [(2, None)]
+    await _no_drift(db, at)
+
+
+async def test_a_row_that_commits_behind_the_watermark_costs_a_row_not_a_cent(
+    db: asyncpg.Connection, database_url: str, at: datetime
+) -> None:
+    await _catalog(db)
+    late = await asyncpg.connect(database_url, timeout=10)
+    try:
+        async with late.transaction():
+            await _clicks(late, at, ("k1", "s1"))  # numbered first, committed last
+            await _clicks(db, at, ("k2", "s1"))
+            await db.fetchval(report_store.COMPACT_ALL)  # moves every watermark past both numbers
+        assert await db.fetchval(report_store.COMPACT_ALL) == 0
+    finally:
+        await late.close()
+    # s1's key keeps two rows until a later row of it arrives; the sums are exact meanwhile
+    assert [n for _, n, _ in (await _fine(db))["s1"]] == [1, 1]
+    assert await db.fetchval("SELECT sum(clicks) FROM report_rollup_account") == 2
+    await _no_drift(db, at)
+    await _clicks(db, at, ("k3", "s1"))
+    await db.fetchval(report_store.COMPACT_ALL)
+    assert [n for _, n, _ in (await _fine(db))["s1"]] == [3]
+
+
+@pytest.fixture
+async def database_before_017(pg_server_url: str) -> AsyncIterator[asyncpg.Connection]:
+    name = f"ascribe_up_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_server_url, timeout=10)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
+    try:
+        await conn.execute("CREATE TABLE schema_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                           " applied_at timestamptz NOT NULL DEFAULT now())")
+        for version, path in migration_files():
+            if version < 17:
+                await conn.execute(path.read_text())
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name)
+        yield conn
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_017_folds_what_the_old_fold_left_then_numbers_new_rows(
+    database_before_017: asyncpg.Connection, at: datetime
+) -> None:
+    conn = database_before_017
+    await _catalog(conn)
+    await _clicks(conn, at, ("k1", "s1"), ("k2", "s2"))
+    await _clicks(conn, at, ("k3", "s1"))  # unfolded deltas (compacted = false) at the upgrade
+
+    assert await migrate(conn) == [v for v, _ in migration_files() if v >= 17]
+    assert {s: [(n, seq) for _, n, seq in rows] for s, rows in (await _fine(conn)).items()} == {
+        "s1": [(2, None)], "s2": [(1, None)],
+    }
+    await _no_drift(conn, at)
+    await _clicks(conn, at, ("k4", "s2"))
+    assert [seq is not None for _, _, seq in (await _fine(conn))["s2"]] == [False, True]
+    assert await conn.fetchval(report_store.COMPACT_ALL) == 4
+    assert await conn.fetchval("SELECT clicks FROM report_rollup_account") == 4
+    await _no_drift(conn, at)
