@@ -2,6 +2,14 @@
 
 Every replica runs this at start-up; the lock makes concurrent starts safe
 (one applies, the others wait and then find nothing left to do).
+
+A migration runs in one transaction, unless its first line is
+``-- ascribe: no transaction``: then its statements run one by one, each
+committed by itself, as ``CREATE INDEX CONCURRENTLY`` needs (an index built
+on a large live table without keeping its writers waiting). Such a file is
+split at every line that ends with ``;``, so it may hold no function bodies
+(``$$``), and each statement must be safe to run again: a failure part-way
+leaves the version unrecorded and the next start runs the file from the top.
 """
 
 from __future__ import annotations
@@ -24,6 +32,22 @@ MIGRATION_LOCK_KEY = 0x61736372_6D696772
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
+NO_TRANSACTION = "-- ascribe: no transaction"
+_STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+
+
+def statements_without_transaction(text: str, name: str) -> list[str]:
+    """The statements of a ``-- ascribe: no transaction`` migration, in order (comments kept)."""
+    if "$$" in text:
+        raise RuntimeError(f"{name}: a migration without a transaction cannot hold function bodies ($$)")
+    found = []
+    for piece in _STATEMENT_END.split(text):
+        code = [line for line in piece.splitlines() if line.strip() and not line.strip().startswith("--")]
+        if code:
+            found.append(piece.strip())
+    return found
+
+
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
     files = []
     for path in sorted(directory.iterdir()):
@@ -36,8 +60,8 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
     return files
 
 
-async def migrate(conn: Connection) -> list[int]:
-    """Applies pending migrations; returns the versions applied now."""
+async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR, *, up_to: int | None = None) -> list[int]:
+    """Applies pending migrations (those numbered ``up_to`` or less, when given); returns the versions applied now."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
@@ -48,14 +72,22 @@ async def migrate(conn: Connection) -> list[int]:
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, path in migration_files():
-            if version in done:
+        for version, path in migration_files(directory):
+            if version in done or (up_to is not None and version > up_to):
                 continue
-            async with conn.transaction():
-                await conn.execute(path.read_text())
+            text = path.read_text()
+            if text.startswith(NO_TRANSACTION):
+                for statement in statements_without_transaction(text, path.name):
+                    await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
                 )
+            else:
+                async with conn.transaction():
+                    await conn.execute(text)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
+                    )
             logger.info("applied migration %s", path.name)
             applied_now.append(version)
     finally:

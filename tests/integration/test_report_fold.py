@@ -115,12 +115,7 @@ async def database_before_017(pg_server_url: str) -> AsyncIterator[asyncpg.Conne
     await admin.execute(f'CREATE DATABASE "{name}"')
     conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
     try:
-        await conn.execute("CREATE TABLE schema_migrations (version int PRIMARY KEY, name text NOT NULL,"
-                           " applied_at timestamptz NOT NULL DEFAULT now())")
-        for version, path in migration_files():
-            if version < 17:
-                await conn.execute(path.read_text())
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name)
+        await migrate(conn, up_to=16)
         yield conn
     finally:
         await conn.close()
@@ -128,7 +123,7 @@ async def database_before_017(pg_server_url: str) -> AsyncIterator[asyncpg.Conne
         await admin.close()
 
 
-async def test_017_folds_what_the_old_fold_left_then_numbers_new_rows(
+async def test_017_folds_what_the_old_fold_left_then_folds_by_number(
     database_before_017: asyncpg.Connection, at: datetime
 ) -> None:
     conn = database_before_017
@@ -137,12 +132,17 @@ async def test_017_folds_what_the_old_fold_left_then_numbers_new_rows(
     await _clicks(conn, at, ("k3", "s1"))  # unfolded deltas (compacted = false) at the upgrade
 
     assert await migrate(conn) == [v for v, _ in migration_files() if v >= 17]
-    assert {s: [(n, seq) for _, n, seq in rows] for s, rows in (await _fine(conn)).items()} == {
-        "s1": [(2, None)], "s2": [(1, None)],
-    }
+    # the old fold's last pass, under the new watermarks (rows numbered by 016 are behind them)
+    assert {s: [n for _, n, _ in rows] for s, rows in (await _fine(conn)).items()} == {"s1": [2], "s2": [1]}
+    assert await conn.fetchval(report_store.COMPACT_ALL) == 0
     await _no_drift(conn, at)
     await _clicks(conn, at, ("k4", "s2"))
-    assert [seq is not None for _, _, seq in (await _fine(conn))["s2"]] == [False, True]
     assert await conn.fetchval(report_store.COMPACT_ALL) == 4
+    assert [(n, seq) for _, n, seq in (await _fine(conn))["s2"]] == [(2, None)]
     assert await conn.fetchval("SELECT clicks FROM report_rollup_account") == 4
     await _no_drift(conn, at)
+
+
+async def test_the_fold_of_a_tier_without_a_watermark_fails_loudly(db: asyncpg.Connection) -> None:
+    with pytest.raises(asyncpg.RaiseError, match="no fold watermark for report_rollup_typo"):
+        await db.fetchval("SELECT ascribe_report_fold('report_rollup_typo', ARRAY['bucket'])")

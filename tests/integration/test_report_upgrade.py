@@ -19,13 +19,8 @@ async def test_014_rebuilds_the_rollups_under_the_new_keys(pg_server_url: str) -
     await admin.execute(f'CREATE DATABASE "{name}"')
     conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
     try:
-        # The schema as it was before 014, applied as migrate() applies it.
-        await conn.execute("CREATE TABLE schema_migrations (version int PRIMARY KEY, name text NOT NULL,"
-                           " applied_at timestamptz NOT NULL DEFAULT now())")
-        for version, path in migration_files():
-            if version < 14:
-                await conn.execute(path.read_text())
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name)
+        # The schema as it was before 014.
+        await migrate(conn, up_to=13)
         now = datetime.now(UTC).replace(microsecond=0)
         at = now - timedelta(hours=2)
         await conn.execute("INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)"

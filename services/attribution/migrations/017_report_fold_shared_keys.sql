@@ -7,34 +7,24 @@
 -- the only one of their key), so the fold doubled the tier's writes, its
 -- WAL and its indexes' churn, and a bulk load left the table and its
 -- covering indexes twice their size (the bench's 10M clicks: 4.6 GB of heap
--- for 11M rows). Now each tier's rows carry the number of the statement
--- that wrote them (`seq`, from one sequence); a fold looks at the rows
--- numbered above its tier's watermark, folds the keys among them that have
--- another row, and leaves single rows where they are. Folded rows have no
--- number.
+-- for 11M rows). Now every rollup row carries a number from one sequence
+-- (`seq`, migration 016); a fold looks at the rows numbered above its tier's
+-- watermark, folds the keys among them that have another row into one
+-- unnumbered row, and leaves single rows where they are.
 --
 -- A row numbered below the watermark that commits after a fold moved past it
 -- is never looked at as fresh: its key is folded when a later row of the key
 -- arrives, or never. Reports sum every row, so that costs a row, not a cent.
 
--- What the old fold would have done, once more, under its own flag.
+-- No fold of a replica still running the old code (store.compact's lock),
+-- and no writer: the last old fold below sees every committed row, and the
+-- watermarks start past every number handed out. Tables in the order the
+-- triggers write them.
+SELECT pg_advisory_xact_lock(hashtextextended('ascribe_report_compact', 0));
+LOCK TABLE report_rollup, report_rollup_account, report_rollup_coupon_day, report_rollup_campaign
+    IN ACCESS EXCLUSIVE MODE;
 SELECT ascribe_report_compact() + ascribe_report_compact_campaign() + ascribe_report_compact_coupon_day()
        + ascribe_report_compact_account();
-
-CREATE SEQUENCE report_rollup_seq;
--- Rows already there are folded (no number).
-ALTER TABLE report_rollup ADD COLUMN seq bigint;
-ALTER TABLE report_rollup_campaign ADD COLUMN seq bigint;
-ALTER TABLE report_rollup_coupon_day ADD COLUMN seq bigint;
-ALTER TABLE report_rollup_account ADD COLUMN seq bigint;
-ALTER TABLE report_rollup ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
-ALTER TABLE report_rollup_campaign ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
-ALTER TABLE report_rollup_coupon_day ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
-ALTER TABLE report_rollup_account ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
-CREATE INDEX report_rollup_seq_idx ON report_rollup (seq) WHERE seq IS NOT NULL;
-CREATE INDEX report_rollup_campaign_seq_idx ON report_rollup_campaign (seq) WHERE seq IS NOT NULL;
-CREATE INDEX report_rollup_coupon_day_seq_idx ON report_rollup_coupon_day (seq) WHERE seq IS NOT NULL;
-CREATE INDEX report_rollup_account_seq_idx ON report_rollup_account (seq) WHERE seq IS NOT NULL;
 DROP INDEX report_rollup_fresh, report_rollup_account_fresh;
 ALTER TABLE report_rollup DROP COLUMN compacted;
 ALTER TABLE report_rollup_campaign DROP COLUMN compacted;
@@ -47,11 +37,12 @@ CREATE TABLE report_fold_watermarks (
     watermark bigint NOT NULL
 );
 INSERT INTO report_fold_watermarks
-VALUES ('report_rollup', 0), ('report_rollup_campaign', 0), ('report_rollup_coupon_day', 0),
-       ('report_rollup_account', 0);
+SELECT tier, coalesce(pg_sequence_last_value('report_rollup_seq'), 0)
+  FROM unnest(ARRAY['report_rollup', 'report_rollup_campaign', 'report_rollup_coupon_day',
+                    'report_rollup_account']) AS tier;
 
--- Folds one tier: the keys (its dimension columns) of the rows numbered
--- since its watermark that have more than one row become one unnumbered row.
+-- Folds one tier: each key (its dimension columns) of the rows numbered
+-- since its watermark that has more than one row becomes one unnumbered row.
 -- Answers how many rows it removed. Callers serialize folds with an
 -- advisory lock; the watermark row's lock keeps two folds of a tier apart
 -- even without it.
@@ -70,6 +61,9 @@ DECLARE
     sums text := (SELECT string_agg(format('ascribe_report_sum(%I)', m), ', ') FROM unnest(metrics) m);
 BEGIN
     SELECT w.watermark INTO low FROM report_fold_watermarks w WHERE w.tier = ascribe_report_fold.tier FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no fold watermark for %', tier;
+    END IF;
     EXECUTE format('SELECT max(seq) FROM %I WHERE seq > $1', tier) INTO high USING low;
     IF high IS NULL THEN
         RETURN 0;

@@ -1,0 +1,69 @@
+"""Migrations on real PostgreSQL: one transaction each, or statement by statement when a file says so."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.attribution.migrate import migrate, statements_without_transaction
+from tests.conftest import with_database
+
+
+@pytest.fixture
+async def empty_db(pg_server_url: str) -> AsyncIterator[asyncpg.Connection]:
+    name = f"ascribe_mig_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_server_url, timeout=10)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_a_file_without_a_transaction_splits_at_line_ends_and_keeps_no_empty_statement() -> None:
+    text = (
+        "-- ascribe: no transaction\n-- why\nCREATE INDEX CONCURRENTLY a ON t (x);\n\n"
+        "-- the next one\nDROP INDEX CONCURRENTLY IF EXISTS b;  \n-- trailing words\n"
+    )
+    assert statements_without_transaction(text, "x.sql") == [
+        "-- ascribe: no transaction\n-- why\nCREATE INDEX CONCURRENTLY a ON t (x)",
+        "-- the next one\nDROP INDEX CONCURRENTLY IF EXISTS b",
+    ]
+    with pytest.raises(RuntimeError, match="function bodies"):
+        statements_without_transaction("-- ascribe: no transaction\nCREATE FUNCTION f() AS $$ x; $$;", "f.sql")
+
+
+async def test_concurrent_index_builds_run_and_a_failure_part_way_is_run_again(
+    empty_db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    (tmp_path / "001_table.sql").write_text("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000);")
+    (tmp_path / "002_index.sql").write_text(
+        "-- ascribe: no transaction\n"
+        "DROP INDEX CONCURRENTLY IF EXISTS t_x;\n"
+        "CREATE INDEX CONCURRENTLY t_x ON t (x);\n"
+        "INSERT INTO t VALUES (1 / (SELECT count(*) - 1000 FROM t));\n"  # fails on the first run only
+    )
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await migrate(empty_db, tmp_path)
+    # 001 is recorded, 002 not: its index was built and committed before the failure
+    assert [r["version"] for r in await empty_db.fetch("SELECT version FROM schema_migrations")] == [1]
+    await empty_db.execute("INSERT INTO t VALUES (0)")
+    assert await migrate(empty_db, tmp_path) == [2]
+    assert await empty_db.fetchval(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass"
+    ) is True
+    assert await migrate(empty_db, tmp_path) == []
+
+
+async def test_up_to_stops_at_a_version(empty_db: asyncpg.Connection, tmp_path: Path) -> None:
+    (tmp_path / "001_a.sql").write_text("CREATE TABLE a (x int);")
+    (tmp_path / "002_b.sql").write_text("CREATE TABLE b (x int);")
+    assert await migrate(empty_db, tmp_path, up_to=1) == [1]
+    assert await migrate(empty_db, tmp_path) == [2]
