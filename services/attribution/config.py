@@ -48,7 +48,9 @@ class Settings:
     # one CheckClickBatch call each (see services/common/batch_stream.py).
     fraud_click_stream: bool = True
     # How long a replica may act on a catalog record (a status, a rule)
-    # changed by a person elsewhere; counters are never cached.
+    # changed by a person elsewhere. No use is taken on a cached counter (the
+    # redemption's UPDATE reads the row); click tracking reads the cached
+    # remaining uses (catalog/cache.py).
     catalog_cache_ms: int = 1000
     approval_interval_ms: int = 5000
     rescore_interval_ms: int = 10000

@@ -59,3 +59,11 @@ IPINTEL_REFRESHES_TOTAL = Counter(
     "Scheduled downloads of the IP lists (ASCRIBE_IPINTEL_REFRESH_HOURS), by result (ok, failed).",
     ["result"],
 )
+REDIS_USED_MEMORY_BYTES = Gauge(
+    "ascribe_fraud_redis_used_memory_bytes",
+    "Redis's used_memory (INFO memory); on a cluster, the node nearest its maxmemory.",
+)
+REDIS_MAXMEMORY_BYTES = Gauge(
+    "ascribe_fraud_redis_maxmemory_bytes",
+    "Redis's maxmemory (0: unbounded); on a cluster, that of the node nearest it.",
+)

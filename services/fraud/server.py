@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from services.common.errors import Unavailable
 from services.common.grpc_server import RunningServer, ServerInterceptor, start_server
 from services.common.readiness import follow_dependency, redis_probe
-from services.fraud import metrics
+from services.fraud import metrics, redis_memory
 from services.fraud.bots import shared_bot_detector
 from services.fraud.config import Settings
 from services.fraud.engine import FraudEngine
@@ -229,6 +229,7 @@ async def start_fraud(
         intel=intel,
     )
     service.tasks.append(asyncio.create_task(engine.run_surge_monitor(settings.surge_flush_seconds)))
+    service.tasks.append(asyncio.create_task(redis_memory.watch(client)))
     # Checks answer UNAVAILABLE while Redis is unusable (or still LOADING): health says so.
     service.tasks.append(await follow_dependency(
         running.health, [FRAUD_SERVICE], redis_probe(settings.redis_url, cluster=settings.redis_cluster), "Redis",
