@@ -728,6 +728,7 @@ class Runner:
                 self.ratio(result, result.key.replace("redis_py", "resp"), of="cpu_us_per_event")
             self.add(result)
         self.add(uvloop.run(redis_bytes_per_click_case(self.env, self.mode.redis_memory_clicks)))
+        self.add(uvloop.run(redis_bytes_per_conversion_case(self.env, self.mode.redis_memory_clicks)))
 
     def reference_grpc(self) -> None:
         """An empty grpc.aio CheckClick handler, driven like the fraud service: the Python gRPC floor."""
@@ -1184,54 +1185,98 @@ async def transport_cases(env: BenchEnv, mode: Mode) -> list[CaseResult]:
     return results
 
 
-async def redis_bytes_per_click_case(env: BenchEnv, clicks: int) -> CaseResult:
-    """Bytes of Redis a click leaves behind: ``clicks`` from distinct IPv4 addresses, no aff_click_id.
+async def _redis_bytes_per_event(
+    env: BenchEnv, key: str, title: str, events: int, unit: str,
+    send: Callable[[Any, int, int, datetime], Awaitable[object]], goals: list[Goal],
+) -> CaseResult:
+    """Bytes of Redis that ``events`` events leave behind, sent by ``send(store, first, end, now)``.
 
-    Through ``FraudStore.count_clicks`` in batches of 100, on a Redis of the
-    case's own (the embedded server, without persistence: the bench's Redis
-    is busy with the other cases' keys, their background frees and its
-    append-only buffers, which move ``used_memory`` by more than a click
-    costs); the change in ``used_memory`` divided by the clicks is the figure
-    the steady-state formula multiplies (click rate x the longest window a
-    click's state lives x bytes). The CPU column carries bytes per click.
+    On a Redis of the case's own (the embedded server, without persistence:
+    the bench's Redis is busy with the other cases' keys, their background
+    frees and its append-only buffers, which move ``used_memory`` by more
+    than an event costs); the change in ``used_memory`` divided by the events
+    is the figure the steady-state formula multiplies (rate x the longest
+    window an event's state lives x bytes). The CPU column carries bytes per
+    event.
     """
     import redis.asyncio as aioredis
 
-    from services.fraud.domain import ClickEvent
     from services.fraud.store import FraudStore, StoreConfig
 
-    key, title = "d.redis_bytes_per_click", f"Redis memory per click, {clicks:,} clicks from distinct addresses"
-    server = embedded.start_redis(env.tmp / "memory-redis", extra_args=["--appendonly", "no"])
+    server = embedded.start_redis(env.tmp / f"memory-redis-{unit}", extra_args=["--appendonly", "no"])
     client = aioredis.from_url(server.url)
     # Sized for its population (as a deployment sets ASCRIBE_FRAUD_ADDRESSES_PER_HOUR
-    # and ASCRIBE_FRAUD_VISITORS_PER_DAY): the clicks come within minutes.
+    # and ASCRIBE_FRAUD_VISITORS_PER_DAY): the events come within minutes.
     store = FraudStore(
-        client, StoreConfig(prefix="memory", addresses_per_hour=clicks, visitors_per_day=clicks)
+        client, StoreConfig(prefix="memory", addresses_per_hour=events, visitors_per_day=events)
     )
     try:
         await store.load_scripts()
         info = await client.info("server")
         before = int((await client.info("memory"))["used_memory"])
         now = datetime.now(UTC)
-        for start in range(0, clicks, 100):
-            await store.count_clicks([
-                ClickEvent(
-                    click_id=f"m{n}", external_click_id="", campaign_id="bench", affiliate_id=f"aff{n % 50}",
-                    coupon_code="", ip=f"{10 + (n >> 24) % 200}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}",
-                    user_agent="Mozilla/5.0", occurred_at=now,
-                )
-                for n in range(start, min(start + 100, clicks))
-            ])
+        for start in range(0, events, 100):
+            await send(store, start, min(start + 100, events), now)
         after = int((await client.info("memory"))["used_memory"])
     finally:
         await store.aclose()
         await client.aclose()
         server.stop()
-    per_click = (after - before) / clicks
+    per_event = (after - before) / events
     return CaseResult(
-        key, title, unit="clicks", events=clicks, cpu_us_per_event=per_click, goals=[REDIS_BYTES_GOAL],
-        note=f"{per_click:.0f} bytes per click ({(after - before) / 1e6:.1f} MB for {clicks:,}, "
-             f"Redis {info['redis_version']}, shards sized for {clicks:,}; the CPU column holds bytes per click)",
+        key, title, unit=unit, events=events, cpu_us_per_event=per_event, goals=goals,
+        note=f"{per_event:.0f} bytes per {unit[:-1]} ({(after - before) / 1e6:.1f} MB for {events:,}, "
+             f"Redis {info['redis_version']}, shards sized for {events:,}; the CPU column holds bytes per "
+             f"{unit[:-1]})",
+    )
+
+
+def _address(n: int) -> str:
+    """The n-th of distinct IPv4 addresses (one per event of the memory cases)."""
+    return f"{10 + (n >> 24) % 200}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+
+
+async def redis_bytes_per_click_case(env: BenchEnv, clicks: int) -> CaseResult:
+    """Bytes of Redis a click leaves behind: ``clicks`` from distinct IPv4 addresses, no aff_click_id,
+    through ``FraudStore.count_clicks`` in batches of 100."""
+    from services.fraud.domain import ClickEvent
+
+    async def send(store: Any, first: int, end: int, now: datetime) -> object:
+        return await store.count_clicks([
+            ClickEvent(
+                click_id=f"m{n}", external_click_id="", campaign_id="bench", affiliate_id=f"aff{n % 50}",
+                coupon_code="", ip=_address(n), user_agent="Mozilla/5.0", occurred_at=now,
+            )
+            for n in range(first, end)
+        ])
+
+    return await _redis_bytes_per_event(
+        env, "d.redis_bytes_per_click", f"Redis memory per click, {clicks:,} clicks from distinct addresses",
+        clicks, "clicks", send, [REDIS_BYTES_GOAL],
+    )
+
+
+async def redis_bytes_per_conversion_case(env: BenchEnv, conversions: int) -> CaseResult:
+    """Bytes of Redis a conversion leaves behind: distinct orders from distinct IPv4 addresses, each
+    with a general code of 100 and its click, through ``FraudStore.count_conversions`` in batches of 100
+    (the per-address window and the per-order guard; exclusive and unique codes add their spread)."""
+    from services.fraud.domain import ConversionEvent, CouponKind
+
+    async def send(store: Any, first: int, end: int, now: datetime) -> object:
+        return await store.count_conversions([
+            ConversionEvent(
+                order_id=f"o{n}", campaign_id="bench", affiliate_id=f"aff{n % 50}", click_id=f"m{n}",
+                click_time=now - timedelta(minutes=5), coupon_code=f"CODE{n % 100}",
+                coupon_kind=CouponKind.GENERAL, customer_id=f"cust{n}", ip=_address(n),
+                user_agent="Mozilla/5.0", occurred_at=now, received_at=now,
+            )
+            for n in range(first, end)
+        ])
+
+    return await _redis_bytes_per_event(
+        env, "d.redis_bytes_per_conversion",
+        f"Redis memory per conversion, {conversions:,} orders from distinct addresses",
+        conversions, "conversions", send, [],
     )
 
 
