@@ -14,9 +14,9 @@ from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from prometheus_client import REGISTRY
 
 from services.attribution.common import code_check
+from services.attribution.metrics import CATALOG_LOOKUPS_TOTAL
 from tests.integration.conversion_env import BROWSER_UA, World, ts
 from tests.support import TEST_REPORTS, bad_request_fields
 
@@ -47,11 +47,10 @@ def retry_after(error: grpc.aio.AioRpcError) -> int:
 def lookups() -> float:
     """Catalog queries sent to PostgreSQL so far (the cache's misses, every kind)."""
     return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "ascribe_catalog_lookups"
-        for sample in metric.samples
-        if sample.name == "ascribe_catalog_lookups_total"
+        found.value
+        for metric in CATALOG_LOOKUPS_TOTAL.collect()
+        for found in metric.samples
+        if found.name == "ascribe_catalog_lookups_total"
     )
 
 

@@ -16,11 +16,11 @@ import pytest
 import trustme
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from google.protobuf import field_mask_pb2
-from prometheus_client import REGISTRY
 
+from services.attribution.metrics import WEBHOOK_DEAD_TOTAL
 from services.attribution.webhooks.settings import WebhookConfig
 from tests.integration.conversion_env import FraudHandle, World
-from tests.support import Clock
+from tests.support import Clock, sample
 from tests.unit.test_webhook_rules import readme_receiver
 from tests.webhook_receiver import Received, Receiver
 
@@ -197,7 +197,7 @@ async def test_fails_twice_then_succeeds_with_one_delivery_id(hooks: World, rece
 
 async def test_always_failing_ends_dead_and_can_be_redelivered(hooks: World, receiver: Receiver) -> None:
     receiver.answer = lambda _: (500, {})
-    dead_before = REGISTRY.get_sample_value("ascribe_webhook_deliveries_dead_total") or 0.0
+    dead_before = sample(WEBHOOK_DEAD_TOTAL) or 0.0
     created = await create(hooks, **postback_fields(receiver))
     await hooks.convert(coupon_code="SUMMER", click_id=await hooks.click("aff"))
     await receiver.wait_for(4)  # the first try and the schedule's three retries
@@ -207,7 +207,7 @@ async def test_always_failing_ends_dead_and_can_be_redelivered(hooks: World, rec
         pb.ListDeliveriesRequest(webhook_id=created.id, state=pb.DELIVERY_STATE_DEAD), timeout=10)
     [delivery] = dead.deliveries
     assert delivery.attempts == 4 and delivery.last_status_code == 500 and "out of retries" in delivery.last_error
-    assert (REGISTRY.get_sample_value("ascribe_webhook_deliveries_dead_total") or 0.0) == dead_before + 1
+    assert (sample(WEBHOOK_DEAD_TOTAL) or 0.0) == dead_before + 1
     receiver.answer = lambda _: (200, {})
     again = await hooks.catalog.RedeliverDelivery(pb.RedeliverDeliveryRequest(delivery_id=delivery.id), timeout=10)
     assert again.state == pb.DELIVERY_STATE_PENDING
