@@ -58,11 +58,9 @@ async def add_uses(conn: Connection, deltas: dict[CouponKey, int]) -> None:
         return
     await conn.execute(
         """UPDATE coupons c SET used = c.used + d.delta, updated_at = now()
-             FROM unnest($1::text[], $2::text[], $3::bigint[]) AS d(campaign_id, code, delta)
+             FROM unnest($1::ascribe_use_delta_row[]) AS d
             WHERE c.campaign_id = d.campaign_id AND c.code = d.code""",
-        [k[0] for k, _ in items],
-        [k[1] for k, _ in items],
-        [delta for _, delta in items],
+        [(key[0], key[1], delta) for key, delta in items],
     )
 
 

@@ -132,9 +132,7 @@ async def record_exposure(
 # click finds its unit and adds only its click row).
 _INSERT_CLICK_ARMS = """
 WITH r AS (
-    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::text[])
-        AS r(click_id, created_at, experiment_id, unit_key, arm, affiliate_id, country, device_type)
+    SELECT * FROM unnest($1::ascribe_click_arm_row[])
 ), units AS (
     INSERT INTO experiment_units
         (experiment_id, unit_key, arm, source, affiliate_id, country, device_type, first_seen_at)
@@ -152,14 +150,11 @@ async def insert_click_arms(conn: Connection, clicks: Sequence[Click]) -> None:
     """The arms of clicks that joined an experiment; call it in the clicks' own transaction."""
     await conn.execute(
         _INSERT_CLICK_ARMS,
-        [c.click_id for c in clicks],
-        [c.created_at for c in clicks],
-        [c.experiment_id for c in clicks],
-        [c.experiment_unit for c in clicks],
-        [c.experiment_arm for c in clicks],
-        [c.affiliate_id for c in clicks],
-        [c.country for c in clicks],
-        [c.device_type for c in clicks],
+        [
+            (c.click_id, c.created_at, c.experiment_id, c.experiment_unit, c.experiment_arm, c.affiliate_id,
+             c.country, c.device_type)
+            for c in clicks
+        ],
     )
 
 

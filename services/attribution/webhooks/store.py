@@ -238,14 +238,12 @@ async def insert_deliveries(conn: Executor, deliveries: Sequence[tuple[str, str,
     await conn.execute(
         """INSERT INTO webhook_deliveries (id, webhook_id, event_id, event, state, payload, next_attempt_at)
            SELECT t.id, t.webhook_id, t.event_id, t.event, 'pending', t.payload::jsonb, t.at
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-                  WITH ORDINALITY AS t (id, webhook_id, event_id, event, payload, at, n)
+             FROM unnest($1::ascribe_delivery_row[]) WITH ORDINALITY AS t (id, webhook_id, event_id, event, payload, at, n)
              JOIN webhooks w ON w.id = t.webhook_id
             ORDER BY t.n  -- the events' order, so equal first-attempt times are claimed in it
               FOR KEY SHARE OF w
            ON CONFLICT (webhook_id, event_id) DO NOTHING""",
-        [d[0] for d in deliveries], [d[1] for d in deliveries], [d[2] for d in deliveries],
-        [d[3] for d in deliveries], [d[4] for d in deliveries], [d[5] for d in deliveries],
+        list(deliveries),
     )
 
 
