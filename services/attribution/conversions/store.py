@@ -104,8 +104,10 @@ _FROM_ROW = {"reasons": f"string_to_array(reasons, '{REASONS_SEPARATOR}')", "req
 
 # Conversions, their first history events and their ledger rows in one
 # statement: one round trip per batch. Each travels as one array of rows of
-# migration 006's row types (the idiom of every multi-row write here), with
-# the reason words comma-joined and the request as JSON text.
+# migration 006's row types (the idiom of every multi-row write here; only
+# bulk codes go in by COPY, catalog/store.py, where issue #15 measures them
+# against a bare COPY), with the reason words comma-joined and the request as
+# JSON text.
 _INSERT_JUDGED = f"""
 WITH new_conversions AS (
     INSERT INTO conversions ({", ".join(_INSERT_COLUMNS)})
