@@ -33,13 +33,19 @@ _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
 NO_TRANSACTION = "-- ascribe: no transaction"
+# A migration may build an index over a large table for minutes: it runs
+# without the pool's statement timeout (restored afterwards) and without
+# asyncpg's command timeout, whatever connection it is given.
+MIGRATION_TIMEOUT_S = 24 * 3600.0
 _STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
 
 
 def statements_without_transaction(text: str, name: str) -> list[str]:
     """The statements of a ``-- ascribe: no transaction`` migration, in order (comments kept)."""
-    if "$$" in text:
+    if re.search(r"\$\w*\$", text):
         raise RuntimeError(f"{name}: a migration without a transaction cannot hold function bodies ($$)")
+    if re.search(r";[ \t]*--", text):
+        raise RuntimeError(f"{name}: a migration without a transaction ends each statement with ';' alone on its line")
     found = []
     for piece in _STATEMENT_END.split(text):
         code = [line for line in piece.splitlines() if line.strip() and not line.strip().startswith("--")]
@@ -63,8 +69,9 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
 async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR, *, up_to: int | None = None) -> list[int]:
     """Applies pending migrations (those numbered ``up_to`` or less, when given); returns the versions applied now."""
     applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
+        await conn.execute("SET statement_timeout = 0", timeout=MIGRATION_TIMEOUT_S)
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version int PRIMARY KEY,
@@ -78,13 +85,13 @@ async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR, *, up_to: 
             text = path.read_text()
             if text.startswith(NO_TRANSACTION):
                 for statement in statements_without_transaction(text, path.name):
-                    await conn.execute(statement)
+                    await conn.execute(statement, timeout=MIGRATION_TIMEOUT_S)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
                 )
             else:
                 async with conn.transaction():
-                    await conn.execute(text)
+                    await conn.execute(text, timeout=MIGRATION_TIMEOUT_S)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
                     )
@@ -92,6 +99,8 @@ async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR, *, up_to: 
             applied_now.append(version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        # Back to the connection's own settings (a no-transaction file may SET lock_timeout).
+        await conn.execute("RESET statement_timeout; RESET lock_timeout")
     return applied_now
 
 

@@ -43,7 +43,8 @@ def fullest(info: Mapping[str, Any]) -> tuple[int, int]:
 async def poll_once(client: Any) -> tuple[int, int]:
     """Reads INFO memory (every node of a cluster) and sets the gauges."""
     if isinstance(client, RedisCluster):
-        answer = await client.info("memory", target_nodes=RedisCluster.ALL_NODES)
+        # Primaries only: replicas ignore maxmemory by default.
+        answer = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
     else:
         answer = await client.info("memory")
     used, limit = fullest(answer)
@@ -53,12 +54,22 @@ async def poll_once(client: Any) -> tuple[int, int]:
 
 
 async def watch(client: Any, every: float = POLL_SECONDS) -> None:
-    """Polls until cancelled; a Redis that does not answer leaves the last reading."""
+    """Polls until cancelled; a Redis that does not answer leaves the last reading.
+
+    The first failure after a success is a warning (INFO may be refused by an
+    ACL or a proxy: then the alert cannot fire), and so is the recovery.
+    """
+    failing = False
     while True:
         try:
             await asyncio.wait_for(poll_once(client), POLL_TIMEOUT_SECONDS)
+            if failing:
+                logger.warning("Redis memory readable again")
+            failing = False
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a failed reading must not end the watch
-            logger.debug("Redis memory not read: %s", error)
+            if not failing:
+                logger.warning("Redis memory not read (AscribeRedisMemoryHigh cannot fire meanwhile): %s", error)
+            failing = True
         await asyncio.sleep(every)

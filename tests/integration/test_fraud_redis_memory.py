@@ -24,12 +24,13 @@ async def test_a_cluster_reports_its_fullest_node(cluster: list[embedded.Embedde
     # One node bounded close above what it holds: it is the fullest, whatever the others hold.
     with redis_sync.Redis(port=cluster[1].port) as node:
         held = int(node.info("memory")["used_memory"])
+        configured = node.config_get("maxmemory")["maxmemory"]
         node.config_set("maxmemory", held + 64 * 1024 * 1024)
         client = aioredis.RedisCluster.from_url(cluster[0].url)
         try:
             used, limit = await poll_once(client)
         finally:
-            node.config_set("maxmemory", 0)
+            node.config_set("maxmemory", configured)
             await client.aclose()
     assert limit == held + 64 * 1024 * 1024
     assert abs(used - held) < 16 * 1024 * 1024

@@ -38,6 +38,10 @@ def test_a_file_without_a_transaction_splits_at_line_ends_and_keeps_no_empty_sta
     ]
     with pytest.raises(RuntimeError, match="function bodies"):
         statements_without_transaction("-- ascribe: no transaction\nCREATE FUNCTION f() AS $$ x; $$;", "f.sql")
+    with pytest.raises(RuntimeError, match="function bodies"):
+        statements_without_transaction("-- ascribe: no transaction\nDO $go$ BEGIN NULL; END $go$;", "g.sql")
+    with pytest.raises(RuntimeError, match="alone on its line"):
+        statements_without_transaction("-- ascribe: no transaction\nSELECT 1; -- two in one\nSELECT 2;", "h.sql")
 
 
 async def test_concurrent_index_builds_run_and_a_failure_part_way_is_run_again(
@@ -67,3 +71,22 @@ async def test_up_to_stops_at_a_version(empty_db: asyncpg.Connection, tmp_path: 
     (tmp_path / "002_b.sql").write_text("CREATE TABLE b (x int);")
     assert await migrate(empty_db, tmp_path, up_to=1) == [1]
     assert await migrate(empty_db, tmp_path) == [2]
+
+
+async def test_a_migration_runs_past_the_connections_statement_timeout_which_comes_back(
+    pg_server_url: str, empty_db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    name = await empty_db.fetchval("SELECT current_database()")
+    # As the service's pool connects: a 200 ms statement timeout as a start-up parameter.
+    conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10,
+                                 server_settings={"statement_timeout": "200"}, command_timeout=0.2)
+    try:
+        (tmp_path / "001_slow.sql").write_text("CREATE TABLE s AS SELECT 1 AS x FROM pg_sleep(0.5);")
+        (tmp_path / "002_slow.sql").write_text(
+            "-- ascribe: no transaction\nSET lock_timeout = '1s';\nSELECT pg_sleep(0.5);\n"
+        )
+        assert await migrate(conn, tmp_path) == [1, 2]
+        assert await conn.fetchval("SELECT current_setting('statement_timeout')") == "200ms"
+        assert await conn.fetchval("SELECT current_setting('lock_timeout')") == "0"
+    finally:
+        await conn.close()

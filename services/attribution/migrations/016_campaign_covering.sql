@@ -28,7 +28,11 @@ ALTER INDEX report_rollup_by_campaign_covering RENAME TO report_rollup_by_campai
 -- number from one sequence, given to every rollup row from now on. The
 -- column and its indexes come first, here, so that their builds do not keep
 -- writers waiting either; nothing reads the numbers before 017.
+-- Each ALTER waits for its table's lock for at most 5 s (behind a long export,
+-- say) rather than hold every click's trigger queued behind it; the start-up
+-- that gets the timeout fails, and the next runs the file again.
 CREATE SEQUENCE IF NOT EXISTS report_rollup_seq;
+SET lock_timeout = '5s';
 ALTER TABLE report_rollup ADD COLUMN IF NOT EXISTS seq bigint;
 ALTER TABLE report_rollup_campaign ADD COLUMN IF NOT EXISTS seq bigint;
 ALTER TABLE report_rollup_coupon_day ADD COLUMN IF NOT EXISTS seq bigint;
@@ -37,6 +41,7 @@ ALTER TABLE report_rollup ALTER COLUMN seq SET DEFAULT nextval('report_rollup_se
 ALTER TABLE report_rollup_campaign ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
 ALTER TABLE report_rollup_coupon_day ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
 ALTER TABLE report_rollup_account ALTER COLUMN seq SET DEFAULT nextval('report_rollup_seq');
+RESET lock_timeout;
 DROP INDEX CONCURRENTLY IF EXISTS report_rollup_seq_idx;
 CREATE INDEX CONCURRENTLY report_rollup_seq_idx ON report_rollup (seq) WHERE seq IS NOT NULL;
 DROP INDEX CONCURRENTLY IF EXISTS report_rollup_campaign_seq_idx;
