@@ -27,7 +27,11 @@ Failure semantics follow the unary call's:
   it has read; the messages it never read are sent again on a new stream;
 - a server without the stream method (UNIMPLEMENTED, an older version in a
   rolling deploy) makes the client fall back to the unary batch RPC for a
-  minute, then try the stream again.
+  minute, then try the stream again. Rarely the first message races the
+  refusal and gRPC's core ends the call INTERNAL instead, hiding the
+  UNIMPLEMENTED: that message fails like any refused call, and the next one
+  opens a new stream. (Resending it is not safe in general: an INTERNAL end
+  does not say whether the server read it.)
 
 A stream is re-opened after ``max_age_seconds`` (the old one is half-closed
 and drains), so behind a balancer that spreads calls, replicas share streams

@@ -608,11 +608,22 @@ async def test_a_server_without_the_stream_gets_unary_calls(fraud: FraudService)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{fraud.port}") as channel:
         stream, opened = click_stream(channel, method="NoSuchStream")
         batch = pb.CheckClickBatchRequest(requests=[click(ip=TOR_IP), click(ip="86.155.0.1")])
-        answer = await stream.send(batch, 10)
+        tries = 1
+        try:
+            answer = await stream.send(batch, 10)
+        except StreamCallError as error:
+            # Rarely (once in CI) the first message races the server's refusal
+            # and gRPC's core ends the call INTERNAL ("Internal error from
+            # Core"), hiding the UNIMPLEMENTED: that batch fails as a refused
+            # call does (a click is flagged fraud_unavailable, never lost) and
+            # the next message opens a new stream, which the server refuses.
+            assert error.code() == grpc.StatusCode.INTERNAL, error
+            tries = 2
+            answer = await stream.send(batch, 10)
         assert [v.action for v in answer.verdicts] == [REJECT, ALLOW]
         assert stream.unsupported
         await stream.send(batch, 10)
-        assert opened.count == 1  # no second try at the stream
+        assert opened.count == tries  # no further try at the stream once it is known unsupported
         await stream.close()
 
 
