@@ -182,9 +182,10 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
             f"SELECT {', '.join([*selected, *(f'0 AS {m}' for m in _CLICK_METRICS), *conversion_metrics])}"
             f" FROM report_conversion_facts WHERE {within}"
         )
-    # Text keys sort byte by byte (COLLATE "C"): the database's default
-    # collation compares through the C library's locale rules, which cost a
-    # third of one affiliate's report by sub1 and country (55,054 rows).
+    # Text keys sort byte by byte (COLLATE "C"): the same order on every
+    # server, and a cheaper sort than the database's default collation, which
+    # compares through the C library's locale rules (one affiliate by sub1 and
+    # country at 10M clicks, 55,054 rows: its sort 70 -> 46 ms of 262).
     keys = [f"{_KEYS[g].format(zone=zone)}{'' if g == 'hour' else _BYTE_ORDER} AS k_{g}" for g in query.groups]
     group = ", ".join([*(f"k_{g}" for g in query.groups), "k_currency"])
     # ascribe_report_sum (migration 015): sum() of bigints answers numeric.
