@@ -118,6 +118,23 @@ async def database_url(pg_server_url: str, template_database: str) -> AsyncItera
 
 
 @pytest.fixture
+async def empty_db(pg_server_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a new database with no migration applied (upgrades, migrate() itself), dropped afterwards."""
+    name = f"ascribe_e_{secrets.token_hex(6)}"
+    admin = await _admin(pg_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     await conn.execute("SET TIME ZONE 'UTC'")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -11,20 +9,6 @@ import pytest
 
 from services.attribution.migrate import migrate, statements_without_transaction
 from tests.conftest import with_database
-
-
-@pytest.fixture
-async def empty_db(pg_server_url: str) -> AsyncIterator[asyncpg.Connection]:
-    name = f"ascribe_mig_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_server_url, timeout=10)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def test_a_file_without_a_transaction_splits_at_line_ends_and_keeps_no_empty_statement() -> None:

@@ -6,8 +6,6 @@ needs separate delta rows (the triggers write one set of rows a statement).
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -15,7 +13,6 @@ import pytest
 
 from services.attribution.migrate import migrate, migration_files
 from services.attribution.reports import store as report_store
-from tests.conftest import with_database
 
 TIERS = ("report_rollup", "report_rollup_campaign", "report_rollup_coupon_day", "report_rollup_account")
 
@@ -109,18 +106,9 @@ async def test_a_row_that_commits_behind_the_watermark_costs_a_row_not_a_cent(
 
 
 @pytest.fixture
-async def database_before_017(pg_server_url: str) -> AsyncIterator[asyncpg.Connection]:
-    name = f"ascribe_up_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_server_url, timeout=10)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(with_database(pg_server_url, name), timeout=10)
-    try:
-        await migrate(conn, up_to=16)
-        yield conn
-    finally:
-        await conn.close()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+async def database_before_017(empty_db: asyncpg.Connection) -> asyncpg.Connection:
+    await migrate(empty_db, up_to=16)
+    return empty_db
 
 
 async def test_017_folds_what_the_old_fold_left_then_folds_by_number(
