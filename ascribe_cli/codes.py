@@ -192,34 +192,46 @@ def assign(
     ctx: typer.Context,
     campaign_id: Annotated[str, typer.Argument(help="the batch's campaign")],
     batch_id: Annotated[str, typer.Argument(help="a batch of generate or import")],
-    customer_id: Annotated[str | None, typer.Argument(help="who gets a code (or --customers FILE)")] = None,
+    customer_id: Annotated[str | None, typer.Argument(help="who gets a code (or --customers, --affiliate(s))")] = None,
     customers: Annotated[
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="a file of customer ids, one a line (a 'customer_id' header is skipped)"),
     ] = None,
+    affiliate: Annotated[str | None, typer.Option(help="an affiliate that gets a code: its only affiliate")] = None,
+    affiliates: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="a file of affiliate ids, one a line (an 'affiliate_id' header is skipped)"),
+    ] = None,
     fmt: FormatOption = Format.table,
 ) -> None:
-    """Hand the next free code of a batch to a customer (the same customer always gets the same code).
+    """Hand the next free code of a batch to a customer or an affiliate (who always gets the same code again).
 
-    With --customers, every customer of the file gets one: CSV lines
-    ``customer_id,code`` on stdout, in the file's order.
+    An affiliate's code names it as the code's only affiliate: a sale with
+    the code and no click credits it. With --customers or --affiliates,
+    every id of the file gets one: CSV lines ``customer_id,code`` or
+    ``affiliate_id,code`` on stdout, in the file's order. A refused id stops
+    the run (exit 1); running the file again hands out nothing twice.
     """
-    if (customer_id is None) == (customers is None):
-        raise typer.BadParameter("give one CUSTOMER_ID or --customers FILE")
+    chosen = [given for given in (customer_id, customers, affiliate, affiliates) if given is not None]
+    if len(chosen) != 1:
+        raise typer.BadParameter("give one CUSTOMER_ID, --customers FILE, --affiliate ID or --affiliates FILE")
+    holder = "affiliate_id" if affiliate is not None or affiliates is not None else "customer_id"
+
+    def request(holder_id: str) -> pb.AssignCodeRequest:
+        return pb.AssignCodeRequest(campaign_id=campaign_id, batch_id=batch_id, **{holder: holder_id})
+
     with connect(ctx) as client:
-        if customer_id is not None:
-            write_one(client.call(client.catalog.AssignCode, pb.AssignCodeRequest(
-                campaign_id=campaign_id, batch_id=batch_id, customer_id=customer_id,
-            )), fmt)
+        one = customer_id if customer_id is not None else affiliate
+        if one is not None:
+            write_one(client.call(client.catalog.AssignCode, request(one)), fmt)
             return
-        assert customers is not None
+        path = customers if customers is not None else affiliates
+        assert path is not None
         out = stdout()
-        out.write("customer_id,code\n")
-        for line in customers.read_text(encoding="utf-8-sig").splitlines():
-            customer = line.split(",")[0].strip()
-            if not customer or customer == "customer_id":
+        out.write(f"{holder},code\n")
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
+            holder_id = line.split(",")[0].strip()
+            if not holder_id or holder_id == holder:
                 continue
-            coupon = client.call(client.catalog.AssignCode, pb.AssignCodeRequest(
-                campaign_id=campaign_id, batch_id=batch_id, customer_id=customer,
-            ))
-            out.write(f"{customer},{coupon.code}\n")
+            coupon = client.call(client.catalog.AssignCode, request(holder_id))
+            out.write(f"{holder_id},{coupon.code}\n")

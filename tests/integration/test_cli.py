@@ -213,6 +213,32 @@ async def test_codes_import_then_assign_one_customer_and_a_file_of_them(cli: Cli
     assert usage.exit_code == 2
 
 
+async def test_codes_assign_a_file_of_affiliates(cli: Cli, tmp_path: Path) -> None:
+    await campaign(cli)
+    for affiliate in ("ann", "bob"):
+        await cli.ok("affiliates", "create", "--id", affiliate, "--name", affiliate.title(), "--channel", "influencer")
+    batch = await cli.json("codes", "generate", "cmp", "--count", "3", "--prefix", "INF")
+    affiliates = tmp_path / "affiliates.csv"
+    affiliates.write_text("\ufeffaffiliate_id\nann\nbob\n")
+    first = (await cli.ok("codes", "assign", "cmp", batch["batch_id"], "--affiliates", str(affiliates))).splitlines()
+    assert first[0] == "affiliate_id,code" and [line.split(",")[0] for line in first[1:]] == ["ann", "bob"]
+    # The same file again hands out nothing new.
+    again = (await cli.ok("codes", "assign", "cmp", batch["batch_id"], "--affiliates", str(affiliates))).splitlines()
+    assert again == first
+    ann_code = first[1].split(",")[1]
+    shown = await cli.json("coupons", "show", "cmp", ann_code)
+    assert shown["assigned_affiliate_id"] == "ann" and shown["affiliate_ids"] == ["ann"]
+    one = await cli.json("codes", "assign", "cmp", batch["batch_id"], "--affiliate", "bob")
+    assert one["code"] == first[2].split(",")[1]
+
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("nobody\n")
+    refused = await cli("codes", "assign", "cmp", batch["batch_id"], "--affiliates", str(unknown))
+    assert refused.exit_code == 1 and "NOT_FOUND" in refused.stderr and "nobody" in refused.stderr
+    both = await cli("codes", "assign", "cmp", batch["batch_id"], "cust-1", "--affiliate", "ann")
+    assert both.exit_code == 2
+
+
 async def test_the_cli_speaks_mutual_tls_with_the_services_settings(database_url: str, tmp_path: Path) -> None:
     ca = trustme.CA()
     files = {"ca": tmp_path / "ca.pem"}

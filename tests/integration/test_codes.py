@@ -174,6 +174,100 @@ async def test_assign_skips_used_and_inactive_codes_and_refuses_bad_requests(wor
         assert bad_request_fields(caught.value) == [field]
 
 
+async def _assign_affiliate(
+    stub: attribution_pb2_grpc.CatalogServiceAsyncStub, batch_id: str, affiliate: str
+) -> pb.Coupon:
+    return await stub.AssignCode(
+        pb.AssignCodeRequest(campaign_id="cmp", batch_id=batch_id, affiliate_id=affiliate), timeout=30
+    )
+
+
+async def test_affiliates_asking_concurrently_on_two_replicas_get_one_code_each(world: World) -> None:
+    await world.campaign()
+    affiliates = [f"aff-{n}" for n in range(6)]
+    for affiliate in affiliates:
+        await world.affiliate(affiliate)
+    second = await world.add_replica()
+    batch_id = await _generate(world, 10)
+    stubs = [world.catalog, second.catalog]
+    # Every affiliate asks five times at once, across both replicas.
+    answers = await asyncio.gather(
+        *(_assign_affiliate(stubs[n % 2], batch_id, affiliates[n % 6]) for n in range(30))
+    )
+    mine: dict[str, set[str]] = {}
+    for answer in answers:
+        mine.setdefault(answer.assigned_affiliate_id, set()).add(answer.code)
+        assert (answer.allow_all_affiliates, list(answer.affiliate_ids)) == (False, [answer.assigned_affiliate_id])
+        assert answer.assigned_customer_id == ""
+    assert set(mine) == set(affiliates)
+    assert all(len(codes) == 1 for codes in mine.values())
+    assert len({code for codes in mine.values() for code in codes}) == 6
+    rows = await world.db.fetch(
+        "SELECT code, assigned_affiliate_id, allow_all_affiliates, affiliate_ids FROM coupons"
+        " WHERE batch_id = $1 AND assigned_affiliate_id <> ''", batch_id,
+    )
+    assert {(r["code"], r["assigned_affiliate_id"]) for r in rows} == {(c.code, c.assigned_affiliate_id) for c in answers}
+    assert all(not r["allow_all_affiliates"] and r["affiliate_ids"] == [r["assigned_affiliate_id"]] for r in rows)
+    # Customers get the four codes no affiliate holds, then the batch is spent for both.
+    customers = await asyncio.gather(*(_assign(stubs[n % 2], batch_id, f"customer-{n}") for n in range(4)))
+    assert {c.code for c in customers}.isdisjoint({c.code for c in answers})
+    assert all(c.assigned_affiliate_id == "" for c in customers)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _assign(world.catalog, batch_id, "customer-late")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # An affiliate that holds a code gets it again, spent batch or not.
+    assert (await _assign_affiliate(world.catalog, batch_id, "aff-0")).code in mine["aff-0"]
+    await world.affiliate("aff-late")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _assign_affiliate(world.catalog, batch_id, "aff-late")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("batch", ["generated", "imported"])
+async def test_an_affiliates_code_credits_it_on_a_sale_without_a_click(world: World, batch: str) -> None:
+    await world.campaign()
+    await world.affiliate("ann")
+    await world.affiliate("bob")
+    if batch == "generated":  # UNIQUE codes, every affiliate allowed until assigned
+        batch_id = await _generate(world, 3)
+    else:  # a shop's GENERAL codes: credited as the one selected affiliate's
+        batch_id = (await _import(world, b"code,kind\nSPRING-1,general\nSPRING-2,general\n")).batch_id
+    code = (await _assign_affiliate(world.catalog, batch_id, "ann")).code
+    stored = await world.get_coupon(code)
+    assert (stored.assigned_affiliate_id, stored.allow_all_affiliates, list(stored.affiliate_ids)) == (
+        "ann", False, ["ann"],
+    )
+    # Another affiliate's link carrying the code does not start its tracking.
+    click_id = await world.click("bob", coupon_code=code)
+    click = await world.tracking.GetClick(pb.GetClickRequest(click_id=click_id), timeout=10)
+    assert click.coupon_code == "" and "affiliate_not_allowed" in click.reasons
+    sale = await world.convert(coupon_code=code)
+    assert (sale.affiliate_id, sale.source) == ("ann", pb.ATTRIBUTION_SOURCE_COUPON)
+    assert sale.status == pb.CONVERSION_STATUS_PENDING
+
+
+async def test_assigning_to_an_affiliate_refuses_bad_requests_and_unknown_affiliates(world: World) -> None:
+    await world.campaign()
+    batch_id = await _generate(world, 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _assign_affiliate(world.catalog, batch_id, "nobody")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nobody" in (caught.value.details() or "")
+    assert await world.db.fetchval(
+        "SELECT count(*) FROM coupons WHERE batch_id = $1 AND (assigned_affiliate_id <> '' OR NOT allow_all_affiliates)",
+        batch_id,
+    ) == 0
+    for request, field in (
+        (pb.AssignCodeRequest(campaign_id="cmp", batch_id=batch_id, affiliate_id="a", customer_id="c"), "customer_id"),
+        (pb.AssignCodeRequest(campaign_id="cmp", batch_id=batch_id, affiliate_id="not an id"), "affiliate_id"),
+        (pb.AssignCodeRequest(campaign_id="cmp", batch_id=batch_id, affiliate_id="a" * 65), "affiliate_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await world.catalog.AssignCode(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(caught.value) == [field]
+
+
 # ---------------------------------------------------------------- ImportCodes
 
 

@@ -315,6 +315,20 @@ def test_lookups_normalize_codes() -> None:
     assert "code" in _violations(lambda: rules.validate_code_lookup("code", "no"))
 
 
+def test_a_code_is_assigned_to_a_customer_or_an_affiliate() -> None:
+    def request(**fields: str) -> pb.AssignCodeRequest:
+        return pb.AssignCodeRequest(campaign_id="cmp_1", batch_id="bat_1", **fields)
+
+    rules.validate_assign_code(request(customer_id="cust-1"))
+    rules.validate_assign_code(request(affiliate_id="aff_1"))
+    assert set(_violations(lambda: rules.validate_assign_code(request()))) == {"customer_id"}
+    both = _violations(lambda: rules.validate_assign_code(request(customer_id="c", affiliate_id="aff_1")))
+    assert set(both) == {"customer_id"}
+    for bad in ("aff 1", "a" * 65, "aff/1"):
+        message = request(affiliate_id=bad)
+        assert set(_violations(lambda m=message: rules.validate_assign_code(m))) == {"affiliate_id"}
+
+
 # ---------------------------------------------------------------- generated codes
 
 

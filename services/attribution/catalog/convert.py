@@ -188,6 +188,7 @@ def coupon_to_proto(coupon: Coupon) -> attribution_pb2.Coupon:
         min_order_micros=coupon.min_order_micros,
         assigned_customer_id=coupon.assigned_customer_id,
         batch_id=coupon.batch_id or "",
+        assigned_affiliate_id=coupon.assigned_affiliate_id,
     )
     remaining = coupon.remaining
     if remaining is not None:

@@ -15,7 +15,7 @@ AFFILIATE_COLUMNS = "id, name, channel, status, created_at"
 COUPON_COLUMNS = """campaign_id, code, kind, status, valid_from, valid_until, usage_limit, used,
     allow_all_affiliates, affiliate_ids, per_customer_limit, discount_percent_bp, discount_micros,
     countries, device_types, channels, skus, min_order_micros, assigned_customer_id, batch_id,
-    created_at"""
+    created_at, assigned_affiliate_id"""
 
 _ARRAY_FIELDS = ("affiliate_ids", "countries", "device_types", "channels", "skus")
 

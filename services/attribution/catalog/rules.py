@@ -349,8 +349,14 @@ def validate_assign_code(request: attribution_pb2.AssignCodeRequest) -> None:
     _check_id(v, "campaign_id", request.campaign_id, required=True)
     _check_id(v, "batch_id", request.batch_id, required=True)
     customer = request.customer_id
-    if not customer.strip():
-        v.add("customer_id", "required: the customer who gets the code")
+    if request.affiliate_id:
+        # An affiliate's code names it as the code's only affiliate; a
+        # customer's code redeems only for that customer: one holder or the other.
+        _check_id(v, "affiliate_id", request.affiliate_id, required=True)
+        if customer:
+            v.add("customer_id", "must be empty when affiliate_id is given: a code goes to one or the other")
+    elif not customer.strip():
+        v.add("customer_id", "required: the customer (or affiliate_id: the affiliate) who gets the code")
     elif len(customer.encode()) > limits.CUSTOMER_ID or customer != customer.strip():
         v.add("customer_id", f"1..{limits.CUSTOMER_ID} bytes without surrounding spaces")
     elif any(ord(char) < 0x20 or char == "\x7f" for char in customer):

@@ -271,7 +271,14 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
         self, request: attribution_pb2.AssignCodeRequest, context: Context
     ) -> attribution_pb2.Coupon:
         rules.validate_assign_code(request)
-        coupon = await self._assigner.assign(request.campaign_id, request.batch_id, request.customer_id)
+        if request.affiliate_id:
+            # Affiliates are few and handed codes by an operator: one statement
+            # each, not the shared batches of customers at checkout rates.
+            coupon = await store.assign_code(
+                self._pool, request.campaign_id, request.batch_id, request.affiliate_id, holder="affiliate"
+            )
+        else:
+            coupon = await self._assigner.assign(request.campaign_id, request.batch_id, request.customer_id)
         return coupon_to_proto(coupon)
 
     async def ImportCodes(

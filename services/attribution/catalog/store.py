@@ -19,7 +19,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import asyncpg
 import grpc
@@ -713,23 +713,29 @@ class ResourceExhausted(DomainError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-# The customer's code of a batch, or else the first free one, taken in the
-# same statement. A free code is unassigned, unused and ACTIVE (a paused or
-# spent code handed to a customer would only disappoint). SKIP LOCKED lets
-# concurrent callers take different codes instead of queueing on one row;
-# the unique index coupons_one_per_customer makes a second code for the same
-# customer fail, and that caller then reads the winner's code.
+# The holder's code of a batch, or else the first free one, taken in the
+# same statement. A free code is unassigned (to a customer or an affiliate),
+# unused and ACTIVE (a paused or spent code handed out would only
+# disappoint). SKIP LOCKED lets concurrent callers take different codes
+# instead of queueing on one row; the unique indexes coupons_one_per_customer
+# and coupons_one_per_affiliate make a second code for the same holder fail,
+# and that caller then reads the winner's code. An affiliate must exist
+# ({known}), and a code handed to it names it as its only affiliate
+# ({grant}), so a sale with the code and no click credits it
+# (coupon_rules.credit). "mine" repeats the partial indexes' predicate
+# (<> ''): a prepared statement's generic plan could not prove it from $3 and
+# would read the whole batch.
 _ASSIGN = f"""
 WITH mine AS (
     SELECT code FROM coupons
-     WHERE batch_id = $2 AND assigned_customer_id = $3 AND campaign_id = $1
+     WHERE batch_id = $2 AND {{holder}} = $3 AND {{holder}} <> '' AND campaign_id = $1
 ), free AS (
     SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
      WHERE batch_id = $2 AND assigned_customer_id = '' AND campaign_id = $1
-       AND used = 0 AND status = 'active' AND NOT EXISTS (SELECT 1 FROM mine)
+       AND used = 0 AND status = 'active' AND assigned_affiliate_id = '' AND NOT EXISTS (SELECT 1 FROM mine){{known}}
      LIMIT 1 FOR UPDATE {{skip}}
 ), taken AS (
-    UPDATE coupons SET assigned_customer_id = $3, updated_at = now()
+    UPDATE coupons SET {{holder}} = $3{{grant}}, updated_at = now()
       FROM free WHERE campaign_id = free_campaign_id AND code = free_code
     RETURNING {COUPON_COLUMNS}
 )
@@ -737,8 +743,25 @@ SELECT * FROM taken
 UNION ALL
 SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code = (SELECT code FROM mine)
 """
-_ASSIGN_SKIPPING = _ASSIGN.format(skip="SKIP LOCKED")
-_ASSIGN_WAITING = _ASSIGN.format(skip="")
+Holder = Literal["customer", "affiliate"]
+
+
+def _assign_statements(holder: Holder, grant: str = "", known: str = "") -> tuple[str, str]:
+    """The statement skipping locked codes, then the one waiting for them."""
+    return (
+        _ASSIGN.format(holder=f"assigned_{holder}_id", grant=grant, known=known, skip="SKIP LOCKED"),
+        _ASSIGN.format(holder=f"assigned_{holder}_id", grant=grant, known=known, skip=""),
+    )
+
+
+_ASSIGN_STATEMENTS: dict[Holder, tuple[str, str]] = {
+    "customer": _assign_statements("customer"),
+    "affiliate": _assign_statements(
+        "affiliate",
+        grant=", allow_all_affiliates = false, affiliate_ids = ARRAY[$3::text]",
+        known=" AND EXISTS (SELECT 1 FROM affiliates WHERE id = $3)",
+    ),
+}
 
 
 # Many customers of one batch in one statement (catalog.assigner batches
@@ -760,7 +783,7 @@ WITH mine AS (
     SELECT free_campaign_id, free_code, row_number() OVER () AS n FROM (
         SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
          WHERE campaign_id = $1 AND code > $5 AND batch_id = $2 AND assigned_customer_id = ''
-           AND used = 0 AND status = 'active'
+           AND used = 0 AND status = 'active' AND assigned_affiliate_id = ''
          ORDER BY code LIMIT $4 FOR UPDATE SKIP LOCKED
     ) locked
 ), taken AS (
@@ -796,22 +819,25 @@ async def assign_codes(
     return {row["assigned_customer_id"]: coupon_from_row(row) for row in rows}
 
 
-async def assign_code(db: Db, campaign_id: str, batch_id: str, customer_id: str) -> Coupon:
-    """The batch's code for ``customer_id``: the one it has, or the next free one.
+async def assign_code(
+    db: Db, campaign_id: str, batch_id: str, holder_id: str, *, holder: Holder = "customer"
+) -> Coupon:
+    """The batch's code for a customer or an affiliate: the one it has, or the next free one.
 
     One statement per attempt, so a code is taken atomically. When every
     free code is locked by concurrent callers (who may still roll back), the
     second attempt waits for those locks instead of skipping them, so
     RESOURCE_EXHAUSTED means no free code is left, not that all were busy.
-    NotFound for a batch the campaign does not have.
+    NotFound for a batch the campaign does not have, or an affiliate that
+    does not exist.
     """
     async with _connection(db) as conn:
-        for statement in (_ASSIGN_SKIPPING, _ASSIGN_WAITING):
+        for statement in _ASSIGN_STATEMENTS[holder]:
             while True:
                 try:
-                    row = await conn.fetchrow(statement, campaign_id, batch_id, customer_id)
+                    row = await conn.fetchrow(statement, campaign_id, batch_id, holder_id)
                 except asyncpg.UniqueViolationError:
-                    # The same customer's concurrent call committed a code
+                    # The same holder's concurrent call committed a code
                     # first: the next round finds it as "mine".
                     continue
                 break
@@ -820,8 +846,11 @@ async def assign_code(db: Db, campaign_id: str, batch_id: str, customer_id: str)
         exists = await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM coupons WHERE batch_id = $1 AND campaign_id = $2)", batch_id, campaign_id
         )
+        affiliate_missing = holder == "affiliate" and await find_affiliate(conn, holder_id) is None
     if not exists:
         raise NotFound(f"batch {batch_id!r} not found in campaign {campaign_id!r}")
+    if affiliate_missing:
+        raise NotFound(f"affiliate {holder_id!r} not found")
     raise ResourceExhausted(f"batch {batch_id!r} has no free code left")
 
 

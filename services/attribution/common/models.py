@@ -79,6 +79,7 @@ class Coupon:
     assigned_customer_id: str = ""
     batch_id: str | None = None
     created_at: datetime | None = None
+    assigned_affiliate_id: str = ""  # AssignCode's affiliate (then affiliate_ids is just it)
 
     @property
     def remaining(self) -> int | None:
