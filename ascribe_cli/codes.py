@@ -208,12 +208,13 @@ def assign(
 
     An affiliate's code names it as the code's only affiliate: a sale with
     the code and no click credits it. With --customers or --affiliates,
-    every id of the file gets one: CSV lines ``customer_id,code`` or
-    ``affiliate_id,code`` on stdout, in the file's order. A refused id stops
+    every id of the file (its first column; a header is skipped) gets one:
+    CSV lines ``customer_id,code`` or ``affiliate_id,code`` on stdout, in
+    the file's order. A refused id stops
     the run (exit 1); running the file again hands out nothing twice.
     """
     chosen = [given for given in (customer_id, customers, affiliate, affiliates) if given is not None]
-    if len(chosen) != 1:
+    if len(chosen) != 1 or chosen[0] == "":
         raise typer.BadParameter("give one CUSTOMER_ID, --customers FILE, --affiliate ID or --affiliates FILE")
     holder = "affiliate_id" if affiliate is not None or affiliates is not None else "customer_id"
 
@@ -231,7 +232,7 @@ def assign(
         out.write(f"{holder},code\n")
         for line in path.read_text(encoding="utf-8-sig").splitlines():
             holder_id = line.split(",")[0].strip()
-            if not holder_id or holder_id == holder:
+            if not holder_id or holder_id in (holder, "id"):  # a header ("id": affiliates list --format csv)
                 continue
             coupon = client.call(client.catalog.AssignCode, request(holder_id))
             out.write(f"{holder_id},{coupon.code}\n")

@@ -38,6 +38,7 @@ NO_TRANSACTION = "-- ascribe: no transaction"
 # asyncpg's command timeout, whatever connection it is given.
 MIGRATION_TIMEOUT_S = 24 * 3600.0
 _STATEMENT_END = re.compile(r";[ \t]*$", re.MULTILINE)
+MIGRATION_LOCK_POLL_S = 0.2  # how often a replica that waits for another's migrations asks again
 
 
 def statements_without_transaction(text: str, name: str) -> list[str]:
@@ -66,12 +67,26 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
     return files
 
 
+async def _take_lock(conn: Connection) -> None:
+    """The migration lock, asked for again and again rather than waited for in one statement.
+
+    A replica waiting in ``pg_advisory_lock`` holds that statement's
+    snapshot, and ``CREATE INDEX CONCURRENTLY`` in the replica that migrates
+    waits for every older snapshot to end: each waited for the other, and
+    PostgreSQL cancelled one (deadlock detected) whenever two replicas
+    started together with such a migration pending. Between two tries the
+    waiter holds no snapshot.
+    """
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY, timeout=10):
+        await asyncio.sleep(MIGRATION_LOCK_POLL_S)
+
+
 async def migrate(conn: Connection, directory: Path = MIGRATIONS_DIR, *, up_to: int | None = None) -> list[int]:
     """Applies pending migrations (those numbered ``up_to`` or less, when given); returns the versions applied now."""
     applied_now: list[int] = []
     try:
         await conn.execute("SET statement_timeout = 0", timeout=MIGRATION_TIMEOUT_S)
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
+        await _take_lock(conn)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version int PRIMARY KEY,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 from ascribe.attribution.v1 import attribution_pb2 as pb
 from ascribe.attribution.v1 import attribution_pb2_grpc
+from google.protobuf import field_mask_pb2
 
 from services.attribution.common import code_check
 from tests.integration.conversion_env import World
@@ -266,6 +268,51 @@ async def test_assigning_to_an_affiliate_refuses_bad_requests_and_unknown_affili
             await world.catalog.AssignCode(request, timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(caught.value) == [field]
+
+
+async def test_an_affiliate_gets_no_code_that_names_affiliates_and_keeps_the_one_it_holds(world: World) -> None:
+    await world.campaign()
+    for affiliate in ("ann", "bob", "cid"):
+        await world.affiliate(affiliate)
+    await world.affiliate("pat", status=pb.AFFILIATE_STATUS_PAUSED)
+    imported = await _import(world, b"code,kind,affiliate_ids\nOWNED-1,exclusive,ann\nFREE-1,general,\n")
+    assert (await _assign_affiliate(world.catalog, imported.batch_id, "bob")).code == "FREE-1"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _assign_affiliate(world.catalog, imported.batch_id, "cid")  # OWNED-1 stays ann's
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert list((await world.get_coupon("OWNED-1")).affiliate_ids) == ["ann"]
+
+    batch_id = await _generate(world, 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _assign_affiliate(world.catalog, batch_id, "pat")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    code = (await _assign_affiliate(world.catalog, batch_id, "ann")).code
+    # UpdateCoupon keeps the holder: ann stays its only affiliate, and no customer gets it.
+    for changed, paths in (
+        (pb.Coupon(affiliate_ids=["bob"]), ["affiliate_ids"]),
+        (pb.Coupon(allow_all_affiliates=True), ["allow_all_affiliates", "affiliate_ids"]),
+        (pb.Coupon(assigned_customer_id="cust-1"), ["assigned_customer_id"]),
+    ):
+        changed.campaign_id, changed.code = "cmp", code
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await world.catalog.UpdateCoupon(
+                pb.UpdateCouponRequest(coupon=changed, update_mask=field_mask_pb2.FieldMask(paths=paths)), timeout=10
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, paths
+    paused = await world.catalog.UpdateCoupon(
+        pb.UpdateCouponRequest(
+            coupon=pb.Coupon(campaign_id="cmp", code=code, status=pb.COUPON_STATUS_PAUSED),
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        ),
+        timeout=10,
+    )
+    assert (paused.status, paused.assigned_affiliate_id, list(paused.affiliate_ids)) == (
+        pb.COUPON_STATUS_PAUSED, "ann", ["ann"],
+    )
+    # The previous release's AssignCode knew no affiliates: its UPDATE fails
+    # on the table's constraint instead of giving ann's code to a customer.
+    with pytest.raises(asyncpg.CheckViolationError):
+        await world.db.execute("UPDATE coupons SET assigned_customer_id = 'cust-1' WHERE code = $1", code)
 
 
 # ---------------------------------------------------------------- ImportCodes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -48,6 +49,28 @@ async def test_concurrent_index_builds_run_and_a_failure_part_way_is_run_again(
         "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass"
     ) is True
     assert await migrate(empty_db, tmp_path) == []
+
+
+async def test_replicas_starting_together_wait_for_a_concurrent_index_build_without_a_deadlock(
+    empty_db: asyncpg.Connection, pg_server_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "001_table.sql").write_text("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000);")
+    (tmp_path / "002_index.sql").write_text(
+        "-- ascribe: no transaction\n"
+        "SELECT pg_sleep(1);\n"  # the other replicas are waiting for the lock by now
+        "CREATE INDEX CONCURRENTLY t_x ON t (x);\n"
+    )
+    url = with_database(pg_server_url, await empty_db.fetchval("SELECT current_database()"))
+    others = [await asyncpg.connect(url, timeout=10) for _ in range(2)]
+    try:
+        # A waiter in pg_advisory_lock held a snapshot the index build waited
+        # for while the waiter waited for the builder's lock: deadlock detected.
+        applied = await asyncio.gather(migrate(empty_db, tmp_path), *(migrate(c, tmp_path) for c in others))
+    finally:
+        for conn in others:
+            await conn.close()
+    assert sorted(applied) == [[], [], [1, 2]]
+    assert await empty_db.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass") is True
 
 
 async def test_up_to_stops_at_a_version(empty_db: asyncpg.Connection, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from services.attribution.catalog.convert import (
     from_timestamp,
 )
 from services.attribution.common import code_check
+from services.attribution.common.models import Coupon
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.timestamps import to_timestamp
 
@@ -327,6 +329,21 @@ def test_a_code_is_assigned_to_a_customer_or_an_affiliate() -> None:
     for bad in ("aff 1", "a" * 65, "aff/1"):
         message = request(affiliate_id=bad)
         assert set(_violations(lambda m=message: rules.validate_assign_code(m))) == {"affiliate_id"}
+
+
+def test_an_affiliates_code_keeps_it_as_its_only_affiliate() -> None:
+    held = Coupon(campaign_id="cmp_1", code="INF1", assigned_affiliate_id="ann", affiliate_ids=("ann",))
+    rules.check_affiliate_holder(held, replace(held, status="paused", kind="general"))
+    free = Coupon(campaign_id="cmp_1", code="X1")
+    rules.check_affiliate_holder(free, replace(free, allow_all_affiliates=True))
+    for changed in (
+        replace(held, affiliate_ids=("bob",)),
+        replace(held, affiliate_ids=("ann", "bob")),
+        replace(held, affiliate_ids=(), allow_all_affiliates=True),
+        replace(held, assigned_customer_id="cust-1"),
+    ):
+        with pytest.raises(FailedPrecondition):
+            rules.check_affiliate_holder(held, changed)
 
 
 # ---------------------------------------------------------------- generated codes

@@ -24,6 +24,7 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from services.attribution.common import code_check
 from services.attribution.common.coupon_rules import CODE_RULE, is_valid_code, normalize_code
+from services.attribution.common.models import Coupon
 from services.common import limits, timestamps
 from services.common.errors import FailedPrecondition, InvalidArgument, Violations
 
@@ -398,6 +399,26 @@ def check_usage_limit(usage_limit: int, used: int) -> None:
     """A limit may be lowered to the uses already taken, never below them."""
     if usage_limit != 0 and usage_limit < used:
         raise FailedPrecondition(f"usage_limit {usage_limit} is below the {used} uses already taken")
+
+
+def check_affiliate_holder(current: Coupon, new: Coupon) -> None:
+    """A code AssignCode handed to an affiliate keeps it as its only affiliate and goes to no customer.
+
+    Otherwise AssignCode would keep answering the code to that affiliate
+    while the code no longer credits it (or credits someone else).
+    """
+    holder = current.assigned_affiliate_id
+    if not holder:
+        return
+    if new.allow_all_affiliates or new.affiliate_ids != (holder,):
+        raise FailedPrecondition(
+            f"the code was handed to affiliate {holder!r} (AssignCode): its affiliate_ids stay [{holder!r}]"
+            " and allow_all_affiliates false"
+        )
+    if new.assigned_customer_id:
+        raise FailedPrecondition(
+            f"the code was handed to affiliate {holder!r} (AssignCode): it cannot also go to a customer"
+        )
 
 
 # ---------------------------------------------------------------- helpers

@@ -214,6 +214,7 @@ class CatalogServicer(attribution_pb2_grpc.CatalogServiceServicer):
             rules.validate_coupon(merged)
             new = coupon_from_proto(merged, used=current.used)
             rules.check_usage_limit(new.usage_limit, current.used)
+            rules.check_affiliate_holder(current, new)
             return new
 
         coupon = await store.update_coupon(self._pool, request.coupon.campaign_id, code, change)

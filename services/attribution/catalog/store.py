@@ -719,10 +719,10 @@ class ResourceExhausted(DomainError):
 # disappoint). SKIP LOCKED lets concurrent callers take different codes
 # instead of queueing on one row; the unique indexes coupons_one_per_customer
 # and coupons_one_per_affiliate make a second code for the same holder fail,
-# and that caller then reads the winner's code. An affiliate must exist
-# ({known}), and a code handed to it names it as its only affiliate
-# ({grant}), so a sale with the code and no click credits it
-# (coupon_rules.credit). "mine" repeats the partial indexes' predicate
+# and that caller then reads the winner's code. For an affiliate, a free code
+# also names no affiliate yet and the affiliate is active ({free}); the code
+# handed to it names it as its only affiliate ({grant}), so a sale with the
+# code and no click credits it (coupon_rules.credit). "mine" repeats the partial indexes' predicate
 # (<> ''): a prepared statement's generic plan could not prove it from $3 and
 # would read the whole batch.
 _ASSIGN = f"""
@@ -732,7 +732,7 @@ WITH mine AS (
 ), free AS (
     SELECT campaign_id AS free_campaign_id, code AS free_code FROM coupons
      WHERE batch_id = $2 AND assigned_customer_id = '' AND campaign_id = $1
-       AND used = 0 AND status = 'active' AND assigned_affiliate_id = '' AND NOT EXISTS (SELECT 1 FROM mine){{known}}
+       AND used = 0 AND status = 'active' AND assigned_affiliate_id = '' AND NOT EXISTS (SELECT 1 FROM mine){{free}}
      LIMIT 1 FOR UPDATE {{skip}}
 ), taken AS (
     UPDATE coupons SET {{holder}} = $3{{grant}}, updated_at = now()
@@ -746,11 +746,11 @@ SELECT {COUPON_COLUMNS} FROM coupons WHERE campaign_id = $1 AND code = (SELECT c
 Holder = Literal["customer", "affiliate"]
 
 
-def _assign_statements(holder: Holder, grant: str = "", known: str = "") -> tuple[str, str]:
+def _assign_statements(holder: Holder, grant: str = "", free: str = "") -> tuple[str, str]:
     """The statement skipping locked codes, then the one waiting for them."""
     return (
-        _ASSIGN.format(holder=f"assigned_{holder}_id", grant=grant, known=known, skip="SKIP LOCKED"),
-        _ASSIGN.format(holder=f"assigned_{holder}_id", grant=grant, known=known, skip=""),
+        _ASSIGN.format(holder=f"assigned_{holder}_id", grant=grant, free=free, skip="SKIP LOCKED"),
+        _ASSIGN.format(holder=f"assigned_{holder}_id", grant=grant, free=free, skip=""),
     )
 
 
@@ -759,7 +759,9 @@ _ASSIGN_STATEMENTS: dict[Holder, tuple[str, str]] = {
     "affiliate": _assign_statements(
         "affiliate",
         grant=", allow_all_affiliates = false, affiliate_ids = ARRAY[$3::text]",
-        known=" AND EXISTS (SELECT 1 FROM affiliates WHERE id = $3)",
+        # a code that already names its affiliates (an imported EXCLUSIVE
+        # code, say) is theirs; a paused affiliate gets none
+        free=" AND cardinality(affiliate_ids) = 0 AND EXISTS (SELECT 1 FROM affiliates WHERE id = $3 AND status = 'active')",
     ),
 }
 
@@ -829,7 +831,7 @@ async def assign_code(
     second attempt waits for those locks instead of skipping them, so
     RESOURCE_EXHAUSTED means no free code is left, not that all were busy.
     NotFound for a batch the campaign does not have, or an affiliate that
-    does not exist.
+    does not exist; FailedPrecondition for a paused affiliate.
     """
     async with _connection(db) as conn:
         for statement in _ASSIGN_STATEMENTS[holder]:
@@ -846,11 +848,14 @@ async def assign_code(
         exists = await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM coupons WHERE batch_id = $1 AND campaign_id = $2)", batch_id, campaign_id
         )
-        affiliate_missing = holder == "affiliate" and await find_affiliate(conn, holder_id) is None
+        affiliate = await find_affiliate(conn, holder_id) if holder == "affiliate" else None
     if not exists:
         raise NotFound(f"batch {batch_id!r} not found in campaign {campaign_id!r}")
-    if affiliate_missing:
-        raise NotFound(f"affiliate {holder_id!r} not found")
+    if holder == "affiliate":
+        if affiliate is None:
+            raise NotFound(f"affiliate {holder_id!r} not found")
+        if affiliate.status != "active":
+            raise FailedPrecondition(f"affiliate {holder_id!r} is {affiliate.status}: a code goes to an active one")
     raise ResourceExhausted(f"batch {batch_id!r} has no free code left")
 
 

@@ -16,7 +16,15 @@
 -- timeout fails, and the next runs the file again.
 SET lock_timeout = '5s';
 ALTER TABLE coupons ADD COLUMN IF NOT EXISTS assigned_affiliate_id text NOT NULL DEFAULT '';
+-- A code has one holder. The previous release's AssignCode knows nothing of
+-- affiliates and would hand an affiliate's code to a customer: while both
+-- releases run (a rolling deploy, a rollback), its statement fails on this
+-- instead. NOT VALID takes the lock only for a moment; VALIDATE reads the
+-- table without keeping writers waiting.
+ALTER TABLE coupons DROP CONSTRAINT IF EXISTS coupons_one_holder,
+    ADD CONSTRAINT coupons_one_holder CHECK (assigned_customer_id = '' OR assigned_affiliate_id = '') NOT VALID;
 RESET lock_timeout;
+ALTER TABLE coupons VALIDATE CONSTRAINT coupons_one_holder;
 -- One code per affiliate and batch: two concurrent AssignCode calls for the
 -- same affiliate cannot both commit a code; the loser reads the winner's.
 -- Built CONCURRENTLY (a million-code batch keeps taking uses meanwhile); the
