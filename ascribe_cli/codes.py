@@ -230,9 +230,11 @@ def assign(
         assert path is not None
         out = stdout()
         out.write(f"{holder},code\n")
+        # a header row: the column's name, or "id" in the file `affiliates list --format csv` writes
+        headers = {holder, "id"} if holder == "affiliate_id" else {holder}
         for line in path.read_text(encoding="utf-8-sig").splitlines():
             holder_id = line.split(",")[0].strip()
-            if not holder_id or holder_id in (holder, "id"):  # a header ("id": affiliates list --format csv)
+            if not holder_id or holder_id in headers:
                 continue
             coupon = client.call(client.catalog.AssignCode, request(holder_id))
             out.write(f"{holder_id},{coupon.code}\n")

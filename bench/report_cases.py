@@ -137,11 +137,68 @@ def report_speed(runner: Runner) -> None:
             except Exception as error:
                 for result in results:
                     result.note += f"; background load failed: {error}"
+    floors = asyncio.run(_floors(runner.env.database_url, seeded))
+    for floor in floors.values():
+        runner.add(floor)
     for result in results:
         result.note = f"{result.note}; {seed_note}" if result.note else seed_note
         result.extra["seed_seconds"] = round(seeded.seconds, 1)
         result.extra["disk_bytes"] = seeded.disk_bytes
+        if f"{result.key}_floor" in floors:
+            runner.ratio(result, f"{result.key}_floor", "p99_ms" if result.key.startswith("r.report") else "throughput")
         runner.add(result)
+
+
+FLOOR_RUNS = 5
+
+
+async def _floors(database_url: str, seeded: report_seed.Seeded) -> dict[str, CaseResult]:
+    """What Python alone costs for the rows of two reports: the floor below any SQL.
+
+    The rows the service answers (fetched once, untimed) are built into the
+    response as the servicer does (``add_rows``), serialized and parsed
+    again, in this process, without PostgreSQL, gRPC or the background
+    load: whatever the database does, a report of this many rows costs at
+    least this on this machine.
+    """
+    from ascribe.attribution.v1 import attribution_pb2 as pb
+
+    from services.attribution.reports import rules, servicer, store
+
+    queries = {
+        "r.report_affiliate_by_sub1_country_floor": (
+            "floor of the affiliate report: its rows built, serialized and parsed in Python (reference)",
+            rules.ReportQuery(start=seeded.start, end=seeded.end, groups=("sub1", "country"),
+                              affiliate_id=report_seed.affiliate_id(7)),
+        ),
+        "r.export_floor": (
+            "floor of the export: its rows built, serialized and parsed in Python (reference)",
+            rules.ReportQuery(start=seeded.start, end=seeded.end, groups=("coupon", "country")),
+        ),
+    }
+    conn = await asyncpg.connect(database_url, timeout=10, command_timeout=600)
+    out = {}
+    try:
+        for key, (title, query) in queries.items():
+            async with conn.transaction(readonly=True):
+                await store.settle(conn, work_mem=servicer.EXPORT_WORK_MEM)
+                found = await store.records(conn, query)
+            seconds = []
+            for _ in range(FLOOR_RUNS):
+                started = time.perf_counter()
+                answer = pb.GetReportResponse()
+                servicer.add_rows(query, found, answer.rows)
+                pb.GetReportResponse.FromString(answer.SerializeToString())
+                seconds.append(time.perf_counter() - started)
+            seconds.sort()
+            result = CaseResult(key, title, unit="rows/s", events=len(found), throughput=len(found) / seconds[0])
+            result.p50_ms = seconds[len(seconds) // 2] * 1000
+            result.p95_ms = result.p99_ms = seconds[-1] * 1000
+            result.note = f"{len(found):,} rows, best of {FLOOR_RUNS}: {seconds[0] * 1000:.0f} ms"
+            out[key] = result
+    finally:
+        await conn.close()
+    return out
 
 
 async def _seed(database_url: str, clicks: int, conversions: int) -> report_seed.Seeded:
