@@ -5,7 +5,9 @@
   at most 15 % less throughput);
 - r.report_*: GetReport p99 over 50 runs on the seeded data set (see
   ``report_seed``) while a steady 500 clicks/s and 100 conversions/s are
-  written through the gateway; r.export: ExportReport rows/s.
+  written through the gateway; r.export: ExportReport rows/s;
+- r.*_floor: the floor of the two reports with the most rows, their rows
+  built, serialized and parsed in Python alone (``_floors``), beside them.
 """
 
 from __future__ import annotations
@@ -137,7 +139,12 @@ def report_speed(runner: Runner) -> None:
             except Exception as error:
                 for result in results:
                     result.note += f"; background load failed: {error}"
-    floors = asyncio.run(_floors(runner.env.database_url, seeded))
+    try:
+        floors = asyncio.run(_floors(runner.env.database_url, seeded))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        # the reports' own figures are kept whatever became of their floors
+        floors = {f"{key}_floor": CaseResult(f"{key}_floor", f"floor of {key}", status=FAILED, note=str(error)[:200])
+                  for key in ("r.report_affiliate_by_sub1_country", "r.export")}
     for floor in floors.values():
         runner.add(floor)
     for result in results:
@@ -145,7 +152,8 @@ def report_speed(runner: Runner) -> None:
         result.extra["seed_seconds"] = round(seeded.seconds, 1)
         result.extra["disk_bytes"] = seeded.disk_bytes
         if f"{result.key}_floor" in floors:
-            runner.ratio(result, f"{result.key}_floor", "p99_ms" if result.key.startswith("r.report") else "throughput")
+            # a report's median of 50 runs against its floor's median of five
+            runner.ratio(result, f"{result.key}_floor", "p50_ms" if result.key.startswith("r.report") else "throughput")
         runner.add(result)
 
 
@@ -191,10 +199,12 @@ async def _floors(database_url: str, seeded: report_seed.Seeded) -> dict[str, Ca
                 pb.GetReportResponse.FromString(answer.SerializeToString())
                 seconds.append(time.perf_counter() - started)
             seconds.sort()
+            # throughput from the best run; p50 the median (five runs make no p95 or p99)
             result = CaseResult(key, title, unit="rows/s", events=len(found), throughput=len(found) / seconds[0])
             result.p50_ms = seconds[len(seconds) // 2] * 1000
-            result.p95_ms = result.p99_ms = seconds[-1] * 1000
-            result.note = f"{len(found):,} rows, best of {FLOOR_RUNS}: {seconds[0] * 1000:.0f} ms"
+            result.note = (
+                f"{len(found):,} rows, best of {FLOOR_RUNS} {seconds[0] * 1000:.0f} ms, median {result.p50_ms:.0f} ms"
+            )
             out[key] = result
     finally:
         await conn.close()

@@ -315,6 +315,23 @@ async def test_an_affiliate_gets_no_code_that_names_affiliates_and_keeps_the_one
         await world.db.execute("UPDATE coupons SET assigned_customer_id = 'cust-1' WHERE code = $1", code)
 
 
+async def test_update_coupon_refuses_a_customer_a_second_code_of_a_batch(world: World) -> None:
+    await world.campaign()
+    batch_id = await _generate(world, 2)
+    mine = await _assign(world.catalog, batch_id, "dana")
+    other = next(code for code in await _export(world.catalog, batch_id) if code != mine.code)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await world.catalog.UpdateCoupon(
+            pb.UpdateCouponRequest(
+                coupon=pb.Coupon(campaign_id="cmp", code=other, assigned_customer_id="dana"),
+                update_mask=field_mask_pb2.FieldMask(paths=["assigned_customer_id"]),
+            ),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "dana" in (caught.value.details() or "")
+
+
 # ---------------------------------------------------------------- ImportCodes
 
 

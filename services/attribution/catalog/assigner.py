@@ -1,14 +1,16 @@
 """AssignCode under load: concurrent calls for one batch share a statement.
 
-Each AssignCode is one customer and one code; alone, each would be a
-statement whose SKIP LOCKED scan walks past the codes that concurrent calls
-hold and those assigned since the last vacuum. The calls that arrive
+Each customer's AssignCode is one customer and one code; alone, each
+would be a statement whose SKIP LOCKED scan walks past the codes that
+concurrent calls hold and those assigned since the last vacuum. The calls that arrive
 together (``services.common.batcher``: at once when nothing is in flight,
 otherwise with the next flush) go as one ``store.assign_codes`` per batch
 of codes, so one scan serves them all. The per-customer statement
 (``store.assign_code``) settles whatever the shared one could not: a
 customer that a concurrent replica served meanwhile, free codes locked by
-others, an exhausted batch (RESOURCE_EXHAUSTED), an unknown batch.
+others, an exhausted batch (RESOURCE_EXHAUSTED), an unknown batch. An
+affiliate's AssignCode does go alone, through ``store.assign_code``:
+affiliates are few, and handed codes by an operator.
 
 Each process hands a batch out in code order from where it last took a
 code (``store.assign_codes`` says why); replicas keep their own marks, and a

@@ -338,6 +338,11 @@ async def update_coupon(
                 code,
                 *_rule_values(new),
             )
+        except asyncpg.UniqueViolationError:
+            # coupons_one_per_customer: the customer holds another code of the batch.
+            raise FailedPrecondition(
+                f"customer {new.assigned_customer_id!r} already holds a code of batch {current.batch_id!r}"
+            ) from None
         except asyncpg.CheckViolationError:
             # The schema's own guard of used <= usage_limit. Any other CHECK
             # failing means validation let a bad value through: not the
@@ -848,14 +853,18 @@ async def assign_code(
         exists = await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM coupons WHERE batch_id = $1 AND campaign_id = $2)", batch_id, campaign_id
         )
-        affiliate = await find_affiliate(conn, holder_id) if holder == "affiliate" else None
-    if not exists:
-        raise NotFound(f"batch {batch_id!r} not found in campaign {campaign_id!r}")
-    if holder == "affiliate":
-        if affiliate is None:
-            raise NotFound(f"affiliate {holder_id!r} not found")
-        if affiliate.status != "active":
-            raise FailedPrecondition(f"affiliate {holder_id!r} is {affiliate.status}: a code goes to an active one")
+        if not exists:
+            raise NotFound(f"batch {batch_id!r} not found in campaign {campaign_id!r}")
+        if holder == "affiliate":
+            affiliate = await get_affiliate(conn, holder_id)
+            if affiliate.status != "active":
+                raise FailedPrecondition(
+                    f"affiliate {holder_id!r} is {affiliate.status}: a new code goes to an active one"
+                )
+            raise ResourceExhausted(
+                f"batch {batch_id!r} has no code left for an affiliate (unassigned, unused, active,"
+                " and naming no affiliate yet)"
+            )
     raise ResourceExhausted(f"batch {batch_id!r} has no free code left")
 
 

@@ -212,7 +212,9 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
 
     async def _add_pace(self, query: rules.ReportQuery, rows: Sequence[pb.ReportRow]) -> None:
         """Pace and forecast on the rows of limited codes (a COUPON grouping that names the campaign)."""
-        if "coupon" not in query.groups:
+        if "coupon" not in query.groups or ("campaign" not in query.groups and not query.campaign_id):
+            # A code is a campaign's: without one no row can have a pace (and
+            # an export by coupon and country would walk 120,000 rows for none).
             return
         codes: dict[tuple[str, str], list[int]] = {}
         for i, row in enumerate(rows):
