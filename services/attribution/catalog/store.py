@@ -727,9 +727,9 @@ class ResourceExhausted(DomainError):
 # and that caller then reads the winner's code. For an affiliate, a free code
 # also names no affiliate yet and the affiliate is active ({free}); the code
 # handed to it names it as its only affiliate ({grant}), so a sale with the
-# code and no click credits it (coupon_rules.credit). "mine" repeats the partial indexes' predicate
-# (<> ''): a prepared statement's generic plan could not prove it from $3 and
-# would read the whole batch.
+# code and no click credits it (coupon_rules.credit). "mine" repeats the
+# partial indexes' predicate (<> ''): a prepared statement's generic plan
+# could not prove it from $3 and would read the whole batch.
 _ASSIGN = f"""
 WITH mine AS (
     SELECT code FROM coupons
