@@ -338,8 +338,11 @@ async def update_coupon(
                 code,
                 *_rule_values(new),
             )
-        except asyncpg.UniqueViolationError:
-            # coupons_one_per_customer: the customer holds another code of the batch.
+        except asyncpg.UniqueViolationError as error:
+            # The customer holds another code of the batch; any other unique
+            # index failing would be a bug here, and stays an internal error.
+            if error.constraint_name != "coupons_one_per_customer":
+                raise
             raise FailedPrecondition(
                 f"customer {new.assigned_customer_id!r} already holds a code of batch {current.batch_id!r}"
             ) from None
