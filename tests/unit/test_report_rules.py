@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -163,3 +164,31 @@ def test_rows_carry_their_totals_and_the_rates_of_rules_rates(seed: int) -> None
         assert [getattr(row.metrics, name) for name in rules.TOTAL_FIELDS] == values
         expected = rules.rates(rules.Totals(*values))
         assert [getattr(row.metrics, f) for f in vars(expected)] == list(vars(expected).values())
+
+
+def test_day_blocks_cover_every_run_of_whole_days_exactly_with_aligned_blocks() -> None:
+    epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    base = datetime(2026, 11, 1, tzinfo=UTC)
+    for offset in range(-40, 70):
+        for length in range(1, 100):
+            first = base + timedelta(days=offset)
+            last = first + timedelta(days=length)
+            blocks = rules.day_blocks(first, last)
+            day = first
+            for days, start in blocks:
+                assert start == day and days in rules.BLOCK_DAYS
+                assert (start - epoch).days % days == 0  # where migration 021's date_bin puts it
+                day += timedelta(days=days)
+            assert day == last
+            # at most two blocks of each length but the longest
+            counts = Counter(days for days, _ in blocks if days != max(rules.BLOCK_DAYS))
+            assert not counts or max(counts.values()) <= 2
+            if length >= 64:
+                assert 32 in dict(blocks)
+
+
+def test_day_blocks_stop_at_the_last_day_a_datetime_can_hold() -> None:
+    # a 32-day block from 9999-12-28 would end past datetime.max: no OverflowError, only shorter blocks
+    last = datetime(9999, 12, 31, tzinfo=UTC)
+    blocks = rules.day_blocks(last - timedelta(days=3), last)
+    assert sum(days for days, _ in blocks) == 3 and all(days < 4 for days, _ in blocks)

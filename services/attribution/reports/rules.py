@@ -112,6 +112,29 @@ def aligned_span(start: datetime, end: datetime) -> tuple[datetime, datetime] | 
     return (first, last) if first < last else None
 
 
+# Day blocks (migration 021): their lengths in days, longest first; a block
+# starts at 00:00 UTC on a multiple of its length since _EPOCH.
+BLOCK_DAYS = (32, 16, 8, 4, 2, 1)
+_DAY = timedelta(days=1)
+
+
+def day_blocks(first: datetime, last: datetime) -> list[tuple[int, datetime]]:
+    """The blocks that cover the whole UTC days [first, last) exactly, as (days, start).
+
+    From the first day on, the longest block that starts there and ends by
+    ``last``: at most two blocks of each length but the longest (the bench's
+    29 days: 16, 8, 4 and 1).
+    """
+    found = []
+    day = first
+    while day < last:
+        since = (day - _EPOCH) // _DAY
+        days = next(n for n in BLOCK_DAYS if since % n == 0 and n * _DAY <= last - day)
+        found.append((days, day))
+        day += days * _DAY
+    return found
+
+
 @dataclass
 class Totals:
     """One row's sums, as the store adds them up (money in micros of one currency)."""

@@ -3,7 +3,9 @@
 A report sums the rollup rows of the whole 15-minute buckets inside its range
 and completes the partial buckets at its two edges from the raw events
 (``report_click_facts`` and ``report_conversion_facts``, the same expressions
-the triggers use). The drift check sums the same range both ways.
+the triggers use). Whole UTC days of codes by country come from blocks of
+days (migration 021) and the fine rows the blocks do not hold yet. The
+drift check sums the same range both ways.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from services.attribution.reports.rules import (
     ReportQuery,
     Totals,
     aligned_span,
+    day_blocks,
 )
 from services.attribution.reports.rules import drift as rules_drift
 
@@ -81,6 +84,11 @@ _TIERS = (
 # no time at all (a day of another zone is no UTC day); the 15-minute tiers
 # the rest.
 _DAILY_TIERS = (("report_rollup_coupon_day", ("campaign_id", "currency", "coupon")),)
+# Blocks of whole UTC days (migration 021) serve what no daily tier does
+# among reports that group by no time, with the fine rows written since the
+# blocks' last pass (at or above their watermark).
+_BLOCKS = "report_block_coupon_country"
+_BLOCK_DIMENSIONS = ("campaign_id", "currency", "coupon", "country")
 _DAY = timedelta(days=1)
 _BYTE_ORDER = ' COLLATE "C"'
 _GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour", "arm")}
@@ -96,7 +104,41 @@ def _whole_days(lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
     return (first, last) if first < last else None
 
 
-def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
+def _timed(query: ReportQuery) -> bool:
+    return bool({"day", "hour"} & set(query.groups))
+
+
+def _needed(query: ReportQuery) -> set[str]:
+    """The rollup columns a query groups or filters by."""
+    groups = {_GROUP_COLUMNS[g] for g in query.groups if g in _GROUP_COLUMNS}
+    return {"currency"} | groups | {column for field, column in _FILTERS.items() if getattr(query, field)}
+
+
+def _blocks_may_serve(query: ReportQuery) -> bool:
+    needed = _needed(query)
+    return (
+        not query.experiment_id
+        and not _timed(query)
+        and needed <= set(_BLOCK_DIMENSIONS)
+        and not any(needed <= set(kept) for _, kept in _DAILY_TIERS)
+    )
+
+
+async def _block_watermark(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Source) -> str | None:
+    """The blocks' watermark (text) when they may serve ``query``; None when not, or never built.
+
+    The statement reads the watermark again in its own snapshot: a pass that
+    commits in between only raises it (its rows then count in the blocks).
+    """
+    if source != "report" or not _blocks_may_serve(query):
+        return None
+    found: str | None = await conn.fetchval(
+        "SELECT watermark::text FROM report_block_watermarks WHERE tier = $1", _BLOCKS
+    )
+    return found
+
+
+def _statement(query: ReportQuery, source: Source, block_watermark: str | None = None) -> tuple[str, list[object]]:
     args: list[object] = []
 
     def param(value: object) -> str:
@@ -104,11 +146,10 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
         return f"${len(args)}"
 
     span = aligned_span(query.start, query.end) if source == "report" else None
-    timed = bool({"day", "hour"} & set(query.groups))
+    timed = _timed(query)
     zone = param(query.time_zone) if timed else ""
-    needed = {"currency"} | {_GROUP_COLUMNS[g] for g in query.groups if g in _GROUP_COLUMNS}
+    needed = _needed(query)
     filters = {column: getattr(query, field) for field, column in _FILTERS.items() if getattr(query, field)}
-    needed |= set(filters)
     where = "".join(f" AND {column} = {param(value)}" for column, value in filters.items())
     columns = [c for c in _DIMENSIONS if c in needed]
     conversion_metrics = [m for m in TOTAL_FIELDS if m not in _CLICK_METRICS]
@@ -128,6 +169,19 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
             # (measured on the bench's one affiliate by sub1 and country:
             # 140 -> 45 ms of SQL; the export by coupon and country 4.4 -> 3.1 s).
             parts.append(f"SELECT {', '.join([*columns, *TOTAL_FIELDS])} FROM {table}{within}")
+
+    def blocks(first: datetime, last: datetime, watermark: str) -> None:
+        selected = ", ".join([*columns, *TOTAL_FIELDS])
+        for days, start in day_blocks(first, last):
+            parts.append(f"SELECT {selected} FROM {_BLOCKS} WHERE days = {param(days)} AND bucket = {param(start)}{where}")
+        # The fine rows the blocks do not hold yet, found by their index on
+        # xid: the first bound is a constant the planner can weigh, the second
+        # the watermark in this statement's snapshot (the one its blocks are of).
+        parts.append(
+            f"SELECT {selected} FROM report_rollup WHERE xid >= {param(watermark)}::text::xid8"
+            f" AND xid >= (SELECT watermark FROM report_block_watermarks WHERE tier = '{_BLOCKS}')"
+            f" AND bucket >= {param(first)} AND bucket < {param(last)}{where}"
+        )
 
     if query.experiment_id:
         # An experiment's events are a small set: read them raw, joined to
@@ -161,10 +215,14 @@ def _statement(query: ReportQuery, source: Source) -> tuple[str, list[object]]:
         lo, hi = span
         table = next(name for name, kept in _TIERS if needed <= set(kept))
         daily = next((name for name, kept in _DAILY_TIERS if needed <= set(kept)), None)
-        days = _whole_days(lo, hi) if daily and not timed else None
-        if daily and days:
+        days = _whole_days(lo, hi) if not timed else None
+        if days and (daily or block_watermark is not None):
             first, last = days
-            rollup(daily, first, last)
+            if daily:
+                rollup(daily, first, last)
+            else:
+                assert block_watermark is not None
+                blocks(first, last, block_watermark)
             for a, b in ((lo, first), (last, hi)):
                 if a < b:
                     rollup(table, a, b)
@@ -211,13 +269,13 @@ async def sums(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Sour
     ``raw`` recomputes from the events alone (the drift check compares it
     with the report).
     """
-    sql, args = _statement(query, source)
+    sql, args = _statement(query, source, await _block_watermark(conn, query, source))
     return [_summed(query, r) for r in await conn.fetch(sql, *args)]
 
 
 async def records(conn: Connection | asyncpg.Pool, query: ReportQuery) -> list[asyncpg.Record]:
     """The report's rows as the database answers them: ``k_<group>`` keys, ``k_currency``, TOTAL_FIELDS."""
-    sql, args = _statement(query, "report")
+    sql, args = _statement(query, "report", await _block_watermark(conn, query, "report"))
     return list(await conn.fetch(sql, *args))
 
 
@@ -225,7 +283,7 @@ async def stream_records(
     conn: Connection, query: ReportQuery, chunk: int, timeout: float
 ) -> AsyncIterator[list[asyncpg.Record]]:
     """``records`` in lists of ``chunk`` through a cursor (inside the caller's transaction)."""
-    sql, args = _statement(query, "report")
+    sql, args = _statement(query, "report", await _block_watermark(conn, query, "report"))
     cursor = await conn.cursor(sql, *args, timeout=timeout)
     while found := await cursor.fetch(chunk, timeout=timeout):
         yield found
@@ -240,19 +298,31 @@ async def settle(conn: Connection, *, work_mem: str, timeout_ms: int | None = No
     and country (10M clicks, forced on): 300 ms without, 650 ms with JIT and
     4.8 s with its optimisation, which the planner turns on above a cost of
     500,000 (the export by coupon and country costs 4M: 2.9 s of compiling).
+
+    Plans are made for the values at hand (a prepared statement's generic
+    plan would weigh "xid >= $n", the fine rows beside the day blocks, as a
+    third of the table, not the last seconds of it).
     """
-    settings = [f"SET LOCAL work_mem = '{work_mem}'", "SET LOCAL jit = off"]
+    settings = [f"SET LOCAL work_mem = '{work_mem}'", "SET LOCAL jit = off", "SET LOCAL plan_cache_mode = force_custom_plan"]
     if timeout_ms is not None:
         settings.append(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
     await conn.execute("; ".join(settings))
 
 
+# A pass normally takes the last interval's rows (about a second for 18,000
+# at the bench's write rate), but the first after migration 021 takes every
+# rollup row there is into the blocks (90 s per million on 2 cores): the
+# pool's statement timeout, meant for short reads, would cut it off forever.
+COMPACT_TIMEOUT_S = 3600.0
+
+
 async def compact(pool: asyncpg.Pool) -> int | None:
-    """Folds the rollups' fresh deltas; None when another replica is folding."""
+    """Folds the rollups' fresh deltas and fills the day blocks; None when another replica is folding."""
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", _COMPACT_LOCK):
             return None
-        folded = await conn.fetchval(COMPACT_ALL)
+        await conn.execute(f"SET LOCAL statement_timeout = {int(COMPACT_TIMEOUT_S * 1000)}")
+        folded = await conn.fetchval(COMPACT_ALL, timeout=COMPACT_TIMEOUT_S)
         return int(folded)
 
 
@@ -294,8 +364,9 @@ async def drift(conn: Connection | asyncpg.Pool, start: datetime, end: datetime)
     the range.
     """
     found: list[Drift] = []
-    # the fine tier, the campaign tier, the daily coupon tier (whole UTC days inside the range), the account tier
-    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon"), ("hour",)):
+    # the fine tier, the campaign tier, the daily coupon tier and the day blocks (whole UTC days inside
+    # the range), the account tier
+    for groups in (DRIFT_GROUPS, ("campaign", "hour"), ("campaign", "coupon"), ("coupon", "country"), ("hour",)):
         query = ReportQuery(start=start, end=end, groups=groups)
         reported = await sums(conn, query, "report")
         recomputed = await sums(conn, query, "raw")

@@ -1,0 +1,193 @@
+"""Day blocks (migrations 020 and 021): whole UTC days of codes by country, exact beside the fine rows.
+
+Real PostgreSQL; events inserted by SQL (the triggers write the rollups), the
+blocks' pass run as every replica's compaction job runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from services.attribution.migrate import migrate, migration_files
+from services.attribution.reports import store as report_store
+from services.attribution.reports.rules import BLOCK_DAYS, ReportQuery
+
+Key = tuple[str, str, str]  # coupon, country, currency
+
+
+async def _catalog(conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO campaigns (id, name, landing_url, currency, postback_token_sha256)"
+                       " VALUES ('cmp', 'cmp', 'https://shop.example/', 'EUR', '\\x00'),"
+                       "        ('usd', 'usd', 'https://shop.example/', 'USD', '\\x00')")
+    await conn.execute("INSERT INTO affiliates (id, name, channel) VALUES ('a1', 'a1', 'social')")
+    await conn.fetchval("SELECT ascribe_ensure_click_partitions(40, 1)")
+
+
+async def _clicks(conn: asyncpg.Connection, *clicks: tuple[str, datetime, str, str, str]) -> None:
+    """One INSERT of (click_id, at, campaign, coupon, country) clicks."""
+    await conn.execute(
+        """INSERT INTO clicks (click_id, created_at, campaign_id, affiliate_id, coupon_code, country, occurred_at,
+                               decision, channel, currency)
+           SELECT k, t, c, 'a1', code, country, t, 'accepted', 'social', CASE c WHEN 'usd' THEN 'USD' ELSE 'EUR' END
+             FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[]) AS x(k, t, c, code, country)""",
+        [c[0] for c in clicks], [c[1] for c in clicks], [c[2] for c in clicks], [c[3] for c in clicks],
+        [c[4] for c in clicks],
+    )
+
+
+async def _order(conn: asyncpg.Connection, order_id: str, at: datetime, coupon: str, amount: int) -> None:
+    await conn.execute(
+        """INSERT INTO conversions (id, campaign_id, order_id, fingerprint, status, reasons, source, coupon_code,
+                                    affiliate_id, amount_micros, currency, received_at, occurred_at, request)
+           VALUES ($1, 'cmp', $1, '\\x00', 'pending', '{}', 'coupon', $3, 'a1', $4, 'EUR', $2, $2, $5)""",
+        order_id, at, coupon, amount,
+        json.dumps({"report": {"country": "DE", "device": "", "channel": "social", "sub1": ""}}),
+    )
+
+
+def _by_coupon_and_country(start: datetime, end: datetime, **filters: str) -> ReportQuery:
+    return ReportQuery(start=start, end=end, groups=("coupon", "country"), **filters)
+
+
+async def _sums(conn: asyncpg.Connection, query: ReportQuery, source: report_store.Source) -> dict[Key, tuple[int, ...]]:
+    return {
+        (str(r.keys["coupon"]), str(r.keys["country"]), r.currency): (
+            r.totals.clicks, r.totals.conversions, r.totals.pending, r.totals.reversed, r.totals.revenue_micros,
+        )
+        for r in await report_store.sums(conn, query, source)
+    }
+
+
+async def _reads_blocks(conn: asyncpg.Connection, query: ReportQuery) -> bool:
+    watermark = await report_store._block_watermark(conn, query, "report")
+    sql, _ = report_store._statement(query, "report", watermark)
+    return "report_block_coupon_country" in sql
+
+
+async def _exact(conn: asyncpg.Connection, query: ReportQuery) -> dict[Key, tuple[int, ...]]:
+    reported = await _sums(conn, query, "report")
+    assert reported == await _sums(conn, query, "raw")
+    return reported
+
+
+async def _clicks_per_length(conn: asyncpg.Connection) -> dict[int, int]:
+    rows = await conn.fetch("SELECT days, sum(clicks)::bigint AS n FROM report_block_coupon_country GROUP BY days")
+    return {r["days"]: r["n"] for r in rows}
+
+
+# the key of day six's click in every block that holds day six (the report reads one of them)
+_SHIFT_DAY_SIX = """UPDATE report_block_coupon_country SET clicks = clicks + $1
+                     WHERE bucket <= $2 AND bucket + days * interval '1 day' > $2
+                       AND (campaign_id, coupon, country) = ('cmp', 'C0', 'DE')"""
+
+
+@pytest.fixture
+def day0() -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=20)
+
+
+async def test_whole_days_come_from_the_blocks_and_the_rows_above_their_watermark(
+    db: asyncpg.Connection, day0: datetime
+) -> None:
+    await _catalog(db)
+    for i in range(13):  # a click a day, another in USD every third day
+        at = day0 + timedelta(days=i, hours=5)
+        await _clicks(db, (f"k{i}", at, "cmp", f"C{i % 3}", ("DE", "FR")[i % 2]))
+        if i % 3 == 0:
+            await _clicks(db, (f"u{i}", at, "usd", "C0", "DE"))
+    await _order(db, "o1", day0 + timedelta(days=4, hours=1), "C1", 7_000_000)
+    # unaligned edges, 11 whole days between them
+    query = _by_coupon_and_country(day0 + timedelta(hours=3, minutes=7), day0 + timedelta(days=12, hours=6, seconds=1))
+
+    # Before the first pass there are no blocks: the fine tier answers.
+    assert not await _reads_blocks(db, query)
+    before = await _exact(db, query)
+    assert sum(v[0] for v in before.values()) == 13 + 5 and sum(v[1] for v in before.values()) == 1
+
+    await db.fetchval(report_store.COMPACT_ALL)
+    assert await _reads_blocks(db, query)
+    assert await _exact(db, query) == before
+    # every length of block holds every click once
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 13 + 5)
+
+    # What the blocks hold is what the report says: a block changed behind the
+    # report's back changes it, and the drift check sees it.
+    await db.execute(_SHIFT_DAY_SIX, 100, day0 + timedelta(days=6))
+    assert sum(v[0] for v in (await _sums(db, query, "report")).values()) == 13 + 5 + 100
+    assert await report_store.drift(db, query.start, query.end)
+    await db.execute(_SHIFT_DAY_SIX, -100, day0 + timedelta(days=6))
+
+    # Written after the pass: read from the fine tier above the watermark.
+    await _clicks(db, ("late1", day0 + timedelta(days=7, hours=9), "cmp", "C1", "FR"),
+                  ("late2", day0 + timedelta(days=7, hours=9), "cmp", "C1", "FR"))
+    await db.execute("UPDATE conversions SET status = 'reversed', refunded_micros = amount_micros WHERE id = 'o1'")
+    after = await _exact(db, query)
+    assert after[("C1", "FR", "EUR")][0] == before[("C1", "FR", "EUR")][0] + 2
+    assert after[("C1", "DE", "EUR")][2:] == (0, 1, 0)  # pending 0, reversed 1, no revenue
+    # filters narrow the blocks as they do the fine rows
+    assert await _exact(db, _by_coupon_and_country(query.start, query.end, country="DE", campaign_id="usd")) == {
+        ("C0", "DE", "USD"): (5, 0, 0, 0, 0)
+    }
+
+    await db.fetchval(report_store.COMPACT_ALL)
+    assert await _exact(db, query) == after
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 13 + 5 + 2)
+    assert await report_store.drift(db, day0 - timedelta(days=1), day0 + timedelta(days=15)) == []
+
+
+async def test_a_transaction_open_during_a_pass_is_taken_by_the_next(
+    db: asyncpg.Connection, database_url: str, day0: datetime
+) -> None:
+    await _catalog(db)
+    query = _by_coupon_and_country(day0, day0 + timedelta(days=3))
+    at = day0 + timedelta(days=1, hours=2)
+    await db.fetchval(report_store.COMPACT_ALL)  # the first pass: blocks from now on
+    late = await asyncpg.connect(database_url, timeout=10)
+    try:
+        async with late.transaction():
+            await _clicks(late, ("k1", at, "cmp", "C1", "DE"))  # opens first, commits last
+            await _clicks(db, ("k2", at, "cmp", "C1", "DE"))
+            await db.fetchval(report_store.COMPACT_ALL)  # behind the open transaction: takes neither
+            assert await _clicks_per_length(db) == {}
+            assert await _exact(db, query) == {("C1", "DE", "EUR"): (1, 0, 0, 0, 0)}
+        assert await _exact(db, query) == {("C1", "DE", "EUR"): (2, 0, 0, 0, 0)}
+    finally:
+        await late.close()
+    await db.fetchval(report_store.COMPACT_ALL)
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 2)
+    assert await _exact(db, query) == {("C1", "DE", "EUR"): (2, 0, 0, 0, 0)}
+    # the fine tier's key of both clicks is one row now, with no transaction id (the blocks hold it)
+    assert [tuple(r) for r in await db.fetch("SELECT clicks, xid FROM report_rollup")] == [(2, None)]
+
+
+@pytest.fixture
+async def database_before_020(empty_db: asyncpg.Connection) -> asyncpg.Connection:
+    await migrate(empty_db, up_to=19)
+    return empty_db
+
+
+async def test_rows_written_before_020_go_into_the_first_blocks(
+    database_before_020: asyncpg.Connection, day0: datetime
+) -> None:
+    conn = database_before_020
+    await _catalog(conn)
+    at = day0 + timedelta(days=2, hours=3)
+    await _clicks(conn, ("k1", at, "cmp", "C1", "DE"))
+    await _clicks(conn, ("k2", at, "cmp", "C1", "DE"))  # another row of the same key, unfolded
+
+    assert await migrate(conn) == [v for v, _ in migration_files() if v >= 20]
+    query = _by_coupon_and_country(day0, day0 + timedelta(days=5))
+    assert await conn.fetchval("SELECT count(*) FROM report_rollup WHERE xid IS NULL") == 2
+    assert not await _reads_blocks(conn, query)  # never built: no blocks yet
+    assert await _exact(conn, query) == {("C1", "DE", "EUR"): (2, 0, 0, 0, 0)}
+    await _clicks(conn, ("k3", at, "cmp", "C1", "DE"))  # after the upgrade: with its transaction's id
+
+    assert await conn.fetchval(report_store.COMPACT_ALL) >= 2
+    assert await _reads_blocks(conn, query)
+    assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, 3)
+    assert await _exact(conn, query) == {("C1", "DE", "EUR"): (3, 0, 0, 0, 0)}
+    assert [tuple(r) for r in await conn.fetch("SELECT clicks, xid FROM report_rollup")] == [(3, None)]
