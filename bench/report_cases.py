@@ -133,6 +133,11 @@ def report_speed(runner: Runner) -> None:
         ]
         time.sleep(3.0)  # the load generators warm up and start writing
         results = asyncio.run(_time_reports(addr, seeded, keys))
+        try:
+            statements = asyncio.run(_export_statements(runner.env.database_url, seeded))
+        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            statements = [CaseResult(key, title, status=FAILED, note=str(error)[:200])
+                          for key, title in _EXPORT_STATEMENTS.values()]
         for future in loads:
             try:
                 future.result(timeout=measure_seconds + 120)
@@ -147,6 +152,11 @@ def report_speed(runner: Runner) -> None:
                   for key in ("r.report_affiliate_by_sub1_country", "r.export")}
     for floor in floors.values():
         runner.add(floor)
+    for statement in statements:
+        statement.note = f"{statement.note}; {seed_note}"
+        if statement.key == "r.export_sql_blocks":
+            runner.ratio(statement, "r.export_sql_fine_tier", "throughput")
+        runner.add(statement)
     for result in results:
         result.note = f"{result.note}; {seed_note}" if result.note else seed_note
         result.extra["seed_seconds"] = round(seeded.seconds, 1)
@@ -158,6 +168,50 @@ def report_speed(runner: Runner) -> None:
 
 
 FLOOR_RUNS = 5
+STATEMENT_RUNS = 2
+_EXPORT_STATEMENTS = {
+    "fine": ("r.export_sql_fine_tier",
+             "the export's statement over the fine tier, as before the day blocks (reference)"),
+    "blocks": ("r.export_sql_blocks", "the export's statement over the day blocks"),
+}
+
+
+async def _export_statements(database_url: str, seeded: report_seed.Seeded) -> list[CaseResult]:
+    """The export's SQL with the day blocks and without, alternating, under the same write load.
+
+    Rows fetched through a cursor in the export's chunks, as the service
+    fetches them, but not built into messages: what the blocks change.
+    """
+    from services.attribution.reports import rules, servicer, store
+
+    query = rules.ReportQuery(start=seeded.start, end=seeded.end, groups=("coupon", "country"))
+    conn = await asyncpg.connect(database_url, timeout=10, command_timeout=600)
+    best: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    try:
+        watermark = await store._block_watermark(conn, query, "report")
+        if watermark is None:
+            raise OSError("the day blocks are not built")
+        for _ in range(STATEMENT_RUNS):
+            for name, watermark_or_none in (("fine", None), ("blocks", watermark)):
+                sql, args = store._statement(query, "report", watermark_or_none)
+                async with conn.transaction(readonly=True):
+                    await store.settle(conn, work_mem=servicer.EXPORT_WORK_MEM)
+                    started = time.perf_counter()
+                    cursor = await conn.cursor(sql, *args)
+                    rows[name] = 0
+                    while found := await cursor.fetch(servicer.EXPORT_CHUNK_ROWS):
+                        rows[name] += len(found)
+                    best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
+    finally:
+        await conn.close()
+    out = []
+    for name, (key, title) in _EXPORT_STATEMENTS.items():
+        result = CaseResult(key, title, unit="rows/s", events=rows[name], throughput=rows[name] / best[name])
+        result.note = (f"{rows[name]:,} rows in {best[name]:.2f} s, best of {STATEMENT_RUNS} alternating runs,"
+                       " while 500 clicks/s and 100 conversions/s are written")
+        out.append(result)
+    return out
 
 
 async def _floors(database_url: str, seeded: report_seed.Seeded) -> dict[str, CaseResult]:

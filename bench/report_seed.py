@@ -154,14 +154,15 @@ async def seed(conn: asyncpg.Connection, clicks: int, conversions: int) -> Seede
     # Statistics first: folding a million fresh rollup rows on a table the
     # planner has never seen can pick a nested loop (minutes instead of seconds).
     await conn.execute("ANALYZE")
-    await conn.fetchval(report_store.COMPACT_ALL, timeout=1800)
+    # (the first pass also fills the day blocks: about 90 s per million rows)
+    await conn.fetchval(report_store.COMPACT_ALL, timeout=7200)
     # What autovacuum keeps up on a live database (insert-driven vacuums set
     # the visibility map the rollup's index-only scans need), done at once.
     await conn.execute("VACUUM (ANALYZE)")
     seconds = time.perf_counter() - started
     disk = {}
     for table in ("clicks", "conversions", "report_rollup", "report_rollup_campaign", "report_rollup_coupon_day",
-                  "report_rollup_account"):
+                  "report_rollup_account", "report_block_coupon_country"):
         # clicks is partitioned: its size is its partitions' (and the default one's)
         disk[table] = int(await conn.fetchval(
             """SELECT coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size($1::regclass))

@@ -191,3 +191,43 @@ async def test_rows_written_before_020_go_into_the_first_blocks(
     assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, 3)
     assert await _exact(conn, query) == {("C1", "DE", "EUR"): (3, 0, 0, 0, 0)}
     assert [tuple(r) for r in await conn.fetch("SELECT clicks, xid FROM report_rollup")] == [(3, None)]
+
+
+async def test_a_pass_between_the_watermarks_two_reads_counts_nothing_twice(
+    db: asyncpg.Connection, day0: datetime
+) -> None:
+    """A report reads the watermark, then its statement: the statement's own bound decides."""
+    await _catalog(db)
+    query = _by_coupon_and_country(day0, day0 + timedelta(days=3))
+    at = day0 + timedelta(days=1, hours=2)
+    await db.fetchval(report_store.COMPACT_ALL)
+    stale = await report_store._block_watermark(db, query, "report")
+    assert stale is not None
+    await _clicks(db, ("k1", at, "cmp", "C1", "DE"), ("k2", at, "cmp", "C2", "FR"))
+    await db.fetchval(report_store.COMPACT_ALL)  # the clicks go into the blocks, the watermark moves past them
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 2)
+    sql, args = report_store._statement(query, "report", stale)
+    found = {(r["k_coupon"], r["k_country"]): r["clicks"] for r in await db.fetch(sql, *args)}
+    assert found == {("C1", "DE"): 1, ("C2", "FR"): 1}
+
+
+async def test_transaction_ids_that_went_back_rebuild_the_blocks(db: asyncpg.Connection, day0: datetime) -> None:
+    """A logical restore into another cluster: rows and watermark keep the old cluster's transaction ids."""
+    await _catalog(db)
+    query = _by_coupon_and_country(day0, day0 + timedelta(days=3))
+    at = day0 + timedelta(days=1, hours=2)
+    await _clicks(db, ("k1", at, "cmp", "C1", "DE"))
+    await db.fetchval(report_store.COMPACT_ALL)
+    # as restored: a watermark and a row's id far ahead of this cluster's
+    await db.execute("UPDATE report_block_watermarks SET watermark = '9000000000'")
+    await db.execute("UPDATE report_rollup SET xid = '8999999999'")
+    await _clicks(db, ("k2", at, "cmp", "C1", "DE"))  # written after the restore: a lower id
+    assert not await _reads_blocks(db, query)  # a watermark ahead of the snapshot is not used
+    assert await _exact(db, query) == {("C1", "DE", "EUR"): (2, 0, 0, 0, 0)}
+
+    await db.fetchval(report_store.COMPACT_ALL)
+    assert await _reads_blocks(db, query)
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 2)
+    assert await _exact(db, query) == {("C1", "DE", "EUR"): (2, 0, 0, 0, 0)}
+    await _clicks(db, ("k3", at, "cmp", "C1", "DE"))
+    assert await _exact(db, query) == {("C1", "DE", "EUR"): (3, 0, 0, 0, 0)}

@@ -34,11 +34,13 @@ async def _clicks(conn: asyncpg.Connection, at: datetime, *clicks: tuple[str, st
     )
 
 
-async def _fine(conn: asyncpg.Connection) -> dict[str, list[tuple[str, int, int | None]]]:
-    """The fine tier's rows by sub1: (ctid, clicks, seq) each."""
-    rows: dict[str, list[tuple[str, int, int | None]]] = {}
-    for r in await conn.fetch("SELECT ctid::text AS c, sub1, clicks, seq FROM report_rollup ORDER BY seq NULLS FIRST"):
-        rows.setdefault(r["sub1"], []).append((r["c"], r["clicks"], r["seq"]))
+async def _fine(conn: asyncpg.Connection) -> dict[str, list[tuple[str, int, str | None]]]:
+    """The fine tier's rows by sub1: (ctid, clicks, xid: the writer's transaction, None once folded) each."""
+    rows: dict[str, list[tuple[str, int, str | None]]] = {}
+    for r in await conn.fetch(
+        "SELECT ctid::text AS c, sub1, clicks, xid::text AS x FROM report_rollup ORDER BY xid NULLS FIRST, ctid"
+    ):
+        rows.setdefault(r["sub1"], []).append((r["c"], r["clicks"], r["x"]))
     return rows
 
 
@@ -66,9 +68,10 @@ async def test_single_rows_stay_and_keys_with_several_rows_become_one(db: asyncp
     # fine: s1's two rows -> one; every coarser tier: two rows -> one
     assert await db.fetchval(report_store.COMPACT_ALL) == 4
     after = await _fine(db)
-    assert after["s2"] == before["s2"]  # the same row, not rewritten (same ctid, still numbered)
-    ((_, clicks, seq),) = after["s1"]
-    assert (clicks, seq) == (2, None)
+    assert after["s2"] == before["s2"]  # the same row, not rewritten (same ctid, its transaction's id kept)
+    assert before["s2"][0][2] is not None
+    ((_, clicks, xid),) = after["s1"]
+    assert (clicks, xid) == (2, None)
     assert await _counts(db) == dict.fromkeys(TIERS, 1) | {"report_rollup": 2}
     assert await db.fetchval("SELECT clicks FROM report_rollup_account") == 3
 
@@ -79,7 +82,7 @@ async def test_single_rows_stay_and_keys_with_several_rows_become_one(db: asyncp
     # a later row of a single row's key folds both
     await _clicks(db, at, ("k4", "s2"))
     assert await db.fetchval(report_store.COMPACT_ALL) == 4
-    assert [(n, seq) for _, n, seq in (await _fine(db))["s2"]] == [(2, None)]
+    assert [(n, xid) for _, n, xid in (await _fine(db))["s2"]] == [(2, None)]
     await _no_drift(db, at)
 
 
@@ -129,7 +132,7 @@ async def test_017_folds_what_the_old_fold_left_then_folds_by_number(
     await _no_drift(conn, at)
     await _clicks(conn, at, ("k4", "s2"))
     assert await conn.fetchval(report_store.COMPACT_ALL) == 4
-    assert [(n, seq) for _, n, seq in (await _fine(conn))["s2"]] == [(2, None)]
+    assert [(n, xid) for _, n, xid in (await _fine(conn))["s2"]] == [(2, None)]
     assert await conn.fetchval("SELECT clicks FROM report_rollup_account") == 4
     await _no_drift(conn, at)
 

@@ -17,8 +17,10 @@ SET lock_timeout = '5s';
 ALTER TABLE report_rollup ADD COLUMN IF NOT EXISTS xid xid8;
 ALTER TABLE report_rollup ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
 RESET lock_timeout;
--- The rows not yet in blocks: a report reads them beside the blocks, the
--- pass finds them by it. Rows with no id (before this migration, or folded
--- after their blocks took them) are never looked up by it.
+-- A report reads the rows not yet in blocks by it, beside the blocks, and
+-- the pass finds them by it. Rows with no id (before this migration, or
+-- folded after the blocks took them) are left out; a key's single row keeps
+-- its id, so this index holds about every row of the tier, as 016's index on
+-- the sequence numbers it replaces did.
 DROP INDEX CONCURRENTLY IF EXISTS report_rollup_xid_idx;
 CREATE INDEX CONCURRENTLY report_rollup_xid_idx ON report_rollup (xid) WHERE xid IS NOT NULL;

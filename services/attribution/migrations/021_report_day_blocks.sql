@@ -16,6 +16,11 @@
 -- code, country): the export by coupon and country, a campaign's countries,
 -- one country's codes. An affiliate's sub1s by country are not kept: at
 -- 1M clicks a 16-day block of them is as many rows as the fine tier.
+-- No fold of a replica still running the previous release while this runs
+-- (store.compact's lock): its fold holds report_fold_watermarks' rows and then
+-- needs report_rollup, which this takes first (a deadlock).
+SELECT pg_advisory_xact_lock(hashtextextended('ascribe_report_compact', 0));
+
 CREATE TABLE report_block_coupon_country (
     days             smallint NOT NULL,
     bucket           timestamptz NOT NULL,  -- the block's first instant (00:00 UTC)
@@ -61,10 +66,15 @@ INSERT INTO report_block_watermarks VALUES ('report_block_coupon_country', NULL)
 -- This replaces 017's fold of the fine tier by sequence numbers: a row that
 -- committed behind that watermark was never folded; here the watermark is
 -- the snapshot's xmin, behind which no transaction can still commit.
+--
+-- The xmin is taken once the watermark's row is locked: a later pass then
+-- never sees a lower one. A lower one means the transaction ids went back,
+-- which only a restore into another cluster does (a logical dump: the rows
+-- keep the old cluster's ids); the blocks are then rebuilt from every row,
+-- and reports read none meanwhile (store._block_watermark).
 CREATE OR REPLACE FUNCTION ascribe_report_compact() RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
-    -- first, before this transaction takes an id of its own
-    high xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    high xid8;
     low xid8;
     built boolean;
     fresh text;
@@ -75,7 +85,14 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no block watermark for report_block_coupon_country';
     END IF;
-    IF built AND high <= low THEN
+    high := pg_snapshot_xmin(pg_current_snapshot());
+    IF built AND high < low THEN
+        RAISE WARNING 'report blocks: transaction ids went back from % to % (a restore into another cluster?);'
+                      ' rebuilding the blocks', low, high;
+        TRUNCATE report_block_coupon_country;
+        UPDATE report_rollup SET xid = NULL WHERE xid >= high;
+        built := false;
+    ELSIF built AND high = low THEN
         RETURN 0;
     END IF;
     fresh := CASE WHEN built THEN 'r.xid >= $1 AND r.xid < $2' ELSE '(r.xid IS NULL OR r.xid < $2)' END;

@@ -115,7 +115,7 @@ def aligned_span(start: datetime, end: datetime) -> tuple[datetime, datetime] | 
 # Day blocks (migration 021): their lengths in days, longest first; a block
 # starts at 00:00 UTC on a multiple of its length since _EPOCH.
 BLOCK_DAYS = (32, 16, 8, 4, 2, 1)
-_DAY = timedelta(days=1)
+DAY = timedelta(days=1)
 
 
 def day_blocks(first: datetime, last: datetime) -> list[tuple[int, datetime]]:
@@ -128,10 +128,10 @@ def day_blocks(first: datetime, last: datetime) -> list[tuple[int, datetime]]:
     found = []
     day = first
     while day < last:
-        since = (day - _EPOCH) // _DAY
-        days = next(n for n in BLOCK_DAYS if since % n == 0 and n * _DAY <= last - day)
+        since = (day - _EPOCH) // DAY
+        days = next(n for n in BLOCK_DAYS if since % n == 0 and n * DAY <= last - day)
         found.append((days, day))
-        day += days * _DAY
+        day += days * DAY
     return found
 
 

@@ -20,6 +20,7 @@ import asyncpg
 from services.attribution.common.database import Connection
 from services.attribution.experiments.store import ARM_CONVERSIONS
 from services.attribution.reports.rules import (
+    DAY,
     DRIFT_GROUPS,
     TOTAL_FIELDS,
     Drift,
@@ -89,7 +90,6 @@ _DAILY_TIERS = (("report_rollup_coupon_day", ("campaign_id", "currency", "coupon
 # blocks' last pass (at or above their watermark).
 _BLOCKS = "report_block_coupon_country"
 _BLOCK_DIMENSIONS = ("campaign_id", "currency", "coupon", "country")
-_DAY = timedelta(days=1)
 _BYTE_ORDER = ' COLLATE "C"'
 _GROUP_COLUMNS = {g: c for g, c in _KEYS.items() if g not in ("day", "hour", "arm")}
 
@@ -99,7 +99,7 @@ def _whole_days(lo: datetime, hi: datetime) -> tuple[datetime, datetime] | None:
     if first < lo:
         if first.date() == first.date().max:
             return None  # no day after 9999-12-31 (adding one raised OverflowError: INTERNAL)
-        first += _DAY
+        first += DAY
     last = hi.replace(hour=0, minute=0, second=0, microsecond=0)
     return (first, last) if first < last else None
 
@@ -125,15 +125,21 @@ def _blocks_may_serve(query: ReportQuery) -> bool:
 
 
 async def _block_watermark(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Source) -> str | None:
-    """The blocks' watermark (text) when they may serve ``query``; None when not, or never built.
+    """The blocks' watermark (text) when they may serve ``query``; None when not, or not usable.
 
-    The statement reads the watermark again in its own snapshot: a pass that
-    commits in between only raises it (its rows then count in the blocks).
+    Not usable: never built (the first pass after migration 021 has not
+    ended), or ahead of this snapshot's xmin, which only a restore into
+    another cluster makes (the next pass rebuilds the blocks). The statement
+    reads the watermark again in its own snapshot: a pass that commits in
+    between only raises it (its rows then count in the blocks).
     """
-    if source != "report" or not _blocks_may_serve(query):
+    span = aligned_span(query.start, query.end)
+    if source != "report" or not _blocks_may_serve(query) or span is None or _whole_days(*span) is None:
         return None
     found: str | None = await conn.fetchval(
-        "SELECT watermark::text FROM report_block_watermarks WHERE tier = $1", _BLOCKS
+        "SELECT watermark::text FROM report_block_watermarks"
+        " WHERE tier = $1 AND watermark <= pg_snapshot_xmin(pg_current_snapshot())",
+        _BLOCKS,
     )
     return found
 
@@ -173,7 +179,9 @@ def _statement(query: ReportQuery, source: Source, block_watermark: str | None =
     def blocks(first: datetime, last: datetime, watermark: str) -> None:
         selected = ", ".join([*columns, *TOTAL_FIELDS])
         for days, start in day_blocks(first, last):
-            parts.append(f"SELECT {selected} FROM {_BLOCKS} WHERE days = {param(days)} AND bucket = {param(start)}{where}")
+            parts.append(
+                f"SELECT {selected} FROM {_BLOCKS} WHERE days = {param(days)} AND bucket = {param(start)}{where}"
+            )
         # The fine rows the blocks do not hold yet, found by their index on
         # xid: the first bound is a constant the planner can weigh, the second
         # the watermark in this statement's snapshot (the one its blocks are of).
@@ -220,8 +228,7 @@ def _statement(query: ReportQuery, source: Source, block_watermark: str | None =
             first, last = days
             if daily:
                 rollup(daily, first, last)
-            else:
-                assert block_watermark is not None
+            elif block_watermark is not None:
                 blocks(first, last, block_watermark)
             for a, b in ((lo, first), (last, hi)):
                 if a < b:
@@ -303,7 +310,9 @@ async def settle(conn: Connection, *, work_mem: str, timeout_ms: int | None = No
     plan would weigh "xid >= $n", the fine rows beside the day blocks, as a
     third of the table, not the last seconds of it).
     """
-    settings = [f"SET LOCAL work_mem = '{work_mem}'", "SET LOCAL jit = off", "SET LOCAL plan_cache_mode = force_custom_plan"]
+    settings = [
+        f"SET LOCAL work_mem = '{work_mem}'", "SET LOCAL jit = off", "SET LOCAL plan_cache_mode = force_custom_plan"
+    ]
     if timeout_ms is not None:
         settings.append(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
     await conn.execute("; ".join(settings))
