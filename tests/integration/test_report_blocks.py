@@ -100,6 +100,9 @@ async def test_whole_days_come_from_the_blocks_and_the_rows_above_their_watermar
         if i % 3 == 0:
             await _clicks(db, (f"u{i}", at, "usd", "C0", "DE"))
     await _order(db, "o1", day0 + timedelta(days=4, hours=1), "C1", 7_000_000)
+    # in the blocks of the edges' days, outside the range: taken away again
+    await _clicks(db, ("early", day0 + timedelta(hours=1), "cmp", "C0", "DE"),
+                  ("after", day0 + timedelta(days=12, hours=22), "cmp", "C0", "DE"))
     # unaligned edges, 11 whole days between them
     query = _by_coupon_and_country(day0 + timedelta(hours=3, minutes=7), day0 + timedelta(days=12, hours=6, seconds=1))
 
@@ -112,7 +115,13 @@ async def test_whole_days_come_from_the_blocks_and_the_rows_above_their_watermar
     assert await _reads_blocks(db, query)
     assert await _exact(db, query) == before
     # every length of block holds every click once
-    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 13 + 5)
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 13 + 5 + 2)
+    # Edges of more than half a day are their days' blocks less the rest of
+    # those days; shorter ones the fine rows themselves.
+    for a, b in ((3, 6), (20, 6), (3, 20), (20, 20), (0, 23)):
+        edged = _by_coupon_and_country(day0 + timedelta(hours=a, minutes=7), day0 + timedelta(days=12, hours=b))
+        assert await _reads_blocks(db, edged)
+        await _exact(db, edged)
 
     # What the blocks hold is what the report says: a block changed behind the
     # report's back changes it, and the drift check sees it.
@@ -135,7 +144,7 @@ async def test_whole_days_come_from_the_blocks_and_the_rows_above_their_watermar
 
     await db.fetchval(report_store.COMPACT_ALL)
     assert await _exact(db, query) == after
-    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 13 + 5 + 2)
+    assert await _clicks_per_length(db) == dict.fromkeys(BLOCK_DAYS, 13 + 5 + 2 + 2)
     assert await report_store.drift(db, day0 - timedelta(days=1), day0 + timedelta(days=15)) == []
 
 

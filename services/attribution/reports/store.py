@@ -161,9 +161,13 @@ def _statement(query: ReportQuery, source: Source, block_watermark: str | None =
     conversion_metrics = [m for m in TOTAL_FIELDS if m not in _CLICK_METRICS]
     parts = []
 
-    def rollup(table: str, a: datetime, b: datetime) -> None:
+    def rollup(table: str, a: datetime, b: datetime, *, less: bool = False) -> None:
+        """The rows of [a, b) in ``table``; with ``less``, their sums negated (taken away)."""
         within = f" WHERE bucket >= {param(a)} AND bucket < {param(b)}{where}"
-        if timed:
+        if less:
+            negated = [*columns, *(f"-{m} AS {m}" for m in TOTAL_FIELDS)]
+            parts.append(f"SELECT {', '.join(negated)} FROM {table}{within}")
+        elif timed:
             # Summed per bucket and key first: the outer query then computes
             # the zone's keys on few rows.
             inner = ["bucket AS t", *columns, *(f"ascribe_report_sum({m}) AS {m}" for m in TOTAL_FIELDS)]
@@ -224,15 +228,27 @@ def _statement(query: ReportQuery, source: Source, block_watermark: str | None =
         table = next(name for name, kept in _TIERS if needed <= set(kept))
         daily = next((name for name, kept in _DAILY_TIERS if needed <= set(kept)), None)
         days = _whole_days(lo, hi) if not timed else None
-        if days and (daily or block_watermark is not None):
+        if days and daily:
             first, last = days
-            if daily:
-                rollup(daily, first, last)
-            elif block_watermark is not None:
-                blocks(first, last, block_watermark)
+            rollup(daily, first, last)
             for a, b in ((lo, first), (last, hi)):
                 if a < b:
                     rollup(table, a, b)
+        elif days and block_watermark is not None:
+            first, last = days
+            # An edge of more than half a day reads as its day's block less
+            # the fine rows of the rest of that day: fewer rows (the bench's
+            # 22 leading hours at 10M clicks: 340,000 fine rows, or a block's
+            # 100,000 and two hours' 30,000).
+            since = first - DAY if first - lo > DAY / 2 else first
+            until = last + DAY if hi - last > DAY / 2 and last.date() < last.date().max else last
+            blocks(since, until, block_watermark)
+            for a, b in ((lo, first), (last, hi)):
+                if a < b and not (since <= a and b <= until):
+                    rollup(table, a, b)
+            for a, b in ((since, lo), (hi, until)):
+                if a < b:
+                    rollup(table, a, b, less=True)
         else:
             rollup(table, lo, hi)
         edges = [(a, b) for a, b in ((query.start, lo), (hi, query.end)) if a < b]
