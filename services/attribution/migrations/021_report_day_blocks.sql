@@ -9,13 +9,13 @@
 -- its keys stop growing while its events do. Blocks of 1, 2, 4, 8, 16 and 32
 -- days, each aligned to a multiple of its length since 2000-01-01 (UTC),
 -- cover any run of whole days with blocks of 32 days and at most two of
--- each shorter length; the bench's 30 days read 4 blocks and the fine rows
--- of the two partial days (1.1M -> 0.3M rows at 1M clicks).
+-- each shorter length; the bench's 30 days read 5 blocks and some fine rows
+-- at the edges (1.1M -> 0.36M rows at 1M clicks).
 --
 -- The blocks keep the dimensions of codes by country (campaign, currency,
 -- code, country): the export by coupon and country, a campaign's countries,
 -- one country's codes. An affiliate's sub1s by country are not kept: at
--- 1M clicks a 16-day block of them is as many rows as the fine tier.
+-- 1M clicks 16-day blocks of them hold nearly a row per event.
 -- No fold of a replica still running the previous release while this runs
 -- (store.compact's lock): its fold holds report_fold_watermarks' rows and then
 -- needs report_rollup, which this takes first (a deadlock).
@@ -64,8 +64,9 @@ INSERT INTO report_block_watermarks VALUES ('report_block_coupon_country', NULL)
 -- watermark of one moment, and adds the fine rows at or above it.
 --
 -- This replaces 017's fold of the fine tier by sequence numbers: a row that
--- committed behind that watermark was never folded; here the watermark is
--- the snapshot's xmin, behind which no transaction can still commit.
+-- committed behind that watermark waited for another row of its key; here
+-- the watermark is the snapshot's xmin, behind which no transaction can
+-- still commit.
 --
 -- The xmin is taken once the watermark's row is locked: a later pass then
 -- never sees a lower one. A lower one means the transaction ids went back,

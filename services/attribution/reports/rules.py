@@ -122,8 +122,8 @@ def day_blocks(first: datetime, last: datetime) -> list[tuple[int, datetime]]:
     """The blocks that cover the whole UTC days [first, last) exactly, as (days, start).
 
     From the first day on, the longest block that starts there and ends by
-    ``last``: at most two blocks of each length but the longest (the bench's
-    29 days: 16, 8, 4 and 1).
+    ``last``: at most two blocks of each length but the longest (from
+    2026-11-07, 30 days: 1, 16, 8, 4 and 1).
     """
     found = []
     day = first

@@ -184,9 +184,9 @@ class ReportServicer(attribution_pb2_grpc.ReportServiceServicer):
         self, request: pb.ExportReportRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExportReportResponse]:
         query = await self._query(pb.GetReportRequest.FromString(request.SerializeToString()))
-        # An export sums every rollup row of its range before its first row:
-        # it gets the caller's deadline (capped), not the pool's statement
-        # timeout meant for short reads.
+        # An export sums the whole of its range before its first row: it gets
+        # the caller's deadline (capped), not the pool's statement timeout
+        # meant for short reads.
         remaining = context.time_remaining()
         seconds = min(remaining if remaining is not None else EXPORT_MAX_SECONDS, EXPORT_MAX_SECONDS)
         try:
