@@ -102,8 +102,17 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Kernel-chosen free ports, so parallel stacks never collide."""
-        return cls(*(free_port() for _ in fields(cls)))
+        """Kernel-chosen free ports, so parallel stacks never collide.
+
+        All six are held open until all are chosen: one at a time, the kernel
+        may hand back a port it has just handed out, and two services of one
+        stack would be given the same port.
+        """
+        with contextlib.ExitStack() as held:
+            sockets = [held.enter_context(socket.socket()) for _ in fields(cls)]
+            for sock in sockets:
+                sock.bind((HOST, 0))
+            return cls(*(int(sock.getsockname()[1]) for sock in sockets))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Ports:
