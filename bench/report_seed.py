@@ -154,8 +154,11 @@ async def seed(conn: asyncpg.Connection, clicks: int, conversions: int) -> Seede
     # Statistics first: folding a million fresh rollup rows on a table the
     # planner has never seen can pick a nested loop (minutes instead of seconds).
     await conn.execute("ANALYZE")
-    # (the first pass also fills the day blocks: about 90 s per million rows)
-    await conn.fetchval(report_store.COMPACT_ALL, timeout=7200)
+    # (the first passes also fill the day blocks, a million rows a pass: about 90 s each)
+    while True:
+        await conn.fetchval(report_store.COMPACT_ALL, timeout=7200)
+        if await report_store.blocks_built(conn):
+            break
     # What autovacuum keeps up on a live database (insert-driven vacuums set
     # the visibility map the rollup's index-only scans need), done at once.
     await conn.execute("VACUUM (ANALYZE)")

@@ -242,3 +242,65 @@ async def test_transaction_ids_that_went_back_rebuild_the_blocks(db: asyncpg.Con
     assert await _exact(db, query) == {("C1", "DE", "EUR"): (2, 0, 0, 0, 0)}
     await _clicks(db, ("k3", at, "cmp", "C1", "DE"))
     assert await _exact(db, query) == {("C1", "DE", "EUR"): (3, 0, 0, 0, 0)}
+
+
+async def _block_state(conn: asyncpg.Connection) -> asyncpg.Record:
+    found = await conn.fetchrow(
+        "SELECT watermark, backfill_low, backfilled_until FROM report_block_watermarks"
+        " WHERE tier = 'report_block_coupon_country'"
+    )
+    assert found is not None
+    return found
+
+
+async def test_the_first_pass_walks_the_fine_tier_in_chunks(
+    database_before_020: asyncpg.Connection, day0: datetime
+) -> None:
+    """Migration 022: at most chunk_rows rows a pass; rows written meanwhile into walked buckets are not missed."""
+    conn = database_before_020
+    await _catalog(conn)
+    for i in range(6):  # written before 020: no transaction id
+        await _clicks(conn, (f"old{i}", day0 + timedelta(days=i, hours=1), "cmp", "C1", "DE"))
+    await _clicks(conn, ("old2b", day0 + timedelta(days=2, hours=1), "cmp", "C1", "DE"))  # a second row of a key
+    same_bucket = day0 + timedelta(days=3, hours=4)  # more rows in one bucket than a chunk
+    await _clicks(conn, ("b1", same_bucket, "cmp", "C1", "FR"), ("b2", same_bucket, "cmp", "C2", "FR"),
+                  ("b3", same_bucket, "cmp", "C3", "FR"))
+    await migrate(conn)
+    await _clicks(conn, ("new1", day0 + timedelta(days=4, hours=2), "cmp", "C1", "DE"))
+    query = _by_coupon_and_country(day0, day0 + timedelta(days=7))
+    total = 6 + 1 + 3 + 1
+
+    async def walk(chunk_rows: int, late: str) -> int:
+        passes = 0
+        while not await report_store.blocks_built(conn):
+            assert passes < 20, "the walk does not end"
+            await conn.fetchval("SELECT ascribe_report_compact($1)", chunk_rows)
+            passes += 1
+            if passes == 1:
+                # into a bucket the walk has passed: the next pass takes it
+                assert (await _block_state(conn))["backfilled_until"] > day0
+                await _clicks(conn, (late, day0 + timedelta(minutes=5), "cmp", "C1", "DE"))
+            if (await _block_state(conn))["watermark"] is None:
+                assert not await _reads_blocks(conn, query)  # no block until the last chunk
+                await _exact(conn, query)
+        return passes
+
+    assert await walk(2, "late1") > 3
+    total += 1
+    assert await _reads_blocks(conn, query)
+    assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, total)
+    exact = await _exact(conn, query)
+    assert sum(v[0] for v in exact.values()) == total
+    assert tuple(await _block_state(conn))[1:] == (None, None)
+    # the walked keys' rows folded: day two's two old rows are one
+    assert await conn.fetchval(
+        "SELECT count(*) FROM report_rollup WHERE bucket = $1 AND coupon = 'C1'", day0 + timedelta(days=2, hours=1)
+    ) == 1
+
+    # A restore in the middle of a walk (ids behind the last chunk's): it starts again from every row.
+    await conn.execute("UPDATE report_block_watermarks SET watermark = NULL, backfill_low = '9000000000',"
+                       " backfilled_until = $1", day0 + timedelta(days=3))
+    assert await walk(3, "late2") > 1
+    total += 1
+    assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, total)
+    assert sum(v[0] for v in (await _exact(conn, query)).values()) == total

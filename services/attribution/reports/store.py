@@ -340,20 +340,32 @@ async def settle(conn: Connection, *, work_mem: str, timeout_ms: int | None = No
 
 
 # A pass normally takes the last interval's rows (about a second for 18,000
-# at the bench's write rate), but the first after migration 021 takes every
-# rollup row there is into the blocks (90 s per million on 2 cores): the
-# pool's statement timeout, meant for short reads, would cut it off forever.
-COMPACT_TIMEOUT_S = 3600.0
+# at the bench's write rate), but while the blocks are first built it takes a
+# chunk of a million existing rows (migration 022; about 90 s on 2 cores):
+# the pool's statement timeout, meant for short reads, would cut it off
+# forever. Ten times a chunk's time on a loaded machine.
+COMPACT_TIMEOUT_S = 900.0
 
 
 async def compact(pool: asyncpg.Pool) -> int | None:
-    """Folds the rollups' fresh deltas and fills the day blocks; None when another replica is folding."""
+    """Folds the rollups' fresh deltas and fills the day blocks; None when another replica is folding.
+
+    While the blocks are first built, each call takes the next chunk of the
+    existing rows (``blocks_built`` says when the last is in).
+    """
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", _COMPACT_LOCK):
             return None
         await conn.execute(f"SET LOCAL statement_timeout = {int(COMPACT_TIMEOUT_S * 1000)}")
         folded = await conn.fetchval(COMPACT_ALL, timeout=COMPACT_TIMEOUT_S)
         return int(folded)
+
+
+async def blocks_built(conn: Connection | asyncpg.Pool) -> bool:
+    """Whether the day blocks hold every row below their watermark (the first pass's walk is over)."""
+    return bool(await conn.fetchval(
+        "SELECT watermark IS NOT NULL FROM report_block_watermarks WHERE tier = $1", _BLOCKS
+    ))
 
 
 @dataclass(frozen=True)
