@@ -100,6 +100,19 @@ RESCORED_TOTAL = Counter("ascribe_conversions_rescored_total", "Re-scored conver
 REVERSED_TOTAL = Counter("ascribe_conversion_refunds_total", "Refunds applied, by kind.", ["kind"])
 LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD after a CODE_LEAK alert.")
 
+# ---------------------------------------------------------------- reports (issue #14)
+
+REPORT_COMPACTION_SECONDS = Histogram(
+    "ascribe_report_compaction_seconds",
+    "Time of one pass of the report compaction (the rollups' folds and the day blocks), on the replica that ran it.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
+)
+REPORT_BLOCKS_BUILT = Gauge(
+    "ascribe_report_blocks_built",
+    "1 when the day blocks hold every row below their watermark; 0 while their first pass (or a rebuild)"
+    " walks the fine tier, when reports read no block.",
+)
+
 # ---------------------------------------------------------------- webhooks (issue #18)
 
 WEBHOOK_ATTEMPTS_TOTAL = Counter(

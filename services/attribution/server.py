@@ -31,7 +31,7 @@ from services.attribution.fraud_client import FraudClient
 from services.attribution.lifecycle.changes import Lifecycle, follow_alerts, run_periodically
 from services.attribution.metrics import POOLS
 from services.attribution.migrate import migrate
-from services.attribution.reports import store as report_store
+from services.attribution.reports import compaction as report_compaction
 from services.attribution.reports.servicer import ReportServicer
 from services.attribution.schema_gate import SchemaGate
 from services.attribution.tracking_servicer import TrackingServicer
@@ -147,7 +147,7 @@ def _background_jobs(service: AttributionService, gate: SchemaGate) -> list[asyn
         run_periodically("click partitions", 6 * 3600, ensure_partitions),
         # Reports: fold the rollups' deltas (one replica at a time).
         run_periodically("report compaction", settings.report_compact_interval_ms / 1000,
-                         partial(report_store.compact, service.pool)),
+                         partial(report_compaction.compact_once, service.pool)),
     ]
     if settings.auto_hold_leaked_codes:
         jobs.append(follow_alerts(lifecycle, service.pool, service.fraud_channel, settings.internal_token))

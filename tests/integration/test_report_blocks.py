@@ -12,9 +12,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from services.attribution import metrics
 from services.attribution.migrate import migrate, migration_files
+from services.attribution.reports import compaction
 from services.attribution.reports import store as report_store
 from services.attribution.reports.rules import BLOCK_DAYS, ReportQuery
+from tests.support import sample
 
 Key = tuple[str, str, str]  # coupon, country, currency
 
@@ -304,3 +307,28 @@ async def test_the_first_pass_walks_the_fine_tier_in_chunks(
     total += 1
     assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, total)
     assert sum(v[0] for v in (await _exact(conn, query)).values()) == total
+
+
+async def test_the_compaction_job_says_whether_the_blocks_are_built(database_url: str) -> None:
+    """ascribe_report_blocks_built and ascribe_report_compaction_seconds, from the job every replica runs."""
+    passes = sample(metrics.REPORT_COMPACTION_SECONDS, "_count") or 0.0
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    other = await asyncpg.connect(database_url)
+    try:
+        assert await compaction.compact_once(pool) is not None  # nothing to walk: built at once
+        assert sample(metrics.REPORT_BLOCKS_BUILT) == 1
+        assert sample(metrics.REPORT_COMPACTION_SECONDS, "_count") == passes + 1
+
+        # a rebuild waits for the pass another replica is running: this one only reports it
+        await other.execute("UPDATE report_block_watermarks SET watermark = NULL")
+        async with other.transaction():
+            await other.execute("SELECT pg_advisory_xact_lock(hashtextextended('ascribe_report_compact', 0))")
+            assert await compaction.compact_once(pool) is None
+        assert sample(metrics.REPORT_BLOCKS_BUILT) == 0
+        assert sample(metrics.REPORT_COMPACTION_SECONDS, "_count") == passes + 1
+
+        assert await compaction.compact_once(pool) is not None
+        assert sample(metrics.REPORT_BLOCKS_BUILT) == 1
+    finally:
+        await other.close()
+        await pool.close()
