@@ -280,16 +280,18 @@ async def test_the_first_pass_walks_the_fine_tier_in_chunks(
             await conn.fetchval("SELECT ascribe_report_compact($1)", chunk_rows)
             passes += 1
             if passes == 1:
-                # into a bucket the walk has passed: the next pass takes it
-                assert (await _block_state(conn))["backfilled_until"] > day0
-                await _clicks(conn, (late, day0 + timedelta(minutes=5), "cmp", "C1", "DE"))
+                # into a bucket the walk has passed: the next pass takes it; into
+                # one it has not reached: its chunk takes it, once
+                assert day0 < (await _block_state(conn))["backfilled_until"] < day0 + timedelta(days=5)
+                await _clicks(conn, (late, day0 + timedelta(minutes=5), "cmp", "C1", "DE"),
+                              (f"{late}-ahead", day0 + timedelta(days=5, hours=7), "cmp", "C2", "FR"))
             if (await _block_state(conn))["watermark"] is None:
                 assert not await _reads_blocks(conn, query)  # no block until the last chunk
                 await _exact(conn, query)
         return passes
 
     assert await walk(2, "late1") > 3
-    total += 1
+    total += 2
     assert await _reads_blocks(conn, query)
     assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, total)
     exact = await _exact(conn, query)
@@ -304,7 +306,7 @@ async def test_the_first_pass_walks_the_fine_tier_in_chunks(
     await conn.execute("UPDATE report_block_watermarks SET watermark = NULL, backfill_low = '9000000000',"
                        " backfilled_until = $1", day0 + timedelta(days=3))
     assert await walk(3, "late2") > 1
-    total += 1
+    total += 2
     assert await _clicks_per_length(conn) == dict.fromkeys(BLOCK_DAYS, total)
     assert sum(v[0] for v in (await _exact(conn, query)).values()) == total
 

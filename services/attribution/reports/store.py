@@ -341,10 +341,10 @@ async def settle(conn: Connection, *, work_mem: str, timeout_ms: int | None = No
 
 # A pass normally takes the last interval's rows (about a second for 18,000
 # at the bench's write rate), but while the blocks are first built it takes a
-# chunk of a million existing rows (migration 022; about 90 s on 2 cores):
-# the pool's statement timeout, meant for short reads, would cut it off
-# forever. Ten times a chunk's time on a loaded machine.
-COMPACT_TIMEOUT_S = 900.0
+# chunk of a million existing rows (migration 022; about 90 s on 2 cores),
+# with whatever the other tiers' folds have to catch up: the pool's statement
+# timeout, meant for short reads, would cut it off forever.
+COMPACT_TIMEOUT_S = 3600.0
 
 
 async def compact(pool: asyncpg.Pool) -> int | None:
