@@ -1,4 +1,4 @@
-"""Day blocks (migrations 020 and 021): whole UTC days of codes by country, exact beside the fine rows.
+"""Whole UTC days: day blocks of codes by country (migrations 020-022) and the daily code tier's edges, exact.
 
 Real PostgreSQL; events inserted by SQL (the triggers write the rollups), the
 blocks' pass run as every replica's compaction job runs it.
@@ -334,3 +334,34 @@ async def test_the_compaction_job_says_whether_the_blocks_are_built(database_url
     finally:
         await other.close()
         await pool.close()
+
+
+async def test_a_campaigns_codes_read_long_edges_as_their_days_in_the_daily_tier_less_the_rest(
+    db: asyncpg.Connection, day0: datetime
+) -> None:
+    """The daily code tier (migration 014) takes the edge rule of the blocks: a day's row less the rest of its day."""
+    await _catalog(db)
+    for i in range(5):
+        await _clicks(db, (f"k{i}", day0 + timedelta(days=i, hours=5), "cmp", f"C{i % 2}", "DE"))
+    await _order(db, "o1", day0 + timedelta(days=1, hours=20), "C1", 7_000_000)
+    # outside every range below but inside its edges' days; another campaign's click is never counted
+    await _clicks(db, ("early", day0 + timedelta(hours=1), "cmp", "C9", "IT"),
+                  ("after", day0 + timedelta(days=4, hours=22), "cmp", "C8", "ES"),
+                  ("other", day0 + timedelta(days=2, hours=3), "usd", "C0", "DE"))
+    for a, b in ((3, 6), (20, 6), (3, 20), (20, 20), (0, 23)):
+        query = ReportQuery(start=day0 + timedelta(hours=a, minutes=7), end=day0 + timedelta(days=4, hours=b),
+                            groups=("coupon",), campaign_id="cmp")
+        sql, _ = report_store._statement(query, "report")
+        assert "report_rollup_coupon_day" in sql
+        # every edge here of more than half a day is its day's row less the rest of that day
+        assert ("-clicks AS clicks" in sql) == ((a, b) != (20, 6))
+        found = {}
+        for source in ("report", "raw"):
+            found[source] = {
+                (r.keys["coupon"], r.currency): (r.totals.clicks, r.totals.conversions, r.totals.revenue_micros)
+                for r in await report_store.sums(db, query, source)
+            }
+        assert found["report"] == found["raw"]
+        codes = {code for code, _ in found["report"]}
+        assert ("C9" in codes) == (a == 0) and ("C8" in codes) == (b == 23)
+        assert sum(v[0] for v in found["report"].values()) == (a == 0) + (a < 5) + 3 + (b > 5) + (b == 23)

@@ -228,21 +228,19 @@ def _statement(query: ReportQuery, source: Source, block_watermark: str | None =
         table = next(name for name, kept in _TIERS if needed <= set(kept))
         daily = next((name for name, kept in _DAILY_TIERS if needed <= set(kept)), None)
         days = _whole_days(lo, hi) if not timed else None
-        if days and daily:
+        if days and (daily or block_watermark is not None):
             first, last = days
-            rollup(daily, first, last)
-            for a, b in ((lo, first), (last, hi)):
-                if a < b:
-                    rollup(table, a, b)
-        elif days and block_watermark is not None:
-            first, last = days
-            # An edge of more than half a day reads as its day's block less
-            # the fine rows of the rest of that day: fewer rows (at 10M clicks
-            # a day is about 370,000 fine rows; a day block holds at most
-            # one row per campaign, code and country, about 120,000 there).
+            # An edge of more than half a day reads as its day's row (or
+            # block) less the fine rows of the rest of that day: fewer rows
+            # (at 10M clicks a day is about 370,000 fine rows, 18,500 of one
+            # campaign; a day block holds at most one row per campaign, code
+            # and country, about 120,000 there, the daily tier one per code).
             since = first - DAY if first - lo > DAY / 2 else first
             until = last + DAY if hi - last > DAY / 2 and last.date() < last.date().max else last
-            blocks(since, until, block_watermark)
+            if daily:
+                rollup(daily, since, until)
+            elif block_watermark is not None:
+                blocks(since, until, block_watermark)
             for a, b in ((lo, first), (last, hi)):
                 if a < b and not (since <= a and b <= until):
                     rollup(table, a, b)
