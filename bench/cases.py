@@ -506,6 +506,10 @@ class Runner:
     def wanted(self, key: str) -> bool:
         return self.only is None or any(key.startswith(prefix) for prefix in self.only)
 
+    def step_wanted(self, step: str) -> bool:
+        """A group of cases ("e") runs when a wanted prefix is in it ("e.store") or takes it whole ("e")."""
+        return self.only is None or any(prefix.startswith(step) or step.startswith(prefix) for prefix in self.only)
+
     def add(self, result: CaseResult) -> None:
         result.judge()
         self.results[result.key] = result
@@ -1119,7 +1123,7 @@ class Runner:
             ("r", self.reports),
         ]
         for prefix, step in steps:
-            if self.wanted(prefix):
+            if self.step_wanted(prefix):
                 step()
         return self.results
 
