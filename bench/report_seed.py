@@ -155,10 +155,12 @@ async def seed(conn: asyncpg.Connection, clicks: int, conversions: int) -> Seede
     # planner has never seen can pick a nested loop (minutes instead of seconds).
     await conn.execute("ANALYZE")
     # (the first passes also fill the day blocks, a million rows a pass: about 90 s each)
-    while True:
+    for _ in range(1000):  # a million rows a pass: the full seed takes about a dozen
         await conn.fetchval(report_store.COMPACT_ALL, timeout=7200)
         if await report_store.blocks_built(conn):
             break
+    else:
+        raise RuntimeError("the day blocks were not built after 1,000 passes")
     # What autovacuum keeps up on a live database (insert-driven vacuums set
     # the visibility map the rollup's index-only scans need), done at once.
     await conn.execute("VACUUM (ANALYZE)")

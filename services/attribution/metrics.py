@@ -104,13 +104,18 @@ LEAK_HOLDS_TOTAL = Counter("ascribe_leak_holds_total", "UNIQUE codes put on HOLD
 
 REPORT_COMPACTION_SECONDS = Histogram(
     "ascribe_report_compaction_seconds",
-    "Time of one pass of the report compaction (the rollups' folds and the day blocks), on the replica that ran it.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
+    "Time of one pass of the report compaction (the rollups' folds and the day blocks) that ended,"
+    " on the replica that ran it.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0),
+)
+REPORT_COMPACTION_FAILURES_TOTAL = Counter(
+    "ascribe_report_compaction_failures",  # exposed as ascribe_report_compaction_failures_total
+    "Passes of the report compaction that failed (rolled back: a timeout, PostgreSQL unreachable).",
 )
 REPORT_BLOCKS_BUILT = Gauge(
     "ascribe_report_blocks_built",
-    "1 when the day blocks hold every row below their watermark; 0 while their first pass (or a rebuild)"
-    " walks the fine tier, when reports read no block.",
+    "1 when reports read the day blocks; 0 while their first pass (or a rebuild) walks the fine tier,"
+    " or while the watermark is ahead of the snapshots (a restore), when reports read no block.",
 )
 
 # ---------------------------------------------------------------- webhooks (issue #18)

@@ -331,6 +331,25 @@ async def test_the_compaction_job_says_whether_the_blocks_are_built(database_url
 
         assert await compaction.compact_once(pool) is not None
         assert sample(metrics.REPORT_BLOCKS_BUILT) == 1
+
+        # a watermark ahead of every snapshot (a restore): reports read no block, and the gauge says so
+        await other.execute("UPDATE report_block_watermarks SET watermark = '9000000000'")
+        async with other.transaction():
+            await other.execute("SELECT pg_advisory_xact_lock(hashtextextended('ascribe_report_compact', 0))")
+            assert await compaction.compact_once(pool) is None
+        assert sample(metrics.REPORT_BLOCKS_BUILT) == 0
+
+        # a pass that fails is counted, and the gauge is still read
+        failures = sample(metrics.REPORT_COMPACTION_FAILURES_TOTAL) or 0.0
+        await other.execute("UPDATE report_block_watermarks SET watermark = NULL")
+        await other.execute("UPDATE report_block_watermarks SET tier = 'moved'")
+        with pytest.raises(asyncpg.RaiseError, match="no block watermark"):
+            await compaction.compact_once(pool)
+        assert sample(metrics.REPORT_COMPACTION_FAILURES_TOTAL) == failures + 1
+        assert sample(metrics.REPORT_BLOCKS_BUILT) == 0
+        await other.execute("UPDATE report_block_watermarks SET tier = 'report_block_coupon_country'")
+        assert await compaction.compact_once(pool) is not None
+        assert sample(metrics.REPORT_BLOCKS_BUILT) == 1
     finally:
         await other.close()
         await pool.close()

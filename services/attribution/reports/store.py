@@ -82,8 +82,8 @@ _TIERS = (
     ("report_rollup", _DIMENSIONS),
 )
 # Daily tiers (UTC days) serve the whole days inside a report that groups by
-# no time at all (a day of another zone is no UTC day); the 15-minute tiers
-# the rest.
+# no time at all (a day of another zone is no UTC day), and the days of its
+# edges longer than half a day; the 15-minute tiers the rest.
 _DAILY_TIERS = (("report_rollup_coupon_day", ("campaign_id", "currency", "coupon")),)
 # Blocks of whole UTC days (migration 021) serve what no daily tier does
 # among reports that group by no time, with the fine rows written since the
@@ -127,7 +127,7 @@ def _blocks_may_serve(query: ReportQuery) -> bool:
 async def _block_watermark(conn: Connection | asyncpg.Pool, query: ReportQuery, source: Source) -> str | None:
     """The blocks' watermark (text) when they may serve ``query``; None when not, or not usable.
 
-    Not usable: never built (the first pass after migration 021 has not
+    Not usable: never built (the first pass's walk, migration 022, has not
     ended), or ahead of this snapshot's xmin, which only a restore into
     another cluster makes (the next pass rebuilds the blocks). The statement
     reads the watermark again in its own snapshot: a pass that commits in
@@ -270,8 +270,8 @@ def _statement(query: ReportQuery, source: Source, block_watermark: str | None =
     # ascribe_report_sum (migration 015): sum() of bigints answers numeric.
     sums = ", ".join(f"ascribe_report_sum({m}) AS {m}" for m in TOTAL_FIELDS)
     # Every event in a key counts one click or one order, so a key of none
-    # has no event in the range: only sums taken away (a day block less the
-    # rest of its day) or an order moved to another key left it.
+    # has no event in the range: only sums taken away (a day's block or daily
+    # row less the rest of its day) or an order moved to another key left it.
     sql = (
         f"SELECT {', '.join([*keys, f'currency{_BYTE_ORDER} AS k_currency'])}, {sums}"
         f" FROM ({' UNION ALL '.join(parts)}) e GROUP BY {group}"
@@ -360,9 +360,11 @@ async def compact(pool: asyncpg.Pool) -> int | None:
 
 
 async def blocks_built(conn: Connection | asyncpg.Pool) -> bool:
-    """Whether the day blocks hold every row below their watermark (the first pass's walk is over)."""
+    """Whether reports read the day blocks: their walk is over and the watermark not ahead (``_block_watermark``)."""
     return bool(await conn.fetchval(
-        "SELECT watermark IS NOT NULL FROM report_block_watermarks WHERE tier = $1", _BLOCKS
+        "SELECT coalesce(watermark <= pg_snapshot_xmin(pg_current_snapshot()), false)"
+        " FROM report_block_watermarks WHERE tier = $1",
+        _BLOCKS,
     ))
 
 
