@@ -136,6 +136,11 @@ async def _block_watermark(conn: Connection | asyncpg.Pool, query: ReportQuery, 
     span = aligned_span(query.start, query.end)
     if source != "report" or not _blocks_may_serve(query) or span is None or _whole_days(*span) is None:
         return None
+    return await _usable_block_watermark(conn)
+
+
+async def _usable_block_watermark(conn: Connection | asyncpg.Pool) -> str | None:
+    """The blocks' watermark (text) unless never built or ahead of this snapshot's xmin (``_block_watermark``)."""
     found: str | None = await conn.fetchval(
         "SELECT watermark::text FROM report_block_watermarks"
         " WHERE tier = $1 AND watermark <= pg_snapshot_xmin(pg_current_snapshot())",
@@ -360,12 +365,8 @@ async def compact(pool: asyncpg.Pool) -> int | None:
 
 
 async def blocks_built(conn: Connection | asyncpg.Pool) -> bool:
-    """Whether reports read the day blocks: their walk is over and the watermark not ahead (``_block_watermark``)."""
-    return bool(await conn.fetchval(
-        "SELECT coalesce(watermark <= pg_snapshot_xmin(pg_current_snapshot()), false)"
-        " FROM report_block_watermarks WHERE tier = $1",
-        _BLOCKS,
-    ))
+    """Whether reports read the day blocks: their walk is over and the watermark not ahead."""
+    return await _usable_block_watermark(conn) is not None
 
 
 @dataclass(frozen=True)
